@@ -50,5 +50,44 @@ def inspect(model: str, seq_len: int, micro_batch: int, as_json: bool) -> None:
     run_inspect(model, seq_len=seq_len, micro_batch=micro_batch, as_json=as_json)
 
 
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_user_errors
+def methods(name: str | None, as_json: bool) -> None:
+    """List the distillation methods, or show method NAME in detail with an example config."""
+    from gkd.methods.report import run_methods
+
+    run_methods(name, as_json=as_json)
+
+
+@main.command()
+@click.argument("config", required=False)
+@click.option("--teacher", help="Teacher model(s): preset name, config.json or checkpoint folder; comma-separated.")
+@click.option("--student", help="Student model: preset name, config.json or checkpoint folder.")
+@click.option("--methods", "methods_", help="Distillation methods, comma-separated (e.g. kd,minilmv2).")
+@click.option("--gpus", type=click.IntRange(min=1), help="Number of GPUs.")
+@click.option("--gpu-memory", help="Memory per GPU, e.g. 40GiB.")
+@click.option("--host-memory", help="Host memory per node, e.g. 1TiB.")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Sequence length.")
+@click.option("--global-batch", type=click.IntRange(min=1), help="Global batch size (sequences per step).")
+@click.option("--micro-batch", help="Micro-batch size per GPU, a list (1,2,4) or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of predicted memory over the schedule.")
+@click.option("--explain", is_flag=True, help="Print the resolved config as JSON and each planner pass.")
+@_user_errors
+def plan(config: str | None, methods_: str | None, as_json: bool, output: str | None, plot: str | None,
+         explain: bool, **flags: Any) -> None:
+    """Plan a distillation job (CONFIG: YAML or JSON; flags override it): does it fit, how, and how fast.
+
+    With no CONFIG and no flags, plans the headline job (configs/default.yaml). Exit code 1 when it does not fit.
+    """
+    from gkd.planner.cli import run_plan
+
+    sys.exit(run_plan(config, methods=methods_, as_json=as_json, output=output, plot=plot, explain=explain,
+                      **flags))
+
+
 if __name__ == "__main__":
     main()

@@ -2,15 +2,106 @@
 and the model itself built through transformers on the meta device (no weights allocated) or, for tests and
 small runs, with real random-initialised weights.
 
-(Being filled in: presets, loading, builders.)
+Design choices:
+- The transformers config dict (`ModelSpec.hf_config`) is the single source of truth for construction.
+  Presets are written as such dicts and go through exactly the same reader as a user's config.json, so a
+  preset and the equivalent config.json give equal specs.
+- A config.json must state the shape keys explicitly (layers, hidden, heads, FFN where the architecture has a
+  free FFN size, vocab): transformers would silently fill a missing key with some model's default size, and a
+  plan for the wrong model is worse than an error.
+- Parameters are counted exactly on meta models of one and two layers: every supported family has identical
+  layers, so total = P(1) + (L - 1) * (P(2) - P(1)). This equals the full meta model's count (tested) and
+  costs milliseconds even for 176B models.
+- Architectures that transformers does not implement are mapped to the closest one with the same tensor shapes
+  and (nearly) the same parameter count; the preset description says what differs. GLM-130B ->
+  transformers `glm` (GeGLU, RoPE, QKV bias); GLM-10B -> `gpt2` (learned positions, pre-LN, GELU 4h MLP,
+  biases, tied head). Qwen-72B / Qwen-7B (Qwen 1) -> `qwen2` (same QKV-bias SwiGLU RMSNorm layer).
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from gkd.errors import InputError
+
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt", "bloom", "glm", "bert")
+
+# transformers model_type values gkd can build, and the family each belongs to by default.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "mistral": "mistral",
+    "gpt2": "gpt2",
+    "opt": "opt",
+    "bloom": "bloom",
+    "glm": "glm",
+    "bert": "bert",
+}
+
+# Keys a config.json must state for each model_type (each entry: accepted spellings of one key).
+_REQUIRED_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "llama": (
+        ("hidden_size",),
+        ("num_hidden_layers",),
+        ("num_attention_heads",),
+        ("intermediate_size",),
+        ("vocab_size",),
+    ),
+    "qwen2": (
+        ("hidden_size",),
+        ("num_hidden_layers",),
+        ("num_attention_heads",),
+        ("intermediate_size",),
+        ("vocab_size",),
+    ),
+    "mistral": (
+        ("hidden_size",),
+        ("num_hidden_layers",),
+        ("num_attention_heads",),
+        ("intermediate_size",),
+        ("vocab_size",),
+    ),
+    "glm": (
+        ("hidden_size",),
+        ("num_hidden_layers",),
+        ("num_attention_heads",),
+        ("intermediate_size",),
+        ("vocab_size",),
+    ),
+    "gpt2": (
+        ("n_embd", "hidden_size"),
+        ("n_layer", "num_hidden_layers"),
+        ("n_head", "num_attention_heads"),
+        ("vocab_size",),
+    ),
+    "opt": (
+        ("hidden_size",),
+        ("num_hidden_layers",),
+        ("num_attention_heads",),
+        ("ffn_dim",),
+        ("vocab_size",),
+    ),
+    "bloom": (
+        ("hidden_size", "n_embed"),
+        ("n_layer", "num_hidden_layers"),
+        ("n_head", "num_attention_heads"),
+        ("vocab_size",),
+    ),
+    "bert": (
+        ("hidden_size",),
+        ("num_hidden_layers",),
+        ("num_attention_heads",),
+        ("intermediate_size",),
+        ("vocab_size",),
+    ),
+}
+
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,7 +109,9 @@ class ModelSpec:
     """Everything the planner needs to know about one model's shape. Plain data; JSON-friendly."""
 
     name: str  # preset name, or the folder / file it came from
-    family: str  # one of FAMILIES
+    family: (
+        str  # one of FAMILIES (the model's lineage; `model_type` names the transformers class that builds it)
+    )
     layers: int
     hidden: int
     heads: int
@@ -33,11 +126,590 @@ class ModelSpec:
     # The transformers config (as a dict with "model_type") that builds this model; the single source of truth
     # for construction. Shape fields above are derived from it and checked against it.
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Attention head size when the config sets it explicitly (0: hidden // heads).
+    attn_head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise InputError(
+                f"model {self.name}: unknown family {self.family!r}; use one of {', '.join(FAMILIES)}"
+            )
+        for key in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise InputError(f"model {self.name}: {key} must be a positive integer, got {value!r}")
+        if self.attn_head_dim == 0 and self.hidden % self.heads != 0:
+            raise InputError(
+                f"model {self.name}: {self.heads} attention heads do not divide hidden size {self.hidden}; "
+                "fix num_attention_heads or hidden_size"
+            )
+        if self.heads % self.kv_heads != 0:
+            raise InputError(
+                f"model {self.name}: {self.kv_heads} key/value heads do not divide "
+                f"{self.heads} attention heads; "
+                "fix num_key_value_heads"
+            )
+        if self.dtype not in _DTYPES:
+            raise InputError(f"model {self.name}: dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.attn_head_dim or self.hidden // self.heads
 
     @property
     def is_encoder(self) -> bool:
         return self.family == "bert"
+
+    @property
+    def model_type(self) -> str:
+        """The transformers architecture that builds this model (differs from `family` for mapped models)."""
+        return str(self.hf_config["model_type"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "model_type": self.model_type,
+            "layers": self.layers,
+            "hidden": self.hidden,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "ffn": self.ffn,
+            "activation": self.activation,
+            "vocab": self.vocab,
+            "tied_embeddings": self.tied_embeddings,
+            "max_positions": self.max_positions,
+            "dtype": self.dtype,
+            "description": self.description,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets: transformers config dicts. Shapes of the 100B-class models from shared/reference/anchors.md;
+# the others from the models' published config.json files.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _llama(
+    layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int, max_pos: int
+) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": ffn,
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
+
+
+def _qwen(layers: int, hidden: int, heads: int, ffn: int, vocab: int, max_pos: int) -> dict[str, Any]:
+    return {
+        "model_type": "qwen2",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "intermediate_size": ffn,
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
+
+
+def _gpt2(layers: int, hidden: int, heads: int, vocab: int = 50257, max_pos: int = 1024) -> dict[str, Any]:
+    # GPT-2's special token id 50256 exists only in its own vocabulary.
+    special = 50256 if vocab > 50256 else None
+    return {
+        "model_type": "gpt2",
+        "n_layer": layers,
+        "n_embd": hidden,
+        "n_head": heads,
+        "vocab_size": vocab,
+        "n_positions": max_pos,
+        "activation_function": "gelu_new",
+        "tie_word_embeddings": True,
+        "bos_token_id": special,
+        "eos_token_id": special,
+    }
+
+
+def _opt(layers: int, hidden: int, heads: int, ffn: int) -> dict[str, Any]:
+    return {
+        "model_type": "opt",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "ffn_dim": ffn,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": hidden,
+        "activation_function": "relu",
+        "do_layer_norm_before": True,
+        "tie_word_embeddings": True,
+    }
+
+
+def _bloom(layers: int, hidden: int, heads: int) -> dict[str, Any]:
+    return {
+        "model_type": "bloom",
+        "n_layer": layers,
+        "hidden_size": hidden,
+        "n_head": heads,
+        "vocab_size": 250880,
+        "seq_length": 2048,
+        "tie_word_embeddings": True,
+    }
+
+
+def _bert(
+    layers: int, hidden: int, heads: int, ffn: int, vocab: int = 30522, max_pos: int = 512
+) -> dict[str, Any]:
+    return {
+        "model_type": "bert",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "intermediate_size": ffn,
+        "vocab_size": vocab,
+        "max_position_embeddings": max_pos,
+        "hidden_act": "gelu",
+        "type_vocab_size": 2,
+        "tie_word_embeddings": True,
+    }
+
+
+_GLM_130B_NOTE = (
+    "GLM-130B (THUDM) is not in transformers; built as transformers' `glm` architecture with identical "
+    "tensor shapes (70 layers, hidden 12288, 96 heads, GeGLU FFN 32768, RoPE, QKV bias, tied 150528-token "
+    "embedding). Differences: pre-RMSNorm instead of GLM-130B's post-LN DeepNorm, and no bias on the "
+    "attention output and MLP projections, so 8.0M (0.006%) fewer parameters than the original 128.7B"
+)
+_GLM_10B_NOTE = (
+    "GLM-10B (THUDM) is not in transformers; built as the `gpt2` architecture with identical tensor shapes "
+    "(48 layers, hidden 4096, 64 heads, GELU FFN 16384, learned positions, biases, tied 50048-token "
+    "embedding). "
+    "Difference: GLM's second (block) position embedding, 4.2M parameters (0.04%), is absent"
+)
+
+# name -> (description, dtype, transformers config dict)
+_PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "glm-130b": (
+        _GLM_130B_NOTE,
+        "bfloat16",
+        {
+            "model_type": "glm",
+            "num_hidden_layers": 70,
+            "hidden_size": 12288,
+            "num_attention_heads": 96,
+            "num_key_value_heads": 96,
+            "head_dim": 128,
+            "intermediate_size": 32768,
+            "vocab_size": 150528,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 2048,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-5,
+            "pad_token_id": None,
+            "eos_token_id": None,
+        },
+    ),
+    "glm-10b": (
+        _GLM_10B_NOTE,
+        "bfloat16",
+        {**_gpt2(48, 4096, 64, vocab=50048), "n_inner": 16384, "activation_function": "gelu"},
+    ),
+    "opt-175b": (
+        "OPT-175B (Meta): 96 layers, hidden 12288, 96 heads, ReLU FFN 49152",
+        "bfloat16",
+        _opt(96, 12288, 96, 49152),
+    ),
+    "opt-13b": ("OPT-13B (Meta)", "bfloat16", _opt(40, 5120, 40, 20480)),
+    "opt-6.7b": ("OPT-6.7B (Meta)", "bfloat16", _opt(32, 4096, 32, 16384)),
+    "bloom-176b": (
+        "BLOOM-176B (BigScience): 70 layers, hidden 14336, 112 heads, ALiBi",
+        "bfloat16",
+        _bloom(70, 14336, 112),
+    ),
+    "bloom-7b1": ("BLOOM-7B1 (BigScience)", "bfloat16", _bloom(30, 4096, 32)),
+    "llama-2-70b": (
+        "LLaMA-2-70B (Meta): 80 layers, hidden 8192, 64 heads, 8 KV heads (GQA), SwiGLU 28672",
+        "bfloat16",
+        _llama(80, 8192, 64, 8, 28672, 32000, 4096),
+    ),
+    "llama-2-13b": ("LLaMA-2-13B (Meta)", "bfloat16", _llama(40, 5120, 40, 40, 13824, 32000, 4096)),
+    "llama-2-7b": ("LLaMA-2-7B (Meta)", "bfloat16", _llama(32, 4096, 32, 32, 11008, 32000, 4096)),
+    "mistral-7b": (
+        "Mistral-7B-v0.1: 32 layers, hidden 4096, 32 heads, 8 KV heads, sliding window 4096",
+        "bfloat16",
+        {
+            "model_type": "mistral",
+            "num_hidden_layers": 32,
+            "hidden_size": 4096,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "intermediate_size": 14336,
+            "vocab_size": 32000,
+            "hidden_act": "silu",
+            "max_position_embeddings": 32768,
+            "sliding_window": 4096,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "qwen-72b": (
+        "Qwen-72B (Alibaba, Qwen 1) as transformers' `qwen2` architecture (same QKV-bias SwiGLU layer)",
+        "bfloat16",
+        _qwen(80, 8192, 64, 24576, 152064, 32768),
+    ),
+    "qwen-7b": (
+        "Qwen-7B (Alibaba, Qwen 1) as transformers' `qwen2` architecture (same QKV-bias SwiGLU layer)",
+        "bfloat16",
+        _qwen(32, 4096, 32, 11008, 151936, 8192),
+    ),
+    "gpt2": ("GPT-2 small (124M, OpenAI)", "bfloat16", _gpt2(12, 768, 12)),
+    "gpt2-medium": ("GPT-2 medium (355M, OpenAI)", "bfloat16", _gpt2(24, 1024, 16)),
+    "gpt2-large": ("GPT-2 large (774M, OpenAI)", "bfloat16", _gpt2(36, 1280, 20)),
+    "gpt2-xl": ("GPT-2 XL (1.5B, OpenAI)", "bfloat16", _gpt2(48, 1600, 25)),
+    "bert-base": (
+        "BERT-base uncased (110M, Google), encoder with masked-LM head",
+        "bfloat16",
+        _bert(12, 768, 12, 3072),
+    ),
+    "bert-large": (
+        "BERT-large uncased (340M, Google), encoder with masked-LM head",
+        "bfloat16",
+        _bert(24, 1024, 16, 4096),
+    ),
+    # Tiny pairs for tests and the demo: float32 because they run on CPUs.
+    "tiny-llama-teacher": (
+        "tiny Llama teacher for tests and the demo",
+        "float32",
+        _llama(4, 64, 4, 2, 128, 256, 512),
+    ),
+    "tiny-llama-student": (
+        "tiny Llama student for tests and the demo",
+        "float32",
+        _llama(2, 32, 4, 2, 64, 256, 512),
+    ),
+    "tiny-gpt2-teacher": (
+        "tiny GPT-2 teacher for tests and the demo",
+        "float32",
+        {**_gpt2(4, 64, 4, vocab=256, max_pos=512), "n_inner": 128},
+    ),
+    "tiny-gpt2-student": (
+        "tiny GPT-2 student for tests and the demo",
+        "float32",
+        {**_gpt2(2, 32, 4, vocab=256, max_pos=512), "n_inner": 64},
+    ),
+    "tiny-bert-teacher": (
+        "tiny BERT teacher for tests and the demo",
+        "float32",
+        _bert(4, 64, 4, 128, vocab=256),
+    ),
+    "tiny-bert-student": (
+        "tiny BERT student for tests and the demo",
+        "float32",
+        _bert(2, 32, 4, 64, vocab=256),
+    ),
+}
+
+# Presets whose lineage differs from the transformers architecture that builds them.
+_PRESET_FAMILY = {"glm-10b": "glm"}
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets, in catalogue order."""
+    return list(_PRESETS)
+
+
+def resolve_model(ref: str) -> ModelSpec:
+    """A ModelSpec from a preset name, a path to a config.json, or a checkpoint folder holding config.json.
+
+    Weights are never read. Raises InputError for anything unusable, with a message saying how to fix it.
+    """
+    if ref in _PRESETS:
+        description, dtype, config = _PRESETS[ref]
+        return spec_from_config(
+            copy.deepcopy(config),
+            name=ref,
+            description=description,
+            dtype=dtype,
+            family=_PRESET_FAMILY.get(ref),
+        )
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise InputError(
+                f"checkpoint folder {ref} has no config.json; point to a Hugging Face model folder"
+            )
+        return _spec_from_file(config_path, name=ref)
+    if path.is_file():
+        return _spec_from_file(path, name=ref)
+    if "/" in ref or ref.endswith(".json"):
+        raise InputError(f"no such file or folder: {ref}")
+    close = difflib.get_close_matches(ref, preset_names(), n=3, cutoff=0.5)
+    hint = (
+        f"did you mean {', '.join(close)}?"
+        if close
+        else "run `gkd inspect` with one of " + ", ".join(preset_names())
+    )
+    raise InputError(f"unknown model {ref!r}: not a preset, config.json or checkpoint folder; {hint}")
+
+
+def _spec_from_file(path: Path, *, name: str) -> ModelSpec:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read {path}: {err.__class__.__name__}") from None
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
+    if not isinstance(config, dict):
+        raise InputError(
+            f"{path} must hold a JSON object (a Hugging Face config), not {type(config).__name__}"
+        )
+    return spec_from_config(config, name=name, description=f"from {path}")
+
+
+def spec_from_config(
+    config: dict[str, Any],
+    *,
+    name: str,
+    description: str = "",
+    dtype: str | None = None,
+    family: str | None = None,
+) -> ModelSpec:
+    """A ModelSpec from a transformers config dict (as in config.json). The dict is validated, then completed
+    with transformers' defaults for the keys it does not set (dropout, eps, ...), never for shape keys."""
+    model_type = config.get("model_type")
+    if not model_type:
+        raise InputError(
+            f'model {name}: config has no "model_type"; add one of {", ".join(SUPPORTED_MODEL_TYPES)}'
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InputError(
+            f"model {name}: unsupported architecture {model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    missing = [names[0] for names in _REQUIRED_KEYS[model_type] if not any(k in config for k in names)]
+    if missing:
+        raise InputError(f"model {name}: config.json is incomplete, missing {', '.join(missing)}")
+    _check_raw_dims(config, name)
+    hf = _hf_config(config, name)
+    family = family or SUPPORTED_MODEL_TYPES[model_type]
+    fields = _shape_fields(model_type, hf)
+    if dtype is None:
+        dtype = _dtype_name(config.get("torch_dtype") or config.get("dtype"))
+    hf_dict = hf.to_dict()
+    hf_dict["model_type"] = model_type
+    return ModelSpec(
+        name=name, family=family, dtype=dtype, description=description, hf_config=hf_dict, **fields
+    )
+
+
+def _check_raw_dims(config: dict[str, Any], name: str) -> None:
+    """Shape consistency, checked before transformers sees the dict so the message is ours."""
+
+    def first(*keys: str) -> Any:
+        return next((config[k] for k in keys if k in config), None)
+
+    hidden = first("hidden_size", "n_embd", "n_embed")
+    heads = first("num_attention_heads", "n_head")
+    kv = config.get("num_key_value_heads")
+    for key, value in (("hidden size", hidden), ("attention heads", heads), ("key/value heads", kv)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise InputError(f"model {name}: {key} must be a positive integer, got {value!r}")
+    if hidden and heads and not config.get("head_dim") and hidden % heads != 0:
+        raise InputError(
+            f"model {name}: {heads} attention heads do not divide hidden size {hidden}; "
+            "fix num_attention_heads or hidden_size"
+        )
+    vocab, pad = config.get("vocab_size"), config.get("pad_token_id")
+    if isinstance(vocab, int) and isinstance(pad, int) and not 0 <= pad < vocab:
+        raise InputError(
+            f"model {name}: pad_token_id {pad} is outside the vocabulary of {vocab}; fix pad_token_id"
+        )
+    if heads and kv and heads % kv != 0:
+        raise InputError(
+            f"model {name}: {kv} key/value heads do not divide {heads} attention heads; "
+            "fix num_key_value_heads"
+        )
+
+
+def _hf_config(config: dict[str, Any], name: str) -> Any:
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(config["model_type"], **kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise InputError(f"model {name}: invalid config: {first_line}") from None
+
+
+def _dtype_name(value: Any) -> str:
+    text = str(value or "bfloat16").replace("torch.", "")
+    return text if text in _DTYPES else "bfloat16"
+
+
+def _activation(name: str, gated: bool) -> str:
+    name = name.lower()
+    if gated:
+        return (
+            "swiglu" if name in ("silu", "swish") else "geglu" if name.startswith("gelu") else f"{name}-glu"
+        )
+    return "gelu" if name.startswith("gelu") else name
+
+
+def _shape_fields(model_type: str, hf: Any) -> dict[str, Any]:
+    """ModelSpec shape fields read from a transformers config object (defaults already applied)."""
+    hidden = int(hf.hidden_size)
+    heads = int(hf.num_attention_heads)
+    common: dict[str, Any] = {
+        "layers": int(hf.num_hidden_layers),
+        "hidden": hidden,
+        "heads": heads,
+        "vocab": int(hf.vocab_size),
+        "tied_embeddings": bool(getattr(hf, "tie_word_embeddings", True)),
+    }
+    if model_type in ("llama", "qwen2", "mistral", "glm"):
+        head_dim = getattr(hf, "head_dim", None) or hidden // heads
+        return {
+            **common,
+            "kv_heads": int(hf.num_key_value_heads or heads),
+            "ffn": int(hf.intermediate_size),
+            "activation": _activation(hf.hidden_act, gated=True),
+            "max_positions": int(hf.max_position_embeddings),
+            "attn_head_dim": 0 if head_dim * heads == hidden else int(head_dim),
+        }
+    if model_type == "gpt2":
+        return {
+            **common,
+            "kv_heads": heads,
+            "ffn": int(hf.n_inner or 4 * hidden),
+            "activation": _activation(hf.activation_function, gated=False),
+            "max_positions": int(hf.n_positions),
+        }
+    if model_type == "opt":
+        return {
+            **common,
+            "kv_heads": heads,
+            "ffn": int(hf.ffn_dim),
+            "activation": _activation(hf.activation_function, gated=False),
+            "max_positions": int(hf.max_position_embeddings),
+        }
+    if model_type == "bloom":
+        return {
+            **common,
+            "kv_heads": heads,
+            "ffn": 4 * hidden,
+            "activation": "gelu",
+            "max_positions": int(getattr(hf, "seq_length", 2048) or 2048),
+        }
+    # bert
+    return {
+        **common,
+        "kv_heads": heads,
+        "ffn": int(hf.intermediate_size),
+        "activation": _activation(hf.hidden_act, gated=False),
+        "max_positions": int(hf.max_position_embeddings),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building models and counting parameters
+# ----------------------------------------------------------------------------------------------------------
+
+
+def torch_dtype(spec: ModelSpec) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+
+
+def hf_config_object(spec: ModelSpec, *, num_layers: int | None = None) -> Any:
+    """The transformers config object for `spec`, optionally with fewer layers (a shallow copy)."""
+    from transformers import AutoConfig
+
+    config = dict(spec.hf_config)
+    model_type = config.pop("model_type")
+    if num_layers is not None:
+        if num_layers < 1:
+            raise InputError(f"num_layers must be at least 1, got {num_layers}")
+        key = "n_layer" if model_type in ("gpt2", "bloom") else "num_hidden_layers"
+        config[key] = num_layers
+        config.pop("num_hidden_layers" if key == "n_layer" else "n_layer", None)
+        if isinstance(config.get("layer_types"), list):
+            config["layer_types"] = config["layer_types"][:num_layers]
+    return AutoConfig.for_model(model_type, **config)
+
+
+def supports_attention_interface(spec: ModelSpec) -> bool:
+    """Whether the model's attention goes through transformers' attention functions (sdpa, eager, or one
+    registered with `AttentionInterface`). BLOOM's does not: it always materialises the attention matrix and
+    its q/k/v/scores/probs cannot be captured by an attention-function hook."""
+    return spec.model_type != "bloom"
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    device: str = "meta",
+    num_layers: int | None = None,
+    attn_implementation: str = "sdpa",
+    dtype: Any = None,
+) -> Any:
+    """A transformers model WITH its LM head (causal LM for decoders, masked LM for BERT).
+
+    device "meta": no storage is allocated (shapes only); "cpu": random-initialised weights.
+    num_layers: build a shallow copy with that many layers (same per-layer shapes).
+    dtype: a torch dtype; None means the spec's dtype.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = hf_config_object(spec, num_layers=num_layers)
+    auto = AutoModelForMaskedLM if spec.is_encoder else AutoModelForCausalLM
+    if not supports_attention_interface(spec):
+        # BLOOM computes attention in its own code (ALiBi + baddbmm); transformers refuses "sdpa" for it.
+        attn_implementation = "eager"
+    with torch.device(device):
+        model = auto.from_config(
+            config,
+            attn_implementation=attn_implementation,
+            dtype=dtype if dtype is not None else torch_dtype(spec),
+        )
+    return model
+
+
+def _unique_numel(model: Any) -> int:
+    # model.parameters() yields each Parameter once, so tied embeddings count once.
+    return sum(p.numel() for p in model.parameters())
+
+
+_PARAM_CACHE: dict[tuple[str, str], int] = {}
+
+
+def count_parameters(spec: ModelSpec) -> int:
+    """Exact parameter count of the model `build_model(spec)` builds (tied weights counted once)."""
+    key = (spec.name, json.dumps(spec.hf_config, sort_keys=True, default=str))
+    if key not in _PARAM_CACHE:
+        if spec.layers <= 2:
+            _PARAM_CACHE[key] = _unique_numel(build_model(spec, num_layers=spec.layers))
+        else:
+            one = _unique_numel(build_model(spec, num_layers=1))
+            two = _unique_numel(build_model(spec, num_layers=2))
+            _PARAM_CACHE[key] = one + (spec.layers - 1) * (two - one)
+    return _PARAM_CACHE[key]

@@ -1,0 +1,474 @@
+"""The distillation config: what to distil, with which methods, on which hardware, with which training settings.
+
+A config comes from a YAML or JSON file, from command-line flags, or both (flags override the file). Every
+section is a frozen keyword-only dataclass validated in `__post_init__`, so a bad value is rejected where it
+enters with an `InputError` that says how to fix it. `Config.to_dict()` is the resolved config that
+`gkd plan --explain` prints and that a Plan records under `inputs`.
+
+Design choices:
+- Sizes are bytes internally. In files and flags they may be written as numbers of bytes or with a unit:
+  "40GiB", "40GB" (10^9), "512MiB", "1TiB"; a bare number below 2^20 is taken as GiB, which is how people say
+  "40" for a 40 GB card.
+- Defaults describe the headline job and machine: GLM-130B -> GLM-10B with kd + minilmv2, sequence 512, on
+  one node of 8 x A100-40GB with NVLink (a DGX A100: 1 TiB host memory, 15 TB NVMe).
+- `Overrides` pins any choice the search would otherwise make (ZeRO stage, offload, teacher placement,
+  micro-batch, recompute layers, where tap losses run, the logit-loss path); the search then only fills in what
+  is left free.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gkd.errors import InputError
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 1 << 10, "mib": MiB, "gib": GiB, "tib": 1 << 40,
+}
+
+TEACHER_PLACEMENTS = ("replicated", "zero3", "zero3_offload", "tensor_parallel", "offline")
+STUDENT_OFFLOADS = ("none", "optimizer", "optimizer+parameters")
+TAP_LOSS_PLACES = ("layerwise", "end")
+LOSS_PATHS = ("fused_linear", "logits")
+OPTIMIZERS = {"adamw": 8, "adam": 8, "sgd": 4}  # optimizer state bytes per parameter (fp32 moments)
+DTYPES = ("bfloat16", "float16")
+
+
+def parse_bytes(value: Any, what: str) -> int:
+    """Bytes from an int, a float, or a string with a unit ("40GiB", "40GB", "512MiB"); bare small numbers
+    are GiB."""
+    if isinstance(value, bool):
+        raise InputError(f"{what} must be a size such as 40GiB, got {value!r}")
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        if not match:
+            raise InputError(f"{what} {value!r} is not a size; write it like 40GiB, 40GB or 512MiB")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    else:
+        raise InputError(f"{what} must be a size such as 40GiB, got {value!r}")
+    if unit == "":
+        scale = GiB if number < MiB else 1
+    elif unit in _UNITS:
+        scale = _UNITS[unit]
+    elif unit + "b" in _UNITS:  # "40G" -> GB, "40Gi" -> GiB
+        scale = _UNITS[unit + "b"]
+    else:
+        raise InputError(f"{what} {value!r} has an unknown unit {unit!r}; use B, MiB, GiB, TiB, MB, GB or TB")
+    if number < 0:
+        raise InputError(f"{what} must not be negative, got {value!r}")
+    return int(number * scale)
+
+
+def _positive(value: Any, what: str, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"{what} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InputError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _int(value: Any, what: str, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{what} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise InputError(f"{what} must be at least {minimum}, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """One distillation method: its registered name, its weight in the total loss and its options."""
+
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InputError("each method needs a name, e.g. methods: [{name: kd}] (see `gkd methods`)")
+        _positive(self.weight, f"method {self.name!r} weight", allow_zero=True)
+        if not isinstance(self.options, dict):
+            raise InputError(f"method {self.name!r} options must be a mapping, e.g. options: {{temperature: 2}}")
+
+    def to_entry(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, "options": dict(self.options)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardwareConfig:
+    """The machine: GPUs, their memory, host memory and disk, and the speeds the cost model uses.
+
+    reserve: `cuda_context_bytes` per GPU (CUDA context, cuBLAS/NCCL workspaces) plus `fragmentation` times
+    the allocated peak (the caching allocator's rounding and fragmentation); both are counted in the plan's
+    `reserve` category.
+    """
+
+    gpus: int = 8
+    gpus_per_node: int = 8
+    gpu_memory_bytes: int = 40 * GiB
+    host_memory_bytes: int = 1024 * GiB  # per node
+    disk_bytes: int = 15 * 10**12  # per node, for offline teacher outputs
+    gpu_name: str = "A100-SXM4-40GB"
+    peak_flops: float = 312e12  # dense bf16 tensor-core FLOP/s per GPU
+    flops_efficiency: float = 0.4  # fraction of peak that large matmuls reach in practice
+    interconnect: str = "nvlink"
+    interconnect_bandwidth: float = 150e9  # bytes/s per GPU for ring collectives (NVLink3 bus bandwidth, A100)
+    host_link_bandwidth: float = 20e9  # bytes/s per GPU, pinned host <-> GPU (PCIe 4 x16, effective)
+    disk_bandwidth: float = 5e9  # bytes/s per node (NVMe RAID read)
+    cpu_adam_params_per_s: float = 1e9  # parameters per second one rank's CPU Adam updates
+    cuda_context_bytes: int = 1 * GiB
+    fragmentation: float = 0.05
+
+    def __post_init__(self) -> None:
+        _int(self.gpus, "hardware.gpus")
+        _int(self.gpus_per_node, "hardware.gpus_per_node")
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise InputError(
+                f"hardware.gpus ({self.gpus}) must be a multiple of gpus_per_node ({self.gpus_per_node}) "
+                "when it spans several nodes"
+            )
+        for name in ("gpu_memory_bytes", "host_memory_bytes", "disk_bytes", "cuda_context_bytes"):
+            _int(getattr(self, name), f"hardware.{name}", minimum=0)
+        if self.gpu_memory_bytes == 0:
+            raise InputError("hardware.gpu_memory must be > 0, e.g. --gpu-memory 40GiB")
+        for name in ("peak_flops", "interconnect_bandwidth", "host_link_bandwidth", "disk_bandwidth",
+                     "cpu_adam_params_per_s"):
+            _positive(getattr(self, name), f"hardware.{name}")
+        _positive(self.flops_efficiency, "hardware.flops_efficiency")
+        if self.flops_efficiency > 1:
+            raise InputError(f"hardware.flops_efficiency is a fraction of peak (0-1], got {self.flops_efficiency}")
+        _positive(self.fragmentation, "hardware.fragmentation", allow_zero=True)
+        if self.fragmentation >= 1:
+            raise InputError(f"hardware.fragmentation is a fraction (0-1), got {self.fragmentation}")
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.gpus // self.gpus_per_node)
+
+    @property
+    def local_gpus(self) -> int:
+        """GPUs in one node (all of them when the job is smaller than a node)."""
+        return min(self.gpus, self.gpus_per_node)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedSettings:
+    """DeepSpeed knobs that take GPU memory; defaults are DeepSpeed's own (deepspeed/runtime/zero/config.py)."""
+
+    reduce_bucket_size: int = 500_000_000  # elements
+    allgather_bucket_size: int = 500_000_000  # elements (ZeRO-1/2 parameter all-gather)
+    stage3_prefetch_bucket_size: int = 50_000_000  # elements
+    stage3_max_live_parameters: int = 1_000_000_000  # elements
+    stage3_param_persistence_threshold: int = 100_000  # elements: smaller tensors stay gathered
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _int(getattr(self, f.name), f"deepspeed.{f.name}", minimum=0)
+        if self.reduce_bucket_size == 0:
+            raise InputError("deepspeed.reduce_bucket_size must be > 0 (DeepSpeed's default is 500000000)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Sequence length, batch, precision and optimizer.
+
+    micro_batch: the per-GPU micro-batch sizes the search may pick from; empty means auto (every power of two
+    that divides the per-GPU batch, and the per-GPU batch itself). steps and offline_topk size the disk an
+    offline teacher pass needs.
+    """
+
+    seq_len: int = 512
+    global_batch: int = 64
+    micro_batch: tuple[int, ...] = ()
+    dtype: str = "bfloat16"
+    optimizer: str = "adamw"
+    steps: int = 1000
+    offline_topk: int = 64
+
+    def __post_init__(self) -> None:
+        _int(self.seq_len, "training.seq_len")
+        _int(self.global_batch, "training.global_batch")
+        if not isinstance(self.micro_batch, tuple):
+            raise InputError("training.micro_batch must be a list of sizes or 'auto'")
+        for mb in self.micro_batch:
+            _int(mb, "training.micro_batch")
+        if self.dtype not in DTYPES:
+            raise InputError(f"training.dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"training.optimizer {self.optimizer!r} is not supported; use {', '.join(OPTIMIZERS)}")
+        _int(self.steps, "training.steps")
+        _int(self.offline_topk, "training.offline_topk")
+
+    def per_gpu_batch(self, gpus: int) -> int:
+        if self.global_batch % gpus:
+            raise InputError(
+                f"training.global_batch ({self.global_batch}) must be divisible by the number of GPUs ({gpus}); "
+                f"try --global-batch {max(gpus, self.global_batch - self.global_batch % gpus)}"
+            )
+        return self.global_batch // gpus
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overrides:
+    """Choices pinned by the user; None leaves a choice to the search."""
+
+    student_zero_stage: int | None = None
+    student_offload: str | None = None
+    teacher_placement: str | None = None
+    tensor_parallel: int | None = None
+    micro_batch: int | None = None
+    recompute_layers: tuple[int, ...] | None = None  # student layers to recompute (empty tuple: none)
+    tap_loss: str | None = None
+    loss_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.student_zero_stage is not None and self.student_zero_stage not in (0, 1, 2, 3):
+            raise InputError(f"overrides.student_zero_stage must be 0, 1, 2 or 3, got {self.student_zero_stage!r}")
+        _choice(self.student_offload, STUDENT_OFFLOADS, "overrides.student_offload")
+        _choice(self.teacher_placement, TEACHER_PLACEMENTS, "overrides.teacher_placement")
+        _choice(self.tap_loss, TAP_LOSS_PLACES, "overrides.tap_loss")
+        _choice(self.loss_path, LOSS_PATHS, "overrides.loss_path")
+        if self.tensor_parallel is not None:
+            _int(self.tensor_parallel, "overrides.tensor_parallel")
+        if self.micro_batch is not None:
+            _int(self.micro_batch, "overrides.micro_batch")
+        if self.recompute_layers is not None:
+            for layer in self.recompute_layers:
+                _int(layer, "overrides.recompute_layers entry", minimum=0)
+        if self.student_offload == "optimizer+parameters" and self.student_zero_stage not in (None, 3):
+            raise InputError("parameter offload needs ZeRO stage 3; set student_zero_stage: 3 or offload optimizer")
+        if self.student_offload not in (None, "none") and self.student_zero_stage == 0:
+            raise InputError("offload needs ZeRO stage 1, 2 or 3; raise student_zero_stage or drop the offload")
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
+    if value is not None and value not in allowed:
+        raise InputError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole distillation job."""
+
+    teachers: tuple[str, ...] = ("glm-130b",)
+    student: str = "glm-10b"
+    methods: tuple[MethodConfig, ...] = (MethodConfig(name="kd"), MethodConfig(name="minilmv2"))
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    overrides: Overrides = field(default_factory=Overrides)
+    base_dir: str = ""  # folder of the config file; model paths are relative to it
+
+    def __post_init__(self) -> None:
+        if not self.teachers or not all(isinstance(t, str) and t for t in self.teachers):
+            raise InputError("teacher must be a preset name, a config.json or a checkpoint folder (--teacher)")
+        if not isinstance(self.student, str) or not self.student:
+            raise InputError("student must be a preset name, a config.json or a checkpoint folder (--student)")
+        if not self.methods:
+            raise InputError("no methods given; add at least one, e.g. methods: [{name: kd}] or --methods kd")
+        self.training.per_gpu_batch(self.hardware.gpus)
+        tp = self.overrides.tensor_parallel
+        if tp is not None and self.hardware.local_gpus % tp:
+            raise InputError(
+                f"overrides.tensor_parallel ({tp}) must divide the GPUs of a node ({self.hardware.local_gpus})"
+            )
+
+    def model_path(self, ref: str) -> str:
+        """A model reference as given, or resolved against the config's folder when it names a file there."""
+        if self.base_dir and not Path(ref).is_absolute():
+            candidate = Path(self.base_dir) / ref
+            if candidate.exists():
+                return str(candidate)
+        return ref
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["teachers"] = list(self.teachers)
+        out["methods"] = [m.to_entry() for m in self.methods]
+        out["training"]["micro_batch"] = list(self.training.micro_batch) or "auto"
+        rl = self.overrides.recompute_layers
+        out["overrides"]["recompute_layers"] = None if rl is None else list(rl)
+        out.pop("base_dir")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: str = "") -> Config:
+        return _config_from_mapping(data, base_dir=base_dir)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+_HARDWARE_SIZES = {
+    "gpu_memory": "gpu_memory_bytes", "host_memory": "host_memory_bytes", "disk": "disk_bytes",
+    "cuda_context": "cuda_context_bytes",
+}
+
+
+def _section(cls: type, data: Any, what: str, renames: Mapping[str, str] | None = None) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, Mapping):
+        raise InputError(f"{what} must be a mapping of settings, got {type(data).__name__}")
+    allowed = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        target = (renames or {}).get(key, key)
+        if target not in allowed:
+            known = sorted(allowed | set(renames or {}))
+            raise InputError(f"{what} has no setting {key!r}; known settings: {', '.join(known)}")
+        if target.endswith("_bytes"):
+            value = parse_bytes(value, f"{what}.{key}")
+        kwargs[target] = value
+    return cls(**kwargs)
+
+
+def _micro_batch(value: Any) -> tuple[int, ...]:
+    if value is None or value == "auto":
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, str):
+        try:
+            return tuple(int(x) for x in value.split(",") if x.strip())
+        except ValueError:
+            raise InputError(f"micro_batch {value!r} must be 'auto', a size, or a list like 1,2,4") from None
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    raise InputError(f"micro_batch {value!r} must be 'auto', a size, or a list like [1, 2, 4]")
+
+
+def _methods(value: Any) -> tuple[MethodConfig, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple):
+        raise InputError("methods must be a list, e.g. methods: [{name: kd, weight: 1.0}]")
+    out = []
+    for entry in value:
+        if isinstance(entry, MethodConfig):
+            out.append(entry)
+        elif isinstance(entry, str):
+            out.append(MethodConfig(name=entry))
+        elif isinstance(entry, Mapping):
+            unknown = set(entry) - {"name", "weight", "options"}
+            if unknown:
+                raise InputError(f"method entry has unknown keys {sorted(unknown)}; use name, weight and options")
+            if "name" not in entry:
+                raise InputError(f"method entry {dict(entry)!r} needs a name, e.g. {{name: kd, weight: 1.0}}")
+            options = entry.get("options") or {}
+            if not isinstance(options, Mapping):
+                raise InputError(f"method {entry['name']!r} options must be a mapping, e.g. options: {{temperature: 2}}")
+            out.append(MethodConfig(name=entry["name"], weight=entry.get("weight", 1.0), options=dict(options)))
+        else:
+            raise InputError(f"method entry {entry!r} must be a name or a mapping with name/weight/options")
+    return tuple(out)
+
+
+def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Config:
+    if not isinstance(data, Mapping):
+        raise InputError("the config must be a mapping with teacher, student, methods, hardware, training")
+    allowed = {"teacher", "teachers", "student", "methods", "hardware", "training", "deepspeed", "overrides"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise InputError(f"config has unknown keys {sorted(unknown)}; known keys: {', '.join(sorted(allowed))}")
+    kwargs: dict[str, Any] = {"base_dir": base_dir}
+    teachers = data.get("teachers", data.get("teacher"))
+    if teachers is not None:
+        kwargs["teachers"] = (teachers,) if isinstance(teachers, str) else tuple(teachers)
+    if "student" in data:
+        kwargs["student"] = data["student"]
+    if "methods" in data:
+        kwargs["methods"] = _methods(data["methods"])
+    kwargs["hardware"] = _section(HardwareConfig, data.get("hardware"), "hardware", _HARDWARE_SIZES)
+    training = dict(data.get("training") or {})
+    if not isinstance(data.get("training") or {}, Mapping):
+        raise InputError("training must be a mapping of settings")
+    if "micro_batch" in training:
+        training["micro_batch"] = _micro_batch(training["micro_batch"])
+    kwargs["training"] = _section(TrainingConfig, training, "training")
+    kwargs["deepspeed"] = _section(DeepSpeedSettings, data.get("deepspeed"), "deepspeed")
+    overrides = dict(data.get("overrides") or {})
+    if overrides.get("recompute_layers") is not None:
+        rl = overrides["recompute_layers"]
+        if rl == "none":
+            rl = []
+        if not isinstance(rl, list | tuple):
+            raise InputError("overrides.recompute_layers must be a list of student layer indices or 'none'")
+        overrides["recompute_layers"] = tuple(rl)
+    kwargs["overrides"] = _section(Overrides, overrides, "overrides")
+    return Config(**kwargs)
+
+
+def load_config(path: str | Path) -> Config:
+    """A Config from a YAML or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file {str(path)!r} does not exist; give a YAML or JSON file or no argument")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError) as err:
+        raise InputError(f"config {p.name} is not valid JSON: {err}") from None
+    except Exception as err:  # yaml.YAMLError and its subclasses
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"config {p.name} is not valid YAML: {first}") from None
+    return _config_from_mapping(data or {}, base_dir=str(p.parent.resolve()))
+
+
+def apply_flags(config: Config, **flags: Any) -> Config:
+    """The config with command-line flags applied (None means the flag was not given)."""
+    out = config
+    if flags.get("teacher"):
+        teachers = tuple(t.strip() for t in str(flags["teacher"]).split(",") if t.strip())
+        out = replace(out, teachers=teachers)
+    if flags.get("student"):
+        out = replace(out, student=flags["student"])
+    if flags.get("methods"):
+        out = replace(out, methods=_methods(flags["methods"]))
+    hw: dict[str, Any] = {}
+    if flags.get("gpus") is not None:
+        hw["gpus"] = flags["gpus"]
+    if flags.get("gpu_memory") is not None:
+        hw["gpu_memory_bytes"] = parse_bytes(flags["gpu_memory"], "--gpu-memory")
+    if flags.get("host_memory") is not None:
+        hw["host_memory_bytes"] = parse_bytes(flags["host_memory"], "--host-memory")
+    tr: dict[str, Any] = {}
+    if flags.get("seq_len") is not None:
+        tr["seq_len"] = flags["seq_len"]
+    if flags.get("global_batch") is not None:
+        tr["global_batch"] = flags["global_batch"]
+    if flags.get("micro_batch") is not None:
+        tr["micro_batch"] = _micro_batch(flags["micro_batch"])
+    # Build the sections first, then the Config, so that cross-field checks see the final values.
+    hardware = replace(out.hardware, **hw) if hw else out.hardware
+    training = replace(out.training, **tr) if tr else out.training
+    return Config(
+        teachers=out.teachers, student=out.student, methods=out.methods, hardware=hardware, training=training,
+        deepspeed=out.deepspeed, overrides=out.overrides, base_dir=out.base_dir,
+    )
+
+
+def default_config() -> Config:
+    """The headline job: configs/default.yaml when it is present in the source tree, else the built-in one."""
+    path = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    if path.is_file():
+        return load_config(path)
+    return Config()

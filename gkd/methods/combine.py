@@ -1,0 +1,558 @@
+"""Combining methods: `resolve` (plain data for the planner) and `DistillLoss` (the executable loss).
+
+`resolve(methods, teachers, student, step=0)` turns the config's `methods:` list (`{name, weight, options}`)
+into
+one `ResolvedMethods`: the union of concrete tap names per teacher and for the student (each tensor captured
+once, however many methods read it), the loss terms with their effective weights, the trainable extras with
+their parameter counts, and the flags the planner needs. Nothing runs; only the specs and ModelSpecs are read.
+
+`DistillLoss(resolved, teachers, student)` is an `nn.Module` holding every method's extras (so the optimizer
+and checkpoints include them); `forward(student_taps, teacher_taps, ...)` evaluates each term on the captured
+dicts and returns the weighted total and the per-term values.
+
+Design choices:
+- Taps depend on the step for random / progressive layer rules, so `resolve` takes `step` and `total_steps`;
+  `varies_with_step` tells the planner to re-resolve (the set's size is constant for random rules and largest
+  at
+  the last step for progressive ones).
+- A term's effective weight is method weight x term weight (or its weight option); terms whose weight is 0 are
+  dropped with their taps. Schedules multiply the weight per step inside `DistillLoss`.
+- Constraint violations name both sizes and the registered methods that do not carry the constraint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gkd.errors import InputError
+from gkd.methods.losses import LossContext, get_loss
+from gkd.methods.mapping import Pair, pairs, tap_name
+from gkd.methods.registry import get, names
+from gkd.methods.spec import (
+    CLS_CHOICES,
+    HARD_LOSSES,
+    ExtraSpec,
+    HookOpSpec,
+    LossTermSpec,
+    MethodSpec,
+    StageSpec,
+    dim_value,
+    parse_rule,
+)
+
+# Options every method accepts, on top of its own.
+COMMON_OPTIONS = {
+    "layer_map": "override the layer rule of every layered tap (uniform, last, skip-K, explicit:T1,T2, ...)",
+    "temperature": "temperature of every term that has one",
+    "hard_loss": f"the hard loss: {', '.join(HARD_LOSSES)}",
+    "cls": f"[CLS] pooling: {', '.join(CLS_CHOICES)} (last = last non-pad token)",
+    "stage": "run only this stage of the method's recipe (name or 0-based index)",
+    "teacher_weights": "per-teacher weights for methods with weighted aggregation (one number per teacher)",
+}
+
+_CONSTRAINT_FIELD = {
+    "equal_hidden": ("hidden", "hidden size"),
+    "equal_heads": ("heads", "attention heads"),
+    "equal_kv_heads": ("kv_heads", "key/value heads"),
+    "equal_vocab": ("vocab", "vocabulary"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedExtra:
+    name: str  # "<method>.<extra>" (with "[i]" for per-teacher / per-layer copies in `shapes`)
+    method: str
+    kind: str
+    per: str  # "none" (one module) or how copies are laid out (see ExtraSpec.per): an nn.ModuleList
+    shapes: tuple[tuple[int, int], ...]  # one (in, out) per copy
+    bias: bool
+    num_parameters: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedTerm:
+    method: str
+    name: str
+    fn: str
+    kernel: str
+    weight: float  # method weight x term weight (before the schedule)
+    temperature: float | None
+    taps: tuple[str, ...]  # concrete tap names read, teacher taps prefixed "t<i>:" and student "s:"
+    fused_linear: bool
+    hard: bool
+    schedule: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedMethod:
+    """One method as resolved: its options and concrete layer pairs (read by `DistillLoss`)."""
+
+    name: str
+    weight: float
+    options: dict[str, Any]
+    stage: str  # active stage name ("" when the method has no recipe)
+    train: str  # what trains in the active stage: "student+extras" (default), "student" or "extras"
+    teacher: bool  # whether the active stage runs the teacher
+    terms: tuple[str, ...]  # active term names
+    pairs: dict[str, tuple[tuple[Pair, ...], ...]]  # tap name -> per-teacher pairs
+    kinds: dict[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedMethods:
+    """The combined requirements of the chosen methods, as plain data for the planner."""
+
+    teacher_taps: tuple[frozenset[str], ...]
+    student_taps: frozenset[str]
+    extras: tuple[ResolvedExtra, ...]
+    loss_terms: tuple[ResolvedTerm, ...]
+    needs_teacher_logits: bool
+    fused_linear: bool
+    offline_ok: bool
+    needs_teacher_forward: bool
+    eager_attention: bool
+    methods: tuple[ResolvedMethod, ...] = ()
+    hook_ops: tuple[HookOpSpec, ...] = ()
+    extra_student_forwards: int = 0
+    varies_with_step: bool = False
+    step: int = 0
+    total_steps: int = 0
+
+    @property
+    def num_extra_parameters(self) -> int:
+        return sum(e.num_parameters for e in self.extras)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["teacher_taps"] = [sorted(t) for t in self.teacher_taps]
+        out["student_taps"] = sorted(self.student_taps)
+        return out
+
+
+def _norm_entry(entry: Any) -> tuple[str, float, dict[str, Any]]:
+    if isinstance(entry, str):
+        return entry, 1.0, {}
+    if not isinstance(entry, Mapping) or "name" not in entry:
+        raise InputError(f"each method entry needs a name, e.g. {{name: kd, weight: 1.0}}; got {entry!r}")
+    unknown = set(entry) - {"name", "weight", "options"}
+    if unknown:
+        raise InputError(
+            f"method entry {entry['name']!r} has unknown keys {sorted(unknown)}; use name/weight/options"
+        )
+    weight = entry.get("weight", 1.0)
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
+        raise InputError(f"method {entry['name']!r}: weight must be a number >= 0, got {weight!r}")
+    options = entry.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise InputError(f"method {entry['name']!r}: options must be a mapping, got {options!r}")
+    return str(entry["name"]), float(weight), dict(options)
+
+
+def _methods_without(constraint: str) -> str:
+    ok = [n for n in names() if constraint not in get(n).constraints]
+    return ", ".join(ok) if ok else "none"
+
+
+def _check_constraints(spec: MethodSpec, teachers: Sequence[Any], student: Any) -> None:
+    for c in spec.constraints:
+        attr, words = _CONSTRAINT_FIELD[c]
+        for teacher in teachers:
+            s_val, t_val = getattr(student, attr), getattr(teacher, attr)
+            if s_val != t_val:
+                raise InputError(
+                    f"method {spec.name!r} needs equal {words} but the student {student.name} has {s_val} "
+                    f"and the teacher {teacher.name} has {t_val}; "
+                    f"methods that work across {words}s: {_methods_without(c)}"
+                )
+
+
+def _check_teachers(spec: MethodSpec, n: int) -> None:
+    if n < spec.min_teachers:
+        raise InputError(f"method {spec.name!r} needs at least {spec.min_teachers} teachers, got {n}")
+    if spec.teachers == "single" and n > 1:
+        multi = ", ".join(m for m in names() if get(m).teachers != "single")
+        raise InputError(
+            f"method {spec.name!r} takes one teacher but {n} are given; use a multi-teacher method ({multi})"
+        )
+
+
+def _check_options(spec: MethodSpec, options: dict[str, Any], n_teachers: int) -> dict[str, Any]:
+    known = spec.option_defaults()
+    unknown = set(options) - set(known) - set(COMMON_OPTIONS)
+    if unknown:
+        allowed = sorted(set(known) | set(COMMON_OPTIONS))
+        raise InputError(
+            f"method {spec.name!r}: unknown options {sorted(unknown)}; allowed: {', '.join(allowed)}"
+        )
+    merged = {**known, **options}
+    weights = merged.get("teacher_weights")
+    if weights is not None and (
+        not isinstance(weights, list | tuple) or len(weights) != n_teachers or spec.aggregation != "weighted"
+    ):
+        raise InputError(
+            f"method {spec.name!r}: teacher_weights must list one weight per teacher ({n_teachers}) and the "
+            f"method must aggregate teachers by weight (its aggregation is {spec.aggregation})"
+        )
+    if merged.get("hard_loss", "auto") not in HARD_LOSSES:
+        raise InputError(f"method {spec.name!r}: hard_loss must be one of {', '.join(HARD_LOSSES)}")
+    if merged.get("cls", "auto") not in CLS_CHOICES:
+        raise InputError(f"method {spec.name!r}: cls must be one of {', '.join(CLS_CHOICES)}")
+    return merged
+
+
+def _active_stage(spec: MethodSpec, options: dict[str, Any], step: int, total_steps: int) -> StageSpec | None:
+    if not spec.stages:
+        return None
+    chosen = options.get("stage")
+    if chosen is not None:
+        for i, st in enumerate(spec.stages):
+            if chosen == st.name or chosen == i:
+                return st
+        raise InputError(
+            f"method {spec.name!r} has no stage {chosen!r}; stages: {', '.join(s.name for s in spec.stages)}"
+        )
+    p = 0.0 if total_steps <= 0 else step / total_steps
+    edge = 0.0
+    for st in spec.stages:
+        edge += st.fraction
+        if p < edge:
+            return st
+    return spec.stages[-1]
+
+
+def term_weight(spec_term: LossTermSpec, options: dict[str, Any]) -> float:
+    if spec_term.weight_option:
+        return float(options[spec_term.weight_option])
+    return spec_term.weight
+
+
+def _extra_copies(
+    extra: ExtraSpec,
+    spec_pairs: dict[str, tuple[tuple[Pair, ...], ...]],
+    teachers: Sequence[Any],
+    student: Any,
+    options: dict[str, Any],
+) -> list[tuple[int, int]]:
+    def shape(teacher: Any) -> tuple[int, int]:
+        kw = {"student": student, "teacher": teacher, "options": options}
+        return dim_value(extra.in_dim, **kw), dim_value(extra.out_dim, **kw)
+
+    if extra.per == "none":
+        return [shape(teachers[0])]
+    if extra.per == "teacher":
+        return [shape(t) for t in teachers]
+    if extra.per == "student_layer":
+        return [shape(teachers[0])] * student.layers
+    if extra.per == "teacher_layer":
+        return [shape(t) for t in teachers for _ in range(t.layers)]
+    # per mapped pair of a tap, for each teacher in turn (index with LossContext.pair_index)
+    return [shape(t) for i, t in enumerate(teachers) for _ in spec_pairs[extra.pair_tap][i]]
+
+
+def resolve(
+    methods: Sequence[Mapping[str, Any] | str],
+    teachers: Sequence[Any],
+    student: Any,
+    *,
+    step: int = 0,
+    total_steps: int = 0,
+    fused_linear: bool = True,
+) -> ResolvedMethods:
+    """Combine the configured methods into one set of requirements (see the module docstring).
+
+    fused_linear=False keeps logit terms on materialised logits even where a fused-linear kernel could run.
+    """
+    if not methods:
+        raise InputError("no distillation methods given; add at least one, e.g. methods: [{name: kd}]")
+    if not teachers:
+        raise InputError("no teacher given; distillation needs at least one teacher model")
+    entries = [_norm_entry(e) for e in methods]
+    seen: set[str] = set()
+    for name, _, _ in entries:
+        if name in seen:
+            raise InputError(f"method {name!r} is listed twice; list it once and set its weight")
+        seen.add(name)
+
+    teacher_taps: list[set[str]] = [set() for _ in teachers]
+    student_taps: set[str] = set()
+    extras: list[ResolvedExtra] = []
+    terms: list[ResolvedTerm] = []
+    resolved: list[ResolvedMethod] = []
+    hook_ops: list[HookOpSpec] = []
+    varies = False
+    hard_kinds: dict[str, str] = {}
+    encoder = student.is_encoder
+    all_decoders = not encoder and not any(t.is_encoder for t in teachers)
+
+    for name, weight, raw_options in entries:
+        spec = get(name)
+        _check_teachers(spec, len(teachers))
+        _check_constraints(spec, teachers, student)
+        options = _check_options(spec, raw_options, len(teachers))
+        stage = _active_stage(spec, options, step, total_steps)
+        active = [
+            t
+            for t in spec.terms
+            if (stage is None or t.name in stage.terms)
+            and weight * term_weight(t, options) != 0
+            and not (t.hard and options.get("hard_loss") == "none")
+        ]
+        if any(t.hard for t in active):
+            hard_kinds[name] = options.get("hard_loss", "auto")
+
+        # Concrete layer pairs per tap and teacher.
+        override = parse_rule(options["layer_map"]) if options.get("layer_map") is not None else None
+        spec_pairs: dict[str, tuple[tuple[Pair, ...], ...]] = {}
+        kinds = {tap.name: tap.kind for tap in spec.taps}
+        for tap in spec.taps:
+            if tap.layers is None:
+                continue
+            rule = override or tap.layers
+            varies = varies or rule.varies_with_step
+            spec_pairs[tap.name] = tuple(
+                pairs(rule, student.layers, t.layers, step=step, total_steps=total_steps) for t in teachers
+            )
+
+        stage_teacher = stage is None or stage.teacher
+        for term in active:
+            concrete: list[str] = []
+            for tap_n in term.taps:
+                tap = spec.tap(tap_n)
+                t_indices = range(len(teachers)) if tap.teachers == "all" else [int(tap.teachers)]
+                if tap.layers is None:
+                    if tap.side in ("both", "student"):
+                        concrete.append(f"s:{tap.kind}")
+                    if tap.side in ("both", "teacher") and stage_teacher and not term.hard:
+                        concrete += [f"t{i}:{tap.kind}" for i in t_indices]
+                    continue
+                for i in t_indices:
+                    for s_depth, t_depth in spec_pairs[tap_n][i]:
+                        if tap.side in ("both", "student"):
+                            concrete.append("s:" + tap_name(tap.kind, s_depth))
+                        if tap.side in ("both", "teacher") and stage_teacher:
+                            concrete.append(f"t{i}:" + tap_name(tap.kind, t_depth))
+            concrete = list(dict.fromkeys(concrete))
+            temperature = (
+                options.get("temperature", term.temperature) if term.temperature is not None else None
+            )
+            terms.append(
+                ResolvedTerm(
+                    method=name,
+                    name=term.name,
+                    fn=term.fn,
+                    kernel=term.kernel,
+                    weight=weight * term_weight(term, options),
+                    temperature=None if temperature is None else float(temperature),
+                    taps=tuple(concrete),
+                    fused_linear=term.fused_linear,
+                    hard=term.hard,
+                    schedule=asdict(term.schedule),
+                )
+            )
+            for c in concrete:
+                side, _, tname = c.partition(":")
+                if side == "s":
+                    student_taps.add(tname)
+                else:
+                    teacher_taps[int(side[1:])].add(tname)
+
+        if active:
+            for extra in spec.extras:
+                shapes = _extra_copies(extra, spec_pairs, teachers, student, options)
+                per = sum(i * o + (o if extra.bias and extra.kind == "linear" else 0) for i, o in shapes)
+                extras.append(
+                    ResolvedExtra(
+                        name=f"{name}.{extra.name}",
+                        method=name,
+                        kind=extra.kind,
+                        per=extra.per,
+                        shapes=tuple(shapes),
+                        bias=extra.bias and extra.kind == "linear",
+                        num_parameters=per,
+                    )
+                )
+            hook_ops.extend(spec.hook_ops)
+        resolved.append(
+            ResolvedMethod(
+                name=name,
+                weight=weight,
+                options=options,
+                stage=stage.name if stage else "",
+                train=stage.train if stage else "student+extras",
+                teacher=stage_teacher,
+                terms=tuple(t.name for t in active),
+                pairs=spec_pairs,
+                kinds=kinds,
+            )
+        )
+
+    distinct_hard = {v for v in hard_kinds.values() if v != "auto"}
+    if len(distinct_hard) > 1:
+        detail = ", ".join(f"{m}: {k}" for m, k in hard_kinds.items())
+        raise InputError(
+            f"methods disagree on the hard loss ({detail}); set the same hard_loss option on each"
+        )
+    ops = [h.op for h in hook_ops]
+    if len(set(ops)) != len(ops):
+        raise InputError(f"two methods apply the same in-flight operation {sorted(ops)}; keep one of them")
+    if any(h.needs_teacher_modules for h in hook_ops) and len(teachers) > 1:
+        raise InputError("theseus module replacement takes exactly one teacher; remove the other teachers")
+
+    # A stored top-k teacher pass can replace the live teacher when the teachers are only asked for logits.
+    teacher_logits_only = all(t == {"logits"} for t in teacher_taps)
+    logit_terms = [t for t in terms if any(x.endswith(":logits") for x in t.taps)]
+    fused = fused_linear and bool(logit_terms) and all_decoders and all(t.fused_linear for t in logit_terms)
+    if fused:
+        #  The logit terms take final hidden states and LM-head weights; (tokens x V) logits are never
+        # captured.
+        terms = [
+            replace(t, taps=tuple(dict.fromkeys(x.replace(":logits", ":final") for x in t.taps)))
+            for t in terms
+        ]
+        for taps in (*teacher_taps, student_taps):
+            if "logits" in taps:
+                taps.discard("logits")
+                taps.add("final")
+    teacher_needs_logits = any(
+        x.startswith("t") and x.endswith(":logits") for t in logit_terms for x in t.taps
+    )
+    teacher_frozen = tuple(frozenset(t) for t in teacher_taps)
+    all_teacher = set().union(*teacher_taps)
+    all_taps = all_teacher | student_taps
+    kinds_used = {n.split("[")[0] for n in all_taps}
+    return ResolvedMethods(
+        teacher_taps=teacher_frozen,
+        student_taps=frozenset(student_taps),
+        extras=tuple(extras),
+        loss_terms=tuple(terms),
+        needs_teacher_logits=teacher_needs_logits,
+        fused_linear=fused,
+        offline_ok=teacher_logits_only,
+        needs_teacher_forward=bool(all_teacher),
+        eager_attention=bool(kinds_used & {"scores", "probs"}),
+        methods=tuple(resolved),
+        hook_ops=tuple(hook_ops),
+        extra_student_forwards=sum(h.extra_forwards for h in hook_ops),
+        varies_with_step=varies,
+        step=step,
+        total_steps=total_steps,
+    )
+
+
+def _build_extra(extra: ResolvedExtra) -> nn.Module:
+    def one(shape: tuple[int, int]) -> nn.Module:
+        if extra.kind == "linear":
+            return nn.Linear(shape[0], shape[1], bias=extra.bias)
+        p = nn.Parameter(torch.empty(shape))
+        nn.init.normal_(p, std=shape[0] ** -0.5)
+        holder = nn.Module()
+        holder.weight = p
+        return holder
+
+    if extra.per == "none":
+        return one(extra.shapes[0])
+    return nn.ModuleList(one(s) for s in extra.shapes)
+
+
+@dataclass(kw_only=True)
+class LossOutput:
+    total: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)  # "<method>.<term>" -> weighted value
+
+
+class DistillLoss(nn.Module):
+    """The executable side of `ResolvedMethods`: holds every method's extras and evaluates the loss terms.
+
+    Extras live in `self.extras[<method>][<extra>]` (an `nn.Linear`, or an `nn.ModuleList` of per-teacher /
+    per-layer copies), so `DistillLoss.parameters()` are exactly the trainable extras.
+    """
+
+    def __init__(self, resolved: ResolvedMethods, teachers: Sequence[Any], student: Any) -> None:
+        super().__init__()
+        self.resolved = resolved
+        self.student_is_encoder = bool(student.is_encoder)
+        self.student_layers = int(student.layers)
+        self.extras = nn.ModuleDict()
+        for extra in resolved.extras:
+            method, _, ename = extra.name.partition(".")
+            if method not in self.extras:
+                self.extras[method] = nn.ModuleDict()
+            self.extras[method][ename] = _build_extra(extra)  # type: ignore[index]
+
+    def forward(
+        self,
+        student_taps: Mapping[str, Tensor],
+        teacher_taps: Sequence[Mapping[str, Tensor]],
+        *,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        step: int = 0,
+        total_steps: int = 0,
+        heads: dict[str, Any] | None = None,
+        aux: dict[str, Any] | None = None,
+    ) -> LossOutput:
+        """Weighted total and per-term values ("<method>.<term>", weighted) for one step.
+
+        student_taps / teacher_taps: the captured dicts (tap name -> tensor), one dict per teacher; labels and
+        mask (B, T) bool (True = real token); heads: {"student": W, "teachers": [W, ...]} LM-head weights for
+        fused-linear terms; aux: tap dicts of hook-op extra forwards, keyed by op name.
+        """
+        total: Tensor | None = None
+        values: dict[str, Tensor] = {}
+        by_method = {m.name: m for m in self.resolved.methods}
+        for term in self.resolved.loss_terms:
+            method = by_method[term.method]
+            spec = get(term.method)
+            spec_term = next(t for t in spec.terms if t.name == term.name)
+            factor = spec_term.schedule.at(step, total_steps, student_layers=self.student_layers)
+            if factor == 0.0:
+                continue
+            fn = get_loss(term.fn)
+            ctx = LossContext(
+                method=term.method,
+                term=term.name,
+                options=method.options,
+                student=dict(student_taps),
+                teachers=[dict(t) for t in teacher_taps],
+                pairs=method.pairs,
+                kinds=method.kinds,
+                extras=self.extras[term.method] if term.method in self.extras else nn.ModuleDict(),
+                labels=labels,
+                mask=mask,
+                step=step,
+                total_steps=total_steps,
+                temperature=term.temperature if term.temperature is not None else 1.0,
+                student_is_encoder=self.student_is_encoder,
+                heads=heads or {},
+                aux=aux or {},
+            )
+            value = self._aggregate(spec, spec_term, fn, ctx)
+            weighted = value * (term.weight * factor)
+            values[f"{term.method}.{term.name}"] = weighted
+            total = weighted if total is None else total + weighted
+        if total is None:
+            total = torch.zeros(())
+        return LossOutput(total=total, terms=values)
+
+    @staticmethod
+    def _aggregate(spec: MethodSpec, term: LossTermSpec, fn: Any, ctx: LossContext) -> Tensor:
+        # Hard losses and "custom" / "single" aggregation: one call. Otherwise one call per teacher, combined.
+        if term.hard or spec.aggregation in ("single", "custom") or ctx.num_teachers == 1:
+            return fn(ctx)
+        per = []
+        for i in range(ctx.num_teachers):
+            ctx.teacher = i
+            per.append(fn(ctx))
+        ctx.teacher = 0
+        stacked = torch.stack(per)
+        if spec.aggregation == "sum":
+            return stacked.sum()
+        if spec.aggregation == "mean":
+            return stacked.mean()
+        weights = torch.tensor(ctx.options.get("teacher_weights") or [1.0] * len(per), dtype=stacked.dtype)
+        return (stacked * weights.to(stacked.device)).sum()

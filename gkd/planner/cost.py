@@ -1,0 +1,144 @@
+"""Step-time estimate: FLOPs at an efficiency, collectives over the interconnect, offload over the host link.
+
+Per micro-step the teacher phase and the student phase each take the longest of their compute, their
+interconnect traffic and their host-link traffic (DeepSpeed prefetches and overlaps transfers with compute, so
+the slowest stream bounds the phase); once per optimizer step come the boundary collectives, the host round
+trip of offloaded optimizer states and the optimizer update itself.
+
+Rules (per GPU):
+- FLOPs (Kaplan et al. 2020; Narayanan et al. 2021): forward 2 * params * tokens plus attention
+  4 * b * s^2 * hidden per layer; training is 3x forward; a recomputed layer adds one layer forward.
+- Ring collectives move (N-1)/N of the buffer per GPU for all-gather and reduce-scatter, twice that for
+  all-reduce. ZeRO-0/1 all-reduce gradients once per step; ZeRO-2 reduce-scatters every micro-step and
+  all-gathers weights after the step; ZeRO-3 gathers weights in forward and backward and reduce-scatters
+  gradients every micro-step. A ZeRO-3 teacher gathers all its weights every micro-step; a tensor-parallel
+  teacher all-reduces activations twice per layer.
+- Host link: offloaded teacher or student weights are read from pinned memory once per use by each GPU's
+  own partition (2P/N bytes); optimizer offload moves bf16 gradients down and bf16 weights back up once per
+  step and runs CPU Adam at `cpu_adam_params_per_s` per rank.
+- GPU optimizer update: memory-bound, about 36 bytes read and written per local parameter at 1.5 TB/s.
+
+Not modelled: kernel launch overheads, pipeline bubbles of the teacher-then-student order (the two phases
+run back to back), NCCL protocol efficiency beyond the configured bandwidth, data loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gkd.config import HardwareConfig
+
+HBM_BANDWIDTH = 1.5e12  # bytes/s, A100 HBM2 (used only for the optimizer update)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """What the cost model needs of one model."""
+
+    params: int
+    layers: int
+    hidden: int
+    layer_params: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepCost:
+    step_time_s: float
+    tokens_per_s: float
+    parts: dict[str, float]  # seconds per step, by component
+
+
+def forward_flops(m: ModelShape, batch: int, seq: int) -> float:
+    return 2.0 * m.params * batch * seq + 4.0 * batch * seq * seq * m.hidden * m.layers
+
+
+def layer_forward_flops(m: ModelShape, batch: int, seq: int) -> float:
+    return 2.0 * m.layer_params * batch * seq + 4.0 * batch * seq * seq * m.hidden
+
+
+def ring(n: int) -> float:
+    return (n - 1) / n if n > 1 else 0.0
+
+
+def step_cost(
+    *,
+    hw: HardwareConfig,
+    student: ModelShape,
+    student_trainable: int,
+    teachers: tuple[ModelShape, ...],
+    stage: int,
+    offload: str,
+    placement: str,
+    tensor_parallel: int,
+    micro_batch: int,
+    grad_accum: int,
+    seq: int,
+    recomputed_layers: int,
+    global_batch: int,
+    topk_bytes_per_micro: int = 0,
+) -> StepCost:
+    """Seconds per optimizer step and tokens per second (see the module docstring for the rules)."""
+    n = hw.gpus
+    flops = hw.peak_flops * hw.flops_efficiency
+    bw, host = hw.interconnect_bandwidth, hw.host_link_bandwidth
+    b = micro_batch
+    p_s = 2.0 * student_trainable  # bf16 bytes of the student (and extras)
+
+    # Teacher phase, per micro-step.
+    t_compute = t_comm = t_host = 0.0
+    if placement != "offline":
+        for t in teachers:
+            t_compute += forward_flops(t, b, seq) / flops
+            if placement in ("zero3", "zero3_offload"):
+                t_comm += ring(n) * 2.0 * t.params / bw
+            if placement == "zero3_offload":
+                t_host += 2.0 * t.params / n / host
+            if placement == "tensor_parallel":
+                tp = tensor_parallel
+                t_comm += t.layers * 2 * 2 * ring(tp) * (tp * b * seq * t.hidden * 2) / bw
+    else:
+        t_host += topk_bytes_per_micro / (hw.disk_bandwidth / hw.local_gpus)
+    teacher_phase = max(t_compute, t_comm, t_host)
+
+    # Student phase, per micro-step.
+    s_compute = 3.0 * forward_flops(student, b, seq) / flops
+    s_compute += recomputed_layers * layer_forward_flops(student, b, seq) / flops
+    s_comm = s_host = 0.0
+    if stage == 2:
+        s_comm += ring(n) * p_s / bw
+    if stage == 3:
+        s_comm += 3.0 * ring(n) * p_s / bw
+    if offload == "optimizer+parameters":
+        s_host += 2.0 * p_s / n / host
+    if offload != "none":
+        s_host += p_s / n / host  # gradients of this micro-step to the host accumulator
+    student_phase = max(s_compute, s_comm, s_host)
+
+    # Once per step.
+    boundary = 0.0
+    if stage in (0, 1):
+        boundary += 2.0 * ring(n) * p_s / bw
+    if stage in (1, 2) and offload == "none":
+        boundary += ring(n) * p_s / bw
+    local = student_trainable / (n if stage >= 1 else 1)
+    if offload != "none":
+        optimizer = local / hw.cpu_adam_params_per_s + p_s / n / host
+    else:
+        optimizer = 36.0 * local / HBM_BANDWIDTH
+
+    parts = {
+        "teacher_compute": grad_accum * t_compute,
+        "teacher_transfer": grad_accum * max(t_comm, t_host),
+        "student_compute": grad_accum * s_compute,
+        "student_transfer": grad_accum * max(s_comm, s_host),
+        "boundary_collectives": boundary,
+        "optimizer": optimizer,
+    }
+    step = grad_accum * (teacher_phase + student_phase) + boundary + optimizer
+    return StepCost(step_time_s=step, tokens_per_s=global_batch * seq / step if step > 0 else 0.0, parts=parts)
+
+
+def bottleneck(parts: dict[str, float]) -> str:
+    """The component that costs the most, in words."""
+    name = max(parts, key=lambda k: parts[k])
+    return f"{name.replace('_', ' ')} {parts[name]:.2f} s"

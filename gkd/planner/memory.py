@@ -1,0 +1,172 @@
+"""Resident memory per GPU and on the host: model states, teacher placement, DeepSpeed buffers, reserve.
+
+These are the bytes that exist for the whole step (the schedule adds activations, taps and loss workspace on
+top). All functions are pure arithmetic on counts, so the planner runs without torch.
+
+Student model states follow DeepSpeed's own estimators (ZeRO paper, Rajbhandari et al. 2020; the functions
+`estimate_zero2_model_states_mem_needs` in deepspeed/runtime/zero/stage_1_and_2.py and
+`estimate_zero3_model_states_mem_needs` in stage3.py), split into categories, with P parameters, N GPUs and
+L the parameters of the largest single module (what DeepSpeed's `model_to_params` calls the largest layer):
+
+| stage | offload | GPU bytes | host bytes (per node) |
+|---|---|---|---|
+| 0 | none | 2P + (2 + 4 + 4 + s)P | 0 |
+| 1 | none | 2P + 2P + (4 + 4 + s)P/N | 0 |
+| 2 | none | 2P + (2 + 4 + 4 + s)P/N | 0 |
+| 1, 2 | optimizer | 2P | P * max(4N, 16) * 1.5 |
+| 3 | none | 4L + (2 + 4 + 4 + s)P/N | 0 |
+| 3 | optimizer | 4L + 2P/N | 16P * 1.5 |
+| 3 | optimizer+parameters | 4L | 18P * 1.5 |
+
+s is the optimizer state bytes per parameter (8 for Adam: momentum and variance in fp32); DeepSpeed's
+estimators assume Adam. 2 bf16 weights, 2 bf16 grads, 4 fp32 grads, 4 fp32 master weights. In ZeRO-3, 4L is
+the gathered bf16 weight and gradient of the largest module. The host columns are DeepSpeed's (including its
+1.5 buffer factor); without offload DeepSpeed's estimator reports the host memory needed to *load* the model,
+which gkd never needs (models are built on the meta device or under zero.Init), so the steady state is 0.
+DeepSpeed's ZeRO-3 estimator without offload omits the bf16 weight partition (2P/N) that stage 3 keeps; gkd
+follows the estimator here and lets the measured runs (gkd check) say whether the 2P/N matters.
+
+Not modelled: partition padding (at most N-1 elements per tensor), the fp32 copy DeepSpeed keeps of
+tensors below the persistence threshold, NCCL's own buffers (inside the CUDA-context reserve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gkd.config import OPTIMIZERS, DeepSpeedSettings, HardwareConfig
+
+BYTES_BF16 = 2
+HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStates:
+    """Student model states: per-GPU bytes by category, and host bytes per node."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    host_bytes: int
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+
+def student_model_states(
+    *,
+    params: int,
+    largest_module: int,
+    gpus: int,
+    gpus_per_node: int,
+    stage: int,
+    offload: str,
+    optimizer: str = "adamw",
+) -> ModelStates:
+    """Per-GPU and host bytes of the student's weights, gradients and optimizer states (see the table above)."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+    if offload not in ("none", "optimizer", "optimizer+parameters"):
+        raise ValueError(f"unknown offload {offload!r}")
+    if offload == "optimizer+parameters" and stage != 3:
+        raise ValueError("parameter offload needs ZeRO-3")
+    if offload != "none" and stage == 0:
+        raise ValueError("offload needs ZeRO stage >= 1")
+    p, n = params, gpus
+    nodes = max(1, gpus // gpus_per_node)
+    state = OPTIMIZERS[optimizer]
+    opt_bytes = 4 + state  # fp32 master + moments
+    if stage == 0:
+        return ModelStates(parameters=2 * p, gradients=6 * p, optimizer=opt_bytes * p, host_bytes=0)
+    if stage in (1, 2) and offload == "optimizer":
+        host = int(p * max(4 * n, 16) * HOST_BUFFER_FACTOR)
+        return ModelStates(parameters=2 * p, gradients=0, optimizer=0, host_bytes=host)
+    if stage == 1:
+        return ModelStates(parameters=2 * p, gradients=2 * p + 4 * p // n, optimizer=opt_bytes * p // n, host_bytes=0)
+    if stage == 2:
+        return ModelStates(parameters=2 * p, gradients=6 * p // n, optimizer=opt_bytes * p // n, host_bytes=0)
+    big = 2 * largest_module  # one gathered bf16 copy of the largest module (weights; grads likewise)
+    if offload == "none":
+        # DeepSpeed's estimator counts 18P/N here (2 bf16 grads + 4 fp32 grads + 4 fp32 weights + 8 Adam) and
+        # no separate bf16 weight partition; gkd follows it so the two agree (see the module docstring).
+        return ModelStates(parameters=big, gradients=6 * p // n + big, optimizer=opt_bytes * p // n, host_bytes=0)
+    if offload == "optimizer":
+        host = int(p * (2 + 2 + opt_bytes) / nodes * HOST_BUFFER_FACTOR)
+        return ModelStates(parameters=2 * p // n + big, gradients=big, optimizer=0, host_bytes=host)
+    host = int(p * (2 + 2 + 2 + opt_bytes) / nodes * HOST_BUFFER_FACTOR)
+    return ModelStates(parameters=big, gradients=big, optimizer=0, host_bytes=host)
+
+
+def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings) -> int:
+    """GPU bytes of DeepSpeed's communication buckets for the student engine.
+
+    ZeRO-0/1: gradient reduction buckets (reduce_bucket_size bf16 elements); ZeRO-1/2 also the all-gather
+    bucket for updated weights; ZeRO-2 with optimizer offload a second reduction buffer for the device-to-host
+    copy; ZeRO-3 the reduction bucket and the prefetch bucket (stage3_prefetch_bucket_size elements).
+    """
+    reduce = ds.reduce_bucket_size * BYTES_BF16
+    if stage == 0:
+        return reduce
+    if stage in (1, 2):
+        extra = reduce if offload == "optimizer" else 0
+        return reduce + ds.allgather_bucket_size * BYTES_BF16 + extra
+    return reduce + ds.stage3_prefetch_bucket_size * BYTES_BF16
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherResidency:
+    """A teacher's resident GPU bytes (weights and gathered-weight working set), buffers, and host bytes."""
+
+    parameters: int
+    buffers: int
+    host_bytes: int
+
+
+def teacher_residency(
+    *,
+    params: int,
+    largest_module: int,
+    persistent_params: int,
+    placement: str,
+    gpus: int,
+    gpus_per_node: int,
+    tensor_parallel: int,
+    ds: DeepSpeedSettings,
+) -> TeacherResidency:
+    """Resident bytes of an inference-only teacher (bf16 weights, no gradients, no optimizer).
+
+    replicated: all weights on every GPU. tensor_parallel: weights split t ways (Megatron-style; embedding and
+    head split by vocabulary). zero3: weights partitioned over N GPUs, plus the gathered working set during the
+    forward: the largest module and the prefetch bucket (capped by stage3_max_live_parameters), plus the
+    small tensors kept gathered (below the persistence threshold). zero3_offload: as zero3, but the partitions
+    live in pinned host memory (2P bytes per node) and stream to the GPU layer by layer with prefetch.
+    offline: no teacher during training (its top-k outputs are read from disk).
+    """
+    nodes = max(1, gpus // gpus_per_node)
+    full = params * BYTES_BF16
+    if placement == "replicated":
+        return TeacherResidency(parameters=full, buffers=0, host_bytes=0)
+    if placement == "tensor_parallel":
+        return TeacherResidency(parameters=full // tensor_parallel, buffers=0, host_bytes=0)
+    if placement == "offline":
+        return TeacherResidency(parameters=0, buffers=0, host_bytes=0)
+    live = min(largest_module + ds.stage3_prefetch_bucket_size, max(ds.stage3_max_live_parameters, largest_module))
+    gathered = live * BYTES_BF16 + persistent_params * BYTES_BF16
+    prefetch = ds.stage3_prefetch_bucket_size * BYTES_BF16
+    if placement == "zero3":
+        return TeacherResidency(parameters=full // gpus + gathered, buffers=prefetch, host_bytes=0)
+    if placement == "zero3_offload":
+        return TeacherResidency(parameters=gathered, buffers=prefetch, host_bytes=full // nodes)
+    raise ValueError(f"unknown teacher placement {placement!r}")
+
+
+def reserve_bytes(allocated_peak: int, hw: HardwareConfig) -> int:
+    """CUDA context and workspaces plus allocator fragmentation (a fraction of the allocated peak)."""
+    return hw.cuda_context_bytes + int(hw.fragmentation * allocated_peak)
+
+
+def offline_disk_bytes(*, tokens: int, topk: int) -> int:
+    """Disk for stored teacher top-k outputs: per token k bf16 log-probs, k int32 indices, and one fp32 tail
+    log-mass (the probability the top-k leaves out)."""
+    return tokens * (topk * (BYTES_BF16 + 4) + 4)

@@ -1,0 +1,320 @@
+"""Trace a model's forward into plain data: the FX graph of a shallow copy, and the tensors autograd saves.
+
+Two views of one training-mode forward of a shallow copy (the first layers only) of the model:
+
+1. `trace_graph`: `torch.export.export(..., strict=False)` on meta tensors. Every node becomes a `TracedNode`
+   (name, aten target, shape, dtype, module path from `nn_module_stack`, input node names), so later passes
+   (tap location, liveness with networkx) need no FX. The copy has one layer by default: layers of one model are
+   identical, so layer i's nodes are layer 0's with the module path renamed (`TracedGraph.layer_path`).
+2. `trace_saved`: the same forward under `FakeTensorMode` (fake CPU tensors: shapes, dtypes and storages, no
+   data) inside `torch.autograd.graph.saved_tensors_hooks`. Every tensor autograd keeps for the backward is
+   recorded once per storage (views of one storage count once, with the storage's full size), parameters
+   excluded, and attributed to the layer that first saved it. Tensors made outside the layers and handed to
+   each of them (RoPE cos/sin, masks) count as non-layer. Fake CPU tensors make PyTorch pick the same kernels
+   as a real CPU run (e.g. SDPA's CPU flash kernel, which saves the output and a float32 log-sum-exp instead of
+   the attention matrix); CUDA's flash and memory-efficient kernels save the same tensors.
+
+Under FakeTensorMode transformers believes it is being traced and, to be safe, builds an explicit attention mask
+for packed sequences (which also disables its GQA fast path in SDPA). Our inputs are never packed (position ids
+are 0..T-1), so `_as_eager_run` gives it the answer a real run gets. That keeps fake and real runs identical, which
+tests/planner/test_taps.py checks against real CPU forward passes.
+
+The model runs in training mode, so dropout (where the config has it) is active and its masks are saved.
+Results are cached per (model, micro-batch, sequence, attention implementation) within the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from gkd.models import ModelSpec, build_model
+
+# Where each architecture keeps its stack of layers.
+LAYER_CONTAINERS: dict[str, str] = {
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+    "mistral": "model.layers",
+    "glm": "model.layers",
+    "gpt2": "transformer.h",
+    "opt": "model.decoder.layers",
+    "bloom": "transformer.h",
+    "bert": "bert.encoder.layer",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TracedNode:
+    """One node of the exported graph, as plain data."""
+
+    name: str
+    op: str  # "placeholder", "call_function", "output", ...
+    target: str  # e.g. "aten.linear.default"; "" for placeholders
+    shape: tuple[int, ...] | None  # None when the node is not a single tensor
+    dtype: str | None  # e.g. "bfloat16"
+    module_path: str  # innermost module that ran the node, "" at model level
+    inputs: tuple[str, ...]  # names of the nodes it reads
+
+
+@dataclass(frozen=True, kw_only=True)
+class TracedGraph:
+    """The exported forward graph of a shallow copy of `model`, extrapolated to `total_layers` layers."""
+
+    model: str
+    micro_batch: int
+    seq_len: int
+    attn_implementation: str
+    traced_layers: int
+    total_layers: int
+    layer_container: str  # e.g. "model.layers"
+    nodes: tuple[TracedNode, ...]
+
+    def node(self, name: str) -> TracedNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def layer_path(self, layer: int, suffix: str = "") -> str:
+        """Module path of `layer` (or of `suffix` inside it), e.g. layer_path(3, "mlp") -> "model.layers.3.mlp"."""
+        base = f"{self.layer_container}.{layer}"
+        return f"{base}.{suffix}" if suffix else base
+
+    def nodes_in(self, module_path: str) -> tuple[TracedNode, ...]:
+        """Nodes run by `module_path` or its submodules, in graph order (traced layers only)."""
+        prefix = module_path + "."
+        return tuple(n for n in self.nodes if n.module_path == module_path or n.module_path.startswith(prefix))
+
+    def users(self, name: str) -> tuple[TracedNode, ...]:
+        return tuple(n for n in self.nodes if name in n.inputs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedTensor:
+    """One storage autograd keeps for the backward (first tensor seen on it)."""
+
+    owner: str  # "layer" or "outside"
+    layer: int  # layer index for owner == "layer", else -1
+    nbytes: int  # bytes of the whole storage
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedTrace:
+    """Tensors saved for backward by one training forward of a shallow copy with `traced_layers` layers."""
+
+    model: str
+    micro_batch: int
+    seq_len: int
+    attn_implementation: str  # as requested; BLOOM always runs its own (eager) attention
+    traced_layers: int
+    checkpointing: bool  # every layer checkpointed (full recompute): a layer keeps only its inputs
+    tensors: tuple[SavedTensor, ...]
+
+    def layer_bytes(self, layer: int) -> int:
+        return sum(t.nbytes for t in self.tensors if t.owner == "layer" and t.layer == layer)
+
+    def outside_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors if t.owner == "outside")
+
+
+def _spec_key(spec: ModelSpec) -> str:
+    return json.dumps([spec.name, spec.dtype, spec.hf_config], sort_keys=True, default=str)
+
+
+def _inputs(spec: ModelSpec, micro_batch: int, seq_len: int, device: str) -> dict[str, Any]:
+    import torch
+
+    ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
+    return {"input_ids": ids} if spec.is_encoder else {"input_ids": ids, "use_cache": False}
+
+
+def _check_sizes(spec: ModelSpec, micro_batch: int, seq_len: int) -> None:
+    from gkd.errors import InputError
+
+    if micro_batch < 1 or seq_len < 1:
+        raise InputError(f"micro-batch and sequence length must be positive, got {micro_batch} and {seq_len}")
+    if spec.model_type in ("gpt2", "bert", "opt") and seq_len > spec.max_positions:
+        raise InputError(
+            f"sequence length {seq_len} exceeds {spec.name}'s {spec.max_positions} learned positions; "
+            f"use --seq-len {spec.max_positions} or less"
+        )
+
+
+_GRAPHS: dict[tuple[Any, ...], TracedGraph] = {}
+
+
+def trace_graph(spec: ModelSpec, *, micro_batch: int, seq_len: int, attn_implementation: str = "eager",
+                traced_layers: int = 1) -> TracedGraph:
+    """Export the training forward of a `traced_layers`-layer copy of `spec` on meta tensors."""
+    import torch
+
+    _check_sizes(spec, micro_batch, seq_len)
+    key = (_spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers)
+    if key in _GRAPHS:
+        return _GRAPHS[key]
+    model = build_model(spec, device="meta", num_layers=traced_layers, attn_implementation=attn_implementation)
+    model.train()
+    exported = torch.export.export(model, (), _inputs(spec, micro_batch, seq_len, "meta"), strict=False)
+    nodes = tuple(_plain_node(n) for n in exported.graph_module.graph.nodes)
+    graph = TracedGraph(model=spec.name, micro_batch=micro_batch, seq_len=seq_len,
+                        attn_implementation=attn_implementation, traced_layers=traced_layers,
+                        total_layers=spec.layers, layer_container=LAYER_CONTAINERS[spec.model_type], nodes=nodes)
+    _GRAPHS[key] = graph
+    return graph
+
+
+def _plain_node(node: Any) -> TracedNode:
+    import torch
+
+    val = node.meta.get("val")
+    shape = tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+    dtype = str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else None
+    stack = node.meta.get("nn_module_stack") or {}
+    # nn_module_stack maps a key to (path, type), outermost first; paths may carry a "L['self']." style prefix
+    # in some torch versions, which we strip.
+    path = str(list(stack.values())[-1][0]) if stack else ""
+    path = path.removeprefix("L['self'].").removeprefix("L__self__.")
+    inputs = tuple(a.name for a in node.all_input_nodes)
+    target = "" if node.op in ("placeholder", "output") else str(node.target)
+    return TracedNode(name=node.name, op=node.op, target=target, shape=shape, dtype=dtype, module_path=path,
+                      inputs=inputs)
+
+
+@contextlib.contextmanager
+def _as_eager_run() -> Iterator[None]:
+    """Make transformers' mask builder behave as in a real run under FakeTensorMode (see module docstring)."""
+    import transformers.masking_utils as masking
+
+    original = masking.find_packed_sequence_indices
+    masking.find_packed_sequence_indices = lambda position_ids: None  # inputs are never packed
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
+def _layers(model: Any, container: str) -> Any:
+    module = model
+    for part in container.split("."):
+        module = getattr(module, part)
+    return module
+
+
+_SAVED: dict[tuple[Any, ...], SavedTrace] = {}
+
+
+def trace_saved(spec: ModelSpec, *, micro_batch: int, seq_len: int, attn_implementation: str,
+                traced_layers: int = 2, checkpointing: bool = False) -> SavedTrace:
+    """Record the storages a training forward saves for backward (fake tensors; see module docstring).
+
+    checkpointing: run every layer under `torch.utils.checkpoint` (non-reentrant), as full recompute does; a
+    layer then saves only its inputs, and its internals are recomputed in the backward.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _check_sizes(spec, micro_batch, seq_len)
+    key = (_spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers, checkpointing)
+    if key in _SAVED:
+        return _SAVED[key]
+    mode = FakeTensorMode()
+    with mode:
+        model = build_model(spec, device="cpu", num_layers=traced_layers, attn_implementation=attn_implementation)
+        inputs = _inputs(spec, micro_batch, seq_len, "cpu")
+    model.train()
+    layers = _layers(model, LAYER_CONTAINERS[spec.model_type])
+    if checkpointing:
+        for layer in layers:
+            _checkpoint_forward(layer)
+    tensors = record_saved_tensors(model, layers, inputs, context=[mode, _as_eager_run()])
+    saved = SavedTrace(model=spec.name, micro_batch=micro_batch, seq_len=seq_len,
+                       attn_implementation=attn_implementation, traced_layers=traced_layers,
+                       checkpointing=checkpointing, tensors=tensors)
+    _SAVED[key] = saved
+    return saved
+
+
+def _checkpoint_forward(layer: Any) -> None:
+    """Run `layer.forward` under non-reentrant activation checkpointing (an instance attribute, so the module's
+    hooks still run around it and attribute what the checkpoint saves to this layer)."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = layer.forward
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = checkpointed
+
+
+def record_saved_tensors(model: Any, layers: Any, inputs: dict[str, Any],
+                         context: list[Any] | None = None) -> tuple[SavedTensor, ...]:
+    """Run `model(**inputs)` and return the storages autograd saved, deduplicated, parameters excluded, each
+    attributed to the layer (an element of `layers`) that first saved it or to "outside".
+
+    A layer's non-hidden tensor arguments (RoPE cos/sin, masks, ...) are made once and shared by all layers, so
+    they are attributed to "outside" even when a layer saves them first.
+    """
+    import torch
+
+    def storage_key(t: torch.Tensor) -> int:
+        return t.untyped_storage()._cdata
+
+    params = {storage_key(p) for p in model.parameters()} | {storage_key(b) for b in model.buffers()}
+    current = [-1]
+    records: dict[int, SavedTensor] = {}
+
+    shared_seen: set[int] = set()
+
+    def pre_hook(index: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            current[0] = index
+            # args[0] is the hidden state (per layer); everything else is shared across layers.
+            others = list(args[1:]) + list(kwargs.values())
+            for value in others:
+                for t in _tensors(value):
+                    shared_seen.add(storage_key(t))
+
+        return hook
+
+    def post_hook(module: Any, args: Any, output: Any) -> None:
+        current[0] = -1
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        k = storage_key(t)
+        if k not in params and k not in records:
+            layer = -1 if k in shared_seen else current[0]
+            records[k] = SavedTensor(owner="layer" if layer >= 0 else "outside", layer=layer,
+                                     nbytes=int(t.untyped_storage().nbytes()), shape=tuple(t.shape),
+                                     dtype=str(t.dtype).removeprefix("torch."))
+        return t
+
+    handles = []
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post_hook))
+    try:
+        with contextlib.ExitStack() as stack:
+            for ctx in context or []:
+                stack.enter_context(ctx)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(records.values())
+
+
+def _tensors(value: Any) -> list[Any]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []

@@ -1,0 +1,357 @@
+"""Runtime tap capture: `capture_taps(model, names)` fills a dict with the requested tensors during a forward.
+
+Usage:
+    with capture_taps(student, {"hidden[1]", "scores[0]", "logits"}) as taps:
+        out = student(input_ids, attention_mask=mask)
+    taps["scores[0]"]  # (B, heads, T, T)
+
+Where each tensor comes from (tap names are the shared catalogue, layer indices 0-based):
+- `emb` / `hidden[0]`: the input of layer 0 (a forward pre-hook on it); `hidden[i]` (i >= 1): the output of
+  layer i-1 (forward hook); `mlp_out[i]`: the output of layer i's MLP block before the residual add (llama /
+  qwen2 / mistral / gpt2 `mlp`, OPT `fc2` (reshaped back to (B, T, hidden)), BERT `output.dense`; BLOOM's
+  `mlp` adds the residual inside, so there it includes it); `final`: the final norm's output, or
+  `hidden[L]` for models without one (BERT); `logits`: the model output's `.logits`.
+- `q`, `k`, `v`, `scores`, `probs`, `context`: from a registered attention function
+  (transformers `AttentionInterface`) that the model is switched to for the duration of the context. q is
+  (B, heads, T, d) and k / v are (B, kv_heads, T, d) exactly as the attention function receives them (after
+  RoPE; OPT passes its query already multiplied by 1/sqrt(d) and scaling 1). When scores or probs are
+  requested
+  for a layer, that layer's attention is computed explicitly (eager: QK^T * scaling + mask, softmax in
+  float32,
+  @ V) so the matrices exist; otherwise the original implementation (sdpa or eager) runs. `context` is the
+  attention output before the out-projection, reshaped to (B, T, heads * d).
+
+Design choices:
+- Tensors are stored as produced, never detached or copied: student taps carry gradients. Running the teacher
+  under `torch.no_grad()` is the caller's job.
+- Two registered names, `gkd_capture_sdpa` and `gkd_capture_eager`, each paired with the matching mask
+function
+  (`AttentionMaskInterface`), so the model builds the mask its original implementation expects.
+- BLOOM does not route attention through `AttentionInterface` (ALiBi + baddbmm in its own code), so its
+  attention taps are refused with an InputError; hidden / mlp_out / final / logits work for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gkd.errors import InputError
+
+_NAME = re.compile(r"^(emb|final|logits)$|^(hidden|q|k|v|scores|probs|context|mlp_out)\[(\d+)\]$")
+_ATTN_KINDS = frozenset({"q", "k", "v", "scores", "probs", "context"})
+_LAYER_PATHS = (
+    "model.layers",
+    "transformer.h",
+    "bert.encoder.layer",
+    "model.decoder.layers",
+    "encoder.layer",
+    "transformer.layers",
+    "transformer.encoder.layers",
+    "model.encoder.layer",
+)
+_FINAL_NORM_PATHS = (
+    "model.norm",
+    "transformer.ln_f",
+    "model.decoder.final_layer_norm",
+    "transformer.final_layernorm",
+    "transformer.encoder.final_layernorm",
+    "model.final_layernorm",
+)
+_MLP_PATHS = ("mlp", "fc2", "output.dense")
+
+# id(attention module) -> (state, layer index, original implementation name) while a capture is active.
+_ACTIVE: dict[int, tuple[_State, int, str]] = {}
+_REGISTERED = False
+
+
+def parse_tap(name: str) -> tuple[str, int | None]:
+    """("hidden", 3) for "hidden[3]", ("logits", None) for "logits"; InputError for anything else."""
+    m = _NAME.match(name)
+    if m is None:
+        raise InputError(
+            f"unknown tap {name!r}; taps are emb, final, logits, or "
+            "hidden/q/k/v/scores/probs/context/mlp_out[i]"
+        )
+    if m.group(1):
+        return m.group(1), None
+    return m.group(2), int(m.group(3))
+
+
+@dataclass
+class _State:
+    taps: dict[str, Tensor]
+    wanted: dict[int, set[str]]  # layer -> attention kinds wanted there
+
+
+def _get_path(model: nn.Module, path: str) -> Any:
+    obj: Any = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    for path in _LAYER_PATHS:
+        found = _get_path(model, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found
+    raise InputError(
+        f"cannot find the transformer layers of {type(model).__name__}; tap capture supports "
+        "llama, qwen2, mistral, gpt2, opt, bloom and bert layouts"
+    )
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    for path in _FINAL_NORM_PATHS:
+        found = _get_path(model, path)
+        if isinstance(found, nn.Module):
+            return found
+    return None
+
+
+def _mlp(layer: nn.Module) -> nn.Module:
+    for path in _MLP_PATHS:
+        found = _get_path(layer, path)
+        if isinstance(found, nn.Module):
+            return found
+    raise InputError(f"cannot find the MLP block of {type(layer).__name__} for an mlp_out tap")
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def _repeat_kv(x: Tensor, heads: int) -> Tensor:
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _explicit_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    scaling: float | None,
+    dropout: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eager attention with the scores and probabilities kept: (output (B, T, H, d), scores, probs)."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    heads = query.shape[1]
+    k = _repeat_kv(key, heads)
+    v = _repeat_kv(value, heads)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+    neg = torch.finfo(scores.dtype).min
+    if mask is None:
+        if getattr(module, "is_causal", False) and query.shape[2] > 1:
+            t_q, t_k = query.shape[2], k.shape[2]
+            causal = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
+            scores = scores.masked_fill(~causal, neg)
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., : k.shape[2]], neg)
+    else:
+        scores = scores + mask[..., : k.shape[2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(dropped, v).transpose(1, 2).contiguous()
+    return out, scores, probs
+
+
+def _make_attention(inner_name: str) -> Any:
+    def attention(
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Any]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        entry = _ACTIVE.get(id(module))
+        wanted = entry[0].wanted.get(entry[1], set()) if entry else set()
+        if entry is not None:
+            taps, layer = entry[0].taps, entry[1]
+            for kind, tensor in (("q", query), ("k", key), ("v", value)):
+                if kind in wanted:
+                    taps[f"{kind}[{layer}]"] = tensor
+        if inner_name == "eager" or wanted & {"scores", "probs"}:
+            out, scores, probs = _explicit_attention(
+                module, query, key, value, attention_mask, scaling, dropout
+            )
+            weights: Any = probs
+            if entry is not None:
+                if "scores" in wanted:
+                    entry[0].taps[f"scores[{entry[1]}]"] = scores
+                if "probs" in wanted:
+                    entry[0].taps[f"probs[{entry[1]}]"] = probs
+        else:
+            out, weights = ALL_ATTENTION_FUNCTIONS[inner_name](
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        if entry is not None and "context" in wanted:
+            entry[0].taps[f"context[{entry[1]}]"] = out.reshape(*out.shape[:2], -1)
+        return out, weights
+
+    return attention
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for inner in ("sdpa", "eager"):
+        AttentionInterface.register(f"gkd_capture_{inner}", _make_attention(inner))
+        AttentionMaskInterface.register(f"gkd_capture_{inner}", ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    _REGISTERED = True
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every distinct config object of the model's modules (sub-models may hold their own copy)."""
+    seen: dict[int, Any] = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
+@contextmanager
+def capture_taps(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, Tensor]]:
+    """Capture the named taps during forwards run inside the context. See the module docstring."""
+    requested = [parse_tap(n) for n in sorted(set(names))]
+    taps: dict[str, Tensor] = {}
+    layers = _layers(model)
+    n_layers = len(layers)
+    wanted: dict[int, set[str]] = {}
+    handles: list[Any] = []
+    want_hidden: set[int] = set()
+    want_mlp: set[int] = set()
+    want_emb = want_final = want_logits = False
+    for kind, idx in requested:
+        if idx is not None:
+            limit = n_layers if kind == "hidden" else n_layers - 1
+            if idx > limit:
+                raise InputError(
+                    f"tap {kind}[{idx}] is out of range: the model has {n_layers} layers "
+                    f"({kind} indices 0..{limit})"
+                )
+        if kind in _ATTN_KINDS:
+            wanted.setdefault(idx, set()).add(kind)  # type: ignore[arg-type]
+        elif kind == "hidden":
+            want_hidden.add(idx)  # type: ignore[arg-type]
+        elif kind == "mlp_out":
+            want_mlp.add(idx)  # type: ignore[arg-type]
+        elif kind == "emb":
+            want_emb = True
+        elif kind == "final":
+            want_final = True
+        else:
+            want_logits = True
+
+    final_norm = _final_norm(model) if want_final else None
+
+    if want_emb or 0 in want_hidden:
+
+        def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            if want_emb:
+                taps["emb"] = x
+            if 0 in want_hidden:
+                taps["hidden[0]"] = x
+
+        handles.append(layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    out_layers = {i - 1 for i in want_hidden if i >= 1}
+    if want_final and final_norm is None:
+        out_layers.add(n_layers - 1)
+    for i in sorted(out_layers):
+
+        def post_hook(_m: nn.Module, _args: Any, output: Any, i: int = i) -> None:
+            x = _first(output)
+            if i + 1 in want_hidden:
+                taps[f"hidden[{i + 1}]"] = x
+            if want_final and final_norm is None and i == n_layers - 1:
+                taps["final"] = x
+
+        handles.append(layers[i].register_forward_hook(post_hook))
+
+    if final_norm is not None:
+
+        def final_hook(_m: nn.Module, _args: Any, output: Any) -> None:
+            taps["final"] = _first(output)
+
+        handles.append(final_norm.register_forward_hook(final_hook))
+
+    layer_shape: dict[int, torch.Size] = {}
+    for i in sorted(want_mlp):
+        # OPT runs its MLP on flattened tokens: restore (B, T, hidden) from the layer input's shape.
+        def shape_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i) -> None:
+            layer_shape[i] = (args[0] if args else kwargs["hidden_states"]).shape
+
+        def mlp_hook(_m: nn.Module, _args: Any, output: Any, i: int = i) -> None:
+            x = _first(output)
+            taps[f"mlp_out[{i}]"] = x.view(layer_shape[i]) if x.dim() == 2 else x
+
+        handles.append(layers[i].register_forward_pre_hook(shape_hook, with_kwargs=True))
+        handles.append(_mlp(layers[i]).register_forward_hook(mlp_hook))
+
+    if want_logits:
+
+        def logits_hook(_m: nn.Module, _args: Any, output: Any) -> None:
+            logits = getattr(output, "logits", None)
+            taps["logits"] = logits if logits is not None else _first(output)
+
+        handles.append(model.register_forward_hook(logits_hook))
+
+    configs: list[tuple[Any, str]] = []
+    if wanted:
+        if type(model).__name__.startswith("Bloom"):
+            raise InputError(
+                "BLOOM computes attention outside transformers' AttentionInterface; its q/k/v/scores/"
+                "probs/context taps are not supported (hidden, mlp_out, final and logits are)"
+            )
+        _register()
+        for cfg in _configs(model):
+            current = cfg._attn_implementation or "eager"
+            inner = current.removeprefix("gkd_capture_")
+            if inner not in ("sdpa", "eager"):
+                raise InputError(
+                    f"attention taps need the sdpa or eager attention implementation, not {current!r}"
+                )
+            configs.append((cfg, current))
+            cfg._attn_implementation = f"gkd_capture_{inner}"
+        state = _State(taps=taps, wanted=wanted)
+        for i, layer in enumerate(layers):
+            for sub in layer.modules():
+                if id(sub) in _ACTIVE:
+                    raise RuntimeError(
+                        "capture_taps is already active on this model; nesting is not supported"
+                    )
+                _ACTIVE[id(sub)] = (state, i, "")
+    try:
+        yield taps
+    finally:
+        for h in handles:
+            h.remove()
+        for cfg, current in configs:
+            cfg._attn_implementation = current
+        if wanted:
+            for layer in layers:
+                for sub in layer.modules():
+                    _ACTIVE.pop(id(sub), None)

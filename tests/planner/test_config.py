@@ -1,0 +1,143 @@
+"""The config: sizes, loading YAML/JSON, flags over files, validation with messages that say how to fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gkd.config import (
+    Config,
+    HardwareConfig,
+    MethodConfig,
+    Overrides,
+    TrainingConfig,
+    apply_flags,
+    default_config,
+    load_config,
+    parse_bytes,
+)
+from gkd.errors import InputError
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [("40GiB", 40 * GiB), ("40GB", 40 * 10**9), ("40G", 40 * 10**9), ("512MiB", 512 << 20), ("1TiB", 1 << 40),
+     (40, 40 * GiB), ("40", 40 * GiB), (2**31, 2**31), ("0.5GiB", GiB // 2), ("1e3", 1000 * GiB)],
+)
+def test_parse_bytes(value, expected):
+    assert parse_bytes(value, "x") == expected
+
+
+@pytest.mark.parametrize("value", ["forty", "40XB", -1, True, None, "-3GiB"])
+def test_parse_bytes_rejects(value):
+    with pytest.raises(InputError):
+        parse_bytes(value, "--gpu-memory")
+
+
+def test_defaults_are_the_headline_machine():
+    c = Config()
+    assert c.hardware.gpus == 8 and c.hardware.gpu_memory_bytes == 40 * GiB
+    assert c.training.seq_len == 512
+    assert [m.name for m in c.methods] == ["kd", "minilmv2"]
+
+
+def test_default_config_file_is_the_headline_job():
+    c = default_config()
+    assert c.teachers == ("glm-130b",)
+    assert [m.name for m in c.methods] == ["kd", "minilmv2"]
+    assert c.training.seq_len == 512 and c.hardware.gpus == 8
+
+
+def test_load_yaml_and_json_agree(tmp_path):
+    data = {
+        "teacher": "tiny-llama-teacher", "student": "tiny-llama-student",
+        "methods": [{"name": "kd", "weight": 0.5, "options": {"temperature": 2.0}}],
+        "hardware": {"gpus": 4, "gpu_memory": "24GiB", "host_memory": "256GiB"},
+        "training": {"seq_len": 128, "global_batch": 16, "micro_batch": [1, 2]},
+        "overrides": {"student_zero_stage": 2, "recompute_layers": [0]},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    a, b = load_config(tmp_path / "c.json"), load_config(tmp_path / "c.yaml")
+    assert a.to_dict() == b.to_dict()
+    assert a.hardware.gpu_memory_bytes == 24 * GiB
+    assert a.training.micro_batch == (1, 2)
+    assert a.overrides.recompute_layers == (0,)
+    assert a.methods[0] == MethodConfig(name="kd", weight=0.5, options={"temperature": 2.0})
+    assert Config.from_dict(a.to_dict()).to_dict() == a.to_dict()
+
+
+def test_flags_override_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("teacher: a\nstudent: b\nmethods: [kd]\ntraining: {seq_len: 256}\n")
+    c = apply_flags(load_config(tmp_path / "c.yaml"), teacher="t1,t2", seq_len=1024, gpus=16, gpu_memory="80GiB",
+                    micro_batch="auto", methods="kd,minilmv2", host_memory="2TiB", global_batch=32)
+    assert c.teachers == ("t1", "t2")
+    assert c.training.seq_len == 1024 and c.training.micro_batch == () and c.training.global_batch == 32
+    assert c.hardware.gpus == 16 and c.hardware.gpu_memory_bytes == 80 * GiB and c.hardware.nodes == 2
+    assert [m.name for m in c.methods] == ["kd", "minilmv2"]
+
+
+@pytest.mark.parametrize(
+    "data,fragment",
+    [
+        ({"teacherz": "x"}, "unknown keys"),
+        ({"hardware": {"gpus": 0}}, "hardware.gpus"),
+        ({"hardware": {"gpu_memory": "lots"}}, "size"),
+        ({"hardware": {"flops_efficiency": 2}}, "fraction"),
+        ({"hardware": {"gpus": 12}}, "multiple of gpus_per_node"),
+        ({"training": {"seq_len": -1}}, "training.seq_len"),
+        ({"training": {"global_batch": 60}}, "divisible"),
+        ({"training": {"dtype": "float8"}}, "training.dtype"),
+        ({"training": {"optimizer": "lion"}}, "training.optimizer"),
+        ({"training": {"micro_batch": "many"}}, "micro_batch"),
+        ({"methods": []}, "no methods"),
+        ({"methods": [{"weight": 1}]}, "name"),
+        ({"methods": [{"name": "kd", "wieght": 1}]}, "unknown keys"),
+        ({"overrides": {"student_zero_stage": 4}}, "0, 1, 2 or 3"),
+        ({"overrides": {"teacher_placement": "gpu"}}, "teacher_placement"),
+        ({"overrides": {"student_offload": "optimizer+parameters", "student_zero_stage": 2}}, "ZeRO stage 3"),
+        ({"overrides": {"tensor_parallel": 3}}, "divide"),
+        ({"deepspeed": {"reduce_bucket_size": 0}}, "reduce_bucket_size"),
+        ("just a string", "mapping"),
+    ],
+)
+def test_bad_input_is_one_line_input_error(data, fragment):
+    with pytest.raises(InputError) as err:
+        Config.from_dict(data)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("teacher: [unclosed\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_config(tmp_path / "bad.json")
+
+
+def test_sections_validate_directly():
+    with pytest.raises(InputError):
+        HardwareConfig(gpu_memory_bytes=0)
+    with pytest.raises(InputError):
+        TrainingConfig(steps=0)
+    with pytest.raises(InputError):
+        Overrides(student_offload="optimizer", student_zero_stage=0)
+    with pytest.raises(InputError):
+        MethodConfig(name="")
+
+
+def test_model_paths_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "student.json").write_text("{}")
+    (tmp_path / "c.yaml").write_text("teacher: glm-130b\nstudent: student.json\n")
+    c = load_config(tmp_path / "c.yaml")
+    assert c.model_path(c.student) == str(tmp_path / "student.json")
+    assert c.model_path("glm-130b") == "glm-130b"

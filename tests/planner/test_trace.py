@@ -1,0 +1,73 @@
+"""The traced graph and saved-tensor trace as plain data: module paths, shapes, layer extrapolation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from gkd.errors import InputError
+from gkd.models import resolve_model
+from gkd.planner.trace import LAYER_CONTAINERS, trace_graph, trace_saved
+
+
+def test_graph_is_plain_data_with_module_paths_and_shapes() -> None:
+    spec = resolve_model("tiny-llama-teacher")
+    graph = trace_graph(spec, micro_batch=2, seq_len=12)
+    assert graph.traced_layers == 1 and graph.total_layers == 4
+    json.dumps(asdict(graph))  # no FX objects inside
+    names = {n.name for n in graph.nodes}
+    for node in graph.nodes:
+        assert set(node.inputs) <= names
+    q_proj = [n for n in graph.nodes if n.module_path == "model.layers.0.self_attn.q_proj"]
+    assert q_proj and q_proj[0].target == "aten.linear.default" and q_proj[0].shape == (2, 12, 64)
+    assert q_proj[0].dtype == "float32"
+    head = [n for n in graph.nodes if n.module_path == "lm_head"]
+    assert head[-1].shape == (2, 12, 256)
+    assert graph.layer_path(3, "mlp") == "model.layers.3.mlp"
+    assert graph.nodes_in("model.layers.0") and not graph.nodes_in("model.layers.1")
+
+
+def test_graph_cache_returns_same_object() -> None:
+    spec = resolve_model("tiny-gpt2-student")
+    assert trace_graph(spec, micro_batch=1, seq_len=8) is trace_graph(spec, micro_batch=1, seq_len=8)
+    assert trace_graph(spec, micro_batch=1, seq_len=8) is not trace_graph(spec, micro_batch=1, seq_len=9)
+
+
+def test_big_model_traces_on_meta_without_allocating() -> None:
+    spec = resolve_model("bloom-176b")
+    graph = trace_graph(spec, micro_batch=1, seq_len=16)
+    assert graph.layer_container == LAYER_CONTAINERS["bloom"] == "transformer.h"
+    softmax = [n for n in graph.nodes if "softmax" in n.target]
+    assert softmax and softmax[0].shape == (1, 112, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-teacher", "tiny-gpt2-teacher", "tiny-bert-teacher"])
+def test_saved_trace_layers_agree_and_scale(name: str) -> None:
+    spec = resolve_model(name)
+    small = trace_saved(spec, micro_batch=1, seq_len=16, attn_implementation="sdpa")
+    assert small.layer_bytes(0) == small.layer_bytes(1) > 0
+    assert small.outside_bytes() > 0
+    double = trace_saved(spec, micro_batch=2, seq_len=16, attn_implementation="sdpa")
+    assert double.layer_bytes(1) == 2 * small.layer_bytes(1)  # every saved activation has a batch dimension
+
+
+def test_eager_saved_bytes_grow_quadratically_in_sequence() -> None:
+    spec = resolve_model("tiny-llama-student")
+    sizes = [trace_saved(spec, micro_batch=1, seq_len=t, attn_implementation="eager").layer_bytes(1)
+             for t in (16, 32, 64)]
+    # second difference of a quadratic is constant and positive
+    assert sizes[2] - 2 * sizes[1] + sizes[0] > 0
+
+
+def test_checkpointed_layer_keeps_its_input_only() -> None:
+    spec = resolve_model("tiny-llama-teacher")
+    trace = trace_saved(spec, micro_batch=1, seq_len=16, attn_implementation="sdpa", checkpointing=True)
+    assert trace.checkpointing
+    assert trace.layer_bytes(1) == 16 * 64 * 4
+
+
+def test_sequence_longer_than_learned_positions_is_input_error() -> None:
+    with pytest.raises(InputError, match="learned positions"):
+        trace_graph(resolve_model("gpt2"), micro_batch=1, seq_len=4096)
