@@ -204,11 +204,16 @@ def main() -> None:
     )
     print(f"# {machine}, commit {_commit()}, {args.reps} timed runs per provider")
     inputs = make_inputs(case, device)
-    results: dict[str, tuple[int, float, float, float, float]] = {}
-    for name in wanted:
-        peak, loss = peak_bytes_above_inputs(providers[name], case, inputs)
-        times = timed_seconds(providers[name], case, inputs, args.reps)
-        results[name] = (peak, statistics.median(times), min(times), max(times), loss)
+    measured = {name: peak_bytes_above_inputs(providers[name], case, inputs) for name in wanted}
+    # Timed runs interleave the providers, so a change in machine load affects them alike.
+    times: dict[str, list[float]] = {name: [] for name in wanted}
+    for _ in range(args.reps):
+        for name in wanted:
+            times[name] += timed_seconds(providers[name], case, inputs, 1)
+    results = {
+        name: (measured[name][0], statistics.median(ts), min(ts), max(ts), measured[name][1])
+        for name, ts in times.items()
+    }
     base_peak, base_time = results["torch"][:2] if "torch" in results else (None, None)
     print(
         f"{'provider':<8} {'peak MiB above inputs':>22} {'median s':>10} {'min..max s':>15} {'loss':>12} "

@@ -1,4 +1,5 @@
-"""The distillation config: what to distil, with which methods, on which hardware, with which training settings.
+"""The distillation config: what to distil, with which methods, on which hardware, with which training
+settings.
 
 A config comes from a YAML or JSON file, from command-line flags, or both (flags override the file). Every
 section is a frozen keyword-only dataclass validated in `__post_init__`, so a bad value is rejected where it
@@ -12,8 +13,8 @@ Design choices:
 - Defaults describe the headline job and machine: GLM-130B -> GLM-10B with kd + minilmv2, sequence 512, on
   one node of 8 x A100-40GB with NVLink (a DGX A100: 1 TiB host memory, 15 TB NVMe).
 - `Overrides` pins any choice the search would otherwise make (ZeRO stage, offload, teacher placement,
-  micro-batch, recompute layers, where tap losses run, the logit-loss path); the search then only fills in what
-  is left free.
+  micro-batch, recompute layers, where tap losses run, the logit-loss path); the search then only fills in
+  what is left free.
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 _UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 1 << 10, "mib": MiB, "gib": GiB, "tib": 1 << 40,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": MiB,
+    "gib": GiB,
+    "tib": 1 << 40,
 }
 
 TEACHER_PLACEMENTS = ("replicated", "zero3", "zero3_offload", "tensor_parallel", "offline")
@@ -97,7 +105,9 @@ class MethodConfig:
             raise InputError("each method needs a name, e.g. methods: [{name: kd}] (see `gkd methods`)")
         _positive(self.weight, f"method {self.name!r} weight", allow_zero=True)
         if not isinstance(self.options, dict):
-            raise InputError(f"method {self.name!r} options must be a mapping, e.g. options: {{temperature: 2}}")
+            raise InputError(
+                f"method {self.name!r} options must be a mapping, e.g. options: {{temperature: 2}}"
+            )
 
     def to_entry(self) -> dict[str, Any]:
         return {"name": self.name, "weight": self.weight, "options": dict(self.options)}
@@ -121,10 +131,13 @@ class HardwareConfig:
     peak_flops: float = 312e12  # dense bf16 tensor-core FLOP/s per GPU
     flops_efficiency: float = 0.4  # fraction of peak that large matmuls reach in practice
     interconnect: str = "nvlink"
-    interconnect_bandwidth: float = 150e9  # bytes/s per GPU for ring collectives (NVLink3 bus bandwidth, A100)
+    interconnect_bandwidth: float = (
+        150e9  # bytes/s per GPU for ring collectives (NVLink3 bus bandwidth, A100)
+    )
     host_link_bandwidth: float = 20e9  # bytes/s per GPU, pinned host <-> GPU (PCIe 4 x16, effective)
     disk_bandwidth: float = 5e9  # bytes/s per node (NVMe RAID read)
     cpu_adam_params_per_s: float = 1e9  # parameters per second one rank's CPU Adam updates
+    collective_latency_s: float = 30e-6  # fixed cost of one collective call (NCCL launch and sync)
     cuda_context_bytes: int = 1 * GiB
     fragmentation: float = 0.05
 
@@ -140,12 +153,20 @@ class HardwareConfig:
             _int(getattr(self, name), f"hardware.{name}", minimum=0)
         if self.gpu_memory_bytes == 0:
             raise InputError("hardware.gpu_memory must be > 0, e.g. --gpu-memory 40GiB")
-        for name in ("peak_flops", "interconnect_bandwidth", "host_link_bandwidth", "disk_bandwidth",
-                     "cpu_adam_params_per_s"):
+        for name in (
+            "peak_flops",
+            "interconnect_bandwidth",
+            "host_link_bandwidth",
+            "disk_bandwidth",
+            "cpu_adam_params_per_s",
+            "collective_latency_s",
+        ):
             _positive(getattr(self, name), f"hardware.{name}")
         _positive(self.flops_efficiency, "hardware.flops_efficiency")
         if self.flops_efficiency > 1:
-            raise InputError(f"hardware.flops_efficiency is a fraction of peak (0-1], got {self.flops_efficiency}")
+            raise InputError(
+                f"hardware.flops_efficiency is a fraction of peak (0-1], got {self.flops_efficiency}"
+            )
         _positive(self.fragmentation, "hardware.fragmentation", allow_zero=True)
         if self.fragmentation >= 1:
             raise InputError(f"hardware.fragmentation is a fraction (0-1), got {self.fragmentation}")
@@ -162,7 +183,7 @@ class HardwareConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DeepSpeedSettings:
-    """DeepSpeed knobs that take GPU memory; defaults are DeepSpeed's own (deepspeed/runtime/zero/config.py)."""
+    """DeepSpeed knobs that take GPU memory; defaults are DeepSpeed's (deepspeed/runtime/zero/config.py)."""
 
     reduce_bucket_size: int = 500_000_000  # elements
     allgather_bucket_size: int = 500_000_000  # elements (ZeRO-1/2 parameter all-gather)
@@ -202,16 +223,21 @@ class TrainingConfig:
         for mb in self.micro_batch:
             _int(mb, "training.micro_batch")
         if self.dtype not in DTYPES:
-            raise InputError(f"training.dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+            raise InputError(
+                f"training.dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}"
+            )
         if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"training.optimizer {self.optimizer!r} is not supported; use {', '.join(OPTIMIZERS)}")
+            raise InputError(
+                f"training.optimizer {self.optimizer!r} is not supported; use {', '.join(OPTIMIZERS)}"
+            )
         _int(self.steps, "training.steps")
         _int(self.offline_topk, "training.offline_topk")
 
     def per_gpu_batch(self, gpus: int) -> int:
         if self.global_batch % gpus:
             raise InputError(
-                f"training.global_batch ({self.global_batch}) must be divisible by the number of GPUs ({gpus}); "
+                f"training.global_batch ({self.global_batch}) must be divisible by the number of GPUs "
+                f"({gpus}); "
                 f"try --global-batch {max(gpus, self.global_batch - self.global_batch % gpus)}"
             )
         return self.global_batch // gpus
@@ -232,7 +258,9 @@ class Overrides:
 
     def __post_init__(self) -> None:
         if self.student_zero_stage is not None and self.student_zero_stage not in (0, 1, 2, 3):
-            raise InputError(f"overrides.student_zero_stage must be 0, 1, 2 or 3, got {self.student_zero_stage!r}")
+            raise InputError(
+                f"overrides.student_zero_stage must be 0, 1, 2 or 3, got {self.student_zero_stage!r}"
+            )
         _choice(self.student_offload, STUDENT_OFFLOADS, "overrides.student_offload")
         _choice(self.teacher_placement, TEACHER_PLACEMENTS, "overrides.teacher_placement")
         _choice(self.tap_loss, TAP_LOSS_PLACES, "overrides.tap_loss")
@@ -245,9 +273,13 @@ class Overrides:
             for layer in self.recompute_layers:
                 _int(layer, "overrides.recompute_layers entry", minimum=0)
         if self.student_offload == "optimizer+parameters" and self.student_zero_stage not in (None, 3):
-            raise InputError("parameter offload needs ZeRO stage 3; set student_zero_stage: 3 or offload optimizer")
+            raise InputError(
+                "parameter offload needs ZeRO stage 3; set student_zero_stage: 3 or offload optimizer"
+            )
         if self.student_offload not in (None, "none") and self.student_zero_stage == 0:
-            raise InputError("offload needs ZeRO stage 1, 2 or 3; raise student_zero_stage or drop the offload")
+            raise InputError(
+                "offload needs ZeRO stage 1, 2 or 3; raise student_zero_stage or drop the offload"
+            )
 
 
 def _choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
@@ -270,16 +302,21 @@ class Config:
 
     def __post_init__(self) -> None:
         if not self.teachers or not all(isinstance(t, str) and t for t in self.teachers):
-            raise InputError("teacher must be a preset name, a config.json or a checkpoint folder (--teacher)")
+            raise InputError(
+                "teacher must be a preset name, a config.json or a checkpoint folder (--teacher)"
+            )
         if not isinstance(self.student, str) or not self.student:
-            raise InputError("student must be a preset name, a config.json or a checkpoint folder (--student)")
+            raise InputError(
+                "student must be a preset name, a config.json or a checkpoint folder (--student)"
+            )
         if not self.methods:
             raise InputError("no methods given; add at least one, e.g. methods: [{name: kd}] or --methods kd")
         self.training.per_gpu_batch(self.hardware.gpus)
         tp = self.overrides.tensor_parallel
         if tp is not None and self.hardware.local_gpus % tp:
             raise InputError(
-                f"overrides.tensor_parallel ({tp}) must divide the GPUs of a node ({self.hardware.local_gpus})"
+                f"overrides.tensor_parallel ({tp}) must divide the GPUs of a node "
+                f"({self.hardware.local_gpus})"
             )
 
     def model_path(self, ref: str) -> str:
@@ -313,7 +350,9 @@ class Config:
 
 
 _HARDWARE_SIZES = {
-    "gpu_memory": "gpu_memory_bytes", "host_memory": "host_memory_bytes", "disk": "disk_bytes",
+    "gpu_memory": "gpu_memory_bytes",
+    "host_memory": "host_memory_bytes",
+    "disk": "disk_bytes",
     "cuda_context": "cuda_context_bytes",
 }
 
@@ -365,13 +404,19 @@ def _methods(value: Any) -> tuple[MethodConfig, ...]:
         elif isinstance(entry, Mapping):
             unknown = set(entry) - {"name", "weight", "options"}
             if unknown:
-                raise InputError(f"method entry has unknown keys {sorted(unknown)}; use name, weight and options")
+                raise InputError(
+                    f"method entry has unknown keys {sorted(unknown)}; use name, weight and options"
+                )
             if "name" not in entry:
                 raise InputError(f"method entry {dict(entry)!r} needs a name, e.g. {{name: kd, weight: 1.0}}")
             options = entry.get("options") or {}
             if not isinstance(options, Mapping):
-                raise InputError(f"method {entry['name']!r} options must be a mapping, e.g. options: {{temperature: 2}}")
-            out.append(MethodConfig(name=entry["name"], weight=entry.get("weight", 1.0), options=dict(options)))
+                raise InputError(
+                    f"method {entry['name']!r} options must be a mapping, e.g. options: {{temperature: 2}}"
+                )
+            out.append(
+                MethodConfig(name=entry["name"], weight=entry.get("weight", 1.0), options=dict(options))
+            )
         else:
             raise InputError(f"method entry {entry!r} must be a name or a mapping with name/weight/options")
     return tuple(out)
@@ -383,7 +428,9 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
     allowed = {"teacher", "teachers", "student", "methods", "hardware", "training", "deepspeed", "overrides"}
     unknown = set(data) - allowed
     if unknown:
-        raise InputError(f"config has unknown keys {sorted(unknown)}; known keys: {', '.join(sorted(allowed))}")
+        raise InputError(
+            f"config has unknown keys {sorted(unknown)}; known keys: {', '.join(sorted(allowed))}"
+        )
     kwargs: dict[str, Any] = {"base_dir": base_dir}
     teachers = data.get("teachers", data.get("teacher"))
     if teachers is not None:
@@ -433,8 +480,20 @@ def load_config(path: str | Path) -> Config:
     return _config_from_mapping(data or {}, base_dir=str(p.parent.resolve()))
 
 
+def _flag_int(value: Any, flag: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise InputError(f"{flag} must be a whole number, got {value!r}") from None
+
+
 def apply_flags(config: Config, **flags: Any) -> Config:
     """The config with command-line flags applied (None means the flag was not given)."""
+    for key, flag in (("gpus", "--gpus"), ("seq_len", "--seq-len"), ("global_batch", "--global-batch")):
+        if flags.get(key) is not None:
+            flags[key] = _flag_int(flags[key], flag)
     out = config
     if flags.get("teacher"):
         teachers = tuple(t.strip() for t in str(flags["teacher"]).split(",") if t.strip())
@@ -461,8 +520,14 @@ def apply_flags(config: Config, **flags: Any) -> Config:
     hardware = replace(out.hardware, **hw) if hw else out.hardware
     training = replace(out.training, **tr) if tr else out.training
     return Config(
-        teachers=out.teachers, student=out.student, methods=out.methods, hardware=hardware, training=training,
-        deepspeed=out.deepspeed, overrides=out.overrides, base_dir=out.base_dir,
+        teachers=out.teachers,
+        student=out.student,
+        methods=out.methods,
+        hardware=hardware,
+        training=training,
+        deepspeed=out.deepspeed,
+        overrides=out.overrides,
+        base_dir=out.base_dir,
     )
 
 

@@ -32,7 +32,9 @@ def test_inspect_every_preset_json(name: str) -> None:
     assert data["model"]["layers"] == spec.layers and data["seq_len"] == SEQ
     per_layer = data["activations"]["per_layer_saved_bytes"]
     assert set(per_layer) == {"sdpa", "eager", "sdpa_full_recompute", "eager_full_recompute"}
-    assert per_layer["eager"] >= per_layer["sdpa"] > per_layer["sdpa_full_recompute"] > 0
+    # (at this short sequence the eager path may save less than sdpa: T x T probabilities < T x head_dim
+    # output)
+    assert min(per_layer["eager"], per_layer["sdpa"]) > per_layer["sdpa_full_recompute"] > 0
     total = data["activations"]["total_saved_bytes"]["sdpa"]
     assert total == spec.layers * per_layer["sdpa"] + data["activations"]["non_layer_saved_bytes"]["sdpa"]
     names = {t["name"] for t in data["taps"]}
@@ -68,15 +70,37 @@ def _bad_inputs(tmp_path: Path) -> list[list[str]]:
     unsupported = tmp_path / "t5.json"
     unsupported.write_text(json.dumps({"model_type": "t5", "d_model": 64}))
     heads = tmp_path / "heads.json"
-    heads.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-                                 "num_attention_heads": 5, "intermediate_size": 96, "vocab_size": 128}))
-    return [["llama-2-7"], [str(malformed)], [str(incomplete.parent)], [str(unsupported)], [str(heads)],
-            ["gpt2", "--seq-len", "5000"]]
+    heads.write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 5,
+                "intermediate_size": 96,
+                "vocab_size": 128,
+            }
+        )
+    )
+    return [
+        ["llama-2-7"],
+        [str(malformed)],
+        [str(incomplete.parent)],
+        [str(unsupported)],
+        [str(heads)],
+        ["gpt2", "--seq-len", "5000"],
+    ]
 
 
 def test_bad_input_exit_2_one_line_no_traceback(tmp_path: Path) -> None:
-    expected = ["did you mean llama-2-7b", "not valid JSON", "incomplete", "unsupported architecture 't5'",
-                "5 attention heads do not divide hidden size 64", "learned positions"]
+    expected = [
+        "did you mean llama-2-7b",
+        "not valid JSON",
+        "incomplete",
+        "unsupported architecture 't5'",
+        "5 attention heads do not divide hidden size 64",
+        "learned positions",
+    ]
     for args, needle in zip(_bad_inputs(tmp_path), expected, strict=True):
         code, out, err = invoke(*args)
         assert code == 2, (args, out, err)
@@ -86,8 +110,12 @@ def test_bad_input_exit_2_one_line_no_traceback(tmp_path: Path) -> None:
 
 
 def test_bad_input_subprocess(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "gkd.cli", "inspect", "no-such-model"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gkd.cli", "inspect", "no-such-model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "unknown model" in proc.stderr
     assert "Traceback" not in proc.stderr

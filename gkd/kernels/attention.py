@@ -28,10 +28,16 @@ teacher side never receives gradients. When s_a and s_b are the same tensor (val
 autograd sums the two returned gradients.
 
 Paths (``gkd.kernels._dispatch.backend``): the Triton path is a forward kernel (row LSEs and row losses)
-and two backward kernels (dA over query blocks, dB over key blocks, so no atomics). The torch path (CPU, or
-no Triton) runs the same blocked algorithm with full-width (B, H, rows, T) tiles: on a CPU a whole key row
-per tile is simpler and faster (large matmuls), and the tile budget bounds memory. Both accumulate in fp32
-and never synchronise with the host.
+and two backward kernels (dA over query blocks, dB over key blocks, so no atomics) that recompute the score
+tiles from the saved LSEs. fp32 inputs use 3xTF32 dots (fp32-level accuracy on tensor cores), bf16 inputs
+bf16 dots; all accumulation is fp32. The torch path (CPU, or no Triton) runs the same blocked algorithm with
+full-width (B, H, rows, T) tiles of at most 256 rows within a 32 MiB budget: on a CPU a whole key row per
+tile is simpler and faster (large matmuls, torch's fused log_softmax). It builds the student gradients
+during the forward pass, when they are needed (each tile is then computed once instead of twice), and the
+backward only scales them by the upstream gradient. Neither path synchronises with the host.
+
+Grouped-query attention: b (keys/values) may have fewer heads than a when they divide a's head count; b is
+then repeated per group (a copy of a's size) and autograd sums the group's gradients.
 """
 
 from __future__ import annotations
@@ -350,12 +356,19 @@ def _relation_bwd_db_kernel(
 
 
 def _triton_config(s_a: Tensor, t_a: Tensor) -> dict[str, object]:
-    """Block sizes and dot precision: 16-wide tiles under the interpreter (CPU tensors), 64 on a GPU."""
-    block = 16 if interpreting() else 64
+    """Block sizes, warps and dot precision: 16-wide tiles under the interpreter (CPU tensors), 32 or 64 on a
+    GPU."""
     wide = max(s_a.shape[-1], t_a.shape[-1]) > 64
+    # fp32 operands of head dim > 64 in 64-row tiles overflow shared memory (320 KiB asked on an H200 for
+    # d = 128): halve the tiles and the pipeline depth there.
+    fp32_wide = wide and s_a.dtype == torch.float32
+    block = 16 if interpreting() else (32 if fp32_wide else 64)
     return {
         "num_warps": 8 if wide else 4,
-        "PREC": "ieee" if s_a.dtype == torch.float32 else "tf32",
+        "num_stages": 2 if fp32_wide else 3,
+        # fp32 inputs: three TF32 tensor-core products per dot (fp32-level accuracy, unlike plain TF32, and
+        # far faster than the CUDA-core "ieee" path); the interpreter computes every dot in full precision.
+        "PREC": "ieee" if interpreting() else ("tf32x3" if s_a.dtype == torch.float32 else "tf32"),
         "UPCAST": interpreting(),
         "BLOCK_M": block,
         "BLOCK_N": block,
@@ -438,14 +451,15 @@ def _triton_backward(
 # Torch path: the same blocked algorithm, one (B, H, rows, T) tile at a time.
 
 _TILE_ELEMENTS = 1 << 23  # fp32 elements per score tile (32 MiB); at most three tiles are alive at once
+_MAX_TILE_ROWS = 256
 # Finite fill for excluded pairs: exp(_MASKED - lse) = 0 and _MASKED - _MASKED = 0 (with -inf: NaN).
 _MASKED = -1.0e30
 
 
 def _row_block(bsz: int, heads: int, t: int) -> int:
-    """Query rows per tile so that one (B, H, rows, T) fp32 tile stays within the tile budget; the rows are
-    spread evenly over the tiles (no small remainder tile, whose matmuls would run inefficiently)."""
-    rows = max(16, min(t, _TILE_ELEMENTS // max(1, bsz * heads * t)))
+    """Query rows per tile: within the tile budget, 16 to 256 rows (so a long sequence never has a full
+    (T, T) tile), spread evenly over the tiles (no small remainder tile, whose matmuls run inefficiently)."""
+    rows = max(16, min(t, _MAX_TILE_ROWS, _TILE_ELEMENTS // max(1, bsz * heads * t)))
     tiles = -(-t // rows)
     return -(-t // tiles)
 

@@ -22,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -122,15 +123,19 @@ class ResolvedMethods:
     varies_with_step: bool = False
     step: int = 0
     total_steps: int = 0
+    # A chained method (TAKD): the ordered link runs (`gkd.methods.assistant.ChainLink`: teacher, student and
+    # ResolvedMethods of each); the fields above are the first link's. Run the links one after another.
+    chain: tuple[Any, ...] = ()
 
     @property
     def num_extra_parameters(self) -> int:
         return sum(e.num_parameters for e in self.extras)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = asdict(replace(self, chain=()))
         out["teacher_taps"] = [sorted(t) for t in self.teacher_taps]
         out["student_taps"] = sorted(self.student_taps)
+        out["chain"] = [link.to_dict() for link in self.chain]
         return out
 
 
@@ -225,7 +230,29 @@ def _active_stage(spec: MethodSpec, options: dict[str, Any], step: int, total_st
     return spec.stages[-1]
 
 
+def stage_window(
+    spec: MethodSpec, options: dict[str, Any], step: int, total_steps: int
+) -> tuple[StageSpec | None, int, int]:
+    """The active stage and (step, total steps) counted within it.
+
+    Schedules and progressive layer rules run over the active stage, not the whole run (MobileBERT unlocks its
+    layers during its first stage only). A stage chosen with the `stage` option spans the whole run.
+    """
+    stage = _active_stage(spec, options, step, total_steps)
+    if stage is None or options.get("stage") is not None or total_steps <= 0:
+        return stage, step, total_steps
+    index = spec.stages.index(stage)
+    # Stage i covers the steps with start_i <= step / total < end_i (as _active_stage selects them).
+    start = math.ceil(sum(s.fraction for s in spec.stages[:index]) * total_steps - 1e-9)
+    end = total_steps if index == len(spec.stages) - 1 else math.ceil(
+        sum(s.fraction for s in spec.stages[: index + 1]) * total_steps - 1e-9
+    )
+    return stage, step - start, max(end - start, 1)
+
+
 def term_weight(spec_term: LossTermSpec, options: dict[str, Any]) -> float:
+    if spec_term.weight_option.startswith("1-"):
+        return 1.0 - float(options[spec_term.weight_option[2:]])
     if spec_term.weight_option:
         return float(options[spec_term.weight_option])
     return spec_term.weight
@@ -239,7 +266,7 @@ def _extra_copies(
     options: dict[str, Any],
 ) -> list[tuple[int, int]]:
     def shape(teacher: Any) -> tuple[int, int]:
-        kw = {"student": student, "teacher": teacher, "options": options}
+        kw = {"student": student, "teacher": teacher, "options": options, "teachers": len(teachers)}
         return dim_value(extra.in_dim, **kw), dim_value(extra.out_dim, **kw)
 
     if extra.per == "none":
@@ -277,6 +304,12 @@ def resolve(
         if name in seen:
             raise InputError(f"method {name!r} is listed twice; list it once and set its weight")
         seen.add(name)
+    if any(get(name).chain for name, _, _ in entries):
+        from gkd.methods.assistant import resolve_chain
+
+        return resolve_chain(  # type: ignore[no-any-return]
+            entries, teachers, student, step=step, total_steps=total_steps, fused_linear=fused_linear
+        )
 
     teacher_taps: list[set[str]] = [set() for _ in teachers]
     student_taps: set[str] = set()
@@ -294,11 +327,12 @@ def resolve(
         _check_teachers(spec, len(teachers))
         _check_constraints(spec, teachers, student)
         options = _check_options(spec, raw_options, len(teachers))
-        stage = _active_stage(spec, options, step, total_steps)
+        stage, stage_step, stage_total = stage_window(spec, options, step, total_steps)
         active = [
             t
             for t in spec.terms
-            if (stage is None or t.name in stage.terms)
+            if all(options.get(opt) == value for opt, value in t.when)
+            and (stage is None or t.name in stage.terms)
             and weight * term_weight(t, options) != 0
             and not (t.hard and options.get("hard_loss") == "none")
         ]
@@ -315,7 +349,8 @@ def resolve(
             rule = override or tap.layers
             varies = varies or rule.varies_with_step
             spec_pairs[tap.name] = tuple(
-                pairs(rule, student.layers, t.layers, step=step, total_steps=total_steps) for t in teachers
+                pairs(rule, student.layers, t.layers, step=stage_step, total_steps=stage_total)
+                for t in teachers
             )
 
         stage_teacher = stage is None or stage.teacher
@@ -403,8 +438,9 @@ def resolve(
     if any(h.needs_teacher_modules for h in hook_ops) and len(teachers) > 1:
         raise InputError("theseus module replacement takes exactly one teacher; remove the other teachers")
 
-    # A stored top-k teacher pass can replace the live teacher when the teachers are only asked for logits.
-    teacher_logits_only = all(t == {"logits"} for t in teacher_taps)
+    # A stored top-k teacher pass can replace the live teacher when the teachers are only asked for logits (or
+    # already for stored top-k entries, the `topk` kind, which never needs a live teacher forward).
+    teacher_logits_only = all(t and t <= {"logits", "topk"} for t in teacher_taps)
     logit_terms = [t for t in terms if any(x.endswith(":logits") for x in t.taps)]
     fused = fused_linear and bool(logit_terms) and all_decoders and all(t.fused_linear for t in logit_terms)
     if fused:
@@ -433,7 +469,7 @@ def resolve(
         needs_teacher_logits=teacher_needs_logits,
         fused_linear=fused,
         offline_ok=teacher_logits_only,
-        needs_teacher_forward=bool(all_teacher),
+        needs_teacher_forward=bool(all_teacher - {"topk"}),
         eager_attention=bool(kinds_used & {"scores", "probs"}),
         methods=tuple(resolved),
         hook_ops=tuple(hook_ops),
@@ -509,7 +545,8 @@ class DistillLoss(nn.Module):
             method = by_method[term.method]
             spec = get(term.method)
             spec_term = next(t for t in spec.terms if t.name == term.name)
-            factor = spec_term.schedule.at(step, total_steps, student_layers=self.student_layers)
+            _, stage_step, stage_total = stage_window(spec, method.options, step, total_steps)
+            factor = spec_term.schedule.at(stage_step, stage_total, student_layers=self.student_layers)
             if factor == 0.0:
                 continue
             fn = get_loss(term.fn)

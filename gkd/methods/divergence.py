@@ -8,12 +8,23 @@ logits never exist). Definitions are the kernel's: fkl = KL(p_t || p_s) (Hinton 
 fkl, 1 ~ rkl), skew_fkl / skew_rkl with mixing alpha (DistiLLM, Ko et al. 2024), tvd = 0.5 sum |p_t - p_s|.
 No T^2 factor is applied (these are used at T = 1 for LLMs; set `t2_scale` to multiply by T^2).
 An optional hard LM loss is added with `hard_rate` (default 0, so the fused path is available).
+
+topk_kl: forward KL against a teacher's stored top-k log-probs (offline distillation), the k entries plus one
+tail bucket holding the rest of the probability mass on both sides (`topk_kl_rows` gives the formula). Its
+teacher tap is the stored kind `topk` (a `TopK` of indices and log-probs), so resolve() reports offline_ok and
+no live teacher forward. On decoders the loss runs fused on the student's final hidden state and LM-head
+weight (`gkd.kernels.fused_linear_topk_kd_loss`); otherwise on materialised logits, same formula, in torch.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
+import torch
 from torch import Tensor
 
+from gkd.errors import InputError
 from gkd.methods.losses import LossContext, logits_mask, register_loss
 from gkd.methods.registry import register
 from gkd.methods.spec import LossTermSpec, MethodSpec, OptionSpec, TapSpec
@@ -117,3 +128,108 @@ def _register(name: str) -> None:
 
 for _name in _PAPERS:
     _register(_name)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# topk_kl: forward KL against stored top-k teacher log-probs (offline distillation)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class TopK(NamedTuple):
+    """A teacher's stored top-k per token: `indices` (..., k) int64 and `logprobs` (..., k), the teacher's
+    log-softmax at those indices, computed from logits already divided by the distillation temperature.
+
+    This is the value of the `topk` tap (a stored teacher output, `gkd.methods.spec.STORED_KINDS`): the
+    offline teacher pass writes it and the training step reads it instead of running the teacher."""
+
+    indices: Tensor
+    logprobs: Tensor
+
+
+def topk_targets(teacher_logits: Tensor, k: int, *, temperature: float = 1.0) -> TopK:
+    """What the offline teacher pass stores: the top-k of log_softmax(teacher_logits / T) per token."""
+    if not 1 <= k <= teacher_logits.shape[-1]:
+        vocab = teacher_logits.shape[-1]
+        raise InputError(f"top-k width {k} must be between 1 and the vocabulary size {vocab}")
+    logp = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    values, indices = logp.topk(k, dim=-1)
+    return TopK(indices=indices, logprobs=values)
+
+
+def topk_kl_rows(student_logits: Tensor, target: TopK, temperature: float) -> Tensor:
+    """Per-token loss on materialised logits, the same formula as `fused_linear_topk_kd_loss`:
+
+        L = sum_{i in K} p_i (log p_i - log q_i) + P (log P - log Q)      (0 log 0 = 0)
+
+    with q = softmax(s / T), p_i = exp(stored log-prob), P = max(1 - sum_K p, 0) the teacher's tail mass and
+    Q = sum_{j not in K} q_j the student's (its log from a log-sum-exp over the complement, so a tiny tail
+    stays accurate). The teacher side is constant (no gradient)."""
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_q = torch.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    idx = target.indices.to(log_q.device)
+    logq_k = log_q.gather(-1, idx)
+    log_tail_q = torch.logsumexp(log_q.scatter(-1, idx, -math.inf), dim=-1)
+    logp = target.logprobs.detach().to(log_q.device, acc)
+    p = logp.exp()
+    tail_p = (1.0 - p.sum(-1)).clamp(min=0.0)
+    zero = log_q.new_zeros(())
+    head = torch.where(p > 0, p * (logp - logq_k), zero).sum(-1)
+    has_tail = (tail_p > 0) & (log_tail_q > -math.inf)
+    safe_tail_p = torch.where(has_tail, tail_p, torch.ones_like(tail_p))
+    tail = torch.where(has_tail, tail_p * (torch.log(safe_tail_p) - log_tail_q), zero)
+    return head + tail
+
+
+@register_loss("topk_kl.div")
+def topk_kl_loss(ctx: LossContext) -> Tensor:
+    """Forward KL against the stored top-k with the tail bucket; fused on final hidden states + LM-head weight
+    when resolve() chose the fused path (decoders), else on the student's logits."""
+    target = ctx.t("topk")
+    if not isinstance(target, TopK):
+        raise InputError("the topk tap must hold the stored (indices, log-probs) of the offline teacher pass")
+    if "logits" in ctx.student:
+        rows = topk_kl_rows(ctx.s("logits"), target, ctx.temperature)
+        mask = logits_mask(ctx)
+        if mask is None:
+            return rows.mean()
+        m = mask.to(rows.dtype)
+        return (rows * m).sum() / m.sum().clamp(min=1.0)
+    from gkd.kernels import fused_linear_topk_kd_loss
+
+    final = ctx.student["final"]
+    return fused_linear_topk_kd_loss(
+        final,
+        ctx.heads["student"],
+        target.indices,
+        target.logprobs,
+        temperature=ctx.temperature,
+        mask=ctx.mask,
+    )
+
+
+TOPK_KL = register(
+    MethodSpec(
+        name="topk_kl",
+        title="Top-k forward KL against stored teacher log-probs",
+        paper="Sparse top-k logit distillation against offline teacher outputs (tail mass as one bucket)",
+        year=2024,
+        # The teacher side is stored (offline pass), never a live forward: resolve() reports offline_ok and
+        # needs_teacher_forward False for this method alone.
+        taps=(TapSpec(kind="logits", side="student"), TapSpec(kind="topk", side="teacher")),
+        terms=(
+            LossTermSpec(
+                name="div",
+                fn="topk_kl.div",
+                kernel="fused_linear_topk_kd_loss",
+                taps=("logits", "topk"),
+                temperature=1.0,
+                fused_linear=True,
+            ),
+            LossTermSpec(name="hard", fn="hard", taps=("logits",), weight_option="hard_rate", hard=True),
+        ),
+        constraints=("equal_vocab",),
+        options=(OptionSpec(name="hard_rate", default=0.0, doc="weight of an added hard LM loss, 0 = none"),),
+        description="KL(p_t || p_s) over the stored top-k entries plus one bucket for the rest of the "
+        "vocabulary; the teacher runs once, offline, and stores (indices, log-probs) per token.",
+    )
+)

@@ -65,7 +65,7 @@ def pairs(rule: LayerRule, ls: int, lt: int, *, step: int = 0, total_steps: int 
             raise InputError(f"random layer map needs {n} distinct teacher layers but only {len(pool)} exist")
         chosen = sorted(rng.sample(pool, n))
         out = list(zip(range(1, n + 1), chosen, strict=True))
-        if not rule.random_last:
+        if not rule.random_last and not rule.drop_last:
             out.append((ls, lt))
     elif rule.kind == "progressive":
         full = _uniform(ls, lt)
@@ -79,6 +79,8 @@ def pairs(rule: LayerRule, ls: int, lt: int, *, step: int = 0, total_steps: int 
         out = [(ls, t) for t in range(1, lt + 1)]
     else:  # pragma: no cover - LayerRule validates kind
         raise AssertionError(rule.kind)
+    if rule.drop_last:
+        out = [p for p in out if p != (ls, lt)]
     if rule.include_emb:
         out = [(0, 0), *out]
     return tuple(out)

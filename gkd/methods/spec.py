@@ -28,7 +28,10 @@ from gkd.errors import InputError
 # Tap kinds of the shared catalogue. Layered kinds take an index; the others do not.
 LAYERED_KINDS = ("hidden", "q", "k", "v", "scores", "probs", "context", "mlp_out")
 GLOBAL_KINDS = ("emb", "final", "logits")
-TAP_KINDS = LAYERED_KINDS + GLOBAL_KINDS
+# Stored teacher outputs that replace a live teacher forward (offline distillation): `topk` is a teacher's
+# top-k (indices, log-probs) per token, written by an offline teacher pass (`gkd.methods.divergence.TopK`).
+STORED_KINDS = ("topk",)
+TAP_KINDS = LAYERED_KINDS + GLOBAL_KINDS + STORED_KINDS
 ATTENTION_KINDS = ("q", "k", "v", "scores", "probs", "context")
 
 RULE_KINDS = ("uniform", "last", "skip", "explicit", "random", "progressive", "all")
@@ -70,6 +73,9 @@ class LayerRule:
       progressive  the uniform pairs, unlocked one at a time: pair n is active from step n * total // (Ls + 1)
                    (SID); `keep_unlocked` keeps earlier pairs active (MobileBERT) instead of only the newest
       all          every teacher depth 1..Lt against the student depth Ls (ALP-KD, Universal-KD)
+
+    drop_last removes the pair (Ls, Lt) from any rule (methods that read the top layer from `final`, or use
+    intermediate layers only: CKD, MGSKD, Universal-KD, RAIL-KD); for `random`: only the Ls - 1 drawn pairs.
     """
 
     kind: str
@@ -81,6 +87,7 @@ class LayerRule:
     every: int = 1
     random_last: bool = False
     keep_unlocked: bool = True
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in RULE_KINDS:
@@ -97,7 +104,7 @@ class LayerRule:
         return self.kind in ("random", "progressive")
 
     def describe(self) -> str:
-        extra = "+emb" if self.include_emb else ""
+        extra = ("+emb" if self.include_emb else "") + (" (without the last pair)" if self.drop_last else "")
         if self.kind == "skip":
             return f"skip-{self.k}{extra}"
         if self.kind == "explicit":
@@ -163,8 +170,10 @@ class TapSpec:
             raise InputError(f"tap kind {self.kind!r} is not one of {', '.join(TAP_KINDS)}")
         if self.kind in LAYERED_KINDS and self.layers is None:
             raise ValueError(f"tap {self.kind!r} needs a layer rule")
-        if self.kind in GLOBAL_KINDS and self.layers is not None:
+        if self.kind in GLOBAL_KINDS + STORED_KINDS and self.layers is not None:
             raise ValueError(f"tap {self.kind!r} takes no layer rule")
+        if self.kind in STORED_KINDS and self.side != "teacher":
+            raise ValueError(f"tap {self.kind!r} is a stored teacher output: side must be 'teacher'")
         if self.side not in ("both", "teacher", "student"):
             raise ValueError(f"tap side {self.side!r} is not both, teacher or student")
         if not self.name:
@@ -230,11 +239,14 @@ class LossTermSpec:
     fn: name of a loss function registered with `gkd.methods.losses.register_loss`.
     kernel: the `gkd.kernels` function it calls (one of KERNELS; "torch" for plain torch).
     taps: names of the method's `TapSpec`s this term reads (the planner charges their lifetimes to this term).
-    weight_option: if set, the option whose value replaces `weight` (e.g. "soft_rate", "hard_rate").
+    weight_option: if set, the option whose value replaces `weight` (e.g. "soft_rate", "hard_rate");
+        "1-<name>" takes its complement (PKD's (1 - alpha) * hard).
     temperature: default temperature (the "temperature" option overrides it for every term that has one).
     schedule: multiplier on the weight over training progress.
     fused_linear: the term can take final hidden + LM-head weight instead of logits.
     hard: this term is the task / LM loss on labels (it reads student logits and the labels only).
+    when: ((option, value), ...): the term is active only when each option has that value (alternative
+        implementations of one loss that read different taps, e.g. attention from q/k or from scores taps).
     """
 
     name: str
@@ -247,6 +259,7 @@ class LossTermSpec:
     schedule: Schedule = field(default_factory=Schedule)
     fused_linear: bool = False
     hard: bool = False
+    when: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
@@ -260,7 +273,7 @@ class ExtraSpec:
     kind: "linear" (in_dim -> out_dim, optional bias) or "parameter" (a tensor of shape (in_dim, out_dim)).
     Dims are expressions: an int, "student.<field>", "teacher.<field>" (field of ModelSpec or head_dim),
     "opt:<name>"
-    (an integer option of the method).
+    (an integer option of the method), "teachers" (the number of teachers).
     per: "none" (one), "teacher" (one per teacher), "student_layer" (one per student depth 1..Ls),
     "teacher_layer" (one per depth 1..Lt of each teacher), "pair" (one per mapped layer pair of tap
     `pair_tap`).
@@ -346,6 +359,9 @@ class MethodSpec:
     aggregation: str = "single"
     options: tuple[OptionSpec, ...] = ()
     description: str = ""
+    # A chain of whole runs (TAKD): `resolve` expands it into link runs (`gkd.methods.assistant.expand_chain`)
+    # instead of adding terms of its own.
+    chain: bool = False
 
     def __post_init__(self) -> None:
         tap_names = [t.name for t in self.taps]
@@ -373,8 +389,12 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: aggregation {self.aggregation!r} not in {AGGREGATIONS}")
         option_names = [o.name for o in self.options]
         for term in self.terms:
-            if term.weight_option and term.weight_option not in option_names:
+            if term.weight_option and term.weight_option.removeprefix("1-") not in option_names:
                 raise ValueError(f"method {self.name!r}: term {term.name!r} weight option is not declared")
+            if any(opt not in option_names for opt, _ in term.when):
+                raise ValueError(
+                    f"method {self.name!r}: term {term.name!r}: `when` names an undeclared option"
+                )
 
     def option_defaults(self) -> dict[str, Any]:
         return {o.name: o.default for o in self.options}
@@ -386,10 +406,15 @@ class MethodSpec:
         raise KeyError(name)
 
 
-def dim_value(expr: int | str, *, student: Any, teacher: Any, options: dict[str, Any]) -> int:
-    """Evaluate an `ExtraSpec` dimension expression against the two ModelSpecs and the method's options."""
+def dim_value(
+    expr: int | str, *, student: Any, teacher: Any, options: dict[str, Any], teachers: int = 1
+) -> int:
+    """Evaluate an `ExtraSpec` dimension expression against the two ModelSpecs and the method's options
+    ("teachers" is the number of teachers, e.g. RL-KD's agent has one output per teacher)."""
     if isinstance(expr, int):
         return expr
+    if expr == "teachers":
+        return teachers
     side, _, attr = expr.partition(".")
     if side == "student":
         return int(getattr(student, attr))

@@ -40,6 +40,7 @@ from gkd.config import Config
 from gkd.planner.memory import (
     BYTES_BF16,
     deepspeed_buffers,
+    effective_deepspeed,
     student_model_states,
     teacher_residency,
 )
@@ -115,16 +116,29 @@ def cache_dir() -> Path:
 
 def _facts_key(spec: Any, seq_len: int, persistence_threshold: int) -> str:
     payload = json.dumps(
-        {"v": FACTS_VERSION, "hf": spec.hf_config, "dtype": spec.dtype, "seq": seq_len,
-         "persist": persistence_threshold, "src": source_fingerprint(FACTS_SOURCES)},
-        sort_keys=True, default=str,
+        {
+            "v": FACTS_VERSION,
+            "hf": spec.hf_config,
+            "dtype": spec.dtype,
+            "seq": seq_len,
+            "persist": persistence_threshold,
+            "src": source_fingerprint(FACTS_SOURCES),
+        },
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def model_facts(spec: Any, *, seq_len: int, persistence_threshold: int = 100_000, use_cache: bool = True) -> ModelFacts:
+def model_facts(
+    spec: Any, *, seq_len: int, persistence_threshold: int = 100_000, use_cache: bool = True
+) -> ModelFacts:
     """Facts for `spec` at `seq_len`, from the disk cache or computed (needs torch)."""
-    path = cache_dir() / "facts" / f"{spec.name.replace('/', '_')}-{_facts_key(spec, seq_len, persistence_threshold)}.json"
+    path = (
+        cache_dir()
+        / "facts"
+        / f"{spec.name.replace('/', '_')}-{_facts_key(spec, seq_len, persistence_threshold)}.json"
+    )
     if use_cache and path.is_file():
         try:
             return ModelFacts.from_dict(json.loads(path.read_text()))
@@ -182,21 +196,56 @@ def parameter_facts(spec: Any, *, persistence_threshold: int = 100_000) -> dict[
 
 
 def compute_facts(spec: Any, *, seq_len: int, persistence_threshold: int = 100_000) -> ModelFacts:
-    """Parameter facts from meta builds and activation facts from the tap catalogue (see `activation_facts`)."""
+    """Parameter facts from meta builds and activation facts from the tap catalogue (`activation_facts`)."""
     params = parameter_facts(spec, persistence_threshold=persistence_threshold)
     act = activation_facts(spec, seq_len=seq_len)
     return ModelFacts(
-        name=spec.name, layers=spec.layers, hidden=spec.hidden, heads=spec.heads, vocab=spec.vocab,
-        tied_embeddings=spec.tied_embeddings, seq_len=seq_len, **params, **act,
+        name=spec.name,
+        layers=spec.layers,
+        hidden=spec.hidden,
+        heads=spec.heads,
+        vocab=spec.vocab,
+        tied_embeddings=spec.tied_embeddings,
+        seq_len=seq_len,
+        **params,
+        **act,
     )
 
 
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "bool": 1,
-                "int8": 1, "uint8": 1}
+_DTYPE_BYTES = {
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "bool": 1,
+    "int8": 1,
+    "uint8": 1,
+}
 # aten ops whose output shares its input's storage (a view keeps its base alive, and costs nothing itself).
-_VIEW_OPS = ("view", "_unsafe_view", "transpose", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
-             "alias", "split", "unflatten", "as_strided", "t.default", "unbind", "chunk", "narrow", "detach",
-             "_reshape_alias", "movedim")
+_VIEW_OPS = (
+    "view",
+    "_unsafe_view",
+    "transpose",
+    "permute",
+    "expand",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "alias",
+    "split",
+    "unflatten",
+    "as_strided",
+    "t.default",
+    "unbind",
+    "chunk",
+    "narrow",
+    "detach",
+    "_reshape_alias",
+    "movedim",
+)
 
 
 def _is_view(target: str) -> bool:
@@ -219,8 +268,11 @@ def layer_workspace(graph: Any, layer: int = 0) -> int:
         g.add_node(n.name)
         for src in n.inputs:
             g.add_edge(src, n.name)
-    inside = [n for n in graph.nodes
-              if n.op == "call_function" and (n.module_path == prefix or n.module_path.startswith(prefix + "."))]
+    inside = [
+        n
+        for n in graph.nodes
+        if n.op == "call_function" and (n.module_path == prefix or n.module_path.startswith(prefix + "."))
+    ]
     base: dict[str, str] = {}
     size: dict[str, int] = {}
     for n in inside:
@@ -254,8 +306,8 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
 
     saved / checkpoint: the catalogue's saved-for-backward bytes of one layer, without and with recompute.
     forward_workspace: liveness over the exported graph of one layer (the no-grad forward's peak).
-    backward_workspace: the forward working set plus the gradient of the layer output (a layer's backward holds
-    the incoming gradient and gradients of the same intermediates; not traced separately).
+    backward_workspace: the forward working set plus the gradient of the layer output (a layer's backward
+    holds the incoming gradient and gradients of the same intermediates; not traced separately).
     tap_bytes: each tap kind's bytes from the catalogue. saved_kinds: the tap kinds whose tensors the layer
     saves anyway (a saved storage of the tap's shape), so a recomputed layer that keeps them for a loss adds
     nothing.
@@ -348,7 +400,9 @@ def _activity(
         layers=facts.layers,
         saved=facts.saved[attention] * b,
         checkpoint=facts.checkpoint * b,
-        forward_workspace=facts.forward_workspace[attention] * b * batch_factor,
+        # Tensor parallel: the teacher runs t ranks' micro-batches together, heads and FFN split t ways, so a
+        # layer's working set per GPU stays that of one micro-batch; the hidden stream is replicated (x t).
+        forward_workspace=facts.forward_workspace[attention] * b,
         backward_workspace=facts.backward_workspace[attention] * b,
         embed_saved=facts.embed_saved * b,
         hidden_bytes=facts.hidden * facts.seq_len * BYTES_BF16 * b * batch_factor,
@@ -385,27 +439,44 @@ def build_workload(
     trainable = student.params + resolved.num_extra_parameters
 
     # Resident tensors.
+    ds = effective_deepspeed(ds, trainable)
     states = student_model_states(
-        params=trainable, largest_module=student.largest_module, gpus=hw.gpus, gpus_per_node=hw.local_gpus,
-        stage=strategy.student_zero_stage, offload=strategy.student_offload, optimizer=tr.optimizer,
+        params=trainable,
+        largest_module=student.largest_module,
+        gpus=hw.gpus,
+        gpus_per_node=hw.local_gpus,
+        stage=strategy.student_zero_stage,
+        offload=strategy.student_offload,
+        optimizer=tr.optimizer,
     )
     static = [
         TensorAlloc(name="student.parameters", bytes=states.parameters, category="parameters"),
         TensorAlloc(name="student.gradients", bytes=states.gradients, category="gradients"),
         TensorAlloc(name="student.optimizer", bytes=states.optimizer, category="optimizer"),
-        TensorAlloc(name="student.buckets", category="buffers",
-                    bytes=deepspeed_buffers(stage=strategy.student_zero_stage, offload=strategy.student_offload,
-                                            ds=ds)),
+        TensorAlloc(
+            name="student.buckets",
+            category="buffers",
+            bytes=deepspeed_buffers(
+                stage=strategy.student_zero_stage, offload=strategy.student_offload, ds=ds
+            ),
+        ),
     ]
     host = states.host_bytes
     for ti, t in enumerate(teachers):
         r = teacher_residency(
-            params=t.params, largest_module=t.largest_module, persistent_params=t.persistent_params,
-            placement=placement, gpus=hw.gpus, gpus_per_node=hw.local_gpus,
-            tensor_parallel=strategy.tensor_parallel, ds=ds,
+            params=t.params,
+            largest_module=t.largest_module,
+            persistent_params=t.persistent_params,
+            placement=placement,
+            gpus=hw.gpus,
+            gpus_per_node=hw.local_gpus,
+            tensor_parallel=strategy.tensor_parallel,
+            ds=effective_deepspeed(config.deepspeed, t.params),
         )
         if online:
-            static.append(TensorAlloc(name=f"teacher{ti}.parameters", bytes=r.parameters, category="parameters"))
+            static.append(
+                TensorAlloc(name=f"teacher{ti}.parameters", bytes=r.parameters, category="parameters")
+            )
             if r.buffers:
                 static.append(TensorAlloc(name=f"teacher{ti}.prefetch", bytes=r.buffers, category="buffers"))
             host += r.host_bytes
@@ -443,17 +514,26 @@ def build_workload(
 
     attention = strategy.attention
     s_taps = set(resolved.student_taps) - {"logits"}
-    s_act = _activity(student, name="student", taps=s_taps, micro_batch=b, attention=attention,
-                      head_tap_bytes={})
+    s_act = _activity(
+        student, name="student", taps=s_taps, micro_batch=b, attention=attention, head_tap_bytes={}
+    )
     tp = strategy.tensor_parallel if placement == "tensor_parallel" else 1
     t_acts = tuple(
-        _activity(t, name=f"teacher{ti}", taps=resolved.teacher_taps[ti], micro_batch=b, attention=attention,
-                  head_tap_bytes=head_tap_bytes.get(f"t{ti}", {}), batch_factor=tp)
+        _activity(
+            t,
+            name=f"teacher{ti}",
+            taps=resolved.teacher_taps[ti],
+            micro_batch=b,
+            attention=attention,
+            head_tap_bytes=head_tap_bytes.get(f"t{ti}", {}),
+            batch_factor=tp,
+        )
         for ti, t in enumerate(teachers)
     )
     terms = tuple(
-        LossTerm(name=f"{t.method}.{t.name}", taps=tuple(t.taps),
-                 logits=any(x.endswith(":logits") for x in t.taps))
+        LossTerm(
+            name=f"{t.method}.{t.name}", taps=tuple(t.taps), logits=any(x.endswith(":logits") for x in t.taps)
+        )
         for t in resolved.loss_terms
     )
 
@@ -465,34 +545,63 @@ def build_workload(
         allocs = []
         for ti, t in enumerate(teachers):
             r = teacher_residency(
-                params=t.params, largest_module=t.largest_module, persistent_params=t.persistent_params,
-                placement=strategy.offline_teacher_placement, gpus=hw.gpus, gpus_per_node=hw.local_gpus,
-                tensor_parallel=1, ds=ds,
+                params=t.params,
+                largest_module=t.largest_module,
+                persistent_params=t.persistent_params,
+                placement=strategy.offline_teacher_placement,
+                gpus=hw.gpus,
+                gpus_per_node=hw.local_gpus,
+                tensor_parallel=1,
+                ds=effective_deepspeed(config.deepspeed, t.params),
             )
             allocs += [
-                TensorAlloc(name=f"offline.teacher{ti}.parameters", bytes=r.parameters, category="parameters"),
+                TensorAlloc(
+                    name=f"offline.teacher{ti}.parameters", bytes=r.parameters, category="parameters"
+                ),
                 TensorAlloc(name=f"offline.teacher{ti}.prefetch", bytes=r.buffers, category="buffers"),
-                TensorAlloc(name=f"offline.teacher{ti}.workspace", category="activations",
-                            bytes=t.forward_workspace[attention] * b + t.hidden * seq * BYTES_BF16 * b),
-                TensorAlloc(name=f"offline.teacher{ti}.logits", bytes=tokens * t.vocab * BYTES_BF16,
-                            category="loss_workspace"),
+                TensorAlloc(
+                    name=f"offline.teacher{ti}.workspace",
+                    category="activations",
+                    bytes=t.forward_workspace[attention] * b + t.hidden * seq * BYTES_BF16 * b,
+                ),
+                TensorAlloc(
+                    name=f"offline.teacher{ti}.logits",
+                    bytes=tokens * t.vocab * BYTES_BF16,
+                    category="loss_workspace",
+                ),
             ]
             if strategy.offline_teacher_placement == "zero3_offload":
                 host = max(host, r.host_bytes)
         offline_allocs = tuple(allocs)
 
     workload = Workload(
-        student=s_act, teachers=t_acts, terms=terms, static=tuple(static),
-        logit_loss_retained=retained, logit_loss_transient=transient, logit_backward_transient=backward,
-        offline_allocs=offline_allocs, topk_bytes=topk_bytes,
+        student=s_act,
+        teachers=t_acts,
+        terms=terms,
+        static=tuple(static),
+        logit_loss_retained=retained,
+        logit_loss_transient=transient,
+        logit_backward_transient=backward,
+        offline_allocs=offline_allocs,
+        topk_bytes=topk_bytes,
     )
-    info = WorkloadInfo(host_bytes=host, disk_bytes=disk, topk_bytes=topk_bytes,
-                        tap_costs=_tap_costs(resolved, s_act, t_acts, strategy, online, topk_bytes))
+    info = WorkloadInfo(
+        host_bytes=host,
+        disk_bytes=disk,
+        topk_bytes=topk_bytes,
+        tap_costs=_tap_costs(resolved, s_act, t_acts, strategy, online, topk_bytes),
+    )
     return workload, info
 
 
-def _tap_costs(resolved: Any, s_act: ModelActivity, t_acts: tuple[ModelActivity, ...], strategy: Strategy,
-               online: bool, topk_bytes: int) -> tuple[TapCost, ...]:
+def _tap_costs(
+    resolved: Any,
+    s_act: ModelActivity,
+    t_acts: tuple[ModelActivity, ...],
+    strategy: Strategy,
+    online: bool,
+    topk_bytes: int,
+) -> tuple[TapCost, ...]:
     sizes: dict[str, int] = {} if online else {"t0:logits": topk_bytes}
     for prefix, act in [("s", s_act), *[(f"t{i}", a) for i, a in enumerate(t_acts)]]:
         for coll in (act.embed_taps, act.head_taps, *act.layer_taps):
@@ -508,16 +617,22 @@ def _tap_costs(resolved: Any, s_act: ModelActivity, t_acts: tuple[ModelActivity,
             side, _, name = tap.partition(":")
             model = "student" if side == "s" else f"teacher{side[1:]}"
             if name == "logits" and side == "s":
-                freed = {"fused_linear": "never materialised (fused-linear loss)",
-                         "logits": "in loss_workspace; dL/dlogits kept until backward",
-                         "topk": "never materialised (fused top-k loss)"}[strategy.loss_path]
+                freed = {
+                    "fused_linear": "never materialised (fused-linear loss)",
+                    "logits": "in loss_workspace; dL/dlogits kept until backward",
+                    "topk": "never materialised (fused top-k loss)",
+                }[strategy.loss_path]
             elif name == "logits":
-                freed = {"fused_linear": "final hidden state; freed after the loss",
-                         "logits": "freed after the loss", "topk": "stored top-k on disk, read per micro-batch"}[
-                    strategy.loss_path]
+                freed = {
+                    "fused_linear": "final hidden state; freed after the loss",
+                    "logits": "freed after the loss",
+                    "topk": "stored top-k on disk, read per micro-batch",
+                }[strategy.loss_path]
             elif side == "s":
                 freed = "with its layer's backward"
             else:
                 freed = "after its loss (layerwise)" if strategy.tap_loss == "layerwise" else "after backward"
-            out.append(TapCost(method=term.method, model=model, tap=name, bytes=sizes.get(tap, 0), freed=freed))
+            out.append(
+                TapCost(method=term.method, model=model, tap=name, bytes=sizes.get(tap, 0), freed=freed)
+            )
     return tuple(out)

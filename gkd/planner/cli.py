@@ -54,14 +54,18 @@ def run_plan(
         try:
             Path(output).write_text(result.to_json())
         except OSError as err:
-            raise InputError(f"cannot write the plan to {output}: {err.strerror}; choose a writable path") from None
+            raise InputError(
+                f"cannot write the plan to {output}: {err.strerror}; choose a writable path"
+            ) from None
     if plot:
         from gkd.planner.plot import plot_timeline
 
         try:
             plot_timeline(result, plot)
         except OSError as err:
-            raise InputError(f"cannot write the plot to {plot}: {err.strerror}; choose a writable path") from None
+            raise InputError(
+                f"cannot write the plot to {plot}: {err.strerror}; choose a writable path"
+            ) from None
     if as_json:
         click.echo(result.to_json())
     else:
@@ -76,8 +80,11 @@ def run_plan(
         for change in changes:
             out(f"  - {change}")
     else:
-        out("Does not fit, and none of the tried changes (host memory, sequence length, micro-batch, GPU count, "
-            "a lighter method) fits either.")
+        out(
+            "Does not fit, and none of the tried changes (host memory, sequence length, micro-batch, GPU "
+            "count, "
+            "a lighter method) fits either."
+        )
     if as_json:
         click.echo(json.dumps({"suggestions": changes}), err=True)
     return 1

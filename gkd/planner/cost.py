@@ -17,6 +17,10 @@ Rules (per GPU):
   own partition (2P/N bytes); optimizer offload moves bf16 gradients down and bf16 weights back up once per
   step and runs CPU Adam at `cpu_adam_params_per_s` per rank.
 - GPU optimizer update: memory-bound, about 36 bytes read and written per local parameter at 1.5 TB/s.
+- Every collective call also costs `collective_latency_s` (launch and synchronisation), which is what makes
+  sharding a small model slower than replicating it: ZeRO-3 gathers each layer in forward and backward and
+  reduce-scatters it (3 calls per layer per micro-step), a ZeRO-3 teacher gathers each layer once, a
+  tensor-parallel teacher all-reduces twice per layer, ZeRO-2 reduces once per bucket.
 
 Not modelled: kernel launch overheads, pipeline bubbles of the teacher-then-student order (the two phases
 run back to back), NCCL protocol efficiency beyond the configured bandwidth, data loading.
@@ -76,9 +80,11 @@ def step_cost(
     recomputed_layers: int,
     global_batch: int,
     topk_bytes_per_micro: int = 0,
+    reduce_bucket: int = 500_000_000,
 ) -> StepCost:
     """Seconds per optimizer step and tokens per second (see the module docstring for the rules)."""
     n = hw.gpus
+    alpha = hw.collective_latency_s if n > 1 else 0.0
     flops = hw.peak_flops * hw.flops_efficiency
     bw, host = hw.interconnect_bandwidth, hw.host_link_bandwidth
     b = micro_batch
@@ -90,12 +96,12 @@ def step_cost(
         for t in teachers:
             t_compute += forward_flops(t, b, seq) / flops
             if placement in ("zero3", "zero3_offload"):
-                t_comm += ring(n) * 2.0 * t.params / bw
+                t_comm += ring(n) * 2.0 * t.params / bw + t.layers * alpha
             if placement == "zero3_offload":
                 t_host += 2.0 * t.params / n / host
             if placement == "tensor_parallel":
                 tp = tensor_parallel
-                t_comm += t.layers * 2 * 2 * ring(tp) * (tp * b * seq * t.hidden * 2) / bw
+                t_comm += t.layers * 2 * (2 * ring(tp) * (tp * b * seq * t.hidden * 2) / bw + alpha)
     else:
         t_host += topk_bytes_per_micro / (hw.disk_bandwidth / hw.local_gpus)
     teacher_phase = max(t_compute, t_comm, t_host)
@@ -104,10 +110,11 @@ def step_cost(
     s_compute = 3.0 * forward_flops(student, b, seq) / flops
     s_compute += recomputed_layers * layer_forward_flops(student, b, seq) / flops
     s_comm = s_host = 0.0
+    buckets = max(1, round(p_s / 2 / reduce_bucket))
     if stage == 2:
-        s_comm += ring(n) * p_s / bw
+        s_comm += ring(n) * p_s / bw + buckets * alpha
     if stage == 3:
-        s_comm += 3.0 * ring(n) * p_s / bw
+        s_comm += 3.0 * ring(n) * p_s / bw + 3 * student.layers * alpha
     if offload == "optimizer+parameters":
         s_host += 2.0 * p_s / n / host
     if offload != "none":
@@ -117,7 +124,7 @@ def step_cost(
     # Once per step.
     boundary = 0.0
     if stage in (0, 1):
-        boundary += 2.0 * ring(n) * p_s / bw
+        boundary += 2.0 * ring(n) * p_s / bw + buckets * alpha
     if stage in (1, 2) and offload == "none":
         boundary += ring(n) * p_s / bw
     local = student_trainable / (n if stage >= 1 else 1)
@@ -135,7 +142,9 @@ def step_cost(
         "optimizer": optimizer,
     }
     step = grad_accum * (teacher_phase + student_phase) + boundary + optimizer
-    return StepCost(step_time_s=step, tokens_per_s=global_batch * seq / step if step > 0 else 0.0, parts=parts)
+    return StepCost(
+        step_time_s=step, tokens_per_s=global_batch * seq / step if step > 0 else 0.0, parts=parts
+    )
 
 
 def bottleneck(parts: dict[str, float]) -> str:

@@ -8,8 +8,8 @@ JSON (`--json`) is plain data with these keys:
   activation, vocab, tied_embeddings, max_positions, dtype, description);
 - "parameters": exact parameter count (tied weights once);
 - "micro_batch", "seq_len": the sizes every byte figure is for;
-- "activations": {"per_layer_saved_bytes", "non_layer_saved_bytes", "total_saved_bytes"}, each a dict with keys
-  "sdpa", "eager", "sdpa_full_recompute", "eager_full_recompute"; total = layers x per-layer + non-layer;
+- "activations": {"per_layer_saved_bytes", "non_layer_saved_bytes", "total_saved_bytes"}, each a dict with
+  keys "sdpa", "eager", "sdpa_full_recompute", "eager_full_recompute"; total = layers x per-layer + non-layer;
 - "taps": every tap (name, kind, layer, fx_node, module_path, capture, dims, shape, dtype, bytes), see
   gkd.planner.taps.Tap;
 - "unavailable_taps": tap kind -> why this model does not offer it.
@@ -41,8 +41,11 @@ def inspect_data(spec: ModelSpec, *, seq_len: int, micro_batch: int) -> dict[str
         "parameters": count_parameters(spec),
         "micro_batch": micro_batch,
         "seq_len": seq_len,
-        "activations": {"per_layer_saved_bytes": per_layer, "non_layer_saved_bytes": non_layer,
-                        "total_saved_bytes": total},
+        "activations": {
+            "per_layer_saved_bytes": per_layer,
+            "non_layer_saved_bytes": non_layer,
+            "total_saved_bytes": total,
+        },
         "taps": [t.to_dict() for t in catalogue.taps],
         "unavailable_taps": dict(catalogue.unavailable),
     }
@@ -95,9 +98,14 @@ def _print_tables(spec: ModelSpec, catalogue: TapCatalogue, parameters: int) -> 
     for attention, recompute in _KEYS:
         per_layer = catalogue.layer_activations[0].saved(attention, recompute=recompute)
         non_layer = catalogue.non_layer_saved_bytes[_key(attention, recompute)]
-        table.add_row(attention, "full" if recompute else "none", human_bytes(per_layer),
-                      human_bytes(per_layer * spec.layers), human_bytes(non_layer),
-                      human_bytes(catalogue.saved_bytes_total(attention, recompute=recompute)))
+        table.add_row(
+            attention,
+            "full" if recompute else "none",
+            human_bytes(per_layer),
+            human_bytes(per_layer * spec.layers),
+            human_bytes(non_layer),
+            human_bytes(catalogue.saved_bytes_total(attention, recompute=recompute)),
+        )
     console.print(table)
 
     taps = Table(title=f"Tap catalogue ({sizes}; per-layer taps shown for layer 0, i = 0..{spec.layers - 1})")
@@ -114,10 +122,13 @@ def _print_tables(spec: ModelSpec, catalogue: TapCatalogue, parameters: int) -> 
         per_layer = tap.layer is not None
         name = tap.name.replace("[0]", "[i]").replace("[1]", "[i+1]") if per_layer else tap.name
         module = tap.module_path.replace(".0.", ".{i}.").removesuffix(".0") + (
-            ".{i}" if tap.module_path.endswith(".0") else "")
+            ".{i}" if tap.module_path.endswith(".0") else ""
+        )
         shape = "(" + ", ".join(str(d) for d in tap.dims) + ")"
         total = human_bytes(tap.nbytes * counts[tap.kind]) if per_layer else ""
-        taps.add_row(escape(name), tap.capture, module, tap.fx_node, shape, tap.dtype, human_bytes(tap.nbytes), total)
+        taps.add_row(
+            escape(name), tap.capture, module, tap.fx_node, shape, tap.dtype, human_bytes(tap.nbytes), total
+        )
     console.print(taps)
     if catalogue.unavailable:
         kinds = escape(", ".join(f"{kind}[i]" for kind in catalogue.unavailable))

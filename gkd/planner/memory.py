@@ -32,7 +32,7 @@ tensors below the persistence threshold, NCCL's own buffers (inside the CUDA-con
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gkd.config import OPTIMIZERS, DeepSpeedSettings, HardwareConfig
 
@@ -64,7 +64,7 @@ def student_model_states(
     offload: str,
     optimizer: str = "adamw",
 ) -> ModelStates:
-    """Per-GPU and host bytes of the student's weights, gradients and optimizer states (see the table above)."""
+    """Per-GPU and host bytes of the student's weights, gradients and optimizer states (table above)."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
     if offload not in ("none", "optimizer", "optimizer+parameters"):
@@ -83,14 +83,18 @@ def student_model_states(
         host = int(p * max(4 * n, 16) * HOST_BUFFER_FACTOR)
         return ModelStates(parameters=2 * p, gradients=0, optimizer=0, host_bytes=host)
     if stage == 1:
-        return ModelStates(parameters=2 * p, gradients=2 * p + 4 * p // n, optimizer=opt_bytes * p // n, host_bytes=0)
+        return ModelStates(
+            parameters=2 * p, gradients=2 * p + 4 * p // n, optimizer=opt_bytes * p // n, host_bytes=0
+        )
     if stage == 2:
         return ModelStates(parameters=2 * p, gradients=6 * p // n, optimizer=opt_bytes * p // n, host_bytes=0)
     big = 2 * largest_module  # one gathered bf16 copy of the largest module (weights; grads likewise)
     if offload == "none":
         # DeepSpeed's estimator counts 18P/N here (2 bf16 grads + 4 fp32 grads + 4 fp32 weights + 8 Adam) and
         # no separate bf16 weight partition; gkd follows it so the two agree (see the module docstring).
-        return ModelStates(parameters=big, gradients=6 * p // n + big, optimizer=opt_bytes * p // n, host_bytes=0)
+        return ModelStates(
+            parameters=big, gradients=6 * p // n + big, optimizer=opt_bytes * p // n, host_bytes=0
+        )
     if offload == "optimizer":
         host = int(p * (2 + 2 + opt_bytes) / nodes * HOST_BUFFER_FACTOR)
         return ModelStates(parameters=2 * p // n + big, gradients=big, optimizer=0, host_bytes=host)
@@ -98,19 +102,33 @@ def student_model_states(
     return ModelStates(parameters=big, gradients=big, optimizer=0, host_bytes=host)
 
 
-def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings) -> int:
-    """GPU bytes of DeepSpeed's communication buckets for the student engine.
+def effective_deepspeed(ds: DeepSpeedSettings, params: int) -> DeepSpeedSettings:
+    """The settings with every bucket capped at the model's parameter count: DeepSpeed allocates its reduction
+    buckets at full size whatever the model (stage_1_and_2.py `setup_buckets`), so a bucket larger than the
+    model only wastes memory. The emitted DeepSpeed config carries these capped values."""
+    cap = max(params, 1)
+    return replace(
+        ds,
+        reduce_bucket_size=min(ds.reduce_bucket_size, cap),
+        allgather_bucket_size=min(ds.allgather_bucket_size, cap),
+        stage3_prefetch_bucket_size=min(ds.stage3_prefetch_bucket_size, cap),
+    )
 
-    ZeRO-0/1: gradient reduction buckets (reduce_bucket_size bf16 elements); ZeRO-1/2 also the all-gather
-    bucket for updated weights; ZeRO-2 with optimizer offload a second reduction buffer for the device-to-host
-    copy; ZeRO-3 the reduction bucket and the prefetch bucket (stage3_prefetch_bucket_size elements).
+
+def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings) -> int:
+    """GPU bytes of DeepSpeed's gradient-reduction buffers for the student engine (bf16 elements).
+
+    ZeRO-0: one flattening bucket for the gradient all-reduce. ZeRO-1/2: two reduction buckets (DeepSpeed
+    double-buffers them when overlap_comm is on, which gkd's config sets; `setup_buckets` in
+    stage_1_and_2.py); the parameter all-gather works in place and allocates nothing. ZeRO-3: one reduction
+    bucket (stage3.py) plus the prefetch bucket of weights gathered ahead of use.
     """
+    del offload  # the offloaded optimizer's pinned host buffers are on the host
     reduce = ds.reduce_bucket_size * BYTES_BF16
     if stage == 0:
         return reduce
     if stage in (1, 2):
-        extra = reduce if offload == "optimizer" else 0
-        return reduce + ds.allgather_bucket_size * BYTES_BF16 + extra
+        return 2 * reduce
     return reduce + ds.stage3_prefetch_bucket_size * BYTES_BF16
 
 
@@ -137,8 +155,8 @@ def teacher_residency(
     """Resident bytes of an inference-only teacher (bf16 weights, no gradients, no optimizer).
 
     replicated: all weights on every GPU. tensor_parallel: weights split t ways (Megatron-style; embedding and
-    head split by vocabulary). zero3: weights partitioned over N GPUs, plus the gathered working set during the
-    forward: the largest module and the prefetch bucket (capped by stage3_max_live_parameters), plus the
+    head split by vocabulary). zero3: weights partitioned over N GPUs, plus the gathered working set during
+    the forward: the largest module and the prefetch bucket (capped by stage3_max_live_parameters), plus the
     small tensors kept gathered (below the persistence threshold). zero3_offload: as zero3, but the partitions
     live in pinned host memory (2P bytes per node) and stream to the GPU layer by layer with prefetch.
     offline: no teacher during training (its top-k outputs are read from disk).
@@ -151,7 +169,9 @@ def teacher_residency(
         return TeacherResidency(parameters=full // tensor_parallel, buffers=0, host_bytes=0)
     if placement == "offline":
         return TeacherResidency(parameters=0, buffers=0, host_bytes=0)
-    live = min(largest_module + ds.stage3_prefetch_bucket_size, max(ds.stage3_max_live_parameters, largest_module))
+    live = min(
+        largest_module + ds.stage3_prefetch_bucket_size, max(ds.stage3_max_live_parameters, largest_module)
+    )
     gathered = live * BYTES_BF16 + persistent_params * BYTES_BF16
     prefetch = ds.stage3_prefetch_bucket_size * BYTES_BF16
     if placement == "zero3":

@@ -1,11 +1,12 @@
-"""The planner pipeline: config -> frontend -> facts (trace, taps) -> methods -> search -> emit, with provenance.
+"""The planner pipeline: config -> frontend -> facts (trace, taps) -> methods -> search -> emit, with
+provenance.
 
 Each pass is a function from the previous values to a new value; `PassRunner.run` times it, records a
 one-line summary, and names the pass in any error it raises, so `gkd plan --explain` shows where time went
 and a failure says which stage rejected the input.
 
 The passes that need torch (building ModelSpecs through transformers, meta-model parameter counts, the traced
-tap catalogue, resolving methods) produce plain data that is cached on disk (see `gkd.planner.analysis`), keyed
+tap catalogue, resolving methods) produce plain data that is cached on disk (`gkd.planner.analysis`), keyed
 by their inputs and a fingerprint of gkd's sources; with a warm cache a plan imports no torch and takes well
 under a second. Search and emit are pure Python.
 """
@@ -44,8 +45,9 @@ class PassRunner:
             raise InputError(f"{name}: {err}") from None
         except GkdError:
             raise
-        self.records.append(PassRecord(name=name, seconds=round(time.perf_counter() - start, 4),
-                                       summary=summary(value)))
+        self.records.append(
+            PassRecord(name=name, seconds=round(time.perf_counter() - start, 4), summary=summary(value))
+        )
         return value
 
 
@@ -86,13 +88,21 @@ class MethodsView:
             teacher_taps=tuple(frozenset(t) for t in r.teacher_taps),
             student_taps=frozenset(r.student_taps),
             loss_terms=tuple(
-                TermView(method=t.method, name=t.name, kernel=t.kernel, weight=float(t.weight), taps=tuple(t.taps),
-                         hard=bool(getattr(t, "hard", False)))
+                TermView(
+                    method=t.method,
+                    name=t.name,
+                    kernel=t.kernel,
+                    weight=float(t.weight),
+                    taps=tuple(t.taps),
+                    hard=bool(getattr(t, "hard", False)),
+                )
                 for t in r.loss_terms
             ),
             extras=tuple((e.name, int(e.num_parameters)) for e in r.extras),
-            fused_linear=bool(r.fused_linear), offline_ok=bool(r.offline_ok),
-            needs_teacher_forward=bool(r.needs_teacher_forward), eager_attention=bool(r.eager_attention),
+            fused_linear=bool(r.fused_linear),
+            offline_ok=bool(r.offline_ok),
+            needs_teacher_forward=bool(r.needs_teacher_forward),
+            eager_attention=bool(r.eager_attention),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,8 +111,10 @@ class MethodsView:
             "student_taps": sorted(self.student_taps),
             "loss_terms": [{**dataclasses.asdict(t), "taps": list(t.taps)} for t in self.loss_terms],
             "extras": [list(e) for e in self.extras],
-            "fused_linear": self.fused_linear, "offline_ok": self.offline_ok,
-            "needs_teacher_forward": self.needs_teacher_forward, "eager_attention": self.eager_attention,
+            "fused_linear": self.fused_linear,
+            "offline_ok": self.offline_ok,
+            "needs_teacher_forward": self.needs_teacher_forward,
+            "eager_attention": self.eager_attention,
         }
 
     @classmethod
@@ -112,17 +124,22 @@ class MethodsView:
             student_taps=frozenset(d["student_taps"]),
             loss_terms=tuple(TermView(**{**t, "taps": tuple(t["taps"])}) for t in d["loss_terms"]),
             extras=tuple((n, int(p)) for n, p in d["extras"]),
-            fused_linear=d["fused_linear"], offline_ok=d["offline_ok"],
-            needs_teacher_forward=d["needs_teacher_forward"], eager_attention=d["eager_attention"],
+            fused_linear=d["fused_linear"],
+            offline_ok=d["offline_ok"],
+            needs_teacher_forward=d["needs_teacher_forward"],
+            eager_attention=d["eager_attention"],
         )
 
 
-def _cached(kind: str, key_data: Any, sources: tuple[str, ...], compute: Callable[[], dict[str, Any]]
-            ) -> dict[str, Any]:
+def _cached(
+    kind: str, key_data: Any, sources: tuple[str, ...], compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
     """A JSON-able result from the disk cache, or computed and stored; `sources` are the gkd files (globs)
     whose code produces it."""
     key = hashlib.sha256(
-        json.dumps({"data": key_data, "src": source_fingerprint(sources)}, sort_keys=True, default=str).encode()
+        json.dumps(
+            {"data": key_data, "src": source_fingerprint(sources)}, sort_keys=True, default=str
+        ).encode()
     ).hexdigest()[:24]
     path = cache_dir() / kind / f"{key}.json"
     if path.is_file():
@@ -175,8 +192,12 @@ def load_methods(config: Config, teachers: list[Any], student: Any) -> MethodsVi
 
         return MethodsView.from_resolved(resolve(entries, teachers, student)).to_dict()
 
-    key = {"methods": entries, "teachers": [t.hf_config for t in teachers], "student": student.hf_config,
-           "names": [t.name for t in teachers] + [student.name]}
+    key = {
+        "methods": entries,
+        "teachers": [t.hf_config for t in teachers],
+        "student": student.hf_config,
+        "names": [t.name for t in teachers] + [student.name],
+    }
     return MethodsView.from_dict(_cached("methods", key, ("methods/*.py", "models.py"), compute))
 
 
@@ -189,7 +210,10 @@ def plan(config: Config) -> Plan:
     runner = PassRunner()
     specs = runner.run(
         "frontend",
-        lambda: ([load_spec(config.model_path(t)) for t in config.teachers], load_spec(config.model_path(config.student))),
+        lambda: (
+            [load_spec(config.model_path(t)) for t in config.teachers],
+            load_spec(config.model_path(config.student)),
+        ),
         lambda v: f"{', '.join(t.name for t in v[0])} -> {v[1].name}",
     )
     teachers, student = specs
@@ -197,53 +221,84 @@ def plan(config: Config) -> Plan:
     seq = config.training.seq_len
     for spec in [*teachers, student]:
         if spec.max_positions and seq > spec.max_positions:
-            raise InputError(f"frontend: sequence length {seq} exceeds {spec.name}'s {spec.max_positions} positions; "
-                             f"use --seq-len {spec.max_positions} or less")
+            raise InputError(
+                f"frontend: sequence length {seq} exceeds {spec.name}'s {spec.max_positions} positions; "
+                f"use --seq-len {spec.max_positions} or less"
+            )
     facts = runner.run(
         "facts",
         lambda: (
             tuple(model_facts(t, seq_len=seq, persistence_threshold=threshold) for t in teachers),
             model_facts(student, seq_len=seq, persistence_threshold=threshold),
         ),
-        lambda v: "; ".join(f"{f.name} {f.params / 1e9:.2f}B params, layer saves "
-                            f"{f.saved['sdpa'] / 2**20:.1f} MiB/sequence" for f in (*v[0], v[1])),
+        lambda v: "; ".join(
+            f"{f.name} {f.params / 1e9:.2f}B params, layer saves {f.saved['sdpa'] / 2**20:.1f} MiB/sequence"
+            for f in (*v[0], v[1])
+        ),
     )
     t_facts, s_facts = facts
     methods = runner.run(
         "methods",
         lambda: load_methods(config, teachers, student),
-        lambda m: f"{len(m.loss_terms)} loss terms; teacher taps {sum(len(t) for t in m.teacher_taps)}, "
-                  f"student taps {len(m.student_taps)}",
+        lambda m: (
+            f"{len(m.loss_terms)} loss terms; teacher taps {sum(len(t) for t in m.teacher_taps)}, "
+            f"student taps {len(m.student_taps)}"
+        ),
     )
     result = runner.run(
         "search",
         lambda: search(config, s_facts, t_facts, methods),
-        lambda r: f"{r.considered} candidates, {r.evaluated} replayed; "
-                  f"{'fits' if r.best.fits else 'does not fit'}: {r.best.strategy.describe()}",
+        lambda r: (
+            f"{r.considered} candidates, {r.evaluated} replayed; "
+            f"{'fits' if r.best.fits else 'does not fit'}: {r.best.strategy.describe()}"
+        ),
     )
-    out = runner.run("emit", lambda: emit(config, t_facts, s_facts, methods, result, ()), lambda p: f"{len(p.schedule.ops)} ops")
+    out = runner.run(
+        "emit",
+        lambda: emit(config, t_facts, s_facts, methods, result, ()),
+        lambda p: f"{len(p.schedule.ops)} ops",
+    )
     return dataclasses.replace(out, provenance=tuple(runner.records))
 
 
 def _facts_summary(f: ModelFacts) -> dict[str, Any]:
-    return {"name": f.name, "params": f.params, "layers": f.layers, "hidden": f.hidden, "heads": f.heads,
-            "vocab": f.vocab, "largest_module": f.largest_module, "activation_source": f.source}
+    return {
+        "name": f.name,
+        "params": f.params,
+        "layers": f.layers,
+        "hidden": f.hidden,
+        "heads": f.heads,
+        "vocab": f.vocab,
+        "largest_module": f.largest_module,
+        "activation_source": f.source,
+    }
 
 
-def deepspeed_configs(config: Config, result: Evaluated, teachers: int) -> dict[str, Any]:
-    """The DeepSpeed configs the runtime passes to deepspeed.initialize (student) and to the teacher engines."""
+def deepspeed_configs(
+    config: Config, result: Evaluated, t_facts: tuple[ModelFacts, ...], trainable: int
+) -> dict[str, Any]:
+    """The DeepSpeed configs the runtime passes to deepspeed.initialize (student) and to the teacher engines;
+    bucket sizes capped at each model's size (see gkd.planner.memory.effective_deepspeed)."""
+    from gkd.planner.memory import effective_deepspeed
+
     s = result.strategy
-    ds, tr = config.deepspeed, config.training
-    zero: dict[str, Any] = {"stage": s.student_zero_stage, "reduce_bucket_size": ds.reduce_bucket_size,
-                            "overlap_comm": True, "contiguous_gradients": True}
+    ds, tr = effective_deepspeed(config.deepspeed, trainable), config.training
+    zero: dict[str, Any] = {
+        "stage": s.student_zero_stage,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+    }
     if s.student_zero_stage in (1, 2):
         zero["allgather_bucket_size"] = ds.allgather_bucket_size
     if s.student_zero_stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
-            "stage3_max_live_parameters": ds.stage3_max_live_parameters,
-            "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
-        })
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
+                "stage3_max_live_parameters": ds.stage3_max_live_parameters,
+                "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
+            }
+        )
     if s.student_offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if s.student_offload == "optimizer+parameters":
@@ -255,34 +310,57 @@ def deepspeed_configs(config: Config, result: Evaluated, teachers: int) -> dict[
         "gradient_accumulation_steps": s.grad_accum,
         dtype_key: {"enabled": True},
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW" if tr.optimizer == "adamw" else tr.optimizer.capitalize(),
-                      "params": {"lr": 1e-4, "weight_decay": 0.0}},
+        "optimizer": {
+            "type": "AdamW" if tr.optimizer == "adamw" else tr.optimizer.capitalize(),
+            "params": {"lr": 1e-4, "weight_decay": 0.0},
+        },
         "gradient_clipping": 1.0,
     }
     placement = s.offline_teacher_placement if s.teacher_placement == "offline" else s.teacher_placement
-    teacher: dict[str, Any] | None
-    if placement in ("zero3", "zero3_offload"):
-        tz: dict[str, Any] = {
-            "stage": 3,
-            "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
-            "stage3_max_live_parameters": ds.stage3_max_live_parameters,
-            "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
-        }
-        if placement == "zero3_offload":
-            tz["offload_param"] = {"device": "cpu", "pin_memory": True}
-        teacher = {"train_micro_batch_size_per_gpu": s.micro_batch, dtype_key: {"enabled": True},
-                   "zero_optimization": tz}
-    elif placement == "tensor_parallel":
-        teacher = {"tensor_parallel": {"tp_size": s.tensor_parallel}, "dtype": tr.dtype,
-                   "replace_with_kernel_inject": False}
-    else:
-        teacher = None
-    return {"student": student, "teachers": [teacher] * teachers,
-            "teacher_pass": "offline" if s.teacher_placement == "offline" else "online"}
+    teacher_configs: list[dict[str, Any] | None] = []
+    for t in t_facts:
+        tds = effective_deepspeed(config.deepspeed, t.params)
+        if placement in ("zero3", "zero3_offload"):
+            tz: dict[str, Any] = {
+                "stage": 3,
+                "stage3_prefetch_bucket_size": tds.stage3_prefetch_bucket_size,
+                "stage3_max_live_parameters": tds.stage3_max_live_parameters,
+                "stage3_param_persistence_threshold": tds.stage3_param_persistence_threshold,
+            }
+            if placement == "zero3_offload":
+                tz["offload_param"] = {"device": "cpu", "pin_memory": True}
+            teacher_configs.append(
+                {
+                    "train_micro_batch_size_per_gpu": s.micro_batch,
+                    dtype_key: {"enabled": True},
+                    "zero_optimization": tz,
+                }
+            )
+        elif placement == "tensor_parallel":
+            teacher_configs.append(
+                {
+                    "tensor_parallel": {"tp_size": s.tensor_parallel},
+                    "dtype": tr.dtype,
+                    "replace_with_kernel_inject": False,
+                }
+            )
+        else:
+            teacher_configs.append(None)
+    return {
+        "student": student,
+        "teachers": teacher_configs,
+        "teacher_pass": "offline" if s.teacher_placement == "offline" else "online",
+    }
 
 
-def emit(config: Config, t_facts: tuple[ModelFacts, ...], s_facts: ModelFacts, methods: MethodsView,
-         result: SearchResult, provenance: tuple[PassRecord, ...]) -> Plan:
+def emit(
+    config: Config,
+    t_facts: tuple[ModelFacts, ...],
+    s_facts: ModelFacts,
+    methods: MethodsView,
+    result: SearchResult,
+    provenance: tuple[PassRecord, ...],
+) -> Plan:
     best = result.best
     if best.schedule is None or best.timeline is None:
         # Rejected before replay (resident bytes alone exceed the budget): replay it to report its breakdown.
@@ -308,20 +386,35 @@ def emit(config: Config, t_facts: tuple[ModelFacts, ...], s_facts: ModelFacts, m
         tokens_total = tr.steps * tr.global_batch * tr.seq_len
         per_gpu = tokens_total / config.hardware.gpus
         t_time = sum(
-            forward_flops(ModelShape(params=t.params, layers=t.layers, hidden=t.hidden, layer_params=t.layer_params),
-                          1, tr.seq_len) / flops * per_gpu / tr.seq_len
+            forward_flops(
+                ModelShape(params=t.params, layers=t.layers, hidden=t.hidden, layer_params=t.layer_params),
+                1,
+                tr.seq_len,
+            )
+            / flops
+            * per_gpu
+            / tr.seq_len
             for t in t_facts
         )
         estimates["offline_teacher_pass_s"] = round(t_time, 1)
         estimates["offline_tokens"] = tokens_total
+    resolved_config = config.to_dict()
+    # Model references as the runtime must open them (paths resolved against the config's folder).
+    resolved_config["teachers"] = [config.model_path(t) for t in config.teachers]
+    resolved_config["student"] = config.model_path(config.student)
     inputs = {
-        "config": config.to_dict(),
+        "config": resolved_config,
         "models": {"teachers": [_facts_summary(f) for f in t_facts], "student": _facts_summary(s_facts)},
         "methods": methods.to_dict(),
     }
     alternatives = tuple(
-        Alternative(strategy=e.strategy, peak_bytes=e.peak_bytes, fits=e.fits, step_time_s=round(e.cost.step_time_s, 4),
-                    reason=reason)
+        Alternative(
+            strategy=e.strategy,
+            peak_bytes=e.peak_bytes,
+            fits=e.fits,
+            step_time_s=round(e.cost.step_time_s, 4),
+            reason=reason,
+        )
         for e, reason in result.runners_up
     )
     return Plan(
@@ -334,7 +427,11 @@ def emit(config: Config, t_facts: tuple[ModelFacts, ...], s_facts: ModelFacts, m
         host_bytes=best.host_bytes,
         strategy=dataclasses.replace(best.strategy, taps=best.info.tap_costs) if best.info else best.strategy,
         schedule=best.schedule,
-        deepspeed=json.loads(json.dumps(deepspeed_configs(config, best, len(t_facts)))),
+        deepspeed=json.loads(
+            json.dumps(
+                deepspeed_configs(config, best, t_facts, s_facts.params + methods.num_extra_parameters)
+            )
+        ),
         estimates=estimates,
         alternatives=alternatives,
         provenance=provenance,

@@ -23,12 +23,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLAN_VERSION = 1
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in binary units, for messages and reports."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 CATEGORIES = (
-    "parameters", "gradients", "optimizer", "activations", "taps", "loss_workspace", "buffers", "reserve",
+    "parameters",
+    "gradients",
+    "optimizer",
+    "activations",
+    "taps",
+    "loss_workspace",
+    "buffers",
+    "reserve",
 )
 PLAN_KEYS = (
-    "version", "inputs", "fits", "budget_bytes", "peak_bytes", "memory", "host_bytes", "strategy", "schedule",
-    "deepspeed", "estimates", "alternatives", "provenance",
+    "version",
+    "inputs",
+    "fits",
+    "budget_bytes",
+    "peak_bytes",
+    "memory",
+    "host_bytes",
+    "strategy",
+    "schedule",
+    "deepspeed",
+    "estimates",
+    "alternatives",
+    "provenance",
 )
 
 
@@ -92,17 +120,31 @@ class Op:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "kind": self.kind, "model": self.model, "layer": self.layer, "phase": self.phase,
-            "recompute": self.recompute, "taps": list(self.taps), "losses": list(self.losses),
-            "allocs": [a.to_dict() for a in self.allocs], "frees": list(self.frees),
+            "name": self.name,
+            "kind": self.kind,
+            "model": self.model,
+            "layer": self.layer,
+            "phase": self.phase,
+            "recompute": self.recompute,
+            "taps": list(self.taps),
+            "losses": list(self.losses),
+            "allocs": [a.to_dict() for a in self.allocs],
+            "frees": list(self.frees),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Op:
         return cls(
-            name=d["name"], kind=d["kind"], model=d["model"], layer=int(d["layer"]), phase=d["phase"],
-            recompute=bool(d["recompute"]), taps=tuple(d["taps"]), losses=tuple(d["losses"]),
-            allocs=tuple(TensorAlloc.from_dict(a) for a in d["allocs"]), frees=tuple(d["frees"]),
+            name=d["name"],
+            kind=d["kind"],
+            model=d["model"],
+            layer=int(d["layer"]),
+            phase=d["phase"],
+            recompute=bool(d["recompute"]),
+            taps=tuple(d["taps"]),
+            losses=tuple(d["losses"]),
+            allocs=tuple(TensorAlloc.from_dict(a) for a in d["allocs"]),
+            frees=tuple(d["frees"]),
         )
 
 
@@ -143,11 +185,19 @@ class TapCost:
     freed: str  # "after its loss (layerwise)", "after backward", ...
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "model": self.model, "tap": self.tap, "bytes": self.bytes, "freed": self.freed}
+        return {
+            "method": self.method,
+            "model": self.model,
+            "tap": self.tap,
+            "bytes": self.bytes,
+            "freed": self.freed,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TapCost:
-        return cls(method=d["method"], model=d["model"], tap=d["tap"], bytes=int(d["bytes"]), freed=d["freed"])
+        return cls(
+            method=d["method"], model=d["model"], tap=d["tap"], bytes=int(d["bytes"]), freed=d["freed"]
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,8 +219,13 @@ class Strategy:
 
     def key(self) -> tuple[Any, ...]:
         return (
-            self.student_zero_stage, self.student_offload, self.teacher_placement, self.tensor_parallel,
-            self.micro_batch, self.tap_loss, self.loss_path,
+            self.student_zero_stage,
+            self.student_offload,
+            self.teacher_placement,
+            self.tensor_parallel,
+            self.micro_batch,
+            self.tap_loss,
+            self.loss_path,
         )
 
     def describe(self) -> str:
@@ -181,29 +236,42 @@ class Strategy:
             placement = f"offline top-k (teacher pass: {self.offline_teacher_placement})"
         offload = "" if self.student_offload == "none" else f" + offload {self.student_offload}"
         return (
-            f"student ZeRO-{self.student_zero_stage}{offload}; teacher {placement}; micro-batch {self.micro_batch}"
+            f"student ZeRO-{self.student_zero_stage}{offload}; teacher {placement}; "
+            f"micro-batch {self.micro_batch}"
             f" x {self.grad_accum} accumulation; recompute {len(self.recompute_layers)} layers; "
             f"tap losses {self.tap_loss}; logit loss {self.loss_path}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "student_zero_stage": self.student_zero_stage, "student_offload": self.student_offload,
-            "teacher_placement": self.teacher_placement, "tensor_parallel": self.tensor_parallel,
-            "offline_teacher_placement": self.offline_teacher_placement, "micro_batch": self.micro_batch,
-            "grad_accum": self.grad_accum, "recompute_layers": list(self.recompute_layers),
-            "tap_loss": self.tap_loss, "loss_path": self.loss_path, "attention": self.attention,
+            "student_zero_stage": self.student_zero_stage,
+            "student_offload": self.student_offload,
+            "teacher_placement": self.teacher_placement,
+            "tensor_parallel": self.tensor_parallel,
+            "offline_teacher_placement": self.offline_teacher_placement,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "recompute_layers": list(self.recompute_layers),
+            "tap_loss": self.tap_loss,
+            "loss_path": self.loss_path,
+            "attention": self.attention,
             "taps": [t.to_dict() for t in self.taps],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Strategy:
         return cls(
-            student_zero_stage=int(d["student_zero_stage"]), student_offload=d["student_offload"],
-            teacher_placement=d["teacher_placement"], tensor_parallel=int(d["tensor_parallel"]),
-            offline_teacher_placement=d["offline_teacher_placement"], micro_batch=int(d["micro_batch"]),
-            grad_accum=int(d["grad_accum"]), recompute_layers=tuple(int(x) for x in d["recompute_layers"]),
-            tap_loss=d["tap_loss"], loss_path=d["loss_path"], attention=d["attention"],
+            student_zero_stage=int(d["student_zero_stage"]),
+            student_offload=d["student_offload"],
+            teacher_placement=d["teacher_placement"],
+            tensor_parallel=int(d["tensor_parallel"]),
+            offline_teacher_placement=d["offline_teacher_placement"],
+            micro_batch=int(d["micro_batch"]),
+            grad_accum=int(d["grad_accum"]),
+            recompute_layers=tuple(int(x) for x in d["recompute_layers"]),
+            tap_loss=d["tap_loss"],
+            loss_path=d["loss_path"],
+            attention=d["attention"],
             taps=tuple(TapCost.from_dict(t) for t in d["taps"]),
         )
 
@@ -220,15 +288,21 @@ class Alternative:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "strategy": self.strategy.to_dict(), "peak_bytes": self.peak_bytes, "fits": self.fits,
-            "step_time_s": self.step_time_s, "reason": self.reason,
+            "strategy": self.strategy.to_dict(),
+            "peak_bytes": self.peak_bytes,
+            "fits": self.fits,
+            "step_time_s": self.step_time_s,
+            "reason": self.reason,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Alternative:
         return cls(
-            strategy=Strategy.from_dict(d["strategy"]), peak_bytes=int(d["peak_bytes"]), fits=bool(d["fits"]),
-            step_time_s=float(d["step_time_s"]), reason=d["reason"],
+            strategy=Strategy.from_dict(d["strategy"]),
+            peak_bytes=int(d["peak_bytes"]),
+            fits=bool(d["fits"]),
+            step_time_s=float(d["step_time_s"]),
+            reason=d["reason"],
         )
 
 
@@ -266,7 +340,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         if set(self.memory) != set(CATEGORIES):
-            raise ValueError(f"plan memory must have exactly the categories {CATEGORIES}, got {sorted(self.memory)}")
+            raise ValueError(
+                f"plan memory must have exactly the categories {CATEGORIES}, got {sorted(self.memory)}"
+            )
         if sum(self.memory.values()) != self.peak_bytes:
             raise ValueError(
                 f"plan memory categories sum to {sum(self.memory.values())}, not peak_bytes {self.peak_bytes}"
@@ -299,13 +375,21 @@ class Plan:
         if d["version"] != PLAN_VERSION:
             from gkd.errors import InputError
 
-            raise InputError(f"plan version {d['version']} is not {PLAN_VERSION}; re-run `gkd plan -o` to refresh it")
+            raise InputError(
+                f"plan version {d['version']} is not {PLAN_VERSION}; re-run `gkd plan -o` to refresh it"
+            )
         return cls(
-            version=int(d["version"]), inputs=d["inputs"], fits=bool(d["fits"]),
-            budget_bytes=int(d["budget_bytes"]), peak_bytes=int(d["peak_bytes"]),
-            memory={k: int(v) for k, v in d["memory"].items()}, host_bytes=int(d["host_bytes"]),
-            strategy=Strategy.from_dict(d["strategy"]), schedule=Schedule.from_dict(d["schedule"]),
-            deepspeed=d["deepspeed"], estimates=d["estimates"],
+            version=int(d["version"]),
+            inputs=d["inputs"],
+            fits=bool(d["fits"]),
+            budget_bytes=int(d["budget_bytes"]),
+            peak_bytes=int(d["peak_bytes"]),
+            memory={k: int(v) for k, v in d["memory"].items()},
+            host_bytes=int(d["host_bytes"]),
+            strategy=Strategy.from_dict(d["strategy"]),
+            schedule=Schedule.from_dict(d["schedule"]),
+            deepspeed=d["deepspeed"],
+            estimates=d["estimates"],
             alternatives=tuple(Alternative.from_dict(a) for a in d["alternatives"]),
             provenance=tuple(PassRecord.from_dict(p) for p in d["provenance"]),
         )
@@ -320,5 +404,7 @@ class Plan:
         except json.JSONDecodeError as err:
             from gkd.errors import InputError
 
-            raise InputError(f"plan is not valid JSON ({err}); write plans with `gkd plan -o plan.json`") from None
+            raise InputError(
+                f"plan is not valid JSON ({err}); write plans with `gkd plan -o plan.json`"
+            ) from None
         return cls.from_dict(data)

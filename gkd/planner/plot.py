@@ -49,9 +49,14 @@ def plot_timeline(plan: Plan, path: str | Path) -> None:
     totals = [sum(series[c][i] for c in CATEGORIES) for i in x]
     if totals:
         peak = max(range(len(totals)), key=lambda i: totals[i])
-        ax.annotate(f"peak {totals[peak] / GiB:.1f} GiB\n{plan.schedule.ops[peak].name}",
-                    xy=(peak, totals[peak] / GiB), xytext=(0, 12), textcoords="offset points", ha="center",
-                    fontsize=8)
+        ax.annotate(
+            f"peak {totals[peak] / GiB:.1f} GiB\n{plan.schedule.ops[peak].name}",
+            xy=(peak, totals[peak] / GiB),
+            xytext=(0, 12),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
     # Mark where each model's phase starts.
     last = None
     for i, op in enumerate(plan.schedule.ops):

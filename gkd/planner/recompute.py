@@ -8,7 +8,8 @@ Every solver has the signature `(sizes, costs, budget) -> selection`:
   recompute cost is as low as the solver can make it. When even recomputing everything does not fit, every
   item is selected (the caller sees that the plan still does not fit).
 
-Solvers: `greedy` (cheapest recompute per freed byte first; ties go to the earliest item, which also lowers the
+Solvers: `greedy` (cheapest recompute per freed byte first; ties go to the earliest item, which also lowers
+the
 backward-pass moments of the later layers; optimal when items are identical, as the layers of one model are),
 `dp` (exact knapsack over the kept items on a byte grid, sizes rounded up so the budget always holds), and
 `solve`, which picks greedy for identical items and dp otherwise (functorch's

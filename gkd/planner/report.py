@@ -11,28 +11,23 @@ from typing import Any
 
 from gkd.config import Config, apply_flags
 from gkd.errors import InputError
-from gkd.planner.plan import CATEGORIES, Plan
+from gkd.planner.plan import CATEGORIES, Plan, human_bytes
 
 GiB = 1 << 30
+RUNNERS_UP_SHOWN = 8
 
 PLACEMENT_WORDS = {
     "replicated": "replicated on every GPU",
     "zero3": "ZeRO-3 sharded inference (weights partitioned over the GPUs, gathered layer by layer)",
     "zero3_offload": "ZeRO-3 with host offload (weights in pinned host memory, streamed layer by layer with "
-                     "prefetch)",
+    "prefetch)",
     "tensor_parallel": "tensor parallel",
-    "offline": "offline: a teacher pass first stores top-k log-probs on disk; the student trains against them",
+    "offline": "offline: a teacher pass first stores top-k log-probs on disk; the student trains against "
+    "them",
 }
 
 
-def size(n: float) -> str:
-    if abs(n) >= 1 << 40:
-        return f"{n / (1 << 40):.2f} TiB"
-    if abs(n) >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    if abs(n) >= 1 << 20:
-        return f"{n / (1 << 20):.1f} MiB"
-    return f"{int(n)} B"
+size = human_bytes
 
 
 def _layers(ids: tuple[int, ...]) -> str:
@@ -63,13 +58,17 @@ def render(plan: Plan, *, explain: bool = False) -> str:
     methods = " + ".join(m["name"] for m in cfg.get("methods", []))
     tnames = ", ".join(f"{t['name']} ({t['params'] / 1e9:.1f}B)" for t in teachers)
     lines.append(f"gkd plan: {tnames} -> {st.get('name')} ({st.get('params', 0) / 1e9:.2f}B) with {methods}")
-    lines.append(f"  sequence {tr.get('seq_len')}, global batch {tr.get('global_batch')}, {hw.get('gpus')} x "
-                 f"{hw.get('gpu_name')} ({size(plan.budget_bytes)} each), host {size(hw.get('host_memory_bytes', 0))}")
+    lines.append(
+        f"  sequence {tr.get('seq_len')}, global batch {tr.get('global_batch')}, {hw.get('gpus')} x "
+        f"{hw.get('gpu_name')} ({size(plan.budget_bytes)} each), host {size(hw.get('host_memory_bytes', 0))}"
+    )
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     lines.append("")
-    lines.append(f"{verdict}: peak {size(plan.peak_bytes)} of {size(plan.budget_bytes)} per GPU "
-                 f"(at {plan.estimates.get('peak_op')}); host memory {size(plan.host_bytes)} per node; "
-                 f"disk {size(plan.estimates.get('disk_bytes', 0))}")
+    lines.append(
+        f"{verdict}: peak {size(plan.peak_bytes)} of {size(plan.budget_bytes)} per GPU "
+        f"(at {plan.estimates.get('peak_op')}); host memory {size(plan.host_bytes)} per node; "
+        f"disk {size(plan.estimates.get('disk_bytes', 0))}"
+    )
     lines.append("")
     lines.append("Memory on the most loaded GPU at its peak (all GPUs are symmetric):")
     lines.append(f"  {'category':<16}{'bytes':>12}{'share':>8}")
@@ -79,8 +78,11 @@ def render(plan: Plan, *, explain: bool = False) -> str:
     lines.append(f"  {'total':<16}{size(plan.peak_bytes):>12}")
     lines.append("")
     lines.append("Strategy:")
-    offload = {"none": "", "optimizer": ", optimizer states offloaded to the host",
-               "optimizer+parameters": ", optimizer states and weights offloaded to the host"}[s.student_offload]
+    offload = {
+        "none": "",
+        "optimizer": ", optimizer states offloaded to the host",
+        "optimizer+parameters": ", optimizer states and weights offloaded to the host",
+    }[s.student_offload]
     lines.append(f"  student: ZeRO-{s.student_zero_stage}{offload}")
     words = PLACEMENT_WORDS[s.teacher_placement]
     if s.teacher_placement == "tensor_parallel":
@@ -88,10 +90,14 @@ def render(plan: Plan, *, explain: bool = False) -> str:
     if s.teacher_placement == "offline":
         words += f" (teacher pass: {s.offline_teacher_placement})"
     lines.append(f"  teacher: {words}")
-    lines.append(f"  micro-batch {s.micro_batch} x {s.grad_accum} accumulation steps per GPU; attention {s.attention}")
+    lines.append(
+        f"  micro-batch {s.micro_batch} x {s.grad_accum} accumulation steps per GPU; attention {s.attention}"
+    )
     student_layers = st.get("layers", 0)
-    lines.append(f"  recompute: {len(s.recompute_layers)} of {student_layers} student layers "
-                 f"({_layers(s.recompute_layers)})")
+    lines.append(
+        f"  recompute: {len(s.recompute_layers)} of {student_layers} student layers "
+        f"({_layers(s.recompute_layers)})"
+    )
     lines.append(f"  intermediate-tap losses: {s.tap_loss}; logit loss: {s.loss_path}")
     if s.taps:
         lines.append("")
@@ -104,15 +110,23 @@ def render(plan: Plan, *, explain: bool = False) -> str:
     lines.extend("  " + x for x in schedule_brief(plan))
     lines.append("")
     e = plan.estimates
-    parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in e.get("step_parts_s", {}).items() if v > 0)
-    lines.append(f"Estimates: step {e.get('step_time_s', 0):.2f} s, {e.get('tokens_per_s', 0):,.0f} tokens/s ({parts})")
+    parts = ", ".join(
+        f"{k.replace('_', ' ')} {v:.2f} s" for k, v in e.get("step_parts_s", {}).items() if v > 0
+    )
+    lines.append(
+        f"Estimates: step {e.get('step_time_s', 0):.2f} s, {e.get('tokens_per_s', 0):,.0f} tokens/s ({parts})"
+    )
     if "offline_teacher_pass_s" in e:
-        lines.append(f"  offline teacher pass: {e['offline_teacher_pass_s'] / 3600:.1f} h for "
-                     f"{e['offline_tokens']:,} tokens ({tr.get('steps')} steps), disk {size(e.get('disk_bytes', 0))}")
+        lines.append(
+            f"  offline teacher pass: {e['offline_teacher_pass_s'] / 3600:.1f} h for "
+            f"{e['offline_tokens']:,} tokens ({tr.get('steps')} steps), disk {size(e.get('disk_bytes', 0))}"
+        )
     if plan.alternatives:
         lines.append("")
-        lines.append("Runners-up:")
-        for a in plan.alternatives:
+        shown = plan.alternatives[:RUNNERS_UP_SHOWN]
+        more = len(plan.alternatives) - len(shown)
+        lines.append("Runners-up" + (f" (best {len(shown)}; {more} more in the plan JSON):" if more else ":"))
+        for a in shown:
             lines.append(f"  - {a.strategy.describe()}")
             lines.append(f"      {a.reason}")
     if explain:
@@ -124,9 +138,15 @@ def render(plan: Plan, *, explain: bool = False) -> str:
 
 
 SECTIONS = {
-    "offline_teacher_pass": "offline teacher pass", "load_topk": "load stored top-k",
-    "teacher_forward": "forward", "student_forward": "forward", "tap_loss": "losses", "logit_loss": "losses",
-    "student_recompute": "backward", "student_backward": "backward", "optimizer_step": "optimizer step",
+    "offline_teacher_pass": "offline teacher pass",
+    "load_topk": "load stored top-k",
+    "teacher_forward": "forward",
+    "student_forward": "forward",
+    "tap_loss": "losses",
+    "logit_loss": "losses",
+    "student_recompute": "backward",
+    "student_backward": "backward",
+    "optimizer_step": "optimizer step",
 }
 
 
@@ -186,13 +206,15 @@ def suggest(config: Config, plan: Plan) -> list[str]:
         for _ in range(6):
             p = _try(config, host_memory=f"{target // GiB}GiB")
             if p is not None:
-                out.append(f"host memory {size(target)} per node (--host-memory {target // GiB}GiB): "
-                           f"peak {size(p.peak_bytes)}, host {size(p.host_bytes)}")
+                out.append(
+                    f"host memory {size(target)} per node (--host-memory {target // GiB}GiB): "
+                    f"peak {size(p.peak_bytes)}, host {size(p.host_bytes)}"
+                )
                 break
             target *= 2
-    # Sequence length.
+    # Sequence length: halve up to three times (each new length is traced once, then cached).
     seq = tr.seq_len // 2
-    while seq >= 64:
+    while seq >= max(8, tr.seq_len // 8):
         p = _try(config, seq_len=seq)
         if p is not None:
             out.append(f"sequence length {seq} (--seq-len {seq}): peak {size(p.peak_bytes)}")
@@ -218,7 +240,9 @@ def suggest(config: Config, plan: Plan) -> list[str]:
     if len(config.methods) > 1:
         for m in config.methods:
             rest = ",".join(x.name for x in config.methods if x.name != m.name)
-            lighter = dataclasses.replace(config, methods=tuple(x for x in config.methods if x.name != m.name))
+            lighter = dataclasses.replace(
+                config, methods=tuple(x for x in config.methods if x.name != m.name)
+            )
             p = _try(lighter)
             if p is not None:
                 out.append(f"without {m.name} (--methods {rest}): peak {size(p.peak_bytes)}")

@@ -101,8 +101,16 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
 
     if w.offline_allocs:
         names = tuple(a.name for a in w.offline_allocs)
-        ops.append(Op(name="offline.teacher_pass", kind="offline_teacher_pass", model="teacher0", phase="offline",
-                      allocs=w.offline_allocs, frees=names))
+        ops.append(
+            Op(
+                name="offline.teacher_pass",
+                kind="offline_teacher_pass",
+                model="teacher0",
+                phase="offline",
+                allocs=w.offline_allocs,
+                frees=names,
+            )
+        )
 
     # Which loss terms run where, and when each teacher tap is last read.
     head_terms = [t for t in w.terms if t.logits]
@@ -122,24 +130,59 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
             prefix = f"t{ti}"
             stream = f"{prefix}.hidden"
             allocs = [TensorAlloc(name=stream, bytes=t.hidden_bytes, category="activations")]
-            allocs += [TensorAlloc(name=f"{prefix}:{n}", bytes=b, category="taps") for n, b, _ in t.embed_taps]
-            ops.append(Op(name=f"{prefix}.forward.embed", kind="teacher_forward", model=f"teacher{ti}",
-                          taps=tuple(n for n, _, _ in t.embed_taps), allocs=tuple(allocs)))
+            allocs += [
+                TensorAlloc(name=f"{prefix}:{n}", bytes=b, category="taps") for n, b, _ in t.embed_taps
+            ]
+            ops.append(
+                Op(
+                    name=f"{prefix}.forward.embed",
+                    kind="teacher_forward",
+                    model=f"teacher{ti}",
+                    taps=tuple(n for n, _, _ in t.embed_taps),
+                    allocs=tuple(allocs),
+                )
+            )
             for i in range(t.layers):
                 ws = f"{prefix}.workspace.{i}"
                 allocs = [TensorAlloc(name=ws, bytes=t.forward_workspace, category="activations")]
-                allocs += [TensorAlloc(name=f"{prefix}:{n}", bytes=b, category="taps") for n, b, _ in t.layer_taps[i]]
-                ops.append(Op(name=f"{prefix}.forward.{i}", kind="teacher_forward", model=f"teacher{ti}", layer=i,
-                              taps=tuple(n for n, _, _ in t.layer_taps[i]), allocs=tuple(allocs), frees=(ws,)))
+                allocs += [
+                    TensorAlloc(name=f"{prefix}:{n}", bytes=b, category="taps") for n, b, _ in t.layer_taps[i]
+                ]
+                ops.append(
+                    Op(
+                        name=f"{prefix}.forward.{i}",
+                        kind="teacher_forward",
+                        model=f"teacher{ti}",
+                        layer=i,
+                        taps=tuple(n for n, _, _ in t.layer_taps[i]),
+                        allocs=tuple(allocs),
+                        frees=(ws,),
+                    )
+                )
             allocs = [TensorAlloc(name=f"{prefix}:{n}", bytes=b, category="taps") for n, b, _ in t.head_taps]
-            ops.append(Op(name=f"{prefix}.forward.head", kind="teacher_forward", model=f"teacher{ti}",
-                          taps=tuple(n for n, _, _ in t.head_taps), allocs=tuple(allocs), frees=(stream,)))
+            ops.append(
+                Op(
+                    name=f"{prefix}.forward.head",
+                    kind="teacher_forward",
+                    model=f"teacher{ti}",
+                    taps=tuple(n for n, _, _ in t.head_taps),
+                    allocs=tuple(allocs),
+                    frees=(stream,),
+                )
+            )
             for coll in (t.embed_taps, t.head_taps, *t.layer_taps):
                 for n, b, _ in coll:
                     teacher_tap_bytes[f"{prefix}:{n}"] = b
     elif w.topk_bytes:
-        ops.append(Op(name="offline.load_topk", kind="load_topk", model="teacher0", taps=("logits",),
-                      allocs=(TensorAlloc(name="t0:topk", bytes=w.topk_bytes, category="taps"),)))
+        ops.append(
+            Op(
+                name="offline.load_topk",
+                kind="load_topk",
+                model="teacher0",
+                taps=("logits",),
+                allocs=(TensorAlloc(name="t0:topk", bytes=w.topk_bytes, category="taps"),),
+            )
+        )
 
     # Student taps: (name -> bytes, saved_by_layer) to size what losses hold.
     s_taps: dict[str, tuple[int, bool]] = {}
@@ -156,22 +199,40 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
             grad_bytes = sum(s_taps.get(x, (0, True))[0] for x in student_reads)
             if s.tap_loss == "layerwise" and where < st.layers:
                 grad = f"grad:{term.name}@{where}"
-                ops.append(Op(name=f"loss.{term.name}@{where}", kind="tap_loss", model="student", layer=where,
-                              taps=term.taps, losses=(term.name,),
-                              allocs=(TensorAlloc(name=grad, bytes=grad_bytes, category="taps"),),
-                              frees=tuple(x for x in teacher_reads if last_read.get(x) == term.name)))
+                ops.append(
+                    Op(
+                        name=f"loss.{term.name}@{where}",
+                        kind="tap_loss",
+                        model="student",
+                        layer=where,
+                        taps=term.taps,
+                        losses=(term.name,),
+                        allocs=(TensorAlloc(name=grad, bytes=grad_bytes, category="taps"),),
+                        frees=tuple(x for x in teacher_reads if last_read.get(x) == term.name),
+                    )
+                )
                 grads_at.setdefault(where, []).append(grad)
             else:
                 # Held by autograd until backward: student taps that the layers do not save anyway.
                 extra = [
                     TensorAlloc(name=f"held:{x}", bytes=s_taps[x][0], category="taps")
-                    for x in student_reads if x in s_taps and not s_taps[x][1] and f"held:{x}" not in held_names
+                    for x in student_reads
+                    if x in s_taps and not s_taps[x][1] and f"held:{x}" not in held_names
                 ]
                 held_names.update(a.name for a in extra)
                 held_by_end.extend(a.name for a in extra)
                 held_by_end.extend(x for x in teacher_reads if last_read.get(x) == term.name)
-                ops.append(Op(name=f"loss.{term.name}@end", kind="tap_loss", model="student", layer=-1,
-                              taps=term.taps, losses=(term.name,), allocs=tuple(extra)))
+                ops.append(
+                    Op(
+                        name=f"loss.{term.name}@end",
+                        kind="tap_loss",
+                        model="student",
+                        layer=-1,
+                        taps=term.taps,
+                        losses=(term.name,),
+                        allocs=tuple(extra),
+                    )
+                )
 
     last_read: dict[str, str] = {}
     for where in sorted(term_at):
@@ -187,9 +248,15 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
     grads_at: dict[int, list[str]] = {}
 
     # 2. Student forward.
-    ops.append(Op(name="s.forward.embed", kind="student_forward", model="student",
-                  taps=tuple(n for n, _, _ in st.embed_taps),
-                  allocs=(TensorAlloc(name="s.saved.embed", bytes=st.embed_saved, category="activations"),)))
+    ops.append(
+        Op(
+            name="s.forward.embed",
+            kind="student_forward",
+            model="student",
+            taps=tuple(n for n, _, _ in st.embed_taps),
+            allocs=(TensorAlloc(name="s.saved.embed", bytes=st.embed_saved, category="activations"),),
+        )
+    )
     run_terms(-1)
     for i in range(st.layers):
         rc = i in recompute
@@ -201,43 +268,87 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
             TensorAlloc(name=f"s.saved.{i}", bytes=kept, category="activations"),
             TensorAlloc(name=ws, bytes=st.forward_workspace, category="activations"),
         )
-        ops.append(Op(name=f"s.forward.{i}", kind="student_forward", model="student", layer=i, recompute=rc,
-                      taps=tuple(n for n, _, _ in st.layer_taps[i]), allocs=allocs, frees=(ws,)))
+        ops.append(
+            Op(
+                name=f"s.forward.{i}",
+                kind="student_forward",
+                model="student",
+                layer=i,
+                recompute=rc,
+                taps=tuple(n for n, _, _ in st.layer_taps[i]),
+                allocs=allocs,
+                frees=(ws,),
+            )
+        )
         run_terms(i)
 
     # 3. Losses after the forward: intermediate taps (end) and the logit loss.
     run_terms(st.layers)
     if head_terms:
         teacher_reads = sorted({x for t in head_terms for x in t.taps if not x.startswith("s:")})
-        allocs = [TensorAlloc(name="loss.retained", bytes=w.logit_loss_retained, category="loss_workspace"),
-                  TensorAlloc(name="loss.transient", bytes=w.logit_loss_transient, category="loss_workspace")]
+        allocs = [
+            TensorAlloc(name="loss.retained", bytes=w.logit_loss_retained, category="loss_workspace"),
+            TensorAlloc(name="loss.transient", bytes=w.logit_loss_transient, category="loss_workspace"),
+        ]
         frees = ["loss.transient"]
         # The logit kernels compute their gradients in the forward, so what the teacher gave is freed here.
         if not online:
             frees.append("t0:topk")
         else:
             frees += [x for x in teacher_reads if last_read.get(x) in {t.name for t in head_terms}]
-        ops.append(Op(name="loss.logits", kind="logit_loss", model="student", taps=tuple(teacher_reads),
-                      losses=tuple(t.name for t in head_terms), allocs=tuple(allocs), frees=tuple(frees)))
+        ops.append(
+            Op(
+                name="loss.logits",
+                kind="logit_loss",
+                model="student",
+                taps=tuple(teacher_reads),
+                losses=tuple(t.name for t in head_terms),
+                allocs=tuple(allocs),
+                frees=tuple(frees),
+            )
+        )
 
     # 4. Backward.
     frees = (["loss.retained"] if head_terms else []) + held_by_end
-    ops.append(Op(name="s.backward.head", kind="student_backward", model="student",
-                  allocs=(TensorAlloc(name="s.grad.head", bytes=w.logit_backward_transient, category="activations"),),
-                  frees=tuple(["s.grad.head", *frees])))
+    ops.append(
+        Op(
+            name="s.backward.head",
+            kind="student_backward",
+            model="student",
+            allocs=(
+                TensorAlloc(name="s.grad.head", bytes=w.logit_backward_transient, category="activations"),
+            ),
+            frees=tuple(["s.grad.head", *frees]),
+        )
+    )
     for i in range(st.layers - 1, -1, -1):
         if i in recompute:
             tapped_saved = sum(b for n, b, saved in st.layer_taps[i] if saved and not _is_hidden(n))
             again = st.saved - min(st.checkpoint + tapped_saved, st.saved)
-            ops.append(Op(name=f"s.recompute.{i}", kind="student_recompute", model="student", layer=i,
-                          recompute=True,
-                          allocs=(TensorAlloc(name=f"s.recomputed.{i}", bytes=max(again, 0),
-                                              category="activations"),)))
+            ops.append(
+                Op(
+                    name=f"s.recompute.{i}",
+                    kind="student_recompute",
+                    model="student",
+                    layer=i,
+                    recompute=True,
+                    allocs=(
+                        TensorAlloc(name=f"s.recomputed.{i}", bytes=max(again, 0), category="activations"),
+                    ),
+                )
+            )
         ws = f"s.grad.{i}"
         frees = [ws, f"s.saved.{i}"] + ([f"s.recomputed.{i}"] if i in recompute else []) + grads_at.get(i, [])
-        ops.append(Op(name=f"s.backward.{i}", kind="student_backward", model="student", layer=i,
-                      allocs=(TensorAlloc(name=ws, bytes=st.backward_workspace, category="activations"),),
-                      frees=tuple(frees)))
+        ops.append(
+            Op(
+                name=f"s.backward.{i}",
+                kind="student_backward",
+                model="student",
+                layer=i,
+                allocs=(TensorAlloc(name=ws, bytes=st.backward_workspace, category="activations"),),
+                frees=tuple(frees),
+            )
+        )
     # Teacher taps no loss reads (none, when methods resolve consistently) go at the end of the micro-step.
     unread = sorted(n for n in teacher_tap_bytes if n not in last_read)
     tail = ["s.saved.embed", *grads_at.get(-1, []), *unread]
@@ -267,7 +378,8 @@ class Timeline:
 def simulate(schedule: Schedule) -> Timeline:
     """Replay the schedule once (one micro-step, then the step ops): live bytes = static + what the ops
     allocated and have not freed. An op's own allocations count at its high point; its frees apply after.
-    Offline ops run before training, so they are replayed against the reserve only, not the training static."""
+    Offline ops run before training, so they are replayed against the reserve only, not the training
+    static."""
     static_total = sum(a.bytes for a in schedule.static)
     reserve_total = sum(a.bytes for a in schedule.static if a.category == "reserve")
     live: dict[str, TensorAlloc] = {}
@@ -302,5 +414,6 @@ def simulate(schedule: Schedule) -> Timeline:
             by_cat[a.category] += a.bytes
     for a in best_live.values():
         by_cat[a.category] += a.bytes
-    return Timeline(op_names=tuple(names), totals=tuple(totals), peak_bytes=best, peak_op=best_op,
-                    by_category=by_cat)
+    return Timeline(
+        op_names=tuple(names), totals=tuple(totals), peak_bytes=best, peak_op=best_op, by_category=by_cat
+    )

@@ -3,7 +3,8 @@
 The space: student ZeRO stage 0-3 with optimizer / parameter offload; teacher placement (replicated, ZeRO-3
 sharded inference, ZeRO-3 with host offload, tensor parallel of each degree that divides a node and the head
 count, offline top-k when every teacher tap is logits); micro-batch (and so gradient accumulation); where
-intermediate-tap losses run (layerwise or end); the logit-loss path (fused-linear or plain logits); and, inside
+intermediate-tap losses run (layerwise or end); the logit-loss path (fused-linear or plain logits); and,
+inside
 each candidate, which student layers to recompute (a knapsack solved by `gkd.planner.recompute`, not
 all-or-nothing). User overrides pin any of these.
 
@@ -23,16 +24,39 @@ from gkd.config import Config
 from gkd.planner.analysis import ModelFacts, WorkloadInfo, build_workload
 from gkd.planner.cost import ModelShape, StepCost, bottleneck, layer_forward_flops, step_cost
 from gkd.planner.memory import reserve_bytes
-from gkd.planner.plan import Schedule, Strategy, TensorAlloc
+from gkd.planner.plan import Schedule, Strategy, TensorAlloc, human_bytes
 from gkd.planner.recompute import solve
 from gkd.planner.schedule import Timeline, Workload, build_schedule, simulate
 
 STUDENT_CHOICES = (
-    (0, "none"), (1, "none"), (2, "none"), (1, "optimizer"), (2, "optimizer"), (3, "none"), (3, "optimizer"),
+    (0, "none"),
+    (1, "none"),
+    (2, "none"),
+    (1, "optimizer"),
+    (2, "optimizer"),
+    (3, "none"),
+    (3, "optimizer"),
     (3, "optimizer+parameters"),
 )
 GiB = 1 << 30
-TIE = 0.005  # step times within 0.5% are a tie, broken by less host memory, then a lower peak
+NOTHING_FITS_REPLAYS = 40  # when nothing fits, how many of the least-resident candidates are replayed
+TIE = 0.005  # step times within 0.5% are a tie, broken by the simpler strategy (see _simplicity)
+PLACEMENT_RANK = {"replicated": 0, "tensor_parallel": 1, "offline": 2, "zero3": 3, "zero3_offload": 4}
+
+
+def _simplicity(e: Evaluated) -> tuple[int, ...]:
+    """Lower is simpler: less host memory in use, a less sharded teacher, a lower ZeRO stage, no offload,
+    fewer recomputed layers, then the lower peak."""
+    s = e.strategy
+    return (
+        e.host_bytes,
+        PLACEMENT_RANK[s.teacher_placement],
+        s.tensor_parallel,
+        s.student_zero_stage,
+        STUDENT_CHOICES.index((s.student_zero_stage, s.student_offload)),
+        len(s.recompute_layers),
+        e.peak_bytes,
+    )
 
 
 def _better(a: Evaluated, b: Evaluated) -> bool:
@@ -40,11 +64,10 @@ def _better(a: Evaluated, b: Evaluated) -> bool:
     ta, tb = a.cost.step_time_s, b.cost.step_time_s
     if abs(ta - tb) > TIE * min(ta, tb):
         return ta < tb
-    return (a.host_bytes, a.peak_bytes) < (b.host_bytes, b.peak_bytes)
+    return _simplicity(a) < _simplicity(b)
 
 
-def gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
+gib = human_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +118,9 @@ def micro_batch_choices(config: Config) -> list[int]:
     return sorted(out)
 
 
-def candidates(config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...], resolved: Any) -> list[Strategy]:
+def candidates(
+    config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...], resolved: Any
+) -> list[Strategy]:
     """Every strategy the overrides allow (recompute is decided per candidate)."""
     ov = config.overrides
     per_gpu = config.training.per_gpu_batch(config.hardware.gpus)
@@ -111,12 +136,15 @@ def candidates(config: Config, student: ModelFacts, teachers: tuple[ModelFacts, 
         if ov.teacher_placement == "offline" and not placements:
             from gkd.errors import InputError
 
-            raise InputError("the offline teacher needs methods whose only teacher tap is logits (e.g. kd); "
-                             "drop the intermediate-tap methods or choose another teacher_placement")
+            raise InputError(
+                "the offline teacher needs methods whose only teacher tap is logits (e.g. kd); "
+                "drop the intermediate-tap methods or choose another teacher_placement"
+            )
     if ov.tensor_parallel is not None:
         placements = [p for p in placements if p[0] != "tensor_parallel" or p[1] == ov.tensor_parallel]
     choices = [
-        c for c in STUDENT_CHOICES
+        c
+        for c in STUDENT_CHOICES
         if (ov.student_zero_stage is None or c[0] == ov.student_zero_stage)
         and (ov.student_offload is None or c[1] == ov.student_offload)
     ]
@@ -128,19 +156,30 @@ def candidates(config: Config, student: ModelFacts, teachers: tuple[ModelFacts, 
         if per_gpu % mb:
             continue
         for placement, tp in placements:
-            paths = ["topk"] if placement == "offline" else (
-                ["fused_linear", "logits"] if resolved.fused_linear else ["logits"])
+            paths = (
+                ["topk"]
+                if placement == "offline"
+                else (["fused_linear", "logits"] if resolved.fused_linear else ["logits"])
+            )
             if ov.loss_path is not None and placement != "offline":
                 paths = [p for p in paths if p == ov.loss_path]
             for stage, offload in choices:
                 for tap_loss in tap_places:
                     for path in paths:
-                        out.append(Strategy(
-                            student_zero_stage=stage, student_offload=offload, teacher_placement=placement,
-                            tensor_parallel=tp, micro_batch=mb, grad_accum=per_gpu // mb,
-                            tap_loss=tap_loss, loss_path=path, attention=attention,
-                            recompute_layers=tuple(ov.recompute_layers or ()),
-                        ))
+                        out.append(
+                            Strategy(
+                                student_zero_stage=stage,
+                                student_offload=offload,
+                                teacher_placement=placement,
+                                tensor_parallel=tp,
+                                micro_batch=mb,
+                                grad_accum=per_gpu // mb,
+                                tap_loss=tap_loss,
+                                loss_path=path,
+                                attention=attention,
+                                recompute_layers=tuple(ov.recompute_layers or ()),
+                            )
+                        )
     return out
 
 
@@ -155,23 +194,41 @@ class _Evaluator:
     def cost(self, s: Strategy, topk: int = 0) -> StepCost:
         c, tr = self.config, self.config.training
         return step_cost(
-            hw=c.hardware, student=self.s_shape, student_trainable=self.trainable, teachers=self.t_shapes,
-            stage=s.student_zero_stage, offload=s.student_offload, placement=s.teacher_placement,
-            tensor_parallel=s.tensor_parallel, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
-            seq=tr.seq_len, recomputed_layers=len(s.recompute_layers), global_batch=tr.global_batch,
+            hw=c.hardware,
+            student=self.s_shape,
+            student_trainable=self.trainable,
+            teachers=self.t_shapes,
+            stage=s.student_zero_stage,
+            offload=s.student_offload,
+            placement=s.teacher_placement,
+            tensor_parallel=s.tensor_parallel,
+            micro_batch=s.micro_batch,
+            grad_accum=s.grad_accum,
+            seq=tr.seq_len,
+            recomputed_layers=len(s.recompute_layers),
+            global_batch=tr.global_batch,
             topk_bytes_per_micro=topk,
+            reduce_bucket=min(c.deepspeed.reduce_bucket_size, max(self.trainable, 1)),
         )
 
     def workload(self, s: Strategy) -> tuple[Workload, WorkloadInfo]:
-        return build_workload(config=self.config, student=self.student, teachers=self.teachers,
-                              resolved=self.resolved, strategy=s)
+        return build_workload(
+            config=self.config,
+            student=self.student,
+            teachers=self.teachers,
+            resolved=self.resolved,
+            strategy=s,
+        )
 
     def replay(self, w: Workload, s: Strategy) -> tuple[Schedule, Timeline]:
         sched = build_schedule(w, s)
         tl = simulate(sched)
         reserve = reserve_bytes(tl.peak_bytes, self.config.hardware)
-        sched = Schedule(grad_accum=sched.grad_accum, ops=sched.ops,
-                         static=(*sched.static, TensorAlloc(name="reserve", bytes=reserve, category="reserve")))
+        sched = Schedule(
+            grad_accum=sched.grad_accum,
+            ops=sched.ops,
+            static=(*sched.static, TensorAlloc(name="reserve", bytes=reserve, category="reserve")),
+        )
         return sched, simulate(sched)
 
     def evaluate(self, s: Strategy) -> Evaluated:
@@ -188,15 +245,25 @@ class _Evaluator:
         why = ""
         if tl.peak_bytes > self.budget:
             top = max((k for k in tl.by_category if k != "reserve"), key=lambda k: tl.by_category[k])
-            why = (f"peak {gib(tl.peak_bytes)} > budget {gib(self.budget)} at {tl.peak_op} "
-                   f"({top} {gib(tl.by_category[top])})")
+            why = (
+                f"peak {gib(tl.peak_bytes)} > budget {gib(self.budget)} at {tl.peak_op} "
+                f"({top} {gib(tl.by_category[top])})"
+            )
         elif info.host_bytes > hw.host_memory_bytes:
             why = f"needs {gib(info.host_bytes)} host memory per node > {gib(hw.host_memory_bytes)}"
         elif info.disk_bytes > hw.disk_bytes:
             why = f"needs {info.disk_bytes / 1e12:.1f} TB disk > {hw.disk_bytes / 1e12:.1f} TB"
         return Evaluated(
-            strategy=s, schedule=sched, timeline=tl, peak_bytes=tl.peak_bytes, fits_gpu=tl.peak_bytes <= self.budget,
-            host_bytes=info.host_bytes, disk_bytes=info.disk_bytes, fits_host=fits_host, cost=cost, info=info,
+            strategy=s,
+            schedule=sched,
+            timeline=tl,
+            peak_bytes=tl.peak_bytes,
+            fits_gpu=tl.peak_bytes <= self.budget,
+            host_bytes=info.host_bytes,
+            disk_bytes=info.disk_bytes,
+            fits_host=fits_host,
+            cost=cost,
+            info=info,
             why=why,
         )
 
@@ -212,8 +279,9 @@ class _Evaluator:
                 return trial
         return replace(s, offline_teacher_placement="zero3_offload")
 
-    def _recompute(self, w: Workload, s: Strategy, sched: Schedule, tl: Timeline
-                   ) -> tuple[Strategy, Schedule, Timeline]:
+    def _recompute(
+        self, w: Workload, s: Strategy, sched: Schedule, tl: Timeline
+    ) -> tuple[Strategy, Schedule, Timeline]:
         st = w.student
         layers = list(range(st.layers))
         every = replace(s, recompute_layers=tuple(layers))
@@ -240,15 +308,19 @@ class _Evaluator:
         return every, sched_all, tl_all
 
 
-def search(config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...], resolved: Any) -> SearchResult:
+def search(
+    config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...], resolved: Any
+) -> SearchResult:
     """The best strategy (see the module docstring) and the runners-up with the reason each lost."""
     ev = _Evaluator(config, student, teachers, resolved)
     cands = candidates(config, student, teachers, resolved)
     if not cands:
         from gkd.errors import InputError
 
-        raise InputError("the overrides leave no strategy to plan (e.g. a micro-batch that does not divide the "
-                         "per-GPU batch); relax them")
+        raise InputError(
+            "the overrides leave no strategy to plan (e.g. a micro-batch that does not divide the "
+            "per-GPU batch); relax them"
+        )
     hw = config.hardware
     done: dict[tuple[Any, ...], Evaluated] = {}
 
@@ -260,6 +332,7 @@ def search(config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...]
 
     # Cheap screen: resident bytes and host bytes, before any replay.
     screened: list[tuple[float, Strategy]] = []
+    resident_of: dict[tuple[Any, ...], int] = {}
     rejected: list[Evaluated] = []
     for s in cands:
         if s.teacher_placement == "offline":
@@ -269,21 +342,42 @@ def search(config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...]
         lower = ev.cost(s, info.topk_bytes)
         if s.teacher_placement != "offline" and resident > ev.budget:
             top = max(w.static, key=lambda a: a.bytes)
-            rejected.append(Evaluated(
-                strategy=s, schedule=None, timeline=None, peak_bytes=resident, fits_gpu=False,
-                host_bytes=info.host_bytes, disk_bytes=info.disk_bytes,
-                fits_host=info.host_bytes <= hw.host_memory_bytes, cost=lower, info=info,
-                why=f"resident {gib(resident)} > budget {gib(ev.budget)} before activations ({top.name} {gib(top.bytes)})",
-            ))
+            rejected.append(
+                Evaluated(
+                    strategy=s,
+                    schedule=None,
+                    timeline=None,
+                    peak_bytes=resident,
+                    fits_gpu=False,
+                    host_bytes=info.host_bytes,
+                    disk_bytes=info.disk_bytes,
+                    fits_host=info.host_bytes <= hw.host_memory_bytes,
+                    cost=lower,
+                    info=info,
+                    why=f"resident {gib(resident)} > budget {gib(ev.budget)} before activations "
+                    f"({top.name} {gib(top.bytes)})",
+                )
+            )
             continue
         if info.host_bytes > hw.host_memory_bytes:
-            rejected.append(Evaluated(
-                strategy=s, schedule=None, timeline=None, peak_bytes=resident, fits_gpu=resident <= ev.budget,
-                host_bytes=info.host_bytes, disk_bytes=info.disk_bytes, fits_host=False, cost=lower, info=info,
-                why=f"needs {gib(info.host_bytes)} host memory per node > {gib(hw.host_memory_bytes)}",
-            ))
+            rejected.append(
+                Evaluated(
+                    strategy=s,
+                    schedule=None,
+                    timeline=None,
+                    peak_bytes=resident,
+                    fits_gpu=resident <= ev.budget,
+                    host_bytes=info.host_bytes,
+                    disk_bytes=info.disk_bytes,
+                    fits_host=False,
+                    cost=lower,
+                    info=info,
+                    why=f"needs {gib(info.host_bytes)} host memory per node > {gib(hw.host_memory_bytes)}",
+                )
+            )
             continue
         screened.append((lower.step_time_s, s))
+        resident_of[s.key()] = resident
     screened.sort(key=lambda x: x[0])
 
     best: Evaluated | None = None
@@ -294,30 +388,37 @@ def search(config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...]
         if e.fits and (best is None or not best.fits or _better(e, best)):
             best = e
     if best is None or not best.fits:
-        # Nothing fits: evaluate everything that passed the screen and keep the lowest peak.
-        for _, s in screened:
+        # Nothing fits: replay the candidates with the least resident memory and keep the lowest peak.
+        for s in sorted((s for _, s in screened), key=lambda s: resident_of[s.key()])[:NOTHING_FITS_REPLAYS]:
             run(s)
         pool = list(done.values()) or rejected
         best = min(pool, key=lambda e: (not e.fits_host, e.peak_bytes))
 
     # Runners-up: the best of every other placement and every other student sharding.
     groups: dict[tuple[Any, ...], Evaluated] = {}
-    for lower_bound, s in screened:
-        for key in (("placement", s.teacher_placement, s.tensor_parallel), ("student", s.student_zero_stage,
-                                                                              s.student_offload)):
+    for _, s in screened:
+        for key in (
+            ("placement", s.teacher_placement, s.tensor_parallel),
+            ("student", s.student_zero_stage, s.student_offload),
+        ):
             if key not in groups:
                 groups[key] = run(s)
     for e in rejected:
-        for key in (("placement", e.strategy.teacher_placement, e.strategy.tensor_parallel),
-                    ("student", e.strategy.student_zero_stage, e.strategy.student_offload)):
+        for key in (
+            ("placement", e.strategy.teacher_placement, e.strategy.tensor_parallel),
+            ("student", e.strategy.student_zero_stage, e.strategy.student_offload),
+        ):
             groups.setdefault(key, e)
-    end_variant = replace(best.strategy, tap_loss="end", recompute_layers=tuple(config.overrides.recompute_layers
-                                                                               or ()))
+    end_variant = replace(
+        best.strategy, tap_loss="end", recompute_layers=tuple(config.overrides.recompute_layers or ())
+    )
     if best.strategy.tap_loss == "layerwise" and config.overrides.tap_loss is None:
         groups[("tap_loss", "end")] = run(end_variant)
     runners: list[tuple[Evaluated, str]] = []
     seen = {best.strategy.key()}
-    for e in sorted(groups.values(), key=lambda e: (not e.fits, e.cost.step_time_s if e.fits else e.peak_bytes)):
+    for e in sorted(
+        groups.values(), key=lambda e: (not e.fits, e.cost.step_time_s if e.fits else e.peak_bytes)
+    ):
         if e.strategy.key() in seen:
             continue
         seen.add(e.strategy.key())
@@ -329,5 +430,7 @@ def _reason(e: Evaluated, best: Evaluated) -> str:
     if not e.fits:
         return e.why
     slower = e.cost.step_time_s / best.cost.step_time_s - 1 if best.cost.step_time_s else 0.0
-    return (f"fits ({gib(e.peak_bytes)}) but step {e.cost.step_time_s:.2f} s vs {best.cost.step_time_s:.2f} s "
-            f"(+{slower:.0%}; {bottleneck(e.cost.parts)})")
+    return (
+        f"fits ({gib(e.peak_bytes)}) but step {e.cost.step_time_s:.2f} s vs {best.cost.step_time_s:.2f} s "
+        f"(+{slower:.0%}; {bottleneck(e.cost.parts)})"
+    )

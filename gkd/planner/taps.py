@@ -14,9 +14,9 @@ How the runtime captures each tap (`Tap.capture`):
 - "lm_head_input": logits are not materialised by the capture; the loss takes the LM head's input and weight.
 
 Design choices:
-- Taps are located in the exported eager-attention graph of a one-layer copy (the eager path is the one that has
-  scores/probs nodes; q/k/v/context nodes are the same on both paths). Layer i's taps are layer 0's nodes, with
-  the module path renamed: `Tap.fx_node` names the node in that shallow graph.
+- Taps are located in the exported eager-attention graph of a one-layer copy (the eager path is the one that
+  has scores/probs nodes; q/k/v/context nodes are the same on both paths). Layer i's taps are layer 0's
+  nodes, with the module path renamed: `Tap.fx_node` names the node in that shallow graph.
 - Each tap's shape is stored concretely for the requested (micro_batch, seq_len) and symbolically as `dims`
   ("B", "T" or a fixed size), so `Tap.bytes_at(b, t)` rescales exactly (scores/probs carry the T^2 term). The
   concrete shape is checked against the traced node, so a wrong template fails loudly.
@@ -24,8 +24,8 @@ Design choices:
   training forward; deduplicated, parameters excluded), for both attention paths; "full recompute" is the same
   measurement with activation checkpointing on, where a layer keeps only its inputs. They are exact for the
   requested sizes; rebuild the catalogue for other sizes (it takes well under a second once traced).
-- BLOOM computes attention inside its own module (ALiBi, no attention-function hook), so q/k/v/scores/probs are
-  not offered for it; asking for them raises InputError. Its "sdpa" figures equal its eager ones.
+- BLOOM computes attention inside its own module (ALiBi, no attention-function hook), so q/k/v/scores/probs
+  are not offered for it; asking for them raises InputError. Its "sdpa" figures equal its eager ones.
 """
 
 from __future__ import annotations
@@ -58,21 +58,51 @@ class _Layout:
     mlp_out: str
 
 
-_LLAMA_LIKE = _Layout(embed="model.embed_tokens", final_norm="model.norm", head="lm_head", attention="self_attn",
-                      out_proj="self_attn.o_proj", mlp_out="mlp")
+_LLAMA_LIKE = _Layout(
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    head="lm_head",
+    attention="self_attn",
+    out_proj="self_attn.o_proj",
+    mlp_out="mlp",
+)
 LAYOUTS: dict[str, _Layout] = {
     "llama": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "glm": _LLAMA_LIKE,
-    "gpt2": _Layout(embed="transformer.wte", final_norm="transformer.ln_f", head="lm_head", attention="attn",
-                    out_proj="attn.c_proj", mlp_out="mlp"),
-    "opt": _Layout(embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm", head="lm_head",
-                   attention="self_attn", out_proj="self_attn.out_proj", mlp_out="fc2"),
-    "bloom": _Layout(embed="transformer.word_embeddings", final_norm="transformer.ln_f", head="lm_head",
-                     attention="self_attention", out_proj="self_attention.dense", mlp_out="mlp.dense_4h_to_h"),
-    "bert": _Layout(embed="bert.embeddings", final_norm=None, head="cls.predictions.decoder",
-                    attention="attention.self", out_proj="attention.output.dense", mlp_out="output.dense"),
+    "gpt2": _Layout(
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        attention="attn",
+        out_proj="attn.c_proj",
+        mlp_out="mlp",
+    ),
+    "opt": _Layout(
+        embed="model.decoder.embed_tokens",
+        final_norm="model.decoder.final_layer_norm",
+        head="lm_head",
+        attention="self_attn",
+        out_proj="self_attn.out_proj",
+        mlp_out="fc2",
+    ),
+    "bloom": _Layout(
+        embed="transformer.word_embeddings",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        attention="self_attention",
+        out_proj="self_attention.dense",
+        mlp_out="mlp.dense_4h_to_h",
+    ),
+    "bert": _Layout(
+        embed="bert.embeddings",
+        final_norm=None,
+        head="cls.predictions.decoder",
+        attention="attention.self",
+        out_proj="attention.output.dense",
+        mlp_out="output.dense",
+    ),
 }
 
 
@@ -90,28 +120,38 @@ class Tap:
     shape: tuple[int, ...]  # for the catalogue's micro_batch and seq_len
     dtype: str
     nbytes: int  # bytes of `shape`
-    # The hooked module sees this tensor with batch and sequence flattened, (B*T, ...) (OPT's MLP); the capture
-    # reshapes it to `shape`.
+    # The hooked module sees this tensor with batch and sequence flattened, (B*T, ...) (OPT's MLP); the
+    # capture reshapes it to `shape`.
     tokens_flattened: bool = False
 
     def bytes_at(self, micro_batch: int, seq_len: int) -> int:
         """Bytes of this tap at another micro-batch / sequence length (exact: dims are symbolic)."""
-        return _itemsize(self.dtype) * prod(micro_batch if d == "B" else seq_len if d == "T" else int(d)
-                                            for d in self.dims)
+        return _itemsize(self.dtype) * prod(
+            micro_batch if d == "B" else seq_len if d == "T" else int(d) for d in self.dims
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "layer": self.layer, "fx_node": self.fx_node,
-                "module_path": self.module_path, "capture": self.capture, "dims": list(self.dims),
-                "shape": list(self.shape), "dtype": self.dtype, "bytes": self.nbytes,
-                "tokens_flattened": self.tokens_flattened}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "layer": self.layer,
+            "fx_node": self.fx_node,
+            "module_path": self.module_path,
+            "capture": self.capture,
+            "dims": list(self.dims),
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "bytes": self.nbytes,
+            "tokens_flattened": self.tokens_flattened,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
 class LayerActivations:
     """Bytes one layer keeps for backward, storages deduplicated, parameters excluded.
 
-    saved_bytes keys: "sdpa", "eager" (no recompute), "sdpa_full_recompute", "eager_full_recompute" (the layer is
-    checkpointed: it keeps only its inputs and recomputes the rest in the backward).
+    saved_bytes keys: "sdpa", "eager" (no recompute), "sdpa_full_recompute", "eager_full_recompute" (the
+    layer is checkpointed: it keeps only its inputs and recomputes the rest in the backward).
     """
 
     layer: int
@@ -143,8 +183,10 @@ class TapCatalogue:
         kind = name.split("[", 1)[0]
         if kind in self.unavailable:
             raise InputError(f"tap {name} is not available for {self.model}: {self.unavailable[kind]}")
-        raise InputError(f"unknown tap {name!r} for {self.model}; taps are emb, hidden[0..L], q/k/v/scores/probs/"
-                         f"context/mlp_out[0..L-1], final, logits with L = {len(self.layer_activations)}")
+        raise InputError(
+            f"unknown tap {name!r} for {self.model}; taps are emb, hidden[0..L], q/k/v/scores/probs/"
+            f"context/mlp_out[0..L-1], final, logits with L = {len(self.layer_activations)}"
+        )
 
     def names(self) -> list[str]:
         return [t.name for t in self.taps]
@@ -156,11 +198,17 @@ class TapCatalogue:
         return layers + self.non_layer_saved_bytes[key]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "micro_batch": self.micro_batch, "seq_len": self.seq_len,
-                "taps": [t.to_dict() for t in self.taps],
-                "layer_activations": [{"layer": a.layer, "saved_bytes": dict(a.saved_bytes)}
-                                      for a in self.layer_activations],
-                "non_layer_saved_bytes": dict(self.non_layer_saved_bytes), "unavailable": dict(self.unavailable)}
+        return {
+            "model": self.model,
+            "micro_batch": self.micro_batch,
+            "seq_len": self.seq_len,
+            "taps": [t.to_dict() for t in self.taps],
+            "layer_activations": [
+                {"layer": a.layer, "saved_bytes": dict(a.saved_bytes)} for a in self.layer_activations
+            ],
+            "non_layer_saved_bytes": dict(self.non_layer_saved_bytes),
+            "unavailable": dict(self.unavailable),
+        }
 
 
 def _itemsize(dtype: str) -> int:
@@ -171,7 +219,7 @@ _CATALOGUES: dict[tuple[Any, ...], TapCatalogue] = {}
 
 
 def build_catalogue(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> TapCatalogue:
-    """The tap catalogue of `spec` at (micro_batch, seq_len), from the traced graph and saved-tensor traces."""
+    """The tap catalogue of `spec` at (micro_batch, seq_len), from the traced graph and saved tensors."""
     from gkd.planner.trace import _spec_key
 
     key = (_spec_key(spec), micro_batch, seq_len)
@@ -180,29 +228,45 @@ def build_catalogue(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> TapCa
     graph = trace_graph(spec, micro_batch=micro_batch, seq_len=seq_len, attn_implementation="eager")
     taps = _locate_taps(spec, graph)
     activations, non_layer = _saved_bytes(spec, micro_batch=micro_batch, seq_len=seq_len)
-    unavailable = {} if supports_attention_interface(spec) else {
-        kind: f"{spec.model_type} computes attention in its own module, not through an attention function"
-        for kind in ATTENTION_KINDS
-    }
-    catalogue = TapCatalogue(model=spec.name, micro_batch=micro_batch, seq_len=seq_len, taps=taps,
-                             layer_activations=activations, non_layer_saved_bytes=non_layer,
-                             unavailable=unavailable)
+    unavailable = (
+        {}
+        if supports_attention_interface(spec)
+        else {
+            kind: f"{spec.model_type} computes attention in its own module, not through an attention function"
+            for kind in ATTENTION_KINDS
+        }
+    )
+    catalogue = TapCatalogue(
+        model=spec.name,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        taps=taps,
+        layer_activations=activations,
+        non_layer_saved_bytes=non_layer,
+        unavailable=unavailable,
+    )
     _CATALOGUES[key] = catalogue
     return catalogue
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Saved-for-backward bytes
 
 
-def _saved_bytes(spec: ModelSpec, *, micro_batch: int, seq_len: int
-                 ) -> tuple[tuple[LayerActivations, ...], dict[str, int]]:
+def _saved_bytes(
+    spec: ModelSpec, *, micro_batch: int, seq_len: int
+) -> tuple[tuple[LayerActivations, ...], dict[str, int]]:
     per_layer: dict[str, int] = {}
     non_layer: dict[str, int] = {}
     for attention in ATTENTION_PATHS:
         for recompute in (False, True):
-            trace = trace_saved(spec, micro_batch=micro_batch, seq_len=seq_len, attn_implementation=attention,
-                                checkpointing=recompute)
+            trace = trace_saved(
+                spec,
+                micro_batch=micro_batch,
+                seq_len=seq_len,
+                attn_implementation=attention,
+                checkpointing=recompute,
+            )
             key = f"{attention}_full_recompute" if recompute else attention
             # The last traced layer is the steady state: layer 0 also saves the embedding output, which every
             # later layer's predecessor produces in the same way, so both agree (tests check it).
@@ -212,11 +276,25 @@ def _saved_bytes(spec: ModelSpec, *, micro_batch: int, seq_len: int
     return layers, non_layer
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Locating taps in the graph
 
-_VIEWS = ("view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "clone",
-          "contiguous", "alias", "slice", "_to_copy", "to")
+_VIEWS = (
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "transpose",
+    "permute",
+    "expand",
+    "unsqueeze",
+    "squeeze",
+    "clone",
+    "contiguous",
+    "alias",
+    "slice",
+    "_to_copy",
+    "to",
+)
 
 
 def _op(node: TracedNode) -> str:
@@ -227,16 +305,21 @@ def _flat(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0] * shape[1], *shape[2:])
 
 
-def _last_with_shape(nodes: tuple[TracedNode, ...], shape: tuple[int, ...], *, allow_flat: bool = False
-                     ) -> TracedNode | None:
+def _last_with_shape(
+    nodes: tuple[TracedNode, ...], shape: tuple[int, ...], *, allow_flat: bool = False
+) -> TracedNode | None:
     """The last node of `nodes` with `shape` (or, with allow_flat, its (B*T, ...) form)."""
     for node in reversed(nodes):
-        if node.op == "call_function" and (node.shape == shape or (allow_flat and node.shape == _flat(shape))):
+        if node.op == "call_function" and (
+            node.shape == shape or (allow_flat and node.shape == _flat(shape))
+        ):
             return node
     return None
 
 
-def _external_input(graph: TracedGraph, nodes: tuple[TracedNode, ...], shape: tuple[int, ...]) -> TracedNode | None:
+def _external_input(
+    graph: TracedGraph, nodes: tuple[TracedNode, ...], shape: tuple[int, ...]
+) -> TracedNode | None:
     """The first node read by `nodes` but produced outside them, with `shape`."""
     inside = {n.name for n in nodes}
     for node in nodes:
@@ -249,7 +332,8 @@ def _external_input(graph: TracedGraph, nodes: tuple[TracedNode, ...], shape: tu
 
 
 def _walk_back(graph: TracedGraph, node: TracedNode, shape: tuple[int, ...]) -> TracedNode | None:
-    """Follow view-like ops back from `node` to the first tensor with `shape` (undoes transposes, GQA repeats)."""
+    """Follow view-like ops back from `node` to the first tensor with `shape` (undoes transposes and
+    GQA repeats)."""
     current: TracedNode | None = node
     while current is not None:
         if current.shape == shape:
@@ -269,8 +353,9 @@ def _follow(graph: TracedGraph, node: TracedNode, ops: tuple[str, ...]) -> Trace
         node = users[0]
 
 
-def _find_user(graph: TracedGraph, node: TracedNode, ops: tuple[str, ...], through: tuple[str, ...]
-               ) -> TracedNode | None:
+def _find_user(
+    graph: TracedGraph, node: TracedNode, ops: tuple[str, ...], through: tuple[str, ...]
+) -> TracedNode | None:
     """The first user of `node` that is one of `ops`, looking through ops in `through` (dropout, casts)."""
     frontier = [node]
     while frontier:
@@ -289,9 +374,14 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
     hd = spec.head_dim
     width = spec.heads * hd
     dims: dict[str, tuple[str | int, ...]] = {
-        "hidden": ("B", "T", spec.hidden), "context": ("B", "T", width), "mlp_out": ("B", "T", spec.hidden),
-        "q": ("B", spec.heads, "T", hd), "k": ("B", spec.kv_heads, "T", hd), "v": ("B", spec.kv_heads, "T", hd),
-        "scores": ("B", spec.heads, "T", "T"), "probs": ("B", spec.heads, "T", "T"),
+        "hidden": ("B", "T", spec.hidden),
+        "context": ("B", "T", width),
+        "mlp_out": ("B", "T", spec.hidden),
+        "q": ("B", spec.heads, "T", hd),
+        "k": ("B", spec.kv_heads, "T", hd),
+        "v": ("B", spec.kv_heads, "T", hd),
+        "scores": ("B", spec.heads, "T", "T"),
+        "probs": ("B", spec.heads, "T", "T"),
         "logits": ("B", "T", spec.vocab),
     }
 
@@ -303,17 +393,29 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
             raise RuntimeError(f"{spec.name}: could not locate {what} in the traced {spec.model_type} graph")
         return node
 
-    def make(name: str, kind: str, layer: int | None, node: TracedNode, path: str, capture: str,
-             dims_kind: str) -> Tap:
+    def make(
+        name: str, kind: str, layer: int | None, node: TracedNode, path: str, capture: str, dims_kind: str
+    ) -> Tap:
         shape = concrete(dims_kind)
         flattened = node.shape == _flat(shape) and node.shape != shape
         if node.shape != shape and not flattened:
-            raise RuntimeError(f"{spec.name}: tap {name} expected shape {shape}, traced node {node.name} has "
-                               f"{node.shape}")
+            raise RuntimeError(
+                f"{spec.name}: tap {name} expected shape {shape}, traced node {node.name} has {node.shape}"
+            )
         dtype = node.dtype or spec.dtype
-        return Tap(name=name, kind=kind, layer=layer, fx_node=node.name, module_path=path, capture=capture,
-                   dims=dims[dims_kind], shape=shape, dtype=dtype, nbytes=_itemsize(dtype) * prod(shape),
-                   tokens_flattened=flattened)
+        return Tap(
+            name=name,
+            kind=kind,
+            layer=layer,
+            fx_node=node.name,
+            module_path=path,
+            capture=capture,
+            dims=dims[dims_kind],
+            shape=shape,
+            dtype=dtype,
+            nbytes=_itemsize(dtype) * prod(shape),
+            tokens_flattened=flattened,
+        )
 
     hidden_shape = concrete("hidden")
     layer0 = graph.nodes_in(graph.layer_path(0))
@@ -322,15 +424,22 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
     layer_out = need(_last_with_shape(layer0, hidden_shape), "the layer output")
     out_proj = graph.nodes_in(graph.layer_path(0, layout.out_proj))
     context = need(_external_input(graph, out_proj, concrete("context")), "the attention context")
-    mlp_out = need(_last_with_shape(graph.nodes_in(graph.layer_path(0, layout.mlp_out)), hidden_shape,
-                                    allow_flat=True), "the MLP output")
+    mlp_out = need(
+        _last_with_shape(graph.nodes_in(graph.layer_path(0, layout.mlp_out)), hidden_shape, allow_flat=True),
+        "the MLP output",
+    )
     head = graph.nodes_in(layout.head)
     logits = need(_last_with_shape(head, concrete("logits")), "the logits")
-    final = (need(_last_with_shape(graph.nodes_in(layout.final_norm), hidden_shape), "the final norm output")
-             if layout.final_norm else layer_out)
+    final = (
+        need(_last_with_shape(graph.nodes_in(layout.final_norm), hidden_shape), "the final norm output")
+        if layout.final_norm
+        else layer_out
+    )
     attention: dict[str, TracedNode] = {}
     if supports_attention_interface(spec):
-        attention = _attention_nodes(graph, graph.nodes_in(graph.layer_path(0, layout.attention)), concrete, need)
+        attention = _attention_nodes(
+            graph, graph.nodes_in(graph.layer_path(0, layout.attention)), concrete, need
+        )
 
     taps: list[Tap] = [make("emb", "emb", None, emb, layout.embed, "module_output", "hidden")]
     last = spec.layers - 1
@@ -338,14 +447,44 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
     for i in range(spec.layers):
         for kind in ATTENTION_KINDS:
             if kind in attention:
-                taps.append(make(f"{kind}[{i}]", kind, i, attention[kind], graph.layer_path(i, layout.attention),
-                                 "attention_fn", kind))
-        taps.append(make(f"context[{i}]", "context", i, context, graph.layer_path(i, layout.out_proj),
-                         "module_input", "context"))
-        taps.append(make(f"mlp_out[{i}]", "mlp_out", i, mlp_out, graph.layer_path(i, layout.mlp_out),
-                         "module_output", "mlp_out"))
-        taps.append(make(f"hidden[{i + 1}]", "hidden", i + 1, layer_out, graph.layer_path(i), "module_output",
-                         "hidden"))
+                taps.append(
+                    make(
+                        f"{kind}[{i}]",
+                        kind,
+                        i,
+                        attention[kind],
+                        graph.layer_path(i, layout.attention),
+                        "attention_fn",
+                        kind,
+                    )
+                )
+        taps.append(
+            make(
+                f"context[{i}]",
+                "context",
+                i,
+                context,
+                graph.layer_path(i, layout.out_proj),
+                "module_input",
+                "context",
+            )
+        )
+        taps.append(
+            make(
+                f"mlp_out[{i}]",
+                "mlp_out",
+                i,
+                mlp_out,
+                graph.layer_path(i, layout.mlp_out),
+                "module_output",
+                "mlp_out",
+            )
+        )
+        taps.append(
+            make(
+                f"hidden[{i + 1}]", "hidden", i + 1, layer_out, graph.layer_path(i), "module_output", "hidden"
+            )
+        )
     if layout.final_norm:
         taps.append(make("final", "final", None, final, layout.final_norm, "module_output", "hidden"))
     else:
@@ -354,19 +493,28 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
     return tuple(taps)
 
 
-def _attention_nodes(graph: TracedGraph, nodes: tuple[TracedNode, ...], concrete: Any, need: Any
-                     ) -> dict[str, TracedNode]:
+def _attention_nodes(
+    graph: TracedGraph, nodes: tuple[TracedNode, ...], concrete: Any, need: Any
+) -> dict[str, TracedNode]:
     """q, k, v, scores, probs in an eager attention: the softmax, the matmul before it and the one after."""
-    softmax = need(next((n for n in nodes if _op(n) in ("softmax", "_softmax")), None), "the attention softmax")
+    softmax = need(
+        next((n for n in nodes if _op(n) in ("softmax", "_softmax")), None), "the attention softmax"
+    )
     scores = graph.node(softmax.inputs[0])
     probs = _follow(graph, softmax, ("to", "_to_copy", "type_as"))
     # QK^T: walk back from the scores through the scaling and the mask.
     qk: TracedNode | None = scores
     while qk is not None and _op(qk) not in ("matmul", "bmm", "baddbmm"):
-        qk = graph.node(qk.inputs[0]) if qk.inputs and _op(qk) in ("add", "mul", "div", "to", "where") else None
+        qk = (
+            graph.node(qk.inputs[0])
+            if qk.inputs and _op(qk) in ("add", "mul", "div", "to", "where")
+            else None
+        )
     qk = need(qk, "the QK^T matmul")
-    pv = need(_find_user(graph, probs, ("matmul", "bmm"), ("dropout", "native_dropout", "to", "_to_copy")),
-              "the probs @ V matmul")
+    pv = need(
+        _find_user(graph, probs, ("matmul", "bmm"), ("dropout", "native_dropout", "to", "_to_copy")),
+        "the probs @ V matmul",
+    )
     return {
         "q": need(_walk_back(graph, graph.node(qk.inputs[0]), concrete("q")), "q"),
         "k": need(_walk_back(graph, graph.node(qk.inputs[1]), concrete("k")), "k"),

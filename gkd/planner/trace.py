@@ -4,20 +4,20 @@ Two views of one training-mode forward of a shallow copy (the first layers only)
 
 1. `trace_graph`: `torch.export.export(..., strict=False)` on meta tensors. Every node becomes a `TracedNode`
    (name, aten target, shape, dtype, module path from `nn_module_stack`, input node names), so later passes
-   (tap location, liveness with networkx) need no FX. The copy has one layer by default: layers of one model are
-   identical, so layer i's nodes are layer 0's with the module path renamed (`TracedGraph.layer_path`).
+   (tap location, liveness with networkx) need no FX. The copy has one layer by default: layers of one model
+   are identical, so layer i's nodes are layer 0's with the module path renamed (`TracedGraph.layer_path`).
 2. `trace_saved`: the same forward under `FakeTensorMode` (fake CPU tensors: shapes, dtypes and storages, no
    data) inside `torch.autograd.graph.saved_tensors_hooks`. Every tensor autograd keeps for the backward is
    recorded once per storage (views of one storage count once, with the storage's full size), parameters
    excluded, and attributed to the layer that first saved it. Tensors made outside the layers and handed to
    each of them (RoPE cos/sin, masks) count as non-layer. Fake CPU tensors make PyTorch pick the same kernels
-   as a real CPU run (e.g. SDPA's CPU flash kernel, which saves the output and a float32 log-sum-exp instead of
-   the attention matrix); CUDA's flash and memory-efficient kernels save the same tensors.
+   as a real CPU run (e.g. SDPA's CPU flash kernel, which saves the output and a float32 log-sum-exp instead
+   of the attention matrix); CUDA's flash and memory-efficient kernels save the same tensors.
 
-Under FakeTensorMode transformers believes it is being traced and, to be safe, builds an explicit attention mask
-for packed sequences (which also disables its GQA fast path in SDPA). Our inputs are never packed (position ids
-are 0..T-1), so `_as_eager_run` gives it the answer a real run gets. That keeps fake and real runs identical, which
-tests/planner/test_taps.py checks against real CPU forward passes.
+Under FakeTensorMode transformers believes it is being traced and, to be safe, builds an explicit attention
+mask for packed sequences (which also disables its GQA fast path in SDPA). Our inputs are never packed
+(position ids are 0..T-1), so `_as_eager_run` gives it the answer a real run gets. That keeps fake and real
+runs identical, which tests/planner/test_taps.py checks against real CPU forward passes.
 
 The model runs in training mode, so dropout (where the config has it) is active and its masks are saved.
 Results are cached per (model, micro-batch, sequence, attention implementation) within the process.
@@ -79,14 +79,16 @@ class TracedGraph:
         raise KeyError(name)
 
     def layer_path(self, layer: int, suffix: str = "") -> str:
-        """Module path of `layer` (or of `suffix` inside it), e.g. layer_path(3, "mlp") -> "model.layers.3.mlp"."""
+        """Module path of `layer` or of `suffix` inside it: layer_path(3, "mlp") -> "model.layers.3.mlp"."""
         base = f"{self.layer_container}.{layer}"
         return f"{base}.{suffix}" if suffix else base
 
     def nodes_in(self, module_path: str) -> tuple[TracedNode, ...]:
         """Nodes run by `module_path` or its submodules, in graph order (traced layers only)."""
         prefix = module_path + "."
-        return tuple(n for n in self.nodes if n.module_path == module_path or n.module_path.startswith(prefix))
+        return tuple(
+            n for n in self.nodes if n.module_path == module_path or n.module_path.startswith(prefix)
+        )
 
     def users(self, name: str) -> tuple[TracedNode, ...]:
         return tuple(n for n in self.nodes if name in n.inputs)
@@ -148,8 +150,14 @@ def _check_sizes(spec: ModelSpec, micro_batch: int, seq_len: int) -> None:
 _GRAPHS: dict[tuple[Any, ...], TracedGraph] = {}
 
 
-def trace_graph(spec: ModelSpec, *, micro_batch: int, seq_len: int, attn_implementation: str = "eager",
-                traced_layers: int = 1) -> TracedGraph:
+def trace_graph(
+    spec: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    attn_implementation: str = "eager",
+    traced_layers: int = 1,
+) -> TracedGraph:
     """Export the training forward of a `traced_layers`-layer copy of `spec` on meta tensors."""
     import torch
 
@@ -157,13 +165,22 @@ def trace_graph(spec: ModelSpec, *, micro_batch: int, seq_len: int, attn_impleme
     key = (_spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers)
     if key in _GRAPHS:
         return _GRAPHS[key]
-    model = build_model(spec, device="meta", num_layers=traced_layers, attn_implementation=attn_implementation)
+    model = build_model(
+        spec, device="meta", num_layers=traced_layers, attn_implementation=attn_implementation
+    )
     model.train()
     exported = torch.export.export(model, (), _inputs(spec, micro_batch, seq_len, "meta"), strict=False)
     nodes = tuple(_plain_node(n) for n in exported.graph_module.graph.nodes)
-    graph = TracedGraph(model=spec.name, micro_batch=micro_batch, seq_len=seq_len,
-                        attn_implementation=attn_implementation, traced_layers=traced_layers,
-                        total_layers=spec.layers, layer_container=LAYER_CONTAINERS[spec.model_type], nodes=nodes)
+    graph = TracedGraph(
+        model=spec.name,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        attn_implementation=attn_implementation,
+        traced_layers=traced_layers,
+        total_layers=spec.layers,
+        layer_container=LAYER_CONTAINERS[spec.model_type],
+        nodes=nodes,
+    )
     _GRAPHS[key] = graph
     return graph
 
@@ -181,8 +198,9 @@ def _plain_node(node: Any) -> TracedNode:
     path = path.removeprefix("L['self'].").removeprefix("L__self__.")
     inputs = tuple(a.name for a in node.all_input_nodes)
     target = "" if node.op in ("placeholder", "output") else str(node.target)
-    return TracedNode(name=node.name, op=node.op, target=target, shape=shape, dtype=dtype, module_path=path,
-                      inputs=inputs)
+    return TracedNode(
+        name=node.name, op=node.op, target=target, shape=shape, dtype=dtype, module_path=path, inputs=inputs
+    )
 
 
 @contextlib.contextmanager
@@ -208,14 +226,20 @@ def _layers(model: Any, container: str) -> Any:
 _SAVED: dict[tuple[Any, ...], SavedTrace] = {}
 
 
-def trace_saved(spec: ModelSpec, *, micro_batch: int, seq_len: int, attn_implementation: str,
-                traced_layers: int = 2, checkpointing: bool = False) -> SavedTrace:
+def trace_saved(
+    spec: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    attn_implementation: str,
+    traced_layers: int = 2,
+    checkpointing: bool = False,
+) -> SavedTrace:
     """Record the storages a training forward saves for backward (fake tensors; see module docstring).
 
     checkpointing: run every layer under `torch.utils.checkpoint` (non-reentrant), as full recompute does; a
     layer then saves only its inputs, and its internals are recomputed in the backward.
     """
-    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _check_sizes(spec, micro_batch, seq_len)
@@ -224,7 +248,9 @@ def trace_saved(spec: ModelSpec, *, micro_batch: int, seq_len: int, attn_impleme
         return _SAVED[key]
     mode = FakeTensorMode()
     with mode:
-        model = build_model(spec, device="cpu", num_layers=traced_layers, attn_implementation=attn_implementation)
+        model = build_model(
+            spec, device="cpu", num_layers=traced_layers, attn_implementation=attn_implementation
+        )
         inputs = _inputs(spec, micro_batch, seq_len, "cpu")
     model.train()
     layers = _layers(model, LAYER_CONTAINERS[spec.model_type])
@@ -232,16 +258,22 @@ def trace_saved(spec: ModelSpec, *, micro_batch: int, seq_len: int, attn_impleme
         for layer in layers:
             _checkpoint_forward(layer)
     tensors = record_saved_tensors(model, layers, inputs, context=[mode, _as_eager_run()])
-    saved = SavedTrace(model=spec.name, micro_batch=micro_batch, seq_len=seq_len,
-                       attn_implementation=attn_implementation, traced_layers=traced_layers,
-                       checkpointing=checkpointing, tensors=tensors)
+    saved = SavedTrace(
+        model=spec.name,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        attn_implementation=attn_implementation,
+        traced_layers=traced_layers,
+        checkpointing=checkpointing,
+        tensors=tensors,
+    )
     _SAVED[key] = saved
     return saved
 
 
 def _checkpoint_forward(layer: Any) -> None:
-    """Run `layer.forward` under non-reentrant activation checkpointing (an instance attribute, so the module's
-    hooks still run around it and attribute what the checkpoint saves to this layer)."""
+    """Run `layer.forward` under non-reentrant activation checkpointing (an instance attribute, so the
+    module's hooks still run around it and attribute what the checkpoint saves to this layer)."""
     from torch.utils.checkpoint import checkpoint
 
     forward = layer.forward
@@ -252,13 +284,14 @@ def _checkpoint_forward(layer: Any) -> None:
     layer.forward = checkpointed
 
 
-def record_saved_tensors(model: Any, layers: Any, inputs: dict[str, Any],
-                         context: list[Any] | None = None) -> tuple[SavedTensor, ...]:
+def record_saved_tensors(
+    model: Any, layers: Any, inputs: dict[str, Any], context: list[Any] | None = None
+) -> tuple[SavedTensor, ...]:
     """Run `model(**inputs)` and return the storages autograd saved, deduplicated, parameters excluded, each
     attributed to the layer (an element of `layers`) that first saved it or to "outside".
 
-    A layer's non-hidden tensor arguments (RoPE cos/sin, masks, ...) are made once and shared by all layers, so
-    they are attributed to "outside" even when a layer saves them first.
+    A layer's non-hidden tensor arguments (RoPE cos/sin, masks, ...) are made once and shared by all layers,
+    so they are attributed to "outside" even when a layer saves them first.
     """
     import torch
 
@@ -289,9 +322,13 @@ def record_saved_tensors(model: Any, layers: Any, inputs: dict[str, Any],
         k = storage_key(t)
         if k not in params and k not in records:
             layer = -1 if k in shared_seen else current[0]
-            records[k] = SavedTensor(owner="layer" if layer >= 0 else "outside", layer=layer,
-                                     nbytes=int(t.untyped_storage().nbytes()), shape=tuple(t.shape),
-                                     dtype=str(t.dtype).removeprefix("torch."))
+            records[k] = SavedTensor(
+                owner="layer" if layer >= 0 else "outside",
+                layer=layer,
+                nbytes=int(t.untyped_storage().nbytes()),
+                shape=tuple(t.shape),
+                dtype=str(t.dtype).removeprefix("torch."),
+            )
         return t
 
     handles = []

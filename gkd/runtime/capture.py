@@ -28,7 +28,13 @@ Design choices:
 function
   (`AttentionMaskInterface`), so the model builds the mask its original implementation expects.
 - BLOOM does not route attention through `AttentionInterface` (ALiBi + baddbmm in its own code), so its
-  attention taps are refused with an InputError; hidden / mlp_out / final / logits work for it.
+  attention taps come from module hooks instead: a pre-hook on the layer's `self_attention` keeps the ALiBi
+  bias and the mask it is called with, a hook on its fused `query_key_value` projection splits the output
+  into q, k, v per head exactly as BLOOM does (`_reshape`: (B, T, H, 3, d) -> three (B, H, T, d)), and when
+  scores or probs are requested they are computed explicitly as BLOOM computes them: scores = ALiBi + QK^T /
+  sqrt(d) (`baddbmm` with BLOOM's beta and inv_norm_factor) + the additive mask, probs = softmax in float32
+  (before attention dropout). BLOOM's own attention still runs (its softmax is computed twice for tapped
+  layers); `context` is the input of its out-projection `dense`. Without a KV cache only (training).
 """
 
 from __future__ import annotations
@@ -231,6 +237,73 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+def _bloom_attention_hooks(
+    layers: nn.ModuleList, wanted: dict[int, set[str]], taps: dict[str, Tensor]
+) -> list[Any]:
+    """Module hooks that capture BLOOM's attention taps (see the module docstring)."""
+    handles: list[Any] = []
+    for i, kinds in sorted(wanted.items()):
+        attn = layers[i].self_attention
+        call: dict[str, Any] = {}
+
+        def attn_pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], call: dict = call) -> None:
+            # BloomBlock calls self_attention(hidden, residual, alibi=..., attention_mask=..., ...)
+            call["alibi"] = kwargs["alibi"] if "alibi" in kwargs else args[2]
+            call["mask"] = kwargs["attention_mask"] if "attention_mask" in kwargs else args[3]
+
+        def qkv_hook(
+            _m: nn.Module,
+            _args: Any,
+            fused: Tensor,
+            i: int = i,
+            kinds: set = kinds,
+            attn: Any = attn,
+            call: dict = call,
+        ) -> None:
+            q, k, v = attn._reshape(fused)  # 3 x (B, H, T, d), as BLOOM splits its fused projection
+            for kind, tensor in (("q", q), ("k", k), ("v", v)):
+                if kind in kinds:
+                    taps[f"{kind}[{i}]"] = tensor
+            if not kinds & {"scores", "probs"} and not (
+                "context" in kinds and attn.pretraining_tp > 1 and attn.slow_but_exact
+            ):
+                return
+            b, h, t, d = q.shape
+            scores = (
+                call["alibi"]
+                .baddbmm(
+                    batch1=q.reshape(b * h, t, d),
+                    batch2=k.reshape(b * h, -1, d).transpose(-1, -2),
+                    beta=attn.beta,
+                    alpha=attn.inv_norm_factor,
+                )
+                .view(b, h, t, -1)
+            )
+            mask = call["mask"]
+            if mask is not None:
+                if mask.dtype == torch.bool:
+                    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+                else:
+                    scores = scores + mask
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            if "scores" in kinds:
+                taps[f"scores[{i}]"] = scores
+            if "probs" in kinds:
+                taps[f"probs[{i}]"] = probs
+            if "context" in kinds and attn.pretraining_tp > 1 and attn.slow_but_exact:
+                # this path never calls `dense`: rebuild its input from the explicit probabilities
+                taps[f"context[{i}]"] = (probs @ v).transpose(1, 2).reshape(b, t, h * d)
+
+        def dense_pre(_m: nn.Module, args: tuple[Any, ...], i: int = i) -> None:
+            taps[f"context[{i}]"] = args[0]
+
+        handles.append(attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
+        handles.append(attn.query_key_value.register_forward_hook(qkv_hook))
+        if "context" in kinds and not (attn.pretraining_tp > 1 and attn.slow_but_exact):
+            handles.append(attn.dense.register_forward_pre_hook(dense_pre))
+    return handles
+
+
 @contextmanager
 def capture_taps(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, Tensor]]:
     """Capture the named taps during forwards run inside the context. See the module docstring."""
@@ -320,12 +393,10 @@ def capture_taps(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, T
         handles.append(model.register_forward_hook(logits_hook))
 
     configs: list[tuple[Any, str]] = []
+    if wanted and type(model).__name__.startswith("Bloom"):
+        handles += _bloom_attention_hooks(layers, wanted, taps)
+        wanted = {}  # BLOOM's attention taps come from module hooks, not the AttentionInterface path below
     if wanted:
-        if type(model).__name__.startswith("Bloom"):
-            raise InputError(
-                "BLOOM computes attention outside transformers' AttentionInterface; its q/k/v/scores/"
-                "probs/context taps are not supported (hidden, mlp_out, final and logits are)"
-            )
         _register()
         for cfg in _configs(model):
             current = cfg._attn_implementation or "eager"

@@ -406,3 +406,26 @@ def test_triton_kernels_under_interpreter():
     assert not failures, "\n".join(map(str, failures))
     assert len(out["results"]) == 7
     assert out["all_masked_ok"]
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_forward_without_gradients_matches(kind):
+    """The torch path skips the gradient work when no student input needs it; the loss must not change."""
+    fn, ref = KERNELS[kind]
+    s_a, s_b, t_a, t_b = make_inputs(2, 3, 37, 24, 16, torch.float32, seed=4)
+    mask = make_mask(2, 37, "left_pad")
+    with torch.no_grad():
+        loss = fn(s_a, s_b, t_a, t_b, s_scale=0.3, t_scale=0.2, mask=mask, causal=True)
+    want = ref(s_a, s_b, t_a, t_b, 0.3, 0.2, mask, True)
+    assert not loss.requires_grad
+    assert_close("loss", loss, want, *TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize(("bsz", "heads", "t"), [(1, 12, 2048), (2, 12, 512), (1, 1, 17), (4, 32, 8192)])
+def test_row_blocks_are_even_and_bounded(bsz, heads, t, monkeypatch):
+    monkeypatch.setattr(attention, "_TILE_ELEMENTS", 1 << 23)
+    rows = attention._row_block(bsz, heads, t)
+    tiles = -(-t // rows)
+    assert rows <= attention._MAX_TILE_ROWS or rows == t
+    assert bsz * heads * rows * t <= max(1 << 23, bsz * heads * 16 * t)
+    assert t - (tiles - 1) * rows >= rows - tiles  # the last tile is not a small remainder

@@ -50,6 +50,15 @@ def model_specs(family: str = "llama", teachers: int = 1) -> tuple[list[ModelSpe
     return t, resolve_model(f"tiny-{family}-student")
 
 
+def truncated_teacher_specs(family: str = "llama", layers: int = 2) -> tuple[list[ModelSpec], ModelSpec]:
+    """tiny-<family>-teacher and a student of the same width with `layers` layers (a truncated teacher), for
+    methods that need equal hidden sizes and head counts (Theseus, DIITO, PKD, ...)."""
+    base = resolve_model(f"tiny-{family}-teacher")
+    cfg = dict(base.hf_config)
+    cfg["n_layer" if cfg["model_type"] == "gpt2" else "num_hidden_layers"] = layers
+    return [base], spec_from_config(cfg, name=f"tiny-{family}-truncated", dtype="float32")
+
+
 def tap_shape(name: str, spec: ModelSpec, batch: int, seq: int) -> tuple[int, ...]:
     """The contract's shape of tap `name` for a model."""
     kind, _ = parse_tap(name)
@@ -75,14 +84,30 @@ def random_taps(
     *,
     requires_grad: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Random float64 tensors for `names`; probs rows are softmax-normalised."""
-    out = {}
+    """Random float64 tensors for `names`; probs rows are softmax-normalised; a stored `topk` tap gets the
+    top-TOPK_WIDTH entries of random teacher logits (what the offline teacher pass writes)."""
+    out: dict[str, Any] = {}
     for name in sorted(names):
+        if name == "topk":
+            logits = torch.randn((batch, seq, spec.vocab), generator=gen, dtype=torch.float64)
+            out[name] = stored_topk(logits)
+            continue
         x = torch.randn(tap_shape(name, spec, batch, seq), generator=gen, dtype=torch.float64)
         if name.startswith("probs"):
             x = x.softmax(-1)
         out[name] = x.requires_grad_(requires_grad)
     return out
+
+
+TOPK_WIDTH = 8  # k of the stored top-k teacher entries in tests
+
+
+def stored_topk(teacher_logits: torch.Tensor, k: int = TOPK_WIDTH) -> Any:
+    """The stored top-k of teacher logits at T = 1, as the offline teacher pass writes it."""
+    from gkd.methods.divergence import topk_targets
+
+    target = topk_targets(teacher_logits, k)
+    return type(target)(target.indices, target.logprobs.to(teacher_logits.dtype))
 
 
 def make_batch(
@@ -131,9 +156,12 @@ def run_formula(
     total_steps: int = 0,
     seed: int = 0,
     pad: bool = True,
+    specs: tuple[list[ModelSpec], ModelSpec] | None = None,
 ) -> FormulaCase:
-    """Resolve `methods`, fill the taps with random float64 tensors, evaluate the loss (see module doc)."""
-    t_specs, s_spec = model_specs(family, teachers)
+    """Resolve `methods`, fill the taps with random float64 tensors, evaluate the loss (see module doc).
+
+    `specs` replaces the family's tiny (teachers, student) pair, as in `check_backward`."""
+    t_specs, s_spec = specs if specs is not None else model_specs(family, teachers)
     resolved = resolve(methods, t_specs, s_spec, step=step, total_steps=total_steps, fused_linear=False)
     gen = torch.Generator().manual_seed(seed)
     student = random_taps(resolved.student_taps, s_spec, batch, seq, gen)
@@ -177,33 +205,47 @@ def check_backward(
     total_steps: int = 0,
     seed: int = 0,
     fused_linear: bool = False,
+    specs: tuple[list[ModelSpec], ModelSpec] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LossOutput:
-    """Forward + backward on tiny random models through the real tap capture (see the module docstring)."""
-    t_specs, s_spec = model_specs(family, teachers)
+    """Forward + backward on tiny random models through the real tap capture (see the module docstring).
+
+    The step runs through `gkd.runtime.step.distill_step`, so hook ops (Theseus, DIITO, LRC-BERT) are
+    honoured. `specs` replaces the family's tiny (teachers, student) pair (e.g. equal widths for Theseus);
+    `gradient_checkpointing` enables activation checkpointing on the student.
+    """
+    from gkd.runtime.step import distill_step
+
+    t_specs, s_spec = specs if specs is not None else model_specs(family, teachers)
     resolved = resolve(
         methods, t_specs, s_spec, step=step, total_steps=total_steps, fused_linear=fused_linear
     )
     torch.manual_seed(seed)
     student = build_model(s_spec, device="cpu").train()
+    if gradient_checkpointing:
+        student.gradient_checkpointing_enable()
     teacher_models = [build_model(spec, device="cpu").eval() for spec in t_specs]
     gen = torch.Generator().manual_seed(seed)
     ids, mask, labels = make_batch(s_spec, batch, seq, gen)
-    teacher_taps = []
+    # A stored `topk` tap is written by an offline teacher pass: emulate it from the teacher's logits.
+    stored: list[dict[str, Any]] = []
     for model, names in zip(teacher_models, resolved.teacher_taps, strict=True):
-        with torch.no_grad(), capture_taps(model, names) as taps:
-            model(input_ids=ids, attention_mask=mask.long())
-        assert set(taps) == set(names), f"teacher captured {sorted(taps)}, requested {sorted(names)}"
-        teacher_taps.append(taps)
-    with capture_taps(student, resolved.student_taps) as s_taps:
-        student(input_ids=ids, attention_mask=mask.long())
-    assert set(s_taps) == set(resolved.student_taps)
+        entry: dict[str, Any] = {}
+        if "topk" in names:
+            with torch.no_grad(), capture_taps(model, {"logits"}) as taps:
+                model(input_ids=ids, attention_mask=mask.long())
+            entry["topk"] = stored_topk(taps["logits"])
+        stored.append(entry)
     loss = DistillLoss(resolved, t_specs, s_spec)
-    heads = {
-        "student": student.get_output_embeddings().weight,
-        "teachers": [m.get_output_embeddings().weight for m in teacher_models],
-    }
-    out = loss(
-        s_taps, teacher_taps, labels=labels, mask=mask, step=step, total_steps=total_steps, heads=heads
+    out = distill_step(
+        student,
+        teacher_models,
+        loss,
+        {"input_ids": ids, "attention_mask": mask, "labels": labels},
+        resolved,
+        step=step,
+        total_steps=total_steps,
+        stored_teacher_taps=stored,
     )
     assert torch.isfinite(out.total), out.terms
     out.total.backward()

@@ -24,8 +24,18 @@ GiB = 1 << 30
 
 @pytest.mark.parametrize(
     "value,expected",
-    [("40GiB", 40 * GiB), ("40GB", 40 * 10**9), ("40G", 40 * 10**9), ("512MiB", 512 << 20), ("1TiB", 1 << 40),
-     (40, 40 * GiB), ("40", 40 * GiB), (2**31, 2**31), ("0.5GiB", GiB // 2), ("1e3", 1000 * GiB)],
+    [
+        ("40GiB", 40 * GiB),
+        ("40GB", 40 * 10**9),
+        ("40G", 40 * 10**9),
+        ("512MiB", 512 << 20),
+        ("1TiB", 1 << 40),
+        (40, 40 * GiB),
+        ("40", 40 * GiB),
+        (2**31, 2**31),
+        ("0.5GiB", GiB // 2),
+        ("1e3", 1000 * GiB),
+    ],
 )
 def test_parse_bytes(value, expected):
     assert parse_bytes(value, "x") == expected
@@ -53,7 +63,8 @@ def test_default_config_file_is_the_headline_job():
 
 def test_load_yaml_and_json_agree(tmp_path):
     data = {
-        "teacher": "tiny-llama-teacher", "student": "tiny-llama-student",
+        "teacher": "tiny-llama-teacher",
+        "student": "tiny-llama-student",
         "methods": [{"name": "kd", "weight": 0.5, "options": {"temperature": 2.0}}],
         "hardware": {"gpus": 4, "gpu_memory": "24GiB", "host_memory": "256GiB"},
         "training": {"seq_len": 128, "global_batch": 16, "micro_batch": [1, 2]},
@@ -74,8 +85,17 @@ def test_load_yaml_and_json_agree(tmp_path):
 
 def test_flags_override_file(tmp_path):
     (tmp_path / "c.yaml").write_text("teacher: a\nstudent: b\nmethods: [kd]\ntraining: {seq_len: 256}\n")
-    c = apply_flags(load_config(tmp_path / "c.yaml"), teacher="t1,t2", seq_len=1024, gpus=16, gpu_memory="80GiB",
-                    micro_batch="auto", methods="kd,minilmv2", host_memory="2TiB", global_batch=32)
+    c = apply_flags(
+        load_config(tmp_path / "c.yaml"),
+        teacher="t1,t2",
+        seq_len=1024,
+        gpus=16,
+        gpu_memory="80GiB",
+        micro_batch="auto",
+        methods="kd,minilmv2",
+        host_memory="2TiB",
+        global_batch=32,
+    )
     assert c.teachers == ("t1", "t2")
     assert c.training.seq_len == 1024 and c.training.micro_batch == () and c.training.global_batch == 32
     assert c.hardware.gpus == 16 and c.hardware.gpu_memory_bytes == 80 * GiB and c.hardware.nodes == 2

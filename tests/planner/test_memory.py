@@ -11,8 +11,13 @@ from gkd.config import DeepSpeedSettings
 from gkd.planner.memory import student_model_states, teacher_residency
 
 # (params, largest module): GPT-2-XL-like, LLaMA-7B, GLM-10B, OPT-13B, LLaMA-70B shapes
-SIZES = [(1_557_611_200, 80_411_200), (6_738_415_616, 131_072_000), (9_879_000_000, 205_000_000),
-         (12_853_000_000, 257_000_000), (68_976_648_192, 262_144_000)]
+SIZES = [
+    (1_557_611_200, 80_411_200),
+    (6_738_415_616, 131_072_000),
+    (9_879_000_000, 205_000_000),
+    (12_853_000_000, 257_000_000),
+    (68_976_648_192, 262_144_000),
+]
 GPUS = [(1, 1), (4, 4), (8, 8), (16, 8), (64, 8)]  # (total GPUs, GPUs per node)
 
 
@@ -34,8 +39,14 @@ def _close(ours: int, theirs: int) -> None:
 def test_zero2_matches_deepspeed_estimator(params, largest, gpus, per_node, offload):
     z2, _ = _ds()
     cpu, gpu = z2(params, num_gpus_per_node=per_node, num_nodes=gpus // per_node, cpu_offload=offload)
-    ours = student_model_states(params=params, largest_module=largest, gpus=gpus, gpus_per_node=per_node,
-                                stage=2, offload="optimizer" if offload else "none")
+    ours = student_model_states(
+        params=params,
+        largest_module=largest,
+        gpus=gpus,
+        gpus_per_node=per_node,
+        stage=2,
+        offload="optimizer" if offload else "none",
+    )
     _close(ours.gpu_bytes, gpu)
     if offload:
         _close(ours.host_bytes, cpu)
@@ -46,10 +57,17 @@ def test_zero2_matches_deepspeed_estimator(params, largest, gpus, per_node, offl
 @pytest.mark.parametrize("offload", ["none", "optimizer", "optimizer+parameters"])
 def test_zero3_matches_deepspeed_estimator(params, largest, gpus, per_node, offload):
     _, z3 = _ds()
-    cpu, gpu, _ = z3(params, largest, num_gpus_per_node=per_node, num_nodes=gpus // per_node,
-                     cpu_offload=offload != "none", cpu_offload_params=offload == "optimizer+parameters")
-    ours = student_model_states(params=params, largest_module=largest, gpus=gpus, gpus_per_node=per_node,
-                                stage=3, offload=offload)
+    cpu, gpu, _ = z3(
+        params,
+        largest,
+        num_gpus_per_node=per_node,
+        num_nodes=gpus // per_node,
+        cpu_offload=offload != "none",
+        cpu_offload_params=offload == "optimizer+parameters",
+    )
+    ours = student_model_states(
+        params=params, largest_module=largest, gpus=gpus, gpus_per_node=per_node, stage=3, offload=offload
+    )
     _close(ours.gpu_bytes, gpu)
     if offload != "none":
         _close(ours.host_bytes, cpu)
@@ -57,29 +75,49 @@ def test_zero3_matches_deepspeed_estimator(params, largest, gpus, per_node, offl
 
 def test_stage_table():
     # P = 1000, N = 4, Adam: exact bytes per category.
-    s0 = student_model_states(params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=0, offload="none")
+    s0 = student_model_states(
+        params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=0, offload="none"
+    )
     assert (s0.parameters, s0.gradients, s0.optimizer) == (2000, 6000, 12000)
-    s1 = student_model_states(params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=1, offload="none")
+    s1 = student_model_states(
+        params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=1, offload="none"
+    )
     assert (s1.parameters, s1.gradients, s1.optimizer) == (2000, 3000, 3000)
-    s2 = student_model_states(params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=2, offload="none")
+    s2 = student_model_states(
+        params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=2, offload="none"
+    )
     assert (s2.parameters, s2.gradients, s2.optimizer) == (2000, 1500, 3000)
-    s3 = student_model_states(params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=3, offload="none")
+    s3 = student_model_states(
+        params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=3, offload="none"
+    )
     assert s3.gpu_bytes == 4 * 100 + 18 * 1000 // 4
-    sgd = student_model_states(params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=2, offload="none",
-                               optimizer="sgd")
+    sgd = student_model_states(
+        params=1000, largest_module=100, gpus=4, gpus_per_node=4, stage=2, offload="none", optimizer="sgd"
+    )
     assert sgd.optimizer == 8 * 1000 // 4
 
 
 def test_invalid_combinations():
     with pytest.raises(ValueError):
-        student_model_states(params=10, largest_module=1, gpus=2, gpus_per_node=2, stage=2,
-                             offload="optimizer+parameters")
+        student_model_states(
+            params=10, largest_module=1, gpus=2, gpus_per_node=2, stage=2, offload="optimizer+parameters"
+        )
     with pytest.raises(ValueError):
-        student_model_states(params=10, largest_module=1, gpus=2, gpus_per_node=2, stage=0, offload="optimizer")
+        student_model_states(
+            params=10, largest_module=1, gpus=2, gpus_per_node=2, stage=0, offload="optimizer"
+        )
 
 
-CHOICES = [(0, "none"), (1, "none"), (2, "none"), (1, "optimizer"), (2, "optimizer"), (3, "none"),
-           (3, "optimizer"), (3, "optimizer+parameters")]
+CHOICES = [
+    (0, "none"),
+    (1, "none"),
+    (2, "none"),
+    (1, "optimizer"),
+    (2, "optimizer"),
+    (3, "none"),
+    (3, "optimizer"),
+    (3, "optimizer+parameters"),
+]
 
 
 @settings(max_examples=200, deadline=None)
@@ -93,10 +131,17 @@ CHOICES = [(0, "none"), (1, "none"), (2, "none"), (1, "optimizer"), (2, "optimiz
 def test_more_gpus_never_raise_per_gpu_model_states(params, largest_frac, n, extra, choice):
     stage, offload = choice
     largest = int(params * largest_frac)
-    a = student_model_states(params=params, largest_module=largest, gpus=n, gpus_per_node=n, stage=stage,
-                             offload=offload)
-    b = student_model_states(params=params, largest_module=largest, gpus=n + extra, gpus_per_node=n + extra,
-                             stage=stage, offload=offload)
+    a = student_model_states(
+        params=params, largest_module=largest, gpus=n, gpus_per_node=n, stage=stage, offload=offload
+    )
+    b = student_model_states(
+        params=params,
+        largest_module=largest,
+        gpus=n + extra,
+        gpus_per_node=n + extra,
+        stage=stage,
+        offload=offload,
+    )
     assert b.gpu_bytes <= a.gpu_bytes
 
 
@@ -112,8 +157,28 @@ def test_more_gpus_never_raise_per_gpu_model_states(params, largest_frac, n, ext
 )
 def test_teacher_residency(placement, params_bytes, host):
     ds = DeepSpeedSettings(stage3_prefetch_bucket_size=1000)
-    r = teacher_residency(params=10**9, largest_module=10**7, persistent_params=500, placement=placement, gpus=8,
-                          gpus_per_node=8, tensor_parallel=4, ds=ds)
+    r = teacher_residency(
+        params=10**9,
+        largest_module=10**7,
+        persistent_params=500,
+        placement=placement,
+        gpus=8,
+        gpus_per_node=8,
+        tensor_parallel=4,
+        ds=ds,
+    )
     assert r.parameters == params_bytes
     assert r.host_bytes == host
     assert r.buffers == (2000 if placement.startswith("zero3") else 0)
+
+
+def test_buffers_per_stage_and_cap():
+    from gkd.planner.memory import deepspeed_buffers, effective_deepspeed
+
+    ds = DeepSpeedSettings()
+    assert deepspeed_buffers(stage=0, offload="none", ds=ds) == 10**9
+    assert deepspeed_buffers(stage=2, offload="none", ds=ds) == 2 * 10**9
+    assert deepspeed_buffers(stage=3, offload="none", ds=ds) == 10**9 + 10**8
+    small = effective_deepspeed(ds, 1234)
+    assert (small.reduce_bucket_size, small.stage3_prefetch_bucket_size) == (1234, 1234)
+    assert effective_deepspeed(ds, 10**12) == ds

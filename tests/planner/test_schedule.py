@@ -10,11 +10,20 @@ from gkd.planner.plan import Strategy, TensorAlloc
 from gkd.planner.schedule import LossTerm, ModelActivity, Workload, build_schedule, simulate
 
 
-def act(name, layers, *, saved=100, checkpoint=10, fws=5, bws=7, embed=3, hidden=4, layer_taps=None, head_taps=()):
+def act(
+    name, layers, *, saved=100, checkpoint=10, fws=5, bws=7, embed=3, hidden=4, layer_taps=None, head_taps=()
+):
     return ModelActivity(
-        name=name, layers=layers, saved=saved, checkpoint=checkpoint, forward_workspace=fws, backward_workspace=bws,
-        embed_saved=embed, hidden_bytes=hidden,
-        layer_taps=tuple(tuple(x) for x in (layer_taps or [[] for _ in range(layers)])), head_taps=tuple(head_taps),
+        name=name,
+        layers=layers,
+        saved=saved,
+        checkpoint=checkpoint,
+        forward_workspace=fws,
+        backward_workspace=bws,
+        embed_saved=embed,
+        hidden_bytes=hidden,
+        layer_taps=tuple(tuple(x) for x in (layer_taps or [[] for _ in range(layers)])),
+        head_taps=tuple(head_taps),
     )
 
 
@@ -25,10 +34,16 @@ def strategy(**kw):
 
 
 def workload(student, teacher, terms=(), static=1000, **kw):
-    return Workload(student=student, teachers=(teacher,), terms=tuple(terms),
-                    static=(TensorAlloc(name="p", bytes=static, category="parameters"),),
-                    logit_loss_retained=kw.get("retained", 0), logit_loss_transient=kw.get("transient", 0),
-                    logit_backward_transient=kw.get("backward", 0), offline_allocs=kw.get("offline", ()))
+    return Workload(
+        student=student,
+        teachers=(teacher,),
+        terms=tuple(terms),
+        static=(TensorAlloc(name="p", bytes=static, category="parameters"),),
+        logit_loss_retained=kw.get("retained", 0),
+        logit_loss_transient=kw.get("transient", 0),
+        logit_backward_transient=kw.get("backward", 0),
+        offline_allocs=kw.get("offline", ()),
+    )
 
 
 def test_exact_peak_without_and_with_recompute():
@@ -62,10 +77,14 @@ def test_empty_and_zero_byte_workload():
 
 def _hidden_workload():
     # Teacher taps hidden[2] (after teacher layer 1) and hidden[4]; student taps hidden[1], hidden[2].
-    teacher = act("teacher0", 4, fws=1, layer_taps=[[], [("hidden[2]", 50, True)], [], [("hidden[4]", 50, True)]])
+    teacher = act(
+        "teacher0", 4, fws=1, layer_taps=[[], [("hidden[2]", 50, True)], [], [("hidden[4]", 50, True)]]
+    )
     student = act("student", 2, layer_taps=[[("hidden[1]", 8, True)], [("hidden[2]", 8, True)]])
-    terms = [LossTerm(name="h.l1", taps=("s:hidden[1]", "t0:hidden[2]"), logits=False),
-             LossTerm(name="h.l2", taps=("s:hidden[2]", "t0:hidden[4]"), logits=False)]
+    terms = [
+        LossTerm(name="h.l1", taps=("s:hidden[1]", "t0:hidden[2]"), logits=False),
+        LossTerm(name="h.l2", taps=("s:hidden[2]", "t0:hidden[4]"), logits=False),
+    ]
     return workload(student, teacher, terms)
 
 
@@ -95,8 +114,10 @@ def test_every_allocation_is_freed_in_the_micro_step():
 
 
 def test_offline_pass_is_replayed_without_training_static():
-    offline = (TensorAlloc(name="off.params", bytes=5000, category="parameters"),
-               TensorAlloc(name="off.ws", bytes=100, category="activations"))
+    offline = (
+        TensorAlloc(name="off.params", bytes=5000, category="parameters"),
+        TensorAlloc(name="off.ws", bytes=100, category="activations"),
+    )
     w = workload(act("student", 1), act("teacher0", 1), offline=offline)
     sched = build_schedule(w, strategy(teacher_placement="offline", offline_teacher_placement="zero3"))
     tl = simulate(sched)
@@ -116,17 +137,30 @@ def test_offline_pass_is_replayed_without_training_static():
     tap_loss=st.sampled_from(["layerwise", "end"]),
     data=st.data(),
 )
-def test_recomputing_more_layers_never_raises_the_peak(layers, checkpoint, extra, fws, bws, tap, teacher_tap,
-                                                       tap_loss, data):
+def test_recomputing_more_layers_never_raises_the_peak(
+    layers, checkpoint, extra, fws, bws, tap, teacher_tap, tap_loss, data
+):
     saved = checkpoint + extra
     layer_taps = [[] for _ in range(layers)]
-    layer_taps[-1] = [("q[%d]" % (layers - 1), tap, True), ("mlp_out[%d]" % (layers - 1), tap, False)]
-    student = act("student", layers, saved=saved, checkpoint=checkpoint, fws=fws, bws=bws, layer_taps=layer_taps)
+    layer_taps[-1] = [(f"q[{layers - 1}]", tap, True), (f"mlp_out[{layers - 1}]", tap, False)]
+    student = act(
+        "student", layers, saved=saved, checkpoint=checkpoint, fws=fws, bws=bws, layer_taps=layer_taps
+    )
     teacher = act("teacher0", 2, fws=fws, layer_taps=[[], [("q[1]", teacher_tap, True)]])
-    terms = [LossTerm(name="m.r", taps=(f"s:q[{layers - 1}]", "t0:q[1]", f"s:mlp_out[{layers - 1}]"), logits=False),
-             LossTerm(name="kd.soft", taps=("s:logits", "t0:logits"), logits=True)]
-    w = workload(student, teacher, terms, retained=data.draw(st.integers(0, 300)),
-                 transient=data.draw(st.integers(0, 300)), backward=data.draw(st.integers(0, 300)))
+    terms = [
+        LossTerm(
+            name="m.r", taps=(f"s:q[{layers - 1}]", "t0:q[1]", f"s:mlp_out[{layers - 1}]"), logits=False
+        ),
+        LossTerm(name="kd.soft", taps=("s:logits", "t0:logits"), logits=True),
+    ]
+    w = workload(
+        student,
+        teacher,
+        terms,
+        retained=data.draw(st.integers(0, 300)),
+        transient=data.draw(st.integers(0, 300)),
+        backward=data.draw(st.integers(0, 300)),
+    )
     small = data.draw(st.sets(st.integers(0, layers - 1)))
     more = small | data.draw(st.sets(st.integers(0, layers - 1)))
     a = simulate(build_schedule(w, strategy(tap_loss=tap_loss, recompute_layers=tuple(sorted(small)))))

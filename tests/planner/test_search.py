@@ -15,17 +15,29 @@ from gkd.planner.pipeline import emit
 from gkd.planner.plan import Plan
 from gkd.planner.search import candidates, search
 
-SMALL_DS = DeepSpeedSettings(reduce_bucket_size=1000, allgather_bucket_size=1000, stage3_prefetch_bucket_size=1000,
-                             stage3_max_live_parameters=100_000)
+SMALL_DS = DeepSpeedSettings(
+    reduce_bucket_size=1000,
+    allgather_bucket_size=1000,
+    stage3_prefetch_bucket_size=1000,
+    stage3_max_live_parameters=100_000,
+)
 
 
 def config(*, gpus=4, memory=3_000_000, host=10**9, seq=32, batch=8, overrides=None, micro=()):
     return Config(
-        teachers=("t",), student="s",
-        hardware=HardwareConfig(gpus=gpus, gpus_per_node=gpus, gpu_memory_bytes=memory, host_memory_bytes=host,
-                                cuda_context_bytes=0, fragmentation=0.0),
+        teachers=("t",),
+        student="s",
+        hardware=HardwareConfig(
+            gpus=gpus,
+            gpus_per_node=gpus,
+            gpu_memory_bytes=memory,
+            host_memory_bytes=host,
+            cuda_context_bytes=0,
+            fragmentation=0.0,
+        ),
         training=TrainingConfig(seq_len=seq, global_batch=batch, micro_batch=micro),
-        deepspeed=SMALL_DS, overrides=overrides or Overrides(),
+        deepspeed=SMALL_DS,
+        overrides=overrides or Overrides(),
     )
 
 
@@ -65,22 +77,47 @@ def test_tight_budget_recomputes_some_layers_not_all():
     loose = search(config(memory=10**9), STUDENT, (TEACHER,), kd_minilm())
     assert loose.best.strategy.recompute_layers == ()
     student = replace(STUDENT, layers=8, saved={"sdpa": 200_000, "eager": 400_000}, checkpoint=2_000)
-    r0 = search(config(memory=10**9, overrides=Overrides(student_zero_stage=3, teacher_placement="zero3",
-                                                         micro_batch=2)), student, (TEACHER,), kd_minilm())
+    r0 = search(
+        config(
+            memory=10**9, overrides=Overrides(student_zero_stage=3, teacher_placement="zero3", micro_batch=2)
+        ),
+        student,
+        (TEACHER,),
+        kd_minilm(),
+    )
     peak = r0.best.peak_bytes
-    r = search(config(memory=peak - 500_000, overrides=Overrides(student_zero_stage=3, teacher_placement="zero3",
-                                                                 micro_batch=2)), student, (TEACHER,), kd_minilm())
+    r = search(
+        config(
+            memory=peak - 500_000,
+            overrides=Overrides(student_zero_stage=3, teacher_placement="zero3", micro_batch=2),
+        ),
+        student,
+        (TEACHER,),
+        kd_minilm(),
+    )
     assert r.best.fits
     assert 0 < len(r.best.strategy.recompute_layers) < 8
 
 
 def test_overrides_pin_choices():
-    ov = Overrides(student_zero_stage=1, student_offload="optimizer", teacher_placement="zero3", micro_batch=1,
-                   tap_loss="end", recompute_layers=(1,))
+    ov = Overrides(
+        student_zero_stage=1,
+        student_offload="optimizer",
+        teacher_placement="zero3",
+        micro_batch=1,
+        tap_loss="end",
+        recompute_layers=(1,),
+    )
     r = search(config(memory=10**9, overrides=ov), STUDENT, (TEACHER,), kd_minilm())
     s = r.best.strategy
-    assert (s.student_zero_stage, s.student_offload, s.teacher_placement, s.micro_batch, s.tap_loss,
-            s.recompute_layers) == (1, "optimizer", "zero3", 1, "end", (1,))
+    assert (
+        s.student_zero_stage,
+        s.student_offload,
+        s.teacher_placement,
+        s.micro_batch,
+        s.tap_loss,
+        s.recompute_layers,
+    ) == (1, "optimizer", "zero3", 1, "end", (1,))
 
 
 def test_offline_teacher_when_only_logits_are_read():
@@ -92,16 +129,23 @@ def test_offline_teacher_when_only_logits_are_read():
     tr = cfg.training
     assert r.best.disk_bytes == tr.steps * tr.global_batch * tr.seq_len * (tr.offline_topk * 6 + 4)
     assert any(op.kind == "offline_teacher_pass" for op in r.best.schedule.ops)
-    assert not any(c.teacher_placement == "offline" for c in candidates(config(), STUDENT, (TEACHER,), kd_minilm()))
+    assert not any(
+        c.teacher_placement == "offline" for c in candidates(config(), STUDENT, (TEACHER,), kd_minilm())
+    )
 
 
 def test_layerwise_tap_losses_lower_the_peak_of_many_taps():
     teacher = replace(TEACHER, tap_bytes={**TEACHER.tap_bytes, "hidden": 400_000})
     ov = dict(student_zero_stage=3, teacher_placement="zero3", micro_batch=1, recompute_layers=())
-    lw = search(config(memory=10**9, overrides=Overrides(tap_loss="layerwise", **ov)), STUDENT, (teacher,),
-                hidden_uniform())
-    end = search(config(memory=10**9, overrides=Overrides(tap_loss="end", **ov)), STUDENT, (teacher,),
-                 hidden_uniform())
+    lw = search(
+        config(memory=10**9, overrides=Overrides(tap_loss="layerwise", **ov)),
+        STUDENT,
+        (teacher,),
+        hidden_uniform(),
+    )
+    end = search(
+        config(memory=10**9, overrides=Overrides(tap_loss="end", **ov)), STUDENT, (teacher,), hidden_uniform()
+    )
     assert lw.best.peak_bytes < end.best.peak_bytes
 
 
@@ -115,8 +159,11 @@ def test_layerwise_tap_losses_lower_the_peak_of_many_taps():
     host=st.sampled_from([0, 10**6, 10**9]),
 )
 def test_no_chosen_plan_exceeds_the_budget(memory, gpus, teacher_params, student_layers, methods, host):
-    view = {"kd_minilm": kd_minilm(4, student_layers), "kd_only": kd_only(),
-            "hidden": hidden_uniform(4, student_layers)}[methods]
+    view = {
+        "kd_minilm": kd_minilm(4, student_layers),
+        "kd_only": kd_only(),
+        "hidden": hidden_uniform(4, student_layers),
+    }[methods]
     cfg = config(gpus=gpus, memory=memory, host=host)
     student = replace(STUDENT, layers=student_layers)
     r = search(cfg, student, (replace(TEACHER, params=teacher_params),), view)
@@ -135,8 +182,10 @@ def test_emit_makes_a_round_trippable_plan():
     assert plan.fits and plan.peak_bytes == sum(plan.memory.values())
     assert Plan.from_json(plan.to_json()) == plan
     ds = plan.deepspeed["student"]
-    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * cfg.hardware.gpus == \
-        cfg.training.global_batch
+    assert (
+        ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * cfg.hardware.gpus
+        == cfg.training.global_batch
+    )
     assert ds["zero_optimization"]["stage"] == plan.strategy.student_zero_stage
 
 

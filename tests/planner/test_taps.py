@@ -1,6 +1,6 @@
-"""The tap catalogue against reality: per-layer saved-for-backward bytes equal a real CPU forward of random-init
-models (storage accounting with saved_tensors_hooks), for every family and both attention paths; taps have the
-contract's names, shapes and capture methods."""
+"""The tap catalogue against reality: per-layer saved-for-backward bytes equal a real CPU forward of
+random-init models (storage accounting with saved_tensors_hooks), for every family and both attention paths;
+taps have the contract's names, shapes and capture methods."""
 
 from __future__ import annotations
 
@@ -10,33 +10,122 @@ import pytest
 import torch
 
 from gkd.errors import InputError
-from gkd.models import ModelSpec, build_model, resolve_model, spec_from_config
+from gkd.models import ModelSpec, build_model, spec_from_config
 from gkd.planner.taps import ATTENTION_KINDS, CAPTURE_METHODS, build_catalogue
 
 B, T = 2, 24
 
 # Small configs of every family (the GLM entry is the GLM-130B mapping at small size).
 FAMILY_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
-    "llama": ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 128}, "bfloat16"),
-    "qwen2": ({"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-               "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 128}, "float32"),
-    "mistral": ({"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 8,
-                 "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 128, "sliding_window": 64},
-                "bfloat16"),
-    "gpt2": ({"model_type": "gpt2", "n_layer": 2, "n_embd": 48, "n_head": 4, "vocab_size": 128, "n_positions": 64,
-              "bos_token_id": None, "eos_token_id": None}, "float32"),
-    "opt": ({"model_type": "opt", "num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 4,
-             "ffn_dim": 80, "vocab_size": 128, "max_position_embeddings": 64, "word_embed_proj_dim": 48,
-             "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2}, "bfloat16"),
-    "bloom": ({"model_type": "bloom", "n_layer": 2, "hidden_size": 64, "n_head": 4, "vocab_size": 128,
-               "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2}, "float32"),
-    "glm": ({"model_type": "glm", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "head_dim": 16, "intermediate_size": 96, "vocab_size": 128,
-             "hidden_act": "gelu", "attention_bias": True, "tie_word_embeddings": True, "pad_token_id": None,
-             "eos_token_id": None}, "bfloat16"),
-    "bert": ({"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 4,
-              "intermediate_size": 80, "vocab_size": 128, "max_position_embeddings": 64}, "float32"),
+    "llama": (
+        {
+            "model_type": "llama",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 96,
+            "vocab_size": 128,
+        },
+        "bfloat16",
+    ),
+    "qwen2": (
+        {
+            "model_type": "qwen2",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "intermediate_size": 96,
+            "vocab_size": 128,
+        },
+        "float32",
+    ),
+    "mistral": (
+        {
+            "model_type": "mistral",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "intermediate_size": 96,
+            "vocab_size": 128,
+            "sliding_window": 64,
+        },
+        "bfloat16",
+    ),
+    "gpt2": (
+        {
+            "model_type": "gpt2",
+            "n_layer": 2,
+            "n_embd": 48,
+            "n_head": 4,
+            "vocab_size": 128,
+            "n_positions": 64,
+            "bos_token_id": None,
+            "eos_token_id": None,
+        },
+        "float32",
+    ),
+    "opt": (
+        {
+            "model_type": "opt",
+            "num_hidden_layers": 2,
+            "hidden_size": 48,
+            "num_attention_heads": 4,
+            "ffn_dim": 80,
+            "vocab_size": 128,
+            "max_position_embeddings": 64,
+            "word_embed_proj_dim": 48,
+            "pad_token_id": 1,
+            "bos_token_id": 2,
+            "eos_token_id": 2,
+        },
+        "bfloat16",
+    ),
+    "bloom": (
+        {
+            "model_type": "bloom",
+            "n_layer": 2,
+            "hidden_size": 64,
+            "n_head": 4,
+            "vocab_size": 128,
+            "pad_token_id": 3,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        "float32",
+    ),
+    "glm": (
+        {
+            "model_type": "glm",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "head_dim": 16,
+            "intermediate_size": 96,
+            "vocab_size": 128,
+            "hidden_act": "gelu",
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "pad_token_id": None,
+            "eos_token_id": None,
+        },
+        "bfloat16",
+    ),
+    "bert": (
+        {
+            "model_type": "bert",
+            "num_hidden_layers": 2,
+            "hidden_size": 48,
+            "num_attention_heads": 4,
+            "intermediate_size": 80,
+            "vocab_size": 128,
+            "max_position_embeddings": 64,
+        },
+        "float32",
+    ),
 }
 
 
@@ -101,16 +190,23 @@ def test_eager_saves_the_attention_matrix_and_sdpa_does_not() -> None:
     spec = family_spec("llama")
     catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
     layer = catalogue.layer_activations[0]
-    # eager keeps the softmax output (B, heads, T, T) and more; the fused kernel keeps a (B, heads, T) fp32 LSE.
+    # eager keeps the softmax output (B, heads, T, T) and more; the fused kernel keeps a (B, heads, T) fp32
+    # LSE.
     assert layer.saved("eager") - layer.saved("sdpa") >= catalogue.get("probs[0]").nbytes
 
 
 def expected_shape(spec: ModelSpec, kind: str) -> tuple[int, ...]:
     return {
-        "emb": (B, T, spec.hidden), "hidden": (B, T, spec.hidden), "final": (B, T, spec.hidden),
-        "context": (B, T, spec.hidden), "mlp_out": (B, T, spec.hidden),
-        "q": (B, spec.heads, T, spec.head_dim), "k": (B, spec.kv_heads, T, spec.head_dim),
-        "v": (B, spec.kv_heads, T, spec.head_dim), "scores": (B, spec.heads, T, T), "probs": (B, spec.heads, T, T),
+        "emb": (B, T, spec.hidden),
+        "hidden": (B, T, spec.hidden),
+        "final": (B, T, spec.hidden),
+        "context": (B, T, spec.hidden),
+        "mlp_out": (B, T, spec.hidden),
+        "q": (B, spec.heads, T, spec.head_dim),
+        "k": (B, spec.kv_heads, T, spec.head_dim),
+        "v": (B, spec.kv_heads, T, spec.head_dim),
+        "scores": (B, spec.heads, T, T),
+        "probs": (B, spec.heads, T, T),
         "logits": (B, T, spec.vocab),
     }[kind]
 

@@ -1,0 +1,93 @@
+"""How long `gkd plan` takes on each reference config, and what it decides.
+
+Claim checked: every reference config produces a plan that fits 8 x 40 GB, stating host memory and disk, and
+plans in under 3 s on this machine. Each config runs as a separate `gkd plan CONFIG --json` process (so the
+time includes interpreter start and imports), first with an empty facts cache (cold: models are built on the
+meta device and traced) and then again (warm: the traced facts come from the cache, no torch import).
+Prints one row per config: verdict, peak per GPU, host memory, disk, the chosen strategy, cold and warm wall
+times (median of --repeat warm runs, with the spread).
+
+    python benchmarks/bench_plan.py [--repeat 3] [--cache DIR] [CONFIG ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 1 << 30
+
+
+def plan_once(config: str | None, cache: str) -> tuple[float, dict, int]:
+    cmd = [sys.executable, "-m", "gkd.cli", "plan", "--json"] + ([config] if config else [])
+    env = {**os.environ, "GKD_CACHE_DIR": cache}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode not in (0, 1):
+        raise SystemExit(
+            f"gkd plan {config} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
+        )
+    return wall, json.loads(proc.stdout), proc.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "configs", nargs="*", help="config files (default: configs/reference/*.yaml and no-args)"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="warm runs per config")
+    parser.add_argument(
+        "--cache", help="facts cache folder (default: a fresh temporary one, so runs start cold)"
+    )
+    args = parser.parse_args()
+    configs: list[str | None] = args.configs or [None] + sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "reference").glob("*.yaml")
+    )
+    cache = args.cache or tempfile.mkdtemp(prefix="gkd-bench-cache-")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    print(
+        f"# gkd plan timings  machine={platform.node()} cpus={os.cpu_count()} "
+        f"python={platform.python_version()} commit={commit.stdout.strip() or '?'} cache={cache}"
+    )
+    header = (
+        f"{'config':<40} {'fits':<5} {'peak/GPU':>9} {'host':>9} {'disk':>9} {'cold s':>7} "
+        f"{'warm s (median, min-max)':>25}  strategy"
+    )
+    print(header)
+    print("-" * len(header))
+    worst = 0.0
+    for config in configs:
+        cold, plan, rc = plan_once(config, cache)
+        warm = [plan_once(config, cache)[0] for _ in range(args.repeat)]
+        med = statistics.median(warm)
+        worst = max(worst, med)
+        s = plan["strategy"]
+        strategy = (
+            f"ZeRO-{s['student_zero_stage']}"
+            f"{'' if s['student_offload'] == 'none' else '+' + s['student_offload']}, "
+            f"teacher {s['teacher_placement']}"
+            f"{' x' + str(s['tensor_parallel']) if s['teacher_placement'] == 'tensor_parallel' else ''}, "
+            f"mb {s['micro_batch']}x{s['grad_accum']}, recompute {len(s['recompute_layers'])}, "
+            f"{plan['estimates']['tokens_per_s']:,.0f} tok/s"
+        )
+        name = config or "(no arguments: headline)"
+        print(
+            f"{name:<40} {str(plan['fits']):<5} {plan['peak_bytes'] / GiB:>7.2f}Gi "
+            f"{plan['host_bytes'] / GiB:>7.1f}Gi {plan['estimates'].get('disk_bytes', 0) / GiB:>7.1f}Gi "
+            f"{cold:>7.2f} {med:>9.2f} ({min(warm):.2f}-{max(warm):.2f})       {strategy}"
+        )
+    print(f"# slowest warm plan: {worst:.2f} s (target: under 3 s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""One distillation step with hook ops honoured: `distill_step(...) -> LossOutput`.
+
+Usage:
+    resolved = resolve(methods, teacher_specs, student_spec, step=s, total_steps=n)
+    out = distill_step(student, teachers, DistillLoss(resolved, teacher_specs, student_spec), batch,
+                       resolved, step=s, total_steps=n)
+    out.total.backward()
+
+`batch` maps "input_ids" (B, T), optionally "attention_mask" (B, T; bool or 0/1, True = real token), "labels"
+and any further model inputs (e.g. "token_type_ids"), which are passed to every model unchanged.
+
+The order of operations (see `gkd.methods.hooks` for what each hook-op call may do):
+1. build the step's hook ops from `resolved` and install them all: they stay active around every forward
+   below, so an op can record teacher states (DIITO) or swap student modules (Theseus) first;
+2. the teacher forward(s) under `torch.no_grad()`, capturing exactly `resolved.teacher_taps` (skipped for a
+   teacher with no live taps: Theseus has no separate teacher pass, and stored top-k entries come from an
+   offline teacher pass through `stored_teacher_taps`);
+3. each op's `before_forward` (LRC-BERT's clean forward and embedding gradient);
+4. the student forward, capturing `resolved.student_taps`;
+5. each op's `extra_forward` (DIITO's interchange pass), whose results reach the loss as `ctx.aux`;
+6. the loss (`DistillLoss`) on the captured taps.
+
+Design choices:
+- The backward pass is the caller's: it may scale, accumulate or hand the loss to DeepSpeed.
+- A forward that fails to produce a requested tap raises: a silently missing tensor would otherwise surface
+  as a KeyError deep inside a loss function.
+- `StepRunner` is what hook ops see: the models, the batch and the loss, without the op needing to know how
+  taps are captured or where the teachers live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gkd.errors import InputError
+from gkd.methods.combine import DistillLoss, LossOutput, ResolvedMethods
+from gkd.methods.hooks import build_hook_ops
+from gkd.methods.spec import STORED_KINDS
+from gkd.runtime.capture import capture_taps
+
+
+@dataclass(kw_only=True)
+class StepRunner:
+    """Runs the models of one step on its batch under tap capture; handed to hook ops."""
+
+    student: nn.Module
+    teachers: Sequence[nn.Module]
+    loss_module: DistillLoss
+    resolved: ResolvedMethods
+    batch: Mapping[str, Any]
+    step: int = 0
+    total_steps: int = 0
+    teacher_taps: list[dict[str, Tensor]] = field(default_factory=list)
+
+    @property
+    def mask(self) -> Tensor:
+        """(B, T) bool, True = real token (all True when the batch has no attention mask)."""
+        ids = self.batch["input_ids"]
+        mask = self.batch.get("attention_mask")
+        if mask is None:
+            return torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+        return mask.bool()
+
+    @property
+    def labels(self) -> Tensor | None:
+        return self.batch.get("labels")
+
+    def model_inputs(self) -> dict[str, Any]:
+        inputs = {k: v for k, v in self.batch.items() if k != "labels"}
+        if "attention_mask" in inputs and inputs["attention_mask"] is not None:
+            inputs["attention_mask"] = inputs["attention_mask"].long()
+        return inputs
+
+    def run_student(self, names: Iterable[str]) -> dict[str, Tensor]:
+        """One student forward (with gradients) capturing `names`."""
+        return _run(self.student, names, self.model_inputs(), "student")
+
+    def run_teacher(self, index: int, names: Iterable[str]) -> dict[str, Tensor]:
+        """One forward of teacher `index` under no_grad capturing `names`."""
+        with torch.no_grad():
+            return _run(self.teachers[index], names, self.model_inputs(), f"teacher {index}")
+
+    def heads(self) -> dict[str, Any]:
+        """LM-head weights for fused-linear loss terms."""
+        return {
+            "student": _head_weight(self.student),
+            "teachers": [_head_weight(t) for t in self.teachers],
+        }
+
+    def loss(
+        self,
+        student_taps: Mapping[str, Tensor],
+        teacher_taps: Sequence[Mapping[str, Tensor]] | None = None,
+        aux: dict[str, Any] | None = None,
+    ) -> LossOutput:
+        """The step's loss on the given taps (the main teacher taps unless others are passed)."""
+        return self.loss_module(
+            student_taps,
+            self.teacher_taps if teacher_taps is None else teacher_taps,
+            labels=self.labels,
+            mask=self.mask,
+            step=self.step,
+            total_steps=self.total_steps,
+            heads=self.heads(),
+            aux=aux,
+        )
+
+
+def _head_weight(model: nn.Module) -> Tensor | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if head is None else head.weight
+
+
+def _run(model: nn.Module, names: Iterable[str], inputs: dict[str, Any], who: str) -> dict[str, Tensor]:
+    wanted = set(names)
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        # A training step never reuses keys and values; a cache would also be sized for the model's own layer
+        # count, which a module swap (Theseus) changes.
+        inputs = {**inputs, "use_cache": False}
+    with capture_taps(model, wanted) as taps:
+        model(**inputs)
+    missing = wanted - set(taps)
+    if missing:
+        raise RuntimeError(f"the {who} forward did not produce taps {sorted(missing)}")
+    return dict(taps)
+
+
+def _teacher_pass(runner: StepRunner, stored: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Tensor]]:
+    out = []
+    for i, names in enumerate(runner.resolved.teacher_taps):
+        given = dict(stored[i]) if stored is not None and i < len(stored) else {}
+        offline = {n for n in names if n in STORED_KINDS}
+        if offline - set(given):
+            raise InputError(
+                f"teacher {i} needs the stored taps {sorted(offline - set(given))} "
+                "from an offline teacher pass"
+            )
+        live = set(names) - offline
+        taps = runner.run_teacher(i, live) if live else {}
+        taps.update({n: given[n] for n in offline})
+        out.append(taps)
+    return out
+
+
+def distill_step(
+    student: nn.Module,
+    teachers: Sequence[nn.Module],
+    loss_module: DistillLoss,
+    batch: Mapping[str, Any],
+    resolved: ResolvedMethods,
+    step: int = 0,
+    total_steps: int = 0,
+    *,
+    stored_teacher_taps: Sequence[Mapping[str, Any]] | None = None,
+) -> LossOutput:
+    """Run one distillation step's forwards and return its loss (see the module docstring).
+
+    stored_teacher_taps: per teacher, taps written by an offline teacher pass (the stored kinds of
+    `gkd.methods.spec.STORED_KINDS`, e.g. `topk`); they are not captured live, and a teacher whose taps are
+    all stored runs no forward.
+    """
+    if "input_ids" not in batch:
+        raise InputError("a training batch needs input_ids")
+    if len(teachers) != len(resolved.teacher_taps):
+        raise InputError(
+            f"the methods were resolved for {len(resolved.teacher_taps)} teachers but {len(teachers)} "
+            "teacher models were given"
+        )
+    runner = StepRunner(
+        student=student,
+        teachers=list(teachers),
+        loss_module=loss_module,
+        resolved=resolved,
+        batch=batch,
+        step=step,
+        total_steps=total_steps,
+    )
+    ops = build_hook_ops(resolved)
+    with ExitStack() as stack:
+        for op in ops:
+            stack.enter_context(op.install(student, list(teachers), step=step, total_steps=total_steps))
+        runner.teacher_taps = _teacher_pass(runner, stored_teacher_taps)
+        for op in ops:
+            op.before_forward(runner)
+        student_taps = runner.run_student(resolved.student_taps)
+        aux: dict[str, Any] = {}
+        for op in ops:
+            extra = op.extra_forward(runner)
+            if extra is not None:
+                aux[op.name] = extra
+    return runner.loss(student_taps, aux=aux)
