@@ -204,12 +204,18 @@ def main() -> None:
     )
     print(f"# {machine}, commit {_commit()}, {args.reps} timed runs per provider")
     inputs = make_inputs(case, device)
-    measured = {name: peak_bytes_above_inputs(providers[name], case, inputs) for name in wanted}
+    measured = {}
+    for name in wanted:
+        measured[name] = peak_bytes_above_inputs(providers[name], case, inputs)
+        print(
+            f"#   {name}: peak {measured[name][0] / MIB:.1f} MiB above inputs, loss {measured[name][1]:.6f}"
+        )
     # Timed runs interleave the providers, so a change in machine load affects them alike.
     times: dict[str, list[float]] = {name: [] for name in wanted}
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         for name in wanted:
             times[name] += timed_seconds(providers[name], case, inputs, 1)
+            print(f"#   {name}: run {rep + 1} {times[name][-1]:.3f} s")
     results = {
         name: (measured[name][0], statistics.median(ts), min(ts), max(ts), measured[name][1])
         for name, ts in times.items()

@@ -60,7 +60,7 @@ def main() -> None:
         f"python={platform.python_version()} commit={commit.stdout.strip() or '?'} cache={cache}"
     )
     header = (
-        f"{'config':<40} {'fits':<5} {'peak/GPU':>9} {'host':>9} {'disk':>9} {'cold s':>7} "
+        f"{'config':<48} {'fits':<5} {'peak/GPU':>9} {'host':>9} {'disk':>9} {'cold s':>7} "
         f"{'warm s (median, min-max)':>25}  strategy"
     )
     print(header)
@@ -82,7 +82,7 @@ def main() -> None:
         )
         name = config or "(no arguments: headline)"
         print(
-            f"{name:<40} {str(plan['fits']):<5} {plan['peak_bytes'] / GiB:>7.2f}Gi "
+            f"{name:<48} {str(plan['fits']):<5} {plan['peak_bytes'] / GiB:>7.2f}Gi "
             f"{plan['host_bytes'] / GiB:>7.1f}Gi {plan['estimates'].get('disk_bytes', 0) / GiB:>7.1f}Gi "
             f"{cold:>7.2f} {med:>9.2f} ({min(warm):.2f}-{max(warm):.2f})       {strategy}"
         )

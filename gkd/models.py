@@ -554,8 +554,9 @@ def _hf_config(config: dict[str, Any], name: str) -> Any:
     kwargs = {k: v for k, v in config.items() if k != "model_type"}
     try:
         return AutoConfig.for_model(config["model_type"], **kwargs)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    except Exception as err:  # any failure to build the config is a problem with the config
+        cause = err.__cause__ or err  # huggingface_hub wraps validator errors; the cause says what is wrong
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else cause.__class__.__name__
         raise InputError(f"model {name}: invalid config: {first_line}") from None
 
 
@@ -685,12 +686,18 @@ def build_model(
     if not supports_attention_interface(spec):
         # BLOOM computes attention in its own code (ALiBi + baddbmm); transformers refuses "sdpa" for it.
         attn_implementation = "eager"
-    with torch.device(device):
-        model = auto.from_config(
-            config,
-            attn_implementation=attn_implementation,
-            dtype=dtype if dtype is not None else torch_dtype(spec),
-        )
+    try:
+        with torch.device(device):
+            model = auto.from_config(
+                config,
+                attn_implementation=attn_implementation,
+                dtype=dtype if dtype is not None else torch_dtype(spec),
+            )
+    except (ValueError, TypeError, AssertionError) as err:
+        # The config passed transformers' validation but the model cannot be made from it (e.g. an id outside
+        # the vocabulary, an attention implementation the architecture lacks).
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise InputError(f"model {spec.name}: transformers cannot build it: {first_line}") from None
     return model
 
 

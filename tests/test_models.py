@@ -16,6 +16,7 @@ from gkd.models import (
     count_parameters,
     preset_names,
     resolve_model,
+    spec_from_config,
 )
 
 # Parameter counts of the 100B-class models, from shared/reference/anchors.md.
@@ -107,10 +108,19 @@ def test_tiny_presets(name: str, shape: tuple[int, ...]) -> None:
     assert (spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.ffn, spec.vocab) == shape
 
 
-@pytest.mark.parametrize("name", ["gpt2", "tiny-llama-teacher", "bert-base", "opt-6.7b", "qwen-7b"])
+@pytest.mark.parametrize(
+    "name",
+    ["gpt2", "llama-2-70b", "bert-base", "opt-175b", "qwen-72b", "bloom-176b", "glm-130b", "mistral-7b"],
+)
 def test_count_parameters_equals_full_meta_model(name: str) -> None:
-    spec = resolve_model(name)
+    # A three-layer copy keeps the full model's per-layer and embedding shapes while a full meta build stays
+    # cheap; the count (one- and two-layer extrapolation) must equal the full build's exactly.
+    preset = resolve_model(name)
+    key = "n_layer" if preset.model_type in ("gpt2", "bloom") else "num_hidden_layers"
+    config = {k: v for k, v in preset.hf_config.items() if k != "layer_types"}  # per-layer list, rebuilt
+    spec = spec_from_config({**config, key: 3}, name=f"{name}-3", dtype=preset.dtype, family=preset.family)
     model = build_model(spec)
+    assert spec.layers == 3
     assert count_parameters(spec) == sum(p.numel() for p in model.parameters())
     assert all(p.device.type == "meta" for p in model.parameters())
 
@@ -179,6 +189,7 @@ LLAMA = {
         ({**LLAMA, "num_attention_heads": 3}, "3 attention heads do not divide hidden size 64"),
         ({**LLAMA, "num_key_value_heads": 3}, "3 key/value heads do not divide 4 attention heads"),
         ({**LLAMA, "hidden_size": -64}, "positive integer"),
+        ({**LLAMA, "layer_types": ["full_attention"] * 3}, "invalid config"),
     ],
 )
 def test_bad_config_json(tmp_path: Path, payload: object, needle: str) -> None:

@@ -465,13 +465,14 @@ def _row_block(bsz: int, heads: int, t: int) -> int:
 
 
 def _tile_allowed(
-    key_ok: Tensor | None, i0: int, i1: int, t: int, causal: bool, device: torch.device
+    key_ok: Tensor | None, i0: int, i1: int, num_keys: int, causal: bool, device: torch.device
 ) -> Tensor | None:
-    """Bool (B or 1, 1, rows, T) mask of allowed pairs for query rows i0:i1; None when all are allowed."""
-    allowed = None if key_ok is None else key_ok[:, None, None, :]
+    """Bool (B or 1, 1, rows, num_keys) mask of allowed pairs of query rows i0:i1 with keys 0:num_keys;
+    None when all are allowed."""
+    allowed = None if key_ok is None else key_ok[:, None, None, :num_keys]
     if causal:
         rows = torch.arange(i0, i1, device=device)[:, None]
-        keys = torch.arange(t, device=device)[None, :]
+        keys = torch.arange(num_keys, device=device)[None, :]
         tri = (keys <= rows)[None, None]
         allowed = tri if allowed is None else allowed & tri
     return allowed
@@ -555,12 +556,15 @@ def _torch_forward(
         i1 = min(t, i0 + step)
         sa = s_a[:, :, i0:i1].float()
         c = None if coef is None else coef[:, None, i0:i1, None]
-        allowed = _tile_allowed(key_ok, i0, i1, t, causal, s_a.device)
-        r, grad = _torch_tile(kind, sa, s_b32, t_a[:, :, i0:i1].float(), t_b32, allowed, c, s_scale, t_scale)
+        # causal: rows i0:i1 see only keys 0:i1, so the tile stops there (half the work overall)
+        kn = i1 if causal else t
+        sb, tb = s_b32[:, :, :kn], t_b32[:, :, :kn]
+        allowed = _tile_allowed(key_ok, i0, i1, kn, causal, s_a.device)
+        r, grad = _torch_tile(kind, sa, sb, t_a[:, :, i0:i1].float(), tb, allowed, c, s_scale, t_scale)
         row[:, :, i0:i1] = r
         if grad is not None:
-            da[:, :, i0:i1] = torch.matmul(grad, s_b32).mul_(s_scale)
-            db.add_(torch.matmul(grad.transpose(-1, -2), sa), alpha=s_scale)
+            da[:, :, i0:i1] = torch.matmul(grad, sb).mul_(s_scale)
+            db[:, :, :kn].add_(torch.matmul(grad.transpose(-1, -2), sa), alpha=s_scale)
     return row, da, db
 
 
@@ -639,6 +643,13 @@ def _check_inputs(
             raise InputError(
                 f"{name}: {label} must be (batch, heads, tokens, dim), got shape {tuple(x.shape)}"
             )
+        if x.device != s_a.device:
+            raise InputError(f"{name}: {label} is on {x.device} but s_a on {s_a.device}; move them together")
+    if s_a.dtype != s_b.dtype or t_a.dtype != t_b.dtype:
+        raise InputError(
+            f"{name}: a and b of one side must share a dtype (student {s_a.dtype}/{s_b.dtype}, teacher "
+            f"{t_a.dtype}/{t_b.dtype}); cast them to one"
+        )
     expanded = []
     for side, a, b in (("student", s_a, s_b), ("teacher", t_a, t_b)):
         if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2] or a.shape[3] != b.shape[3]:

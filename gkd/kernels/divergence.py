@@ -40,6 +40,9 @@ vocabulary blocks, accumulating in fp32:
 3. (only where S is not known in closed form) the gradient h - q S, recomputed from the logits rather than
    stored, so a low-precision gradient buffer never holds intermediate values.
 
+mse needs no normalisation and takes one pass. The gradient has the student logits' dtype (computed in fp32,
+rounded once); row losses and the reduction are fp32 (float64 inputs stay float64 on the torch path).
+
 When the loss ends the graph (the usual case), the gradient is computed in the forward pass, as Liger-Kernel
 does, and the backward only scales it by the upstream gradient (any value, a tensor, no host synchronisation).
 The stored gradient is scaled in place and released after one backward, so a second backward through the same

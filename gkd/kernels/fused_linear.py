@@ -21,6 +21,9 @@ buffers plus the kernel's small tiles, independent of the number of tokens. `chu
 (one pass over V x H_s per chunk) stays a small part of the time, small enough to be a fraction of what
 materialising the logits costs.
 
+The top-k variant runs its row computation (a log-sum-exp, gathers and scatters over the chunk's logits) in
+torch on every device: the chunk's logits exist already, and the matmuls dominate its cost.
+
 Teacher and student hidden sizes may differ; the vocabularies must match. Gradients flow to the student hidden
 state, weight and bias only; the teacher side (hidden, weight, bias, top-k entries) is frozen and gets none.
 Gradient accumulators have the dtype of the tensor they belong to (for bf16 weights, each chunk's ``g.T @ h``

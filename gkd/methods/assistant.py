@@ -127,7 +127,8 @@ def resolve_chain(
 ) -> Any:
     """`resolve` for a chained method: the first link's `ResolvedMethods` with `chain` set to every link.
 
-    `entries` are the normalised (name, weight, options) of the config's methods list."""
+    `entries` are the normalised (name, weight, options) of the config's methods list. A chain is the only
+    method of its runs, so its weight has nothing to scale; each link's weights come from `link_methods`."""
     from gkd.methods.combine import _check_options
 
     chained = [name for name, _, _ in entries if get(name).chain]

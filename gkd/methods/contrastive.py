@@ -1,43 +1,42 @@
-"""Contrastive and causal (interchange) methods: LRC-BERT (Fu et al., AAAI 2021) and DIITO (Wu et al., NAACL
-2022), with their hook ops.
+"""Contrastive and causal (interchange) methods with their hook ops: LRC-BERT (Fu et al., AAAI 2021) and
+DIITO (Wu et al., NAACL 2022).
 
 LRC-BERT. Mapped intermediate layers (uniform over student depths 1..Ls-1) and the final hidden states are
-compared by the COS-NCE contrastive loss, with the other samples of the batch as negatives. For one layer pair,
-with the student states projected to the teacher width (S_i = W h^S_i, a bias-free Linear(Ds -> Dt) per pair)
-and T_j the teacher's states of sample j:
+compared by the COS-NCE contrastive loss, the other samples of the batch being the negatives. For one layer
+pair, with the student states projected to the teacher width (S_i = W h^S_i, a bias-free Linear(Ds -> Dt) per
+pair) and T_j the teacher's states of sample j:
 
-    g(S_i, T_j) = 1 - mean_p cos(S_i[p], T_j[p])          (angular distance in [0, 2]; p over positions real in
-                                                            both samples)
-    L_CN(i) = 1 - (1 / K) * sum_{j != i} g(S_i, T_j) / 2  +  g(S_i, T_i),     K = B - 1
+    g(S_i, T_j) = 1 - mean_p cos(S_i[p], T_j[p])      angular distance in [0, 2], p over the positions real
+                                                       in both samples
+    L_CN(i) = 1 - (1 / K) * sum_{j != i} g(S_i, T_j) / 2  +  g(S_i, T_i),      K = B - 1
 
-i.e. the distance to the teacher's representation of the same sample is pulled to 0 while the average
-(halved, so in [0, 1]) distance to the teacher's representations of the other samples of the batch is pushed
-to 1. The layer loss is the mean of L_CN(i) over the batch, and the COS-NCE loss is the sum over the layer
-pairs (the intermediate pairs plus `final`). A batch needs at least 2 samples.
+i.e. the distance to the teacher's representation of the same sample is pulled to 0 while the mean (halved, so
+in [0, 1]) distance to the teacher's representations of the other samples is pushed to 1. The layer loss is
+the mean of L_CN(i) over the batch; the COS-NCE loss is the sum over the layer pairs (intermediate pairs plus
+`final`). A batch needs at least 2 samples.
 
-Gradient perturbation (a hook op, `lrc_gradient_perturbation`): each step first runs a clean student forward,
-computes the full loss L and its gradient g = dL/de with respect to the embedding output e (the input of layer
-0); that gradient reaches no parameter. The main forward then runs on e' = e + g / ||g||_2, the norm taken over
-the hidden dimension of each token (zero-gradient positions such as padding are left unchanged); its loss is
-the step's loss. Stages: plain pretraining of the student without the teacher (selected with `stage:
-pretrain`; no perturbation), contrastive finetuning (COS-NCE only), then COS-NCE + soft KL(T=1.1) x T^2 +
-3 x hard.
+Gradient perturbation (hook op `lrc_gradient_perturbation`): each step first runs a clean student forward and
+takes the gradient g = dL/de of its full loss L with respect to the embedding output e (the input of layer 0);
+no parameter receives that gradient. The main forward then runs on e' = e + g / ||g||_2, the norm taken over
+the hidden dimension of each token (zero-gradient positions such as padding stay unchanged); its loss is the
+step's loss. Stages: plain pretraining without the teacher (selected with `stage: pretrain`; no perturbation),
+contrastive finetuning (COS-NCE only), then COS-NCE + soft KL(T=1.1) x T^2 + 3 x hard.
 
-DIITO. Pass 1: soft KL x T^2 at T = 2, the MLM / causal-LM loss, and the cosine embedding loss between the final
-hidden states of real tokens (0.25 each; DistilBERT's triple). Pass 2, an interchange intervention (the hook op
-`diito_interchange`): each step draws one student depth d in 1..Ls (its aligned teacher depths are the block
-(d-1)*Lt//Ls + 1 .. d*Lt//Ls); for each example b the source example is (b + 1) mod B (the batch rolled by one)
-and a span of int(0.3 * min(len_b, len_src)) consecutive real tokens of b, at a random start, receives the
-states of an equally long span of the source at its own random start. The source states are the ones recorded
-at the same layers during pass 1 (the student's with their gradients). Teacher and student both run pass 2 with
+DIITO. Pass 1: soft KL x T^2 at T = 2, the MLM / causal-LM loss, and the cosine embedding loss between final
+hidden states of real tokens (0.25 each; DistilBERT's triple). Pass 2, an interchange intervention (hook op
+`diito_interchange`): each step draws one student depth d in 1..Ls; its aligned teacher depths are the block
+(d-1)*Lt//Ls + 1 .. d*Lt//Ls. For each example b the source is example (b + 1) mod B (the batch rolled by
+one), and a span of int(0.3 * min(len_b, len_src)) consecutive real tokens of b, at a random start, receives
+the states of an equally long span of the source at its own random start. The source states are those recorded
+at the same layers in pass 1 (the student's keep their gradients). Teacher and student both run pass 2 with
 their interventions, and the causal loss is KL(teacher || student) x T^2 at T = 2 on the counterfactual
 logits over real tokens, weighted 0.25.
 
-DIITO and activation checkpointing: the interventions are forward hooks on whole transformer layers, which run
-outside the checkpointed `forward` (transformers checkpoints `forward`, not `__call__`), and the recorded
-source states are layer outputs, i.e. ordinary autograd tensors outside any checkpointed region. The recompute
-in the backward pass replays each checkpointed layer on its (already intervened) input, so gradients equal those
-without checkpointing (tested with `gradient_checkpointing_enable()`).
+DIITO and activation checkpointing: the interventions are forward hooks on whole transformer layers, which
+run outside the checkpointed `forward` (transformers checkpoints `forward`, not `__call__`), and the recorded
+source states are layer outputs, ordinary autograd tensors outside any checkpointed region. The recompute in
+the backward pass replays each checkpointed layer on its (already intervened) input, so the gradients equal
+those without checkpointing (tested with `gradient_checkpointing_enable()`, reentrant or not).
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ from gkd.methods.spec import (
     TapSpec,
 )
 
-# ---------------------------------------------------------------------------------------------------- LRC-BERT
+# LRC-BERT ----------------------------------------------------------------------------------------------
 
 
 def cos_nce(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
@@ -73,8 +72,8 @@ def cos_nce(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
     b = student.shape[0]
     if b < 2:
         raise InputError(
-            "lrc_bert's COS-NCE loss uses the other samples of the batch as negatives: use a micro-batch of at "
-            "least 2"
+            "lrc_bert's COS-NCE loss uses the other samples of the batch as negatives: "
+            "use a micro-batch of at least 2"
         )
     if mask is None:
         mask = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
@@ -115,9 +114,9 @@ class GradientPerturbation(HookOpBase):
     ) -> AbstractContextManager[None]:
         if not self.enabled:
             return self._nothing()
-        from gkd.runtime.capture import _layers
+        from gkd.runtime.capture import transformer_layers
 
-        return self._hooked(_layers(student)[0])
+        return self._hooked(transformer_layers(student)[0])
 
     @contextmanager
     def _hooked(self, first_layer: nn.Module) -> Iterator[None]:
@@ -238,7 +237,7 @@ LRC_BERT = register(
     )
 )
 
-# ------------------------------------------------------------------------------------------------------- DIITO
+# DIITO -------------------------------------------------------------------------------------------------
 
 
 @register_loss("diito.cosine")
@@ -257,7 +256,8 @@ def diito_causal(ctx: LossContext) -> Tensor:
     passes = ctx.aux.get("diito_interchange")
     if passes is None:
         raise RuntimeError(
-            "diito's causal loss needs the interchange pass; run the step through gkd.runtime.step.distill_step"
+            "diito's causal loss needs the interchange pass; "
+            "run the step through gkd.runtime.step.distill_step"
         )
     s, t = passes["student"]["logits"], passes["teachers"][ctx.teacher]["logits"]
     temp = ctx.temperature
@@ -265,7 +265,7 @@ def diito_causal(ctx: LossContext) -> Tensor:
 
 
 def interchange_positions(mask: Tensor, prop: float, rng: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Where pass 2 swaps states: (base rows, base positions, source rows, source positions), flat and aligned.
+    """Where pass 2 swaps states: (base rows, base positions, source rows, source positions), flat, aligned.
 
     For each example b the source is (b + 1) mod B; count = int(prop * min(real tokens of b, of the source));
     a random start within b's real tokens and another within the source's give the two spans (real tokens are
@@ -310,9 +310,8 @@ class DiitoInterchange(HookOpBase):
         self.prop = float(interchange_prop)
         self.enabled = self.method is None or "causal" in self.method.terms
         self.phase = "off"  # "record" during pass 1, "intervene" during pass 2
-        self.clean: dict[
-            tuple[int, int], Tensor
-        ] = {}  # (model index: 0 student, 1.. teachers, depth) -> states
+        # (model: 0 = student, i = teacher i - 1; depth) -> the states recorded in pass 1
+        self.clean: dict[tuple[int, int], Tensor] = {}
         self.where: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.step = 0
         self.student_depth = 0
@@ -323,19 +322,20 @@ class DiitoInterchange(HookOpBase):
     ) -> AbstractContextManager[None]:
         if not self.enabled:
             return self._nothing()
-        from gkd.runtime.capture import _layers
+        from gkd.runtime.capture import transformer_layers
 
         self.step = step
-        s_layers = _layers(student)
+        s_layers = transformer_layers(student)
         ls = len(s_layers)
         d = self.rng(step).randint(1, ls)
         self.student_depth = d
         sites: list[tuple[int, int, nn.Module]] = [(0, d, s_layers[d - 1])]
         self.teacher_depths = []
         for i, teacher in enumerate(teachers, start=1):
-            t_layers = _layers(teacher)
+            t_layers = transformer_layers(teacher)
             lt = len(t_layers)
-            depths = list(range((d - 1) * lt // ls + 1, d * lt // ls + 1)) or [d * lt // ls]
+            # the teacher block aligned with student depth d; a shallower teacher gets its nearest depth
+            depths = list(range((d - 1) * lt // ls + 1, d * lt // ls + 1)) or [max(d * lt // ls, 1)]
             self.teacher_depths.append(depths)
             sites += [(i, t, t_layers[t - 1]) for t in depths]
         return self._hooked(sites)
@@ -387,8 +387,8 @@ DIITO = register(
     MethodSpec(
         name="diito",
         title="DIITO: causal distillation by interchange intervention training",
-        paper="Wu, Geiger, Rozner, Kreiss, Lu, Icard, Potts, Goodman. Causal Distillation for Language Models. "
-        "NAACL",
+        paper="Wu, Geiger, Rozner, Kreiss, Lu, Icard, Potts, Goodman. "
+        "Causal Distillation for Language Models. NAACL",
         year=2022,
         taps=(TapSpec(kind="logits"), TapSpec(kind="final")),
         terms=(

@@ -210,9 +210,10 @@ def topk_kl_loss(ctx: LossContext) -> Tensor:
 TOPK_KL = register(
     MethodSpec(
         name="topk_kl",
-        title="Top-k forward KL against stored teacher log-probs",
-        paper="Sparse top-k logit distillation against offline teacher outputs (tail mass as one bucket)",
-        year=2024,
+        title="Top-k forward KL against stored teacher log-probs (offline teacher)",
+        paper="Forward KL (Hinton, Vinyals, Dean 2015) truncated to stored top-k teacher entries plus a tail "
+        "bucket",
+        year=2015,
         # The teacher side is stored (offline pass), never a live forward: resolve() reports offline_ok and
         # needs_teacher_forward False for this method alone.
         taps=(TapSpec(kind="logits", side="student"), TapSpec(kind="topk", side="teacher")),

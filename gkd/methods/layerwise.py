@@ -1,10 +1,10 @@
 """Many-to-many intermediate-layer methods: Universal-KD (Wu et al., EMNLP 2021) and RAIL-KD (Haidar et al.,
 NAACL 2022).
 
-Universal-KD. Every intermediate student layer j = 1..Ls-1 and teacher layer k = 1..Lt-1 is pooled to one vector
-per sample ([CLS] by the `cls` option: first token on encoders, last real token or masked mean on decoders) and
-mapped to a common size (the student width) by its own bias-free projection, s_j = P_j pool(h^S_j) and
-t_k = Q_k pool(h^T_k). Each student layer attends over the teacher layers,
+Universal-KD. Every intermediate student layer j = 1..Ls-1 and teacher layer k = 1..Lt-1 is pooled to one
+vector per sample ([CLS] by the `cls` option: first token on encoders, last real token or masked mean on
+decoders) and mapped to a common size (the student width) by its own bias-free projection,
+s_j = P_j pool(h^S_j) and t_k = Q_k pool(h^T_k). Each student layer attends over the teacher layers,
 
     a_jk = softmax_k(s_j . t_k),   tbar_j = sum_k a_jk t_k,
     L_inter = sum_j  mean_batch  KL(softmax(tbar_j) || softmax(s_j))
@@ -14,13 +14,14 @@ reach the student through s_j and the attention, and both projection families th
 uses the final layers only is `layer_map: last` (one pair, depth Ls against depth Lt). Stages: KD finetuning,
 then plain finetuning on the hard loss (its own run: `stage: finetune`).
 
-RAIL-KD. Each re-draw picks Ls-1 distinct teacher depths from 1..Lt-1 at random, sorted, for the student depths
-1..Ls-1 (the `random` layer rule with `drop_last`; re-drawn every `every` steps from `seed`, so the draw is a
-pure function of the step: the paper re-draws each epoch, so set `every` to the steps per epoch through
-`layer_map: {kind: random, every: N, seed: S, drop_last: true}`). The mapped states are mean pooled over real
-tokens, concatenated layer by layer and projected to u = 128 (`u`) on each side, then L2-normalised:
+RAIL-KD. Each re-draw picks Ls-1 distinct teacher depths from 1..Lt-1 at random, sorted, for the student
+depths 1..Ls-1 (the `random` layer rule with `drop_last`; re-drawn every `every` steps from `seed`, so the
+draw is a pure function of the step: the paper re-draws each epoch, so set `every` to the steps per epoch
+with `layer_map: {kind: random, every: N, seed: S, drop_last: true}`; default every 1000 steps). The mapped
+states are mean pooled over real tokens, concatenated layer by layer and projected to u = 128 (`u`) on each
+side, then L2-normalised:
 
-    L_rail = mean_batch || s / ||s|| - t / ||t|| ||^2,   s = W_S [pool(h^S_1); ...],  t = W_T [pool(h^T_1); ...]
+    L_rail = mean_batch || s / ||s|| - t / ||t|| ||^2,   s = W_S [pool(h^S_1); ...],   t = W_T [...]
 
 Both projections are trainable (a Linear over the concatenation, stored as one block per layer:
 W [x_1; ...; x_m] + b = sum_j (W_j x_j + b_j), the same function family). Loss = 1/3 L_rail + 1/3 soft (soft
@@ -181,8 +182,8 @@ RAIL_KD = register(
     MethodSpec(
         name="rail_kd",
         title="RAIL-KD: random intermediate layers, concatenated and projected",
-        paper="Haidar, Anchuri, Rezagholizadeh, Ghaddar, Langlais, Poupart. RAIL-KD: RAndom Intermediate Layer "
-        "Mapping for Knowledge Distillation. NAACL Findings",
+        paper="Haidar, Anchuri, Rezagholizadeh, Ghaddar, Langlais, Poupart. RAIL-KD: RAndom Intermediate "
+        "Layer Mapping for Knowledge Distillation. NAACL Findings",
         year=2022,
         taps=(
             TapSpec(kind="hidden", layers=LayerRule(kind="random", every=1000, drop_last=True)),
@@ -220,6 +221,6 @@ RAIL_KD = register(
             OptionSpec(name="soft_rate", default=1 / 3, doc="weight of the soft loss"),
             OptionSpec(name="hard_rate", default=1 / 3, doc="weight of the hard loss"),
         ),
-        description="Teacher layers re-drawn at random every `every` steps (layer_map); student layers 1..Ls-1.",
+        description="Teacher layers re-drawn at random every `every` steps (layer_map); student 1..Ls-1.",
     )
 )

@@ -107,18 +107,19 @@ def sample_task_loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
     return (nll * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)
 
 
-def teacher_task_losses(ctx: LossContext) -> Tensor:
-    """Each teacher's per-sample cross-entropy on the gold labels, (B, N), without gradient."""
+def teacher_task_loss(ctx: LossContext, teacher: int) -> Tensor:
+    """A teacher's per-sample cross-entropy on the gold labels, (B,), without gradient."""
     if ctx.labels is None:
         raise InputError(
             f"method {ctx.method!r} needs the teachers' loss on the gold labels but the batch has no labels"
         )
-    kind = label_loss_kind(ctx)
     with torch.no_grad():
-        return torch.stack(
-            [sample_task_loss(ctx.t("logits", teacher=i), ctx.labels, kind) for i in range(ctx.num_teachers)],
-            dim=-1,
-        )
+        return sample_task_loss(ctx.t("logits", teacher=teacher), ctx.labels, label_loss_kind(ctx))
+
+
+def teacher_task_losses(ctx: LossContext) -> Tensor:
+    """Every teacher's per-sample cross-entropy on the gold labels, (B, N), without gradient."""
+    return torch.stack([teacher_task_loss(ctx, i) for i in range(ctx.num_teachers)], dim=-1)
 
 
 def sample_soft(ctx: LossContext, teacher: int) -> Tensor:
@@ -217,7 +218,7 @@ TMKD = register(
 @register_loss("mt_bert.soft")
 def mt_bert_soft(ctx: LossContext) -> Tensor:
     """Current teacher: mean over samples of soft_b / (1 + CE_teacher(b))."""
-    ce = teacher_task_losses(ctx)[:, ctx.teacher]
+    ce = teacher_task_loss(ctx, ctx.teacher)
     return (sample_soft(ctx, ctx.teacher) / (1.0 + ce)).mean()
 
 
@@ -469,7 +470,7 @@ def uncertainty_weights(u: Tensor, teachers: int, selection: str) -> Tensor:
 def uncertainty_soft(ctx: LossContext) -> Tensor:
     """Mean over samples of sum_i w_i(u) * soft_i, with weights from the student's normalised entropy."""
     with torch.no_grad():
-        u = normalized_entropy(ctx.s("logits"), ctx.mask)
+        u = normalized_entropy(ctx.s("logits"), logits_mask(ctx))
         weights = uncertainty_weights(u, ctx.num_teachers, ctx.options["selection"])
     per = _all_sample_soft(ctx)
     return (weights.to(per.dtype) * per).sum(dim=-1).mean()

@@ -87,7 +87,8 @@ def detail(spec: MethodSpec) -> str:
             if t.schedule.kind == "constant" and t.schedule.value == 1.0
             else f", schedule {t.schedule.kind}"
         )
-        lines.append(f"    {t.name}: {t.fn} via {t.kernel}, weight {weight}{temp}{sched}")
+        when = "".join(f", when {opt}={value}" for opt, value in t.when)
+        lines.append(f"    {t.name}: {t.fn} via {t.kernel}, weight {weight}{temp}{sched}{when}")
     if spec.extras:
         lines.append("  trainable extras:")
         lines += [f"    {e.name}: {e.kind} {e.in_dim} -> {e.out_dim} (per {e.per})" for e in spec.extras]

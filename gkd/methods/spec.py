@@ -20,7 +20,7 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gkd.errors import InputError
@@ -104,7 +104,7 @@ class LayerRule:
         return self.kind in ("random", "progressive")
 
     def describe(self) -> str:
-        extra = ("+emb" if self.include_emb else "") + (" (without the last pair)" if self.drop_last else "")
+        extra = ("+emb" if self.include_emb else "") + ("-last" if self.drop_last else "")
         if self.kind == "skip":
             return f"skip-{self.k}{extra}"
         if self.kind == "explicit":
@@ -117,7 +117,8 @@ class LayerRule:
 
 def parse_rule(value: Any) -> LayerRule:
     """A rule from config: a LayerRule, a string ("uniform", "last", "skip-2", "explicit:2,4", "random",
-    "progressive", "all", any with a "+emb" suffix) or a dict of LayerRule fields."""
+    "progressive", "all", any with a "+emb" suffix, then optionally "-last" for drop_last) or a dict of
+    LayerRule fields."""
     if isinstance(value, LayerRule):
         return value
     if isinstance(value, dict):
@@ -132,8 +133,12 @@ def parse_rule(value: Any) -> LayerRule:
     if not isinstance(value, str):
         raise InputError(f"layer rule must be a string or a mapping, got {value!r}")
     text = value.strip()
+    drop_last = text.endswith("-last")
+    text = text.removesuffix("-last")
     include_emb = text.endswith("+emb")
     text = text.removesuffix("+emb")
+    if drop_last:
+        return replace(parse_rule(text + ("+emb" if include_emb else "")), drop_last=True)
     if text.startswith("skip-"):
         try:
             return LayerRule(kind="skip", k=int(text[5:]), include_emb=include_emb)

@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from gkd.errors import InputError
-from gkd.methods.hooks import HookOpBase, layer_output, register_hook_op, replace_layer_output
+from gkd.methods.hooks import HookOpBase, layer_output, register_hook_op
 from gkd.methods.registry import register
 from gkd.methods.spec import HookOpSpec, LossTermSpec, MethodSpec, OptionSpec, Schedule, TapSpec
 
@@ -44,8 +44,8 @@ def teacher_blocks(student_layers: int, teacher_layers: int) -> list[range]:
     """Teacher layer indices (0-based) replacing each student layer: consecutive blocks of Lt // Ls."""
     if teacher_layers < student_layers:
         raise InputError(
-            f"theseus replaces each student layer by a block of teacher layers, so the teacher needs at least "
-            f"as many layers as the student ({teacher_layers} < {student_layers})"
+            "theseus replaces each student layer by a block of teacher layers, so the teacher needs "
+            f"at least as many layers as the student ({teacher_layers} < {student_layers})"
         )
     return [
         range(j * teacher_layers // student_layers, (j + 1) * teacher_layers // student_layers)
@@ -78,11 +78,11 @@ class TheseusReplace(HookOpBase):
     def install(
         self, student: nn.Module, teachers: list[nn.Module], *, step: int, total_steps: int
     ) -> AbstractContextManager[None]:
-        from gkd.runtime.capture import _layers
+        from gkd.runtime.capture import transformer_layers
 
         if len(teachers) != 1:
             raise InputError("theseus module replacement takes exactly one teacher")
-        s_layers, t_layers = _layers(student), _layers(teachers[0])
+        s_layers, t_layers = transformer_layers(student), transformer_layers(teachers[0])
         if type(s_layers[0]) is not type(t_layers[0]):
             raise InputError(
                 f"theseus needs teacher and student of the same architecture, got "
@@ -110,11 +110,14 @@ class TheseusReplace(HookOpBase):
 
 
 def _block_forward(block: list[nn.Module]) -> Any:
+    """A layer forward that runs a teacher block on the student layer's inputs (hidden states first, then the
+    same mask / position arguments for every layer of the block) and returns the last layer's output."""
+
     def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         out: Any = hidden_states
         for layer in block:
             out = layer(layer_output(out), *args, **kwargs)
-        return replace_layer_output(out, layer_output(out))
+        return out
 
     return forward
 

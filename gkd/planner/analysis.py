@@ -386,6 +386,8 @@ def _activity(
         if kind == "emb":
             embed_taps.append((tap, facts.tap_bytes.get("emb", 0) * b, True))
             continue
+        if kind == "topk":  # a stored teacher output read from disk (offline pass), not made by this forward
+            continue
         index = _tap_index(tap)
         size = facts.tap_bytes.get(kind, 0) * b
         if kind == "hidden":
@@ -422,24 +424,21 @@ class WorkloadInfo:
     topk_bytes: int
 
 
-def build_workload(
+def resident_tensors(
     *,
     config: Config,
     student: ModelFacts,
     teachers: tuple[ModelFacts, ...],
     resolved: Any,
     strategy: Strategy,
-) -> tuple[Workload, WorkloadInfo]:
-    """The Workload (see gkd.planner.schedule) of one candidate strategy, and what the report needs."""
-    hw, tr, ds = config.hardware, config.training, config.deepspeed
-    b, seq = strategy.micro_batch, tr.seq_len
-    tokens = b * seq
+) -> tuple[tuple[TensorAlloc, ...], int]:
+    """What stays on each GPU for the whole step (student model states, DeepSpeed buffers, online teachers'
+    weights) and the host bytes per node that goes with it. Cheap: the search screens candidates with it."""
+    hw, tr = config.hardware, config.training
     placement = strategy.teacher_placement
     online = placement != "offline"
     trainable = student.params + resolved.num_extra_parameters
-
-    # Resident tensors.
-    ds = effective_deepspeed(ds, trainable)
+    ds = effective_deepspeed(config.deepspeed, trainable)
     states = student_model_states(
         params=trainable,
         largest_module=student.largest_module,
@@ -480,9 +479,31 @@ def build_workload(
             if r.buffers:
                 static.append(TensorAlloc(name=f"teacher{ti}.prefetch", bytes=r.buffers, category="buffers"))
             host += r.host_bytes
+    return tuple(static), host
+
+
+def build_workload(
+    *,
+    config: Config,
+    student: ModelFacts,
+    teachers: tuple[ModelFacts, ...],
+    resolved: Any,
+    strategy: Strategy,
+) -> tuple[Workload, WorkloadInfo]:
+    """The Workload (see gkd.planner.schedule) of one candidate strategy, and what the report needs."""
+    hw, tr = config.hardware, config.training
+    b, seq = strategy.micro_batch, tr.seq_len
+    tokens = b * seq
+    placement = strategy.teacher_placement
+    online = placement != "offline"
+    static, host = resident_tensors(
+        config=config, student=student, teachers=teachers, resolved=resolved, strategy=strategy
+    )
 
     # Logit loss workspace (see the module docstring).
-    has_logit_terms = any(any(x.endswith(":logits") for x in term.taps) for term in resolved.loss_terms)
+    has_logit_terms = any(  # a stored top-k tap (topk_kl) is a logit loss against the offline teacher
+        any(x.endswith((":logits", ":topk")) for x in term.taps) for term in resolved.loss_terms
+    )
     plain_hard = any(t.hard and t.kernel == "torch" and "s:logits" in t.taps for t in resolved.loss_terms)
     s_h, s_v = student.hidden, student.vocab
     head_tap_bytes: dict[str, dict[str, int]] = {}
@@ -578,7 +599,7 @@ def build_workload(
         student=s_act,
         teachers=t_acts,
         terms=terms,
-        static=tuple(static),
+        static=static,
         logit_loss_retained=retained,
         logit_loss_transient=transient,
         logit_backward_transient=backward,
@@ -602,7 +623,7 @@ def _tap_costs(
     online: bool,
     topk_bytes: int,
 ) -> tuple[TapCost, ...]:
-    sizes: dict[str, int] = {} if online else {"t0:logits": topk_bytes}
+    sizes: dict[str, int] = {} if online else {"t0:logits": topk_bytes, "t0:topk": topk_bytes}
     for prefix, act in [("s", s_act), *[(f"t{i}", a) for i, a in enumerate(t_acts)]]:
         for coll in (act.embed_taps, act.head_taps, *act.layer_taps):
             for n, b, _ in coll:
@@ -628,6 +649,8 @@ def _tap_costs(
                     "logits": "freed after the loss",
                     "topk": "stored top-k on disk, read per micro-batch",
                 }[strategy.loss_path]
+            elif name == "topk":  # the stored kind of topk_kl: always read from the offline pass's files
+                freed = "stored top-k on disk, read per micro-batch"
             elif side == "s":
                 freed = "with its layer's backward"
             else:

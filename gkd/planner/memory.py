@@ -33,6 +33,7 @@ tensors below the persistence threshold, NCCL's own buffers (inside the CUDA-con
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from gkd.config import OPTIMIZERS, DeepSpeedSettings, HardwareConfig
 
@@ -102,6 +103,7 @@ def student_model_states(
     return ModelStates(parameters=big, gradients=big, optimizer=0, host_bytes=host)
 
 
+@lru_cache(maxsize=256)
 def effective_deepspeed(ds: DeepSpeedSettings, params: int) -> DeepSpeedSettings:
     """The settings with every bucket capped at the model's parameter count: DeepSpeed allocates its reduction
     buckets at full size whatever the model (stage_1_and_2.py `setup_buckets`), so a bucket larger than the

@@ -286,6 +286,8 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
     run_terms(st.layers)
     if head_terms:
         teacher_reads = sorted({x for t in head_terms for x in t.taps if not x.startswith("s:")})
+        if not online:
+            teacher_reads = ["t0:topk"]  # the stored top-k stands in for the teacher's logits
         allocs = [
             TensorAlloc(name="loss.retained", bytes=w.logit_loss_retained, category="loss_workspace"),
             TensorAlloc(name="loss.transient", bytes=w.logit_loss_transient, category="loss_workspace"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gkd.config import Config
-from gkd.planner.analysis import ModelFacts, WorkloadInfo, build_workload
+from gkd.planner.analysis import ModelFacts, WorkloadInfo, build_workload, resident_tensors
 from gkd.planner.cost import ModelShape, StepCost, bottleneck, layer_forward_flops, step_cost
 from gkd.planner.memory import reserve_bytes
 from gkd.planner.plan import Schedule, Strategy, TensorAlloc, human_bytes
@@ -131,6 +131,8 @@ def candidates(
             placements.append(("tensor_parallel", tp))
     if resolved.offline_ok:
         placements.append(("offline", 1))
+        if not resolved.needs_teacher_forward:  # only stored teacher outputs (topk_kl): teacher runs offline
+            placements = [("offline", 1)]
     if ov.teacher_placement is not None:
         placements = [p for p in placements if p[0] == ov.teacher_placement]
         if ov.teacher_placement == "offline" and not placements:
@@ -312,6 +314,14 @@ def search(
     config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...], resolved: Any
 ) -> SearchResult:
     """The best strategy (see the module docstring) and the runners-up with the reason each lost."""
+    bad = [i for i in config.overrides.recompute_layers or () if i >= student.layers]
+    if bad:
+        from gkd.errors import InputError
+
+        raise InputError(
+            f"overrides.recompute_layers {bad} are beyond the student's {student.layers} layers "
+            f"(0..{student.layers - 1}); remove them"
+        )
     ev = _Evaluator(config, student, teachers, resolved)
     cands = candidates(config, student, teachers, resolved)
     if not cands:
@@ -337,11 +347,17 @@ def search(
     for s in cands:
         if s.teacher_placement == "offline":
             s = ev._offline_placement(s)
-        w, info = ev.workload(s)
-        resident = sum(a.bytes for a in w.static) + hw.cuda_context_bytes
-        lower = ev.cost(s, info.topk_bytes)
+            w, info = ev.workload(s)
+            static, host_bytes, disk_bytes, topk = w.static, info.host_bytes, info.disk_bytes, info.topk_bytes
+        else:
+            static, host_bytes = resident_tensors(
+                config=config, student=student, teachers=teachers, resolved=resolved, strategy=s
+            )
+            disk_bytes = topk = 0
+        resident = sum(a.bytes for a in static) + hw.cuda_context_bytes
+        lower = ev.cost(s, topk)
         if s.teacher_placement != "offline" and resident > ev.budget:
-            top = max(w.static, key=lambda a: a.bytes)
+            top = max(static, key=lambda a: a.bytes)
             rejected.append(
                 Evaluated(
                     strategy=s,
@@ -349,17 +365,17 @@ def search(
                     timeline=None,
                     peak_bytes=resident,
                     fits_gpu=False,
-                    host_bytes=info.host_bytes,
-                    disk_bytes=info.disk_bytes,
-                    fits_host=info.host_bytes <= hw.host_memory_bytes,
+                    host_bytes=host_bytes,
+                    disk_bytes=disk_bytes,
+                    fits_host=host_bytes <= hw.host_memory_bytes,
                     cost=lower,
-                    info=info,
+                    info=None,
                     why=f"resident {gib(resident)} > budget {gib(ev.budget)} before activations "
                     f"({top.name} {gib(top.bytes)})",
                 )
             )
             continue
-        if info.host_bytes > hw.host_memory_bytes:
+        if host_bytes > hw.host_memory_bytes:
             rejected.append(
                 Evaluated(
                     strategy=s,
@@ -367,12 +383,12 @@ def search(
                     timeline=None,
                     peak_bytes=resident,
                     fits_gpu=resident <= ev.budget,
-                    host_bytes=info.host_bytes,
-                    disk_bytes=info.disk_bytes,
+                    host_bytes=host_bytes,
+                    disk_bytes=disk_bytes,
                     fits_host=False,
                     cost=lower,
-                    info=info,
-                    why=f"needs {gib(info.host_bytes)} host memory per node > {gib(hw.host_memory_bytes)}",
+                    info=None,
+                    why=f"needs {gib(host_bytes)} host memory per node > {gib(hw.host_memory_bytes)}",
                 )
             )
             continue

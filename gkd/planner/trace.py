@@ -19,7 +19,11 @@ mask for packed sequences (which also disables its GQA fast path in SDPA). Our i
 (position ids are 0..T-1), so `_as_eager_run` gives it the answer a real run gets. That keeps fake and real
 runs identical, which tests/planner/test_taps.py checks against real CPU forward passes.
 
-The model runs in training mode, so dropout (where the config has it) is active and its masks are saved.
+The model runs in training mode, so dropout (where the config has it) is active and what it keeps is saved.
+Two known differences from CUDA, both only where the config has dropout (GPT-2, BERT, OPT; not the Llama,
+Qwen, Mistral, GLM or BLOOM presets): PyTorch's CPU dropout keeps a noise tensor of the activation dtype (2
+bytes per element in bf16) where CUDA's fused dropout keeps a 1-byte bool mask; and with attention dropout on,
+CPU SDPA falls back to the unfused math path (which keeps T x T tensors) where CUDA's flash kernel does not.
 Results are cached per (model, micro-batch, sequence, attention implementation) within the process.
 """
 
@@ -31,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from gkd.models import ModelSpec, build_model
+from gkd.models import ModelSpec, build_model, supports_attention_interface
 
 # Where each architecture keeps its stack of layers.
 LAYER_CONTAINERS: dict[str, str] = {
@@ -224,6 +228,8 @@ def _layers(model: Any, container: str) -> Any:
 
 
 _SAVED: dict[tuple[Any, ...], SavedTrace] = {}
+# One fake model per (spec, sizes, depth), reused for every attention path and recompute setting.
+_FAKE_MODELS: dict[tuple[Any, ...], tuple[Any, Any, dict[str, Any]]] = {}
 
 
 def trace_saved(
@@ -240,24 +246,22 @@ def trace_saved(
     checkpointing: run every layer under `torch.utils.checkpoint` (non-reentrant), as full recompute does; a
     layer then saves only its inputs, and its internals are recomputed in the backward.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     _check_sizes(spec, micro_batch, seq_len)
     key = (_spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers, checkpointing)
     if key in _SAVED:
         return _SAVED[key]
-    mode = FakeTensorMode()
-    with mode:
-        model = build_model(
-            spec, device="cpu", num_layers=traced_layers, attn_implementation=attn_implementation
-        )
-        inputs = _inputs(spec, micro_batch, seq_len, "cpu")
-    model.train()
+    mode, model, inputs = _fake_model(spec, micro_batch, seq_len, traced_layers)
+    if supports_attention_interface(spec):
+        model.set_attn_implementation(attn_implementation)
     layers = _layers(model, LAYER_CONTAINERS[spec.model_type])
     if checkpointing:
         for layer in layers:
             _checkpoint_forward(layer)
-    tensors = record_saved_tensors(model, layers, inputs, context=[mode, _as_eager_run()])
+    try:
+        tensors = record_saved_tensors(model, layers, inputs, context=[mode, _as_eager_run()])
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)  # undo _checkpoint_forward
     saved = SavedTrace(
         model=spec.name,
         micro_batch=micro_batch,
@@ -269,6 +273,21 @@ def trace_saved(
     )
     _SAVED[key] = saved
     return saved
+
+
+def _fake_model(spec: ModelSpec, micro_batch: int, seq_len: int, traced_layers: int) -> tuple[Any, Any, Any]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    key = (_spec_key(spec), micro_batch, seq_len, traced_layers)
+    if key not in _FAKE_MODELS:
+        mode = FakeTensorMode()
+        with mode:
+            model = build_model(spec, device="cpu", num_layers=traced_layers, attn_implementation="sdpa")
+            inputs = _inputs(spec, micro_batch, seq_len, "cpu")
+        model.train()
+        _FAKE_MODELS.clear()  # keep one: fake models hold no storage, but their Python objects add up
+        _FAKE_MODELS[key] = (mode, model, inputs)
+    return _FAKE_MODELS[key]
 
 
 def _checkpoint_forward(layer: Any) -> None:

@@ -105,7 +105,8 @@ def _get_path(model: nn.Module, path: str) -> Any:
     return obj
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer layers (the modules whose outputs are hidden[1..L])."""
     for path in _LAYER_PATHS:
         found = _get_path(model, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
@@ -309,7 +310,7 @@ def capture_taps(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, T
     """Capture the named taps during forwards run inside the context. See the module docstring."""
     requested = [parse_tap(n) for n in sorted(set(names))]
     taps: dict[str, Tensor] = {}
-    layers = _layers(model)
+    layers = transformer_layers(model)
     n_layers = len(layers)
     wanted: dict[int, set[str]] = {}
     handles: list[Any] = []

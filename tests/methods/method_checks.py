@@ -271,10 +271,14 @@ def check_combination(
     """Combined methods capture the union of their taps once and their loss is the weighted sum of each alone.
 
     Each method is resolved alone, evaluated on the same random tap tensors with the same extras (copied from
-    the combined DistillLoss), and the totals are compared (1e-12 relative: the same float64 operations).
+    the combined DistillLoss); every term must equal its value alone (1e-12 relative: the same operations) and
+    the total must equal the sum of the terms alone. Kernels return float32 scalars, so totals are compared as
+    float64 sums of the terms (1e-12), and the combined total, which adds float32 terms in its own order, at
+    1e-6.
     """
     case = run_formula(methods, family=family, teachers=teachers, batch=batch, seq=seq, seed=seed)
     total = torch.zeros((), dtype=torch.float64)
+    terms_alone: dict[str, torch.Tensor] = {}
     union_s: set[str] = set()
     union_t: list[set[str]] = [set() for _ in case.teacher_specs]
     for entry in methods:
@@ -290,8 +294,15 @@ def check_combination(
         teachers_ = [
             {k: t[k] for k in names} for t, names in zip(case.teachers, alone.teacher_taps, strict=True)
         ]
-        total = total + loss(student, teachers_, labels=case.labels, mask=case.mask).total
+        out = loss(student, teachers_, labels=case.labels, mask=case.mask)
+        terms_alone.update(out.terms)
+        total = total + sum((v.double() for v in out.terms.values()), torch.zeros((), dtype=torch.float64))
     assert case.resolved.student_taps == union_s
     assert [set(t) for t in case.resolved.teacher_taps] == union_t
-    assert_rel(case.out.total, total, rtol=1e-12)
+    assert set(case.out.terms) == set(terms_alone)
+    for key, value in case.out.terms.items():
+        assert_rel(value, terms_alone[key], rtol=1e-12)
+    combined = sum((v.double() for v in case.out.terms.values()), torch.zeros((), dtype=torch.float64))
+    assert_rel(combined, total, rtol=1e-12)
+    assert_rel(case.out.total, total, rtol=1e-6)
     return case

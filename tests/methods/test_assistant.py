@@ -86,6 +86,7 @@ def test_takd_three_links_and_each_link_trains():
         out.total.backward()
         assert model.get_input_embeddings().weight.grad.abs().sum() > 0
         assert all(p.grad is None for p in trained.parameters())
+        model.zero_grad(set_to_none=True)  # the trained student becomes the next link's frozen teacher
         trained = model.eval()
 
 

@@ -114,9 +114,10 @@ def test_pkd_mean_pool_and_deeper_student():
     for sd, td in pairs:
         hs = (case.student[f"hidden[{sd}]"] * m).sum(1) / m.sum(1)
         ht = (case.teachers[0][f"hidden[{td}]"] * m).sum(1) / m.sum(1)
-        expected = expected + (
-            (hs / hs.norm(dim=-1, keepdim=True) - ht / ht.norm(dim=-1, keepdim=True)) ** 2
-        ).sum(-1).mean()
+        expected = (
+            expected
+            + ((hs / hs.norm(dim=-1, keepdim=True) - ht / ht.norm(dim=-1, keepdim=True)) ** 2).sum(-1).mean()
+        )
     assert_rel(case.term("pkd.patient"), 100.0 * expected)
 
 
@@ -185,7 +186,9 @@ def test_alp_kd_formula(family):
     case = run_formula([{"name": "alp_kd", "options": {"alp_rate": 0.4}}], specs=specs)
     encoder = case.student_spec.is_encoder
     assert case.resolved.student_taps == {"hidden[1]", "hidden[2]", "logits"}
-    assert case.resolved.teacher_taps == (frozenset({"hidden[1]", "hidden[2]", "hidden[3]", "hidden[4]", "logits"}),)
+    assert case.resolved.teacher_taps == (
+        frozenset({"hidden[1]", "hidden[2]", "hidden[3]", "hidden[4]", "logits"}),
+    )
     teacher = [cls_state(case.teachers[0][f"hidden[{k}]"], case.mask, encoder) for k in range(1, 5)]
     alp = 0.0
     for j in (1, 2):

@@ -1,5 +1,5 @@
-"""universal_kd (Wu et al., EMNLP 2021) and rail_kd (Haidar et al., NAACL 2022): formulas in float64, RAIL-KD's
-re-sampling stepped through, backward on real models."""
+"""universal_kd (Wu et al., EMNLP 2021) and rail_kd (Haidar et al., NAACL 2022): formulas in float64,
+RAIL-KD's re-sampling stepped through, backward on real models."""
 
 from __future__ import annotations
 
@@ -142,3 +142,14 @@ def test_rail_kd_needs_two_student_layers():
 @pytest.mark.parametrize("name", ["universal_kd", "rail_kd"])
 def test_backward(name, family):
     check_backward([name], family=family, step=5)
+
+
+def test_drop_last_rule():
+    from gkd.methods.mapping import pairs
+    from gkd.methods.spec import LayerRule, parse_rule
+
+    assert pairs(parse_rule("uniform+emb-last"), 2, 4) == ((0, 0), (1, 2))
+    assert pairs(LayerRule(kind="all", drop_last=True), 2, 4) == ((2, 1), (2, 2), (2, 3))
+    rule = LayerRule(kind="random", drop_last=True, seed=3)
+    assert len(pairs(rule, 4, 12)) == 3 and all(t < 12 for _, t in pairs(rule, 4, 12))
+    assert pairs(LayerRule(kind="random", seed=3), 4, 12)[:3] == pairs(rule, 4, 12)

@@ -68,7 +68,26 @@ def test_json_and_explain(cfg):
         assert f"  {name}" in r.output
 
 
-def test_not_fitting_exits_1_with_replanned_suggestions(cfg):
+def test_not_fitting_exits_1_with_replanned_suggestions(cfg, monkeypatch):
+    # Synthetic facts whose activations scale with the sequence, so re-planning needs no new traces.
+    from _planner_synth import facts
+
+    import gkd.planner.pipeline as pipeline
+
+    def synthetic(spec, *, seq_len, persistence_threshold):
+        return facts(
+            spec.name,
+            layers=spec.layers,
+            hidden=spec.hidden,
+            heads=spec.heads,
+            vocab=spec.vocab,
+            seq=seq_len,
+            saved=4_000 * seq_len,
+            checkpoint=64 * seq_len,
+            workspace=1_000 * seq_len,
+        )
+
+    monkeypatch.setattr(pipeline, "model_facts", synthetic)
     r = run(cfg, "--gpu-memory", "600KiB")
     assert r.exit_code == 1, r.output
     assert "DOES NOT FIT" in r.output

@@ -102,7 +102,7 @@ def plans(draw):
     )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(plans())
 def test_json_round_trip_is_identity(plan):
     text = plan.to_json()

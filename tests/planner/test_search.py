@@ -195,3 +195,49 @@ def test_micro_batch_that_does_not_divide_is_an_input_error(micro):
 
     with pytest.raises(InputError):
         search(config(micro=micro), STUDENT, (TEACHER,), kd_minilm())
+
+
+def test_two_teachers_each_run_and_free_their_taps():
+    from gkd.planner.pipeline import MethodsView, TermView
+    from gkd.planner.schedule import simulate
+
+    view = MethodsView(
+        teacher_taps=(frozenset({"logits"}), frozenset({"logits"})),
+        student_taps=frozenset({"logits"}),
+        loss_terms=(
+            TermView(
+                method="tmkd",
+                name="soft",
+                kernel="kd_loss",
+                weight=1.0,
+                taps=("s:logits", "t0:logits", "t1:logits"),
+                hard=False,
+            ),
+        ),
+        extras=(),
+        fused_linear=False,
+        offline_ok=False,
+        needs_teacher_forward=True,
+        eager_attention=False,
+    )
+    second = replace(TEACHER, name="t2", layers=3)
+    r = search(config(memory=10**9), STUDENT, (TEACHER, second), view)
+    ops = r.best.schedule.ops
+    assert sum(op.kind == "teacher_forward" and op.model == "teacher1" for op in ops) == 3 + 2
+    loss = next(op for op in ops if op.kind == "logit_loss")
+    assert set(loss.frees) >= {"t0:logits", "t1:logits"}
+    single = search(
+        config(
+            memory=10**9,
+            overrides=Overrides(
+                **{
+                    k: getattr(r.best.strategy, k)
+                    for k in ("student_zero_stage", "student_offload", "teacher_placement", "micro_batch")
+                }
+            ),
+        ),
+        STUDENT,
+        (TEACHER,),
+        kd_only(),
+    )
+    assert simulate(r.best.schedule).peak_bytes >= simulate(single.best.schedule).peak_bytes

@@ -128,7 +128,7 @@ def test_student_taps_carry_gradients():
     assert model.model.layers[1].self_attn.v_proj.weight.grad.abs().sum() > 0
 
 
-def test_bloom_hidden_taps_work_attention_taps_refused():
+def test_bloom_hidden_taps():
     spec = tiny("bloom")
     model = build_model(spec, device="cpu").eval()
     ids, mask = batch(spec.vocab)
@@ -136,8 +136,52 @@ def test_bloom_hidden_taps_work_attention_taps_refused():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(taps["hidden[1]"], out.hidden_states[1], rtol=0, atol=0)
     torch.testing.assert_close(taps["final"], out.hidden_states[-1], rtol=0, atol=0)
-    with pytest.raises(InputError, match="BLOOM"), capture_taps(model, {"scores[0]"}):
-        pass
+
+
+def test_bloom_attention_taps_match_its_eager_attention():
+    """BLOOM's attention taps come from hooks on query_key_value (split per head as BLOOM does) with scores
+    rebuilt explicitly (ALiBi + scaled QK^T + mask): probs equal BLOOM's own attention weights."""
+    spec = tiny("bloom")
+    torch.manual_seed(0)
+    model = build_model(spec, device="cpu").eval()
+    ids, mask = batch(spec.vocab)
+    names = {f"{k}[{i}]" for k in ("q", "k", "v", "scores", "probs", "context") for i in range(spec.layers)}
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with capture_taps(model, names | {"logits"}) as taps:
+            ref = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert set(taps) == names | {"logits"}
+    torch.testing.assert_close(taps["logits"], plain, rtol=0, atol=0)  # the model's output is untouched
+    d = spec.hidden // spec.heads
+    real = mask.bool()[:, None, :, None].expand(B, spec.heads, T, T)
+    for i in range(spec.layers):
+        for name in ("q", "k", "v"):
+            assert tuple(taps[f"{name}[{i}]"].shape) == (B, spec.heads, T, d)
+        torch.testing.assert_close(taps[f"probs[{i}]"][real], ref.attentions[i][real], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            taps[f"probs[{i}]"], taps[f"scores[{i}]"].softmax(-1), rtol=1e-5, atol=1e-6
+        )
+        # scores on allowed (query, key) pairs: ALiBi slope * key position + q.k / sqrt(d), independently
+        q, k = taps[f"q[{i}]"], taps[f"k[{i}]"]
+        slopes = torch.tensor([2 ** (-8 * (h + 1) / spec.heads) for h in range(spec.heads)])
+        key_pos = (mask.cumsum(-1) - 1).clamp(min=0).float()  # BLOOM's ALiBi positions over real tokens
+        expected = q @ k.transpose(-1, -2) / d**0.5 + slopes[None, :, None, None] * key_pos[:, None, None, :]
+        allowed = torch.ones(T, T, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
+        allowed = allowed.expand(B, spec.heads, T, T) & real
+        torch.testing.assert_close(taps[f"scores[{i}]"][allowed], expected[allowed], rtol=1e-5, atol=1e-5)
+        context = (taps[f"probs[{i}]"] @ taps[f"v[{i}]"]).transpose(1, 2).reshape(B, T, spec.hidden)
+        torch.testing.assert_close(taps[f"context[{i}]"], context, rtol=1e-5, atol=1e-6)
+
+
+def test_bloom_attention_taps_carry_gradients():
+    spec = tiny("bloom")
+    model = build_model(spec, device="cpu")
+    ids, mask = batch(spec.vocab)
+    with capture_taps(model, {"scores[1]", "probs[0]"}) as taps:
+        model(input_ids=ids, attention_mask=mask)
+    (taps["scores[1]"].clamp(-1e4).mean() + taps["probs[0]"].square().mean()).backward()
+    for i in (0, 1):
+        assert model.transformer.h[i].self_attention.query_key_value.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("bad", ["hidden[9]", "q[4]", "attn[0]", "hidden"])
