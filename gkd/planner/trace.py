@@ -2,7 +2,8 @@
 
 Two views of one training-mode forward of a shallow copy (the first layers only) of the model:
 
-1. `trace_graph`: `torch.export.export(..., strict=False)` on meta tensors. Every node becomes a `TracedNode`
+1. `trace_graph`: `torch.export.export(..., strict=False)` on meta tensors. Every node (except runtime
+   assertion nodes, which produce nothing) becomes a `TracedNode`
    (name, aten target, shape, dtype, module path from `nn_module_stack`, input node names), so later passes
    (tap location, liveness with networkx) need no FX. The copy has one layer by default: layers of one model
    are identical, so layer i's nodes are layer 0's with the module path renamed (`TracedGraph.layer_path`).
@@ -174,7 +175,13 @@ def trace_graph(
     )
     model.train()
     exported = torch.export.export(model, (), _inputs(spec, micro_batch, seq_len, "meta"), strict=False)
-    nodes = tuple(_plain_node(n) for n in exported.graph_module.graph.nodes)
+    # Runtime assertion nodes (aten._assert_tensor_metadata, ...) produce nothing; dropping them keeps "users" and
+    # liveness about real data flow.
+    nodes = tuple(
+        _plain_node(n)
+        for n in exported.graph_module.graph.nodes
+        if not (n.op == "call_function" and str(n.target).startswith("aten._assert"))
+    )
     graph = TracedGraph(
         model=spec.name,
         micro_batch=micro_batch,

@@ -125,7 +125,7 @@ def test_offline_pass_is_replayed_without_training_static():
     assert tl.by_category["parameters"] == 5000  # the training static is not resident during the pass
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     layers=st.integers(1, 8),
     checkpoint=st.integers(0, 100),

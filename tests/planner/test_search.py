@@ -149,7 +149,7 @@ def test_layerwise_tap_losses_lower_the_peak_of_many_taps():
     assert lw.best.peak_bytes < end.best.peak_bytes
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     memory=st.integers(200_000, 20_000_000),
     gpus=st.sampled_from([1, 2, 4, 8]),

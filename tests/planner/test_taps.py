@@ -235,6 +235,13 @@ def test_catalogue_names_shapes_and_capture(family: str) -> None:
         assert ".1." in catalogue.get("k[1]").module_path
 
 
+def test_probs_are_in_the_activation_dtype() -> None:
+    # Llama's softmax runs in float32 and is cast back: the tap is the tensor the attention uses next.
+    catalogue = build_catalogue(family_spec("llama"), micro_batch=B, seq_len=T)
+    assert catalogue.get("probs[0]").dtype == "bfloat16"
+    assert catalogue.get("scores[0]").dtype == "bfloat16"
+
+
 def test_taps_rescale_exactly() -> None:
     spec = family_spec("llama")
     small = build_catalogue(spec, micro_batch=B, seq_len=T)
