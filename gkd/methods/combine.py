@@ -398,6 +398,8 @@ def resolve(
 
         if active:
             for extra in spec.extras:
+                if extra.terms and not set(extra.terms) & {t.name for t in active}:
+                    continue  # only the terms that use it create it
                 shapes = _extra_copies(extra, spec_pairs, teachers, student, options)
                 per = sum(i * o + (o if extra.bias and extra.kind == "linear" else 0) for i, o in shapes)
                 extras.append(

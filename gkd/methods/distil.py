@@ -92,7 +92,7 @@ def pkd_patient(ctx: LossContext) -> Tensor:
             "use kd for a 1-layer student"
         )
     losses = [
-        hidden_loss(ctx.cls(ctx.s("hidden", s_d)), ctx.cls(ctx.t("hidden", t_d)), kind="mse")
+        hidden_loss(ctx.cls(ctx.s("hidden", s_d)), ctx.cls(ctx.t("hidden", t_d)), kind="normalized_mse")
         for s_d, t_d in pairs
     ]
     return torch.stack(losses).sum()
@@ -233,7 +233,7 @@ def alp_kd_alp(ctx: LossContext) -> Tensor:
     for s_d, _ in ctx.layer_pairs("s_hidden"):
         s = ctx.cls(ctx.s("s_hidden", s_d))  # (B, D)
         t = teacher.detach().to(s.dtype)
-        alpha = torch.softmax(torch.einsum("bkd,bd->bk", t, s), dim=0)
+        alpha = torch.softmax(torch.einsum("bkd,bd->bk", t, s), dim=-1)
         context = torch.einsum("bk,bkd->bd", alpha, t)
         losses.append((s - context).square().mean())
     return torch.stack(losses).sum()

@@ -282,6 +282,8 @@ class ExtraSpec:
     per: "none" (one), "teacher" (one per teacher), "student_layer" (one per student depth 1..Ls),
     "teacher_layer" (one per depth 1..Lt of each teacher), "pair" (one per mapped layer pair of tap
     `pair_tap`).
+    terms: the loss terms that use it; the extra exists only while one of them is active (TinyBERT's fit_dense
+    is not built for its prediction stage). Empty: whenever the method has an active term.
     """
 
     name: str
@@ -291,6 +293,7 @@ class ExtraSpec:
     bias: bool = True
     per: str = "none"
     pair_tap: str = ""
+    terms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "parameter"):
@@ -392,6 +395,11 @@ class MethodSpec:
             )
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"method {self.name!r}: aggregation {self.aggregation!r} not in {AGGREGATIONS}")
+        for extra in self.extras:
+            if set(extra.terms) - set(term_names):
+                raise ValueError(
+                    f"method {self.name!r}: extra {extra.name!r} names unknown terms {extra.terms}"
+                )
         option_names = [o.name for o in self.options]
         for term in self.terms:
             if term.weight_option and term.weight_option.removeprefix("1-") not in option_names:

@@ -143,7 +143,9 @@ TINYBERT = register(
             LossTermSpec(name="hidden", fn="tinybert.hidden", kernel="hidden_loss", taps=("hidden", "final")),
             LossTermSpec(name="prediction", fn="soft", kernel="kd_loss", taps=("logits",), temperature=1.0),
         ),
-        extras=(ExtraSpec(name="fit_dense", in_dim="student.hidden", out_dim="teacher.hidden"),),
+        extras=(
+            ExtraSpec(name="fit_dense", in_dim="student.hidden", out_dim="teacher.hidden", terms=("hidden",)),
+        ),
         constraints=("equal_heads", "equal_vocab"),
         stages=(
             StageSpec(

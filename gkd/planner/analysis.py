@@ -380,6 +380,8 @@ def _activity(
     head_taps: list[tuple[str, int, bool]] = []
     for tap in sorted(taps):
         kind = _tap_kind(tap)
+        if kind == "topk":
+            continue  # a stored output of the offline teacher pass, never produced by a forward here
         if kind in ("final", "logits"):
             head_taps.append((tap, head_tap_bytes.get(tap, facts.tap_bytes.get(kind, 0) * b), True))
             continue
@@ -510,13 +512,15 @@ def build_workload(
     retained = transient = backward = 0
     topk_bytes = 0
     grads_in_forward = tokens * s_h * BYTES_BF16 + s_v * s_h * BYTES_BF16  # d hidden, d head weight
+    # One (chunk x V) fp32 logits buffer: chunk_rows(V) = CHUNK_ELEMENTS // V tokens, or all tokens if fewer.
+    chunk = min(tokens, max(1, CHUNK_ELEMENTS // s_v)) * s_v * 4
     if has_logit_terms:
         if not online:
             topk_bytes = tokens * (tr.offline_topk * (BYTES_BF16 + 4) + 4)
-            transient = CHUNK_ELEMENTS * 4
+            transient = chunk
             retained = grads_in_forward
         elif strategy.loss_path == "fused_linear":
-            transient = 2 * CHUNK_ELEMENTS * 4
+            transient = 2 * chunk
             if placement != "replicated":
                 transient += max(t.head_params for t in teachers) * BYTES_BF16
             retained = grads_in_forward
@@ -553,7 +557,9 @@ def build_workload(
     )
     terms = tuple(
         LossTerm(
-            name=f"{t.method}.{t.name}", taps=tuple(t.taps), logits=any(x.endswith(":logits") for x in t.taps)
+            name=f"{t.method}.{t.name}",
+            taps=tuple(t.taps),
+            logits=any(x.endswith((":logits", ":topk")) for x in t.taps),
         )
         for t in resolved.loss_terms
     )

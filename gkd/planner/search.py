@@ -131,6 +131,8 @@ def candidates(
             placements.append(("tensor_parallel", tp))
     if resolved.offline_ok:
         placements.append(("offline", 1))
+        if not resolved.needs_teacher_forward:
+            placements = [("offline", 1)]  # the teacher output is read from storage (e.g. topk_kl)
         if not resolved.needs_teacher_forward:  # only stored teacher outputs (topk_kl): teacher runs offline
             placements = [("offline", 1)]
     if ov.teacher_placement is not None:
@@ -150,7 +152,9 @@ def candidates(
         if (ov.student_zero_stage is None or c[0] == ov.student_zero_stage)
         and (ov.student_offload is None or c[1] == ov.student_offload)
     ]
-    has_tap_terms = any(not any(x.endswith(":logits") for x in t.taps) for t in resolved.loss_terms)
+    has_tap_terms = any(
+        not any(x.endswith((":logits", ":topk")) for x in t.taps) for t in resolved.loss_terms
+    )
     tap_places = [ov.tap_loss] if ov.tap_loss else (["layerwise", "end"] if has_tap_terms else ["end"])
     attention = "eager" if resolved.eager_attention else "sdpa"
     out: list[Strategy] = []

@@ -3,10 +3,10 @@
 Two views of one training-mode forward of a shallow copy (the first layers only) of the model:
 
 1. `trace_graph`: `torch.export.export(..., strict=False)` on meta tensors. Every node (except runtime
-   assertion nodes, which produce nothing) becomes a `TracedNode`
-   (name, aten target, shape, dtype, module path from `nn_module_stack`, input node names), so later passes
-   (tap location, liveness with networkx) need no FX. The copy has one layer by default: layers of one model
-   are identical, so layer i's nodes are layer 0's with the module path renamed (`TracedGraph.layer_path`).
+   assertion nodes, which produce nothing) becomes a `TracedNode` (name, aten target, shape, dtype, module
+   path from `nn_module_stack`, input node names), so later passes (tap location, liveness with networkx)
+   need no FX. The copy has one layer by default: layers of one model are identical, so layer i's nodes are
+   layer 0's with the module path renamed (`TracedGraph.layer_path`).
 2. `trace_saved`: the same forward under `FakeTensorMode` (fake CPU tensors: shapes, dtypes and storages, no
    data) inside `torch.autograd.graph.saved_tensors_hooks`. Every tensor autograd keeps for the backward is
    recorded once per storage (views of one storage count once, with the storage's full size), parameters
@@ -175,8 +175,8 @@ def trace_graph(
     )
     model.train()
     exported = torch.export.export(model, (), _inputs(spec, micro_batch, seq_len, "meta"), strict=False)
-    # Runtime assertion nodes (aten._assert_tensor_metadata, ...) produce nothing; dropping them keeps "users" and
-    # liveness about real data flow.
+    # Runtime assertion nodes (aten._assert_tensor_metadata, ...) produce nothing; dropping them keeps
+    # "users" and liveness about real data flow.
     nodes = tuple(
         _plain_node(n)
         for n in exported.graph_module.graph.nodes

@@ -1,5 +1,6 @@
 """tinybert and mobilebert: formulas in float64 against straightforward implementations, the stage recipes
-stepped through (TinyBERT's three stages, MobileBERT's progressive unlocking), forward + backward on real taps."""
+stepped through (TinyBERT's three stages, MobileBERT's progressive unlocking), forward + backward on real
+taps."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def hidden_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, fit: torch.
 def test_tinybert_intermediate_formula(family, causal):
     case = run_formula([{"name": "tinybert", "weight": 0.5}], family=family)
     tap = case.student, case.teachers[0]
-    # uniform 2 <- 4: attention at depths (1, 2), (2, 4); hidden: embedding, depth 1 <- 2, and the final states
+    # uniform 2 <- 4: attention at depths (1, 2), (2, 4); hidden: embedding, depth 1 <- 2, and final states
     assert case.resolved.student_taps == {"q[0]", "k[0]", "q[1]", "k[1]", "hidden[0]", "hidden[1]", "final"}
     assert case.resolved.teacher_taps == (
         frozenset({"q[1]", "k[1]", "q[3]", "k[3]", "hidden[0]", "hidden[2]", "final"}),
@@ -105,7 +106,8 @@ def test_tinybert_attention_from_scores_taps():
 
 
 def test_tinybert_qk_kernel_matches_scores_taps_on_real_models():
-    """The fused q/k path and the captured scores give the same loss on real attention (mask fill excluded)."""
+    """The fused q/k path and the captured scores give the same loss on real attention (mask fill
+    excluded)."""
     t_specs, s_spec = model_specs("llama")
     gen = torch.Generator().manual_seed(0)
     ids, mask, labels = make_batch(s_spec, 2, 6, gen)
@@ -148,6 +150,16 @@ def test_tinybert_prediction_stage_soft_ce():
 def test_tinybert_backward(family):
     out = check_backward(["tinybert"], family=family)
     assert set(out.terms) == {"tinybert.attention", "tinybert.hidden"}
+
+
+def test_tinybert_prediction_stage_has_no_fit_dense_and_backward():
+    t_specs, s_spec = model_specs("llama")
+    r = resolve([{"name": "tinybert", "options": {"stage": "task_prediction"}}], t_specs, s_spec)
+    assert r.extras == () and r.student_taps == {"logits"}
+    r = resolve(["tinybert"], t_specs, s_spec)
+    assert [(e.name, e.shapes) for e in r.extras] == [("tinybert.fit_dense", ((32, 64),))]
+    out = check_backward([{"name": "tinybert", "options": {"stage": "task_prediction"}}], family="bert")
+    assert set(out.terms) == {"tinybert.prediction"}
 
 
 def test_tinybert_backward_scores_taps():
