@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from gkd.config import Config
 from gkd.errors import GkdError, InputError
-from gkd.planner.analysis import ModelFacts, cache_dir, model_facts, source_fingerprint
+from gkd.planner.facts import ModelFacts, cache_dir, model_facts, source_fingerprint
 from gkd.planner.plan import PLAN_VERSION, Alternative, PassRecord, Plan
 from gkd.planner.search import Evaluated, SearchResult, search
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gkd.config import Config
-from gkd.planner.analysis import ModelFacts, WorkloadInfo, build_workload, resident_tensors
+from gkd.planner.analysis import WorkloadInfo, build_workload, resident_tensors
 from gkd.planner.cost import ModelShape, StepCost, bottleneck, layer_forward_flops, step_cost
+from gkd.planner.facts import ModelFacts
 from gkd.planner.memory import reserve_bytes
 from gkd.planner.plan import Schedule, Strategy, TensorAlloc, human_bytes
 from gkd.planner.recompute import solve

@@ -36,7 +36,7 @@ from typing import Any
 
 from gkd.errors import InputError
 from gkd.models import ModelSpec, supports_attention_interface
-from gkd.planner.trace import TracedGraph, TracedNode, trace_graph, trace_saved
+from gkd.planner.trace import TracedGraph, TracedNode, spec_key, trace_graph, trace_saved
 
 CAPTURE_METHODS = ("module_output", "module_input", "attention_fn", "lm_head_input")
 LAYER_KINDS = ("hidden", "q", "k", "v", "scores", "probs", "context", "mlp_out")
@@ -220,9 +220,7 @@ _CATALOGUES: dict[tuple[Any, ...], TapCatalogue] = {}
 
 def build_catalogue(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> TapCatalogue:
     """The tap catalogue of `spec` at (micro_batch, seq_len), from the traced graph and saved tensors."""
-    from gkd.planner.trace import _spec_key
-
-    key = (_spec_key(spec), micro_batch, seq_len)
+    key = (spec_key(spec), micro_batch, seq_len)
     if key in _CATALOGUES:
         return _CATALOGUES[key]
     graph = trace_graph(spec, micro_batch=micro_batch, seq_len=seq_len, attn_implementation="eager")
@@ -268,8 +266,8 @@ def _saved_bytes(
                 checkpointing=recompute,
             )
             key = f"{attention}_full_recompute" if recompute else attention
-            # The last traced layer is the steady state: layer 0 also saves the embedding output, which every
-            # later layer's predecessor produces in the same way, so both agree (tests check it).
+            # Every layer repeats the last traced layer's bytes: layers are identical, and layer 0 (whose
+            # input is the embedding output, not a layer output) saves the same amount (tests check it).
             per_layer[key] = trace.layer_bytes(trace.traced_layers - 1)
             non_layer[key] = trace.outside_bytes()
     layers = tuple(LayerActivations(layer=i, saved_bytes=dict(per_layer)) for i in range(spec.layers))

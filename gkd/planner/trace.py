@@ -129,7 +129,7 @@ class SavedTrace:
         return sum(t.nbytes for t in self.tensors if t.owner == "outside")
 
 
-def _spec_key(spec: ModelSpec) -> str:
+def spec_key(spec: ModelSpec) -> str:
     return json.dumps([spec.name, spec.dtype, spec.hf_config], sort_keys=True, default=str)
 
 
@@ -167,7 +167,7 @@ def trace_graph(
     import torch
 
     _check_sizes(spec, micro_batch, seq_len)
-    key = (_spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers)
+    key = (spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers)
     if key in _GRAPHS:
         return _GRAPHS[key]
     model = build_model(
@@ -254,7 +254,7 @@ def trace_saved(
     layer then saves only its inputs, and its internals are recomputed in the backward.
     """
     _check_sizes(spec, micro_batch, seq_len)
-    key = (_spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers, checkpointing)
+    key = (spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers, checkpointing)
     if key in _SAVED:
         return _SAVED[key]
     mode, model, inputs = _fake_model(spec, micro_batch, seq_len, traced_layers)
@@ -285,7 +285,7 @@ def trace_saved(
 def _fake_model(spec: ModelSpec, micro_batch: int, seq_len: int, traced_layers: int) -> tuple[Any, Any, Any]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    key = (_spec_key(spec), micro_batch, seq_len, traced_layers)
+    key = (spec_key(spec), micro_batch, seq_len, traced_layers)
     if key not in _FAKE_MODELS:
         mode = FakeTensorMode()
         with mode:

@@ -139,6 +139,7 @@ def test_rail_kd_needs_two_student_layers():
         loss(logits, [dict(logits)], labels=torch.zeros(1, 2, dtype=torch.long))
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
 @pytest.mark.parametrize("name", ["universal_kd", "rail_kd"])
 def test_backward(name, family):
     check_backward([name], family=family, step=5)

@@ -219,6 +219,7 @@ def test_mgskd_stages_and_heads():
         run_formula([{"name": "mgskd", "options": {"relation_heads": 5}}])
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
 @pytest.mark.parametrize("name", ["ckd", "mgskd"])
 def test_backward(name, family):
     options = {"relation_heads": 4, "lower_layers": 2} if name == "mgskd" else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from method_checks import TOPK_WIDTH, assert_rel, check_backward, model_specs, run_formula
 
@@ -55,8 +56,9 @@ def test_resolve_reports_offline_teacher():
     assert not r3.fused_linear and r3.student_taps == {"logits"} and not r3.needs_teacher_forward
 
 
-def test_backward(family):
-    check_backward(["topk_kl"], family=family)
+@pytest.mark.parametrize(("family", "fused"), [("gpt2", True), ("bert", False)])
+def test_backward(family, fused):
+    check_backward(["topk_kl"], family=family, fused_linear=fused)
 
 
 def test_fused_matches_logits_path():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gkd.planner.analysis import ModelFacts
+from gkd.planner.facts import ModelFacts
 from gkd.planner.pipeline import MethodsView, TermView
 
 

@@ -9,7 +9,8 @@ import pytest
 from _planner_synth import facts, kd_minilm
 
 from gkd.config import Config, HardwareConfig, Overrides, TrainingConfig
-from gkd.planner.analysis import CHUNK_ELEMENTS, build_workload, layer_workspace
+from gkd.planner.analysis import CHUNK_ELEMENTS, build_workload
+from gkd.planner.facts import layer_workspace
 from gkd.planner.plan import Strategy
 from gkd.planner.trace import TracedGraph, TracedNode
 
@@ -64,7 +65,7 @@ def test_parameter_facts_match_deepspeed_model_to_params():
     from deepspeed.runtime.zero.stage3 import model_to_params
 
     from gkd.models import build_model, resolve_model
-    from gkd.planner.analysis import parameter_facts
+    from gkd.planner.facts import parameter_facts
 
     for name in ("tiny-llama-teacher", "tiny-gpt2-student"):
         spec = resolve_model(name)
