@@ -58,20 +58,26 @@ def _need_layers(ctx: LossContext, tap: str, what: str) -> tuple[tuple[int, int]
     return pairs
 
 
+def _project(ctx: LossContext, name: str, index: int, x: Tensor) -> Tensor:
+    """Apply copy `index` of extra `name`, in the extra's dtype (fp32 extras on bf16 taps compute in fp32)."""
+    proj = ctx.extra(name, index)
+    return proj(x.to(proj.weight.dtype))
+
+
 @register_loss("universal_kd.inter")
 def universal_kd_inter(ctx: LossContext) -> Tensor:
     s_pairs = _need_layers(ctx, "s_hidden", "student")
     t_pairs = _need_layers(ctx, "t_hidden", "teacher")
     s = torch.stack(
         [
-            ctx.extra("s_proj", ctx.pair_index("s_hidden", n))(ctx.cls(ctx.s("s_hidden", depth)))
+            _project(ctx, "s_proj", ctx.pair_index("s_hidden", n), ctx.cls(ctx.s("s_hidden", depth)))
             for n, (depth, _) in enumerate(s_pairs)
         ],
         dim=1,
     )  # (B, Ms, D)
     t = torch.stack(
         [
-            ctx.extra("t_proj", ctx.pair_index("t_hidden", n))(ctx.cls(ctx.t("t_hidden", depth).to(s.dtype)))
+            _project(ctx, "t_proj", ctx.pair_index("t_hidden", n), ctx.cls(ctx.t("t_hidden", depth)))
             for n, (_, depth) in enumerate(t_pairs)
         ],
         dim=1,
@@ -92,9 +98,9 @@ def rail_kd_inter(ctx: LossContext) -> Tensor:
     for n, (s_depth, t_depth) in enumerate(pairs):
         index = ctx.pair_index("hidden", n)
         hs = pool(ctx.s("hidden", s_depth), "mean", ctx.mask, encoder=ctx.student_is_encoder)
-        s_part = ctx.extra("s_proj", index)(hs)
         ht = pool(ctx.t("hidden", t_depth), "mean", ctx.mask, encoder=ctx.student_is_encoder)
-        t_part = ctx.extra("t_proj", index)(ht.to(s_part.dtype))
+        s_part = _project(ctx, "s_proj", index, hs)
+        t_part = _project(ctx, "t_proj", index, ht)
         s_vec = s_part if s_vec is None else s_vec + s_part
         t_vec = t_part if t_vec is None else t_vec + t_part
     assert s_vec is not None and t_vec is not None

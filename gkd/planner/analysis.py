@@ -81,8 +81,6 @@ def _activity(
         if kind == "emb":
             embed_taps.append((tap, facts.tap_bytes.get("emb", 0) * b, True))
             continue
-        if kind == "topk":  # a stored teacher output read from disk (offline pass), not made by this forward
-            continue
         index = _tap_index(tap)
         size = facts.tap_bytes.get(kind, 0) * b
         if kind == "hidden":

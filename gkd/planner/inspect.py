@@ -76,7 +76,7 @@ def _print_tables(spec: ModelSpec, catalogue: TapCatalogue, parameters: int) -> 
     from rich.table import Table
 
     console = Console()
-    console.width = max(console.width, 150)  # tables stay readable when piped (rich defaults to 80 columns)
+    console.width = max(console.width, 170)  # tables stay readable when piped (rich defaults to 80 columns)
     head = f" ({spec.head_dim} per head)" if spec.heads else ""
     console.print(f"[bold]{escape(spec.name)}[/bold]: {escape(spec.description)}")
     console.print(

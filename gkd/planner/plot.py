@@ -70,6 +70,8 @@ def plot_timeline(plan: Plan, path: str | Path) -> None:
     ax.set_title(f"gkd plan: predicted memory per GPU ({verdict}; {plan.strategy.describe()})", fontsize=8)
     ax.legend(loc="upper left", fontsize=7, ncol=3)
     ax.set_xlim(0, max(1, len(x) - 1))
+    top = max([plan.budget_bytes, *totals]) / GiB
+    ax.set_ylim(0, top * 1.18)  # room for the peak label under the title
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

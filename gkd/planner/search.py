@@ -134,8 +134,6 @@ def candidates(
         placements.append(("offline", 1))
         if not resolved.needs_teacher_forward:
             placements = [("offline", 1)]  # the teacher output is read from storage (e.g. topk_kl)
-        if not resolved.needs_teacher_forward:  # only stored teacher outputs (topk_kl): teacher runs offline
-            placements = [("offline", 1)]
     if ov.teacher_placement is not None:
         placements = [p for p in placements if p[0] == ov.teacher_placement]
         if ov.teacher_placement == "offline" and not placements:

@@ -11,6 +11,8 @@ How the runtime captures each tap (`Tap.capture`):
 - "module_output": a forward hook on `module_path` (first element of the output);
 - "module_input": a forward pre-hook on `module_path` (first positional argument);
 - "attention_fn": the registered attention function (q, k, v it receives; scores and probs it computes);
+- "attention_module": hooks on an attention module that computes attention itself (BLOOM: q, k, v split from
+  the fused QKV projection's output as BLOOM splits it, scores and probs recomputed from them with ALiBi);
 - "lm_head_input": logits are not materialised by the capture; the loss takes the LM head's input and weight.
 
 Design choices:
@@ -24,8 +26,9 @@ Design choices:
   training forward; deduplicated, parameters excluded), for both attention paths; "full recompute" is the same
   measurement with activation checkpointing on, where a layer keeps only its inputs. They are exact for the
   requested sizes; rebuild the catalogue for other sizes (it takes well under a second once traced).
-- BLOOM computes attention inside its own module (ALiBi, no attention-function hook), so q/k/v/scores/probs
-  are not offered for it; asking for them raises InputError. Its "sdpa" figures equal its eager ones.
+- BLOOM computes attention inside its own module (ALiBi, no attention-function hook): its attention taps are
+  captured with "attention_module" hooks, and its "sdpa" figures equal its eager ones. `unavailable` lists
+  tap kinds a model cannot offer (none for the supported families); asking for one raises InputError.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from gkd.errors import InputError
 from gkd.models import ModelSpec, supports_attention_interface
 from gkd.planner.trace import TracedGraph, TracedNode, spec_key, trace_graph, trace_saved
 
-CAPTURE_METHODS = ("module_output", "module_input", "attention_fn", "lm_head_input")
+CAPTURE_METHODS = ("module_output", "module_input", "attention_fn", "attention_module", "lm_head_input")
 LAYER_KINDS = ("hidden", "q", "k", "v", "scores", "probs", "context", "mlp_out")
 ATTENTION_KINDS = ("q", "k", "v", "scores", "probs")
 ATTENTION_PATHS = ("sdpa", "eager")
@@ -226,14 +229,7 @@ def build_catalogue(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> TapCa
     graph = trace_graph(spec, micro_batch=micro_batch, seq_len=seq_len, attn_implementation="eager")
     taps = _locate_taps(spec, graph)
     activations, non_layer = _saved_bytes(spec, micro_batch=micro_batch, seq_len=seq_len)
-    unavailable = (
-        {}
-        if supports_attention_interface(spec)
-        else {
-            kind: f"{spec.model_type} computes attention in its own module, not through an attention function"
-            for kind in ATTENTION_KINDS
-        }
-    )
+    unavailable: dict[str, str] = {}  # every supported family offers every tap kind
     catalogue = TapCatalogue(
         model=spec.name,
         micro_batch=micro_batch,
@@ -433,11 +429,8 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
         if layout.final_norm
         else layer_out
     )
-    attention: dict[str, TracedNode] = {}
-    if supports_attention_interface(spec):
-        attention = _attention_nodes(
-            graph, graph.nodes_in(graph.layer_path(0, layout.attention)), concrete, need
-        )
+    attention = _attention_nodes(graph, graph.nodes_in(graph.layer_path(0, layout.attention)), concrete, need)
+    attention_capture = "attention_fn" if supports_attention_interface(spec) else "attention_module"
 
     taps: list[Tap] = [make("emb", "emb", None, emb, layout.embed, "module_output", "hidden")]
     last = spec.layers - 1
@@ -452,7 +445,7 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
                         i,
                         attention[kind],
                         graph.layer_path(i, layout.attention),
-                        "attention_fn",
+                        attention_capture,
                         kind,
                     )
                 )
@@ -500,22 +493,23 @@ def _attention_nodes(
     )
     scores = graph.node(softmax.inputs[0])
     probs = _follow(graph, softmax, ("to", "_to_copy", "type_as"))
-    # QK^T: walk back from the scores through the scaling and the mask.
+    # QK^T: walk back from the scores through the scaling, the mask and BLOOM's (B*H, T, T) view.
     qk: TracedNode | None = scores
     while qk is not None and _op(qk) not in ("matmul", "bmm", "baddbmm"):
         qk = (
             graph.node(qk.inputs[0])
-            if qk.inputs and _op(qk) in ("add", "mul", "div", "to", "where")
+            if qk.inputs and _op(qk) in ("add", "mul", "div", "to", "where", "masked_fill", "view")
             else None
         )
     qk = need(qk, "the QK^T matmul")
+    first = 1 if _op(qk) == "baddbmm" else 0  # baddbmm(bias, q, k^T): BLOOM's ALiBi bias comes first
     pv = need(
-        _find_user(graph, probs, ("matmul", "bmm"), ("dropout", "native_dropout", "to", "_to_copy")),
+        _find_user(graph, probs, ("matmul", "bmm"), ("dropout", "native_dropout", "to", "_to_copy", "view")),
         "the probs @ V matmul",
     )
     return {
-        "q": need(_walk_back(graph, graph.node(qk.inputs[0]), concrete("q")), "q"),
-        "k": need(_walk_back(graph, graph.node(qk.inputs[1]), concrete("k")), "k"),
+        "q": need(_walk_back(graph, graph.node(qk.inputs[first]), concrete("q")), "q"),
+        "k": need(_walk_back(graph, graph.node(qk.inputs[first + 1]), concrete("k")), "k"),
         "v": need(_walk_back(graph, graph.node(pv.inputs[1]), concrete("v")), "v"),
         "scores": scores,
         "probs": probs,

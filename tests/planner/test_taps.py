@@ -217,7 +217,7 @@ def test_catalogue_names_shapes_and_capture(family: str) -> None:
     catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
     names = set(catalogue.names())
     expected = {"emb", "final", "logits"} | {f"hidden[{i}]" for i in range(spec.layers + 1)}
-    kinds = ["context", "mlp_out"] + ([] if family == "bloom" else list(ATTENTION_KINDS))
+    kinds = ["context", "mlp_out", *ATTENTION_KINDS]
     expected |= {f"{kind}[{i}]" for kind in kinds for i in range(spec.layers)}
     assert names == expected
     for tap in catalogue.taps:
@@ -227,12 +227,11 @@ def test_catalogue_names_shapes_and_capture(family: str) -> None:
     assert catalogue.get("logits").capture == "lm_head_input"
     assert catalogue.get("hidden[0]").capture == "module_input"
     assert catalogue.get(f"hidden[{spec.layers}]").module_path.endswith(f".{spec.layers - 1}")
-    if family == "bloom":
-        with pytest.raises(InputError, match="not available"):
-            catalogue.get("scores[0]")
-    else:
-        assert catalogue.get("q[1]").capture == "attention_fn"
-        assert ".1." in catalogue.get("k[1]").module_path
+    # BLOOM computes attention in its own module: its attention taps come from hooks on that module.
+    expected_capture = "attention_module" if family == "bloom" else "attention_fn"
+    assert catalogue.get("q[1]").capture == expected_capture
+    assert ".1." in catalogue.get("k[1]").module_path
+    assert catalogue.unavailable == {}
 
 
 def test_probs_are_in_the_activation_dtype() -> None:
