@@ -34,7 +34,7 @@ except Exception as exc:  # another kernel family mid-edit must not block this c
     pkg.__path__ = [str(ROOT / "gkd" / "kernels")]
     sys.modules["gkd.kernels"] = pkg
 
-import test_attention as T  # noqa: E402
+import test_attention_kernel as T  # noqa: E402
 
 from gkd.kernels import _dispatch  # noqa: E402
 from gkd.kernels.attention import relation_kl_loss, scores_mse_loss  # noqa: E402

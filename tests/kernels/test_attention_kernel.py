@@ -345,7 +345,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     import json, math, sys
     import torch
     sys.path.insert(0, {tests!r})
-    import test_attention as T
+    import test_attention_kernel as T
     from gkd.kernels import _dispatch, relation_kl_loss, scores_mse_loss
     assert _dispatch.backend(torch.zeros(1)) == "triton"
     results = []
