@@ -292,7 +292,7 @@ class Config:
     """A whole distillation job."""
 
     teachers: tuple[str, ...] = ("glm-130b",)
-    student: str = "glm-10b"
+    student: str = "glm-10b-icetk"
     methods: tuple[MethodConfig, ...] = (MethodConfig(name="kd"), MethodConfig(name="minilmv2"))
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)

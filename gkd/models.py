@@ -328,6 +328,13 @@ _PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "bfloat16",
         {**_gpt2(48, 4096, 64, vocab=50048), "n_inner": 16384, "activation_function": "gelu"},
     ),
+    "glm-10b-icetk": (
+        "GLM-10B's shape with GLM-130B's 150528-token icetk vocabulary, the student of the headline job: "
+        "logit losses compare distributions over one vocabulary, so the student adopts the teacher's "
+        "tokenizer (GLM-10B itself has 50048 tokens). Built like glm-10b (the `gpt2` architecture)",
+        "bfloat16",
+        {**_gpt2(48, 4096, 64, vocab=150528), "n_inner": 16384, "activation_function": "gelu"},
+    ),
     "opt-175b": (
         "OPT-175B (Meta): 96 layers, hidden 12288, 96 heads, ReLU FFN 49152",
         "bfloat16",
@@ -424,7 +431,7 @@ _PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 # Presets whose lineage differs from the transformers architecture that builds them.
-_PRESET_FAMILY = {"glm-10b": "glm"}
+_PRESET_FAMILY = {"glm-10b": "glm", "glm-10b-icetk": "glm"}
 
 
 def preset_names() -> list[str]:

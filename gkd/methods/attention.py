@@ -11,8 +11,9 @@ Shared helpers (also used by TinyBERT and MobileBERT in `gkd.methods.tinybert`):
 
 MiniLM: the last student layer against the last teacher layer (`layer_map` overrides), attention KL plus the
 value-relation KL between softmax(V V^T / sqrt(d)) of both, each a KL over the key axis; softmax is applied
-once to the scaled dot products (the paper), not again to probabilities (a GLMKD quirk). Head counts must
-match; values of grouped-query models are expanded to the query heads when the two sides group differently.
+once to the scaled dot products (the paper), not again to probabilities (a GLMKD quirk). On decoders both
+relations are causal (keys j <= i), as for MiniLMv2. Head counts must match; values of grouped-query models
+are expanded to the query heads when the two sides group differently.
 Recipe: task-agnostic distillation, then plain finetuning (stage `finetune`, no teacher).
 
 SID (stacked internal distillation): the uniform layer pairs are unlocked one at a time; stage n of Ls + 1
