@@ -211,8 +211,8 @@ TOPK_KL = register(
     MethodSpec(
         name="topk_kl",
         title="Top-k forward KL against stored teacher log-probs (offline teacher)",
-        paper="Forward KL (Hinton, Vinyals, Dean 2015) truncated to stored top-k teacher entries plus a tail "
-        "bucket",
+        paper="Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network (forward KL), "
+        "truncated to stored top-k teacher entries plus a tail bucket",
         year=2015,
         # The teacher side is stored (offline pass), never a live forward: resolve() reports offline_ok and
         # needs_teacher_forward False for this method alone.

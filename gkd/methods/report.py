@@ -49,10 +49,20 @@ def example_config(spec: MethodSpec) -> str:
     return yaml.safe_dump({"methods": [entry]}, sort_keys=False, default_flow_style=False).rstrip()
 
 
+def _short_paper(spec: MethodSpec) -> str:
+    """'First et al YEAR' for the table; the full citation is in `gkd methods NAME`."""
+    authors = spec.paper.split(".")[0]
+    names = [a.strip() for a in authors.replace(" et al", "").split(",")]
+    first = names[0].split(" (")[0]
+    many = len(names) > 2 or " et al" in authors
+    shown = f"{first} et al" if many else " & ".join(names)
+    return f"{shown} {spec.year}"
+
+
 def _row(spec: MethodSpec) -> list[str]:
     return [
         spec.name,
-        f"{spec.paper.split('.')[0]} {spec.year}",
+        _short_paper(spec),
         ", ".join(_tap_text(t) for t in spec.taps) or "-",
         ", ".join(t.name for t in spec.terms) or "-",
         str(len(spec.stages) or 1),
