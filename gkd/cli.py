@@ -31,7 +31,28 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """A click group whose usage errors (bad flags, missing arguments) are one line on stderr, exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
+        except click.Abort:
+            click.echo("gkd: aborted", err=True)
+            sys.exit(1)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx else "gkd"
+            click.echo(f"gkd: error: {err.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as err:
+            click.echo(f"gkd: error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gkd")
 def main() -> None:
     """gkd: knowledge distillation for large language models, planned to fit your GPUs."""
@@ -39,8 +60,10 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Sequence length.")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batch size.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Sequence length.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @_user_errors
 def inspect(model: str, seq_len: int, micro_batch: int, as_json: bool) -> None:
@@ -63,7 +86,8 @@ def methods(name: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("config", required=False)
-@click.option("--teacher", help="Teacher model(s): preset name, config.json or checkpoint folder; comma-separated.")
+@click.option("--teacher",
+              help="Teacher model(s): preset name, config.json or checkpoint folder; comma-separated.")
 @click.option("--student", help="Student model: preset name, config.json or checkpoint folder.")
 @click.option("--methods", "methods_", help="Distillation methods, comma-separated (e.g. kd,minilmv2).")
 @click.option("--gpus", help="Number of GPUs.")
@@ -73,15 +97,18 @@ def methods(name: str | None, as_json: bool) -> None:
 @click.option("--global-batch", help="Global batch size (sequences per step).")
 @click.option("--micro-batch", help="Micro-batch size per GPU, a list (1,2,4) or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON to this file.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of predicted memory over the schedule.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the plan JSON to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write a PNG of predicted memory over the schedule.")
 @click.option("--explain", is_flag=True, help="Print the resolved config as JSON and each planner pass.")
 @_user_errors
 def plan(config: str | None, methods_: str | None, as_json: bool, output: str | None, plot: str | None,
          explain: bool, **flags: Any) -> None:
     """Plan a distillation job (CONFIG: YAML or JSON; flags override it): does it fit, how, and how fast.
 
-    With no CONFIG and no flags, plans the headline job (configs/default.yaml). Exit code 1 when it does not fit.
+    With no CONFIG and no flags, plans the headline job (configs/default.yaml).
+    Exit code 1 when it does not fit.
     """
     from gkd.planner.cli import run_plan
 

@@ -1,7 +1,8 @@
 """Errors that the CLI turns into exit codes.
 
-`InputError` means the user gave something wrong (config, model folder, flag, data): the CLI prints its message as
-one line on stderr and exits with code 2, no traceback. Its message must say what is wrong and how to fix it.
+`InputError` means the user gave something wrong (config, model folder, flag, data): the CLI prints its
+message as one line on stderr and exits with code 2, no traceback. Its message must say what is wrong and how
+to fix it.
 `DoesNotFitError` means the job was planned correctly but exceeds the budget: exit code 1.
 """
 
