@@ -39,12 +39,21 @@ from typing import Any
 
 from gkd.errors import InputError
 from gkd.models import ModelSpec, supports_attention_interface
-from gkd.planner.trace import TracedGraph, TracedNode, spec_key, trace_graph, trace_saved
+from gkd.planner.trace import (
+    TracedGraph,
+    TracedNode,
+    spec_key,
+    trace_graph,
+    trace_saved,
+    trace_saved_in_background,
+)
 
 CAPTURE_METHODS = ("module_output", "module_input", "attention_fn", "attention_module", "lm_head_input")
 LAYER_KINDS = ("hidden", "q", "k", "v", "scores", "probs", "context", "mlp_out")
 ATTENTION_KINDS = ("q", "k", "v", "scores", "probs")
 ATTENTION_PATHS = ("sdpa", "eager")
+# (attention path, full recompute) of every saved-tensor trace the catalogue reads.
+SAVED_VARIANTS = tuple((attention, recompute) for attention in ATTENTION_PATHS for recompute in (False, True))
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "bool": 1}
 
@@ -226,6 +235,8 @@ def build_catalogue(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> TapCa
     key = (spec_key(spec), micro_batch, seq_len)
     if key in _CATALOGUES:
         return _CATALOGUES[key]
+    # The saved-tensor traces do not depend on the exported graph: they run in a forked child meanwhile.
+    trace_saved_in_background(spec, micro_batch=micro_batch, seq_len=seq_len, variants=SAVED_VARIANTS)
     graph = trace_graph(spec, micro_batch=micro_batch, seq_len=seq_len, attn_implementation="eager")
     taps = _locate_taps(spec, graph)
     activations, non_layer = _saved_bytes(spec, micro_batch=micro_batch, seq_len=seq_len)
@@ -252,20 +263,19 @@ def _saved_bytes(
 ) -> tuple[tuple[LayerActivations, ...], dict[str, int]]:
     per_layer: dict[str, int] = {}
     non_layer: dict[str, int] = {}
-    for attention in ATTENTION_PATHS:
-        for recompute in (False, True):
-            trace = trace_saved(
-                spec,
-                micro_batch=micro_batch,
-                seq_len=seq_len,
-                attn_implementation=attention,
-                checkpointing=recompute,
-            )
-            key = f"{attention}_full_recompute" if recompute else attention
-            # Every layer repeats the last traced layer's bytes: layers are identical, and layer 0 (whose
-            # input is the embedding output, not a layer output) saves the same amount (tests check it).
-            per_layer[key] = trace.layer_bytes(trace.traced_layers - 1)
-            non_layer[key] = trace.outside_bytes()
+    for attention, recompute in SAVED_VARIANTS:
+        trace = trace_saved(
+            spec,
+            micro_batch=micro_batch,
+            seq_len=seq_len,
+            attn_implementation=attention,
+            checkpointing=recompute,
+        )
+        key = f"{attention}_full_recompute" if recompute else attention
+        # Every layer repeats the last traced layer's bytes: layers are identical, and layer 0 (whose
+        # input is the embedding output, not a layer output) saves the same amount (tests check it).
+        per_layer[key] = trace.layer_bytes(trace.traced_layers - 1)
+        non_layer[key] = trace.outside_bytes()
     layers = tuple(LayerActivations(layer=i, saved_bytes=dict(per_layer)) for i in range(spec.layers))
     return layers, non_layer
 

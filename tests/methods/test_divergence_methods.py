@@ -55,7 +55,7 @@ def test_two_teachers_weighted():
     assert_rel(case.term("fkl.div"), 0.25 * per[0] + 0.75 * per[1])
 
 
-@pytest.mark.parametrize("name", ["fkl", "jsd", "tvd"])
+@pytest.mark.parametrize("name", ["fkl", "jsd", "tvd", "skew_fkl"])
 def test_backward(name):
     check_backward([name], family="llama")
 
