@@ -10,7 +10,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "device" / "gpu_me
 
 
 def test_dry_run_prints_predictions() -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| tiny-llama")]
     assert len(rows) == 2

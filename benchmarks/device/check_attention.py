@@ -1,9 +1,9 @@
 """GPU check of the attention-relation Triton kernels: correctness against float64, then the benchmark.
 
 1. Loss and student gradients of the compiled Triton kernels against the plain float64 formulas of
-   tests/kernels/test_attention_kernel.py, with the same tolerance table (fp32 and bf16), on odd and larger shapes,
-   with masks, causal, and a = b; each call runs under `torch.cuda.set_sync_debug_mode("error")`, so any
-   host synchronisation inside forward or backward fails the case.
+   tests/kernels/test_attention_kernel.py, with the same tolerance table (fp32 and bf16), on odd and larger
+   shapes, with masks, causal, and a = b; each call runs under `torch.cuda.set_sync_debug_mode("error")`,
+   so any host synchronisation inside forward or backward fails the case.
 2. benchmarks/bench_attention_loss.py on the GPU (fp32 and bf16): peak memory above the inputs and median
    time, gkd vs plain torch.
 

@@ -45,7 +45,6 @@ from gkd.planner.trace import (
     spec_key,
     trace_graph,
     trace_saved,
-    trace_saved_in_background,
 )
 
 CAPTURE_METHODS = ("module_output", "module_input", "attention_fn", "attention_module", "lm_head_input")
@@ -235,8 +234,6 @@ def build_catalogue(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> TapCa
     key = (spec_key(spec), micro_batch, seq_len)
     if key in _CATALOGUES:
         return _CATALOGUES[key]
-    # The saved-tensor traces do not depend on the exported graph: they run in a forked child meanwhile.
-    trace_saved_in_background(spec, micro_batch=micro_batch, seq_len=seq_len, variants=SAVED_VARIANTS)
     graph = trace_graph(spec, micro_batch=micro_batch, seq_len=seq_len, attn_implementation="eager")
     taps = _locate_taps(spec, graph)
     activations, non_layer = _saved_bytes(spec, micro_batch=micro_batch, seq_len=seq_len)

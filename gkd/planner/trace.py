@@ -27,22 +27,21 @@ bytes per element in bf16) where CUDA's fused dropout keeps a 1-byte bool mask; 
 CPU SDPA falls back to the unfused math path (which keeps T x T tensors) where CUDA's flash kernel does not.
 Results are cached per (model, micro-batch, sequence, attention implementation) within the process.
 
-Speed (a cold `gkd inspect` or `gkd plan` is mostly imports and these traces): node stack traces, which the
-export records for debugging only, are switched off while exporting; `trace_saved_in_background` runs the
-saved-tensor traces in a forked child (`gkd.planner.background`) while this process exports the graph, so
-the two use both cores. Both leave every result unchanged.
+Speed: a cold `gkd inspect` or `gkd plan` is mostly imports (torch, torch.export, transformers: about 6 s of
+CPU here) and these traces (about 2 s per model); node stack traces, which the export records for debugging
+only, are switched off while exporting. Running the saved-tensor traces in a forked child alongside the export
+was tried and measured no faster on two cores, so the traces stay in-process and simple.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from gkd.models import ModelSpec, build_model, supports_attention_interface
-from gkd.planner.background import in_background
 
 # Where each architecture keeps its stack of layers.
 LAYER_CONTAINERS: dict[str, str] = {
@@ -214,18 +213,6 @@ def trace_graph(
     return graph
 
 
-def prepare_tracing(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> None:
-    """Check the sizes, and import what tracing `spec` needs (its transformers modeling module, torch.export,
-    fake tensors) in this process, so a forked child does not import it again (imports are most of a cold
-    trace's time)."""
-    _check_sizes(spec, micro_batch, seq_len)
-    import torch.export  # noqa: F401
-    import torch.export._trace  # noqa: F401
-    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
-
-    build_model(spec, device="meta", num_layers=1)
-
-
 def _plain_node(node: Any) -> TracedNode:
     import torch
 
@@ -265,8 +252,6 @@ def _layers(model: Any, container: str) -> Any:
 
 
 _SAVED: dict[tuple[Any, ...], SavedTrace] = {}
-# Keys being traced in a forked child -> a function that waits for the child and fills _SAVED.
-_PENDING: dict[tuple[Any, ...], Callable[[], None]] = {}
 # One fake model per (spec, sizes, depth), reused for every attention path and recompute setting.
 _FAKE_MODELS: dict[tuple[Any, ...], tuple[Any, Any, dict[str, Any]]] = {}
 
@@ -287,8 +272,6 @@ def trace_saved(
     """
     _check_sizes(spec, micro_batch, seq_len)
     key = (spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers, checkpointing)
-    if key in _PENDING:
-        _PENDING[key]()  # a background trace of this key (`trace_saved_in_background`): wait for it
     if key in _SAVED:
         return _SAVED[key]
     mode, model, inputs = _fake_model(spec, micro_batch, seq_len, traced_layers)
@@ -314,63 +297,6 @@ def trace_saved(
     )
     _SAVED[key] = saved
     return saved
-
-
-def trace_saved_in_background(
-    spec: ModelSpec,
-    *,
-    micro_batch: int,
-    seq_len: int,
-    variants: tuple[tuple[str, bool], ...],
-    traced_layers: int = 2,
-) -> None:
-    """Start `trace_saved` for each (attention path, checkpointing) of `variants` in a forked child
-    (`gkd.planner.background`) while this process does other work (the exported graph).
-
-    Nothing is returned: a later `trace_saved` of one of these keys waits for the child and gets the same
-    SavedTrace it would have computed (it computes them here instead when forking is off or the child fails).
-    Sizes are checked here, so bad input raises at once."""
-    prepare_tracing(spec, micro_batch=micro_batch, seq_len=seq_len)
-    keys = {
-        (attention, checkpointing): (
-            spec_key(spec), micro_batch, seq_len, attention, traced_layers, checkpointing
-        )
-        for attention, checkpointing in variants
-    }
-    todo = [v for v, key in keys.items() if key not in _SAVED and key not in _PENDING]
-    if not todo:
-        return
-
-    def trace_all() -> list[SavedTrace]:
-        return [
-            trace_saved(
-                spec,
-                micro_batch=micro_batch,
-                seq_len=seq_len,
-                attn_implementation=attention,
-                traced_layers=traced_layers,
-                checkpointing=checkpointing,
-            )
-            for attention, checkpointing in todo
-        ]
-
-    job = in_background(trace_all)
-    done: list[bool] = []
-
-    def finish() -> None:
-        if done:
-            return
-        done.append(True)
-        try:
-            traces = job()
-        finally:
-            for v in todo:
-                _PENDING.pop(keys[v], None)
-        for v, trace in zip(todo, traces, strict=True):
-            _SAVED[keys[v]] = trace
-
-    for v in todo:
-        _PENDING[keys[v]] = finish
 
 
 def _fake_model(spec: ModelSpec, micro_batch: int, seq_len: int, traced_layers: int) -> tuple[Any, Any, Any]:
