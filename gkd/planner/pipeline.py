@@ -184,13 +184,29 @@ def load_spec(ref: str) -> Any:
     return ModelSpec(**{**data, "name": name})
 
 
+def _chain_message(chain: tuple[Any, ...]) -> str:
+    """A chained method (TAKD) is several training runs, one after another: one plan each."""
+    runs = [
+        f"`gkd plan --teacher {link.teacher.name} --student {link.student.name} "
+        f"--methods {','.join(m['name'] for m in link.methods)}`"
+        for link in chain
+    ]
+    return (
+        f"takd is a chain of {len(chain)} separate runs, each planned on its own: "
+        + ", then ".join(runs)
+    )
+
+
 def load_methods(config: Config, teachers: list[Any], student: Any) -> MethodsView:
     entries = [m.to_entry() for m in config.methods]
 
     def compute() -> dict[str, Any]:
         from gkd.methods import resolve
 
-        return MethodsView.from_resolved(resolve(entries, teachers, student)).to_dict()
+        resolved = resolve(entries, teachers, student)
+        if resolved.chain:
+            raise InputError(_chain_message(resolved.chain))
+        return MethodsView.from_resolved(resolved).to_dict()
 
     key = {
         "methods": entries,
@@ -198,7 +214,9 @@ def load_methods(config: Config, teachers: list[Any], student: Any) -> MethodsVi
         "student": student.hf_config,
         "names": [t.name for t in teachers] + [student.name],
     }
-    return MethodsView.from_dict(_cached("methods", key, ("methods/*.py", "models.py"), compute))
+    return MethodsView.from_dict(
+        _cached("methods", key, ("methods/*.py", "models.py", "planner/pipeline.py"), compute)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -119,3 +119,20 @@ def test_bad_input_exits_2_with_one_line(cfg, args, fragment):
 def test_missing_config_file_exits_2(tmp_path):
     r = run(tmp_path / "nope.yaml")
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_takd_chain_asks_for_one_plan_per_link(cfg, tmp_path):
+    """A chained method is several runs; planning them as one job would describe the wrong models."""
+    path = tmp_path / "takd.yaml"
+    path.write_text(
+        TINY.replace(
+            "methods: [kd, minilmv2]",
+            "methods: [{name: takd, options: {assistants: [tiny-gpt2-teacher], link_methods: [kd]}}]",
+        )
+    )
+    r = run(path)
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1, r.output
+    assert "--teacher tiny-llama-teacher --student tiny-gpt2-teacher" in lines[0]
+    assert "--teacher tiny-gpt2-teacher --student tiny-llama-student" in lines[0]
