@@ -146,7 +146,7 @@ def _cached(
         try:
             return json.loads(path.read_text())
         except ValueError:
-            pass
+            pass  # a truncated or corrupt entry is simply recomputed
     value = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def _cached(
         tmp.write_text(json.dumps(value, default=str))
         tmp.replace(path)
     except OSError:
-        pass
+        pass  # an unwritable cache folder costs only speed, never correctness
     return value
 
 
