@@ -6,9 +6,15 @@ micro-batch 1 from the tap catalogue (`gkd.planner.taps`, built on the traced FX
 for backward on each attention path, what a recomputed layer keeps, the no-grad working set (networkx liveness
 over the exported graph), the backward working set, and every tap's bytes.
 
+One trace per model serves every sequence length: the activation bytes are exact polynomials in the sequence
+length, derived from traces at two probe lengths (`ActivationPolys`, see gkd.planner.probe), so planning the
+same model at another length, or re-planning shorter lengths when a job does not fit, traces nothing. Where
+probes cannot stand in for the requested length (a model with too few positions, or traces that differ in
+more than the length), the model is traced at that length itself (`activation_facts`).
+
 Facts need torch (a meta-device build and traces), so they are cached on disk (`GKD_CACHE_DIR`, default
-~/.cache/gkd), keyed by the model's config, the sequence length and a fingerprint of the sources that compute
-them (FACTS_SOURCES); with a warm cache `gkd plan` imports no torch.
+~/.cache/gkd), keyed by the model's config, the probe regime (or the length) and a fingerprint of the sources
+that compute them (FACTS_SOURCES); with a warm cache `gkd plan` imports no torch.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-FACTS_VERSION = 1
+from gkd.planner.probe import Poly
+
+FACTS_VERSION = 2
 ATTENTION_PATHS = ("sdpa", "eager")
 
 
@@ -65,7 +73,7 @@ class ModelFacts:
 # Facts and their cache
 
 
-FACTS_SOURCES = ("models.py", "planner/trace.py", "planner/taps.py", "planner/facts.py")
+FACTS_SOURCES = ("models.py", "planner/trace.py", "planner/taps.py", "planner/facts.py", "planner/probe.py")
 
 
 def source_fingerprint(patterns: tuple[str, ...]) -> str:
@@ -84,13 +92,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GKD_CACHE_DIR") or Path.home() / ".cache" / "gkd")
 
 
-def _facts_key(spec: Any, seq_len: int, persistence_threshold: int) -> str:
+def _facts_key(spec: Any, regime: str, persistence_threshold: int) -> str:
     payload = json.dumps(
         {
             "v": FACTS_VERSION,
             "hf": spec.hf_config,
             "dtype": spec.dtype,
-            "seq": seq_len,
+            "regime": regime,
             "persist": persistence_threshold,
             "src": source_fingerprint(FACTS_SOURCES),
         },
@@ -100,30 +108,91 @@ def _facts_key(spec: Any, seq_len: int, persistence_threshold: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def model_facts(
-    spec: Any, *, seq_len: int, persistence_threshold: int = 100_000, use_cache: bool = True
-) -> ModelFacts:
-    """Facts for `spec` at `seq_len`, from the disk cache or computed (needs torch)."""
+def _entry(
+    spec: Any, regime: str, persistence_threshold: int, compute: Any, use_cache: bool
+) -> dict[str, Any]:
+    """A model's cached facts entry for one regime (a probe regime, or "seq-N" for one length)."""
     path = (
         cache_dir()
         / "facts"
-        / f"{spec.name.replace('/', '_')}-{_facts_key(spec, seq_len, persistence_threshold)}.json"
+        / f"{spec.name.replace('/', '_')}-{_facts_key(spec, regime, persistence_threshold)}.json"
     )
     if use_cache and path.is_file():
         try:
-            return ModelFacts.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and "params" in data:
+                return data
+        except ValueError:
             pass  # a stale or partial cache entry: recompute it
-    facts = compute_facts(spec, seq_len=seq_len, persistence_threshold=persistence_threshold)
+    data = compute()
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(facts.to_dict()))
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data))
             tmp.replace(path)
         except OSError:
             pass  # a read-only home: plan without the cache
-    return facts
+    return data
+
+
+def model_facts(
+    spec: Any, *, seq_len: int, persistence_threshold: int = 100_000, use_cache: bool = True
+) -> ModelFacts:
+    """Facts for `spec` at `seq_len`: from activation polynomials traced once per model at two probe lengths
+    (gkd.planner.probe), or, where probes cannot stand in for `seq_len`, from traces at `seq_len` itself.
+    Both come from the disk cache when there (computing them needs torch)."""
+    from gkd.planner.probe import probe_lengths
+
+    probes = probe_lengths(spec, seq_len)
+    if probes is not None:
+        entry = _entry(
+            spec,
+            probes[0],
+            persistence_threshold,
+            lambda: _probe_entry(spec, probes, persistence_threshold),
+            use_cache,
+        )
+        if "polys" in entry:
+            polys = ActivationPolys.from_dict(entry["polys"])
+            return _facts(spec, seq_len, entry["params"], polys.at(seq_len))
+    entry = _entry(
+        spec,
+        f"seq-{seq_len}",
+        persistence_threshold,
+        lambda: {
+            "params": parameter_facts(spec, persistence_threshold=persistence_threshold),
+            "activations": activation_facts(spec, seq_len=seq_len),
+        },
+        use_cache,
+    )
+    return _facts(spec, seq_len, entry["params"], entry["activations"])
+
+
+def _probe_entry(spec: Any, probes: tuple[str, int, int], persistence_threshold: int) -> dict[str, Any]:
+    from gkd.planner.probe import ProbeMismatch
+
+    params = parameter_facts(spec, persistence_threshold=persistence_threshold)
+    try:
+        return {"params": params, "polys": activation_polys(spec, probes).to_dict()}
+    except ProbeMismatch as exc:
+        return {"params": params, "mismatch": str(exc)}
+
+
+def _facts(spec: Any, seq_len: int, params: dict[str, int], activations: dict[str, Any]) -> ModelFacts:
+    act = dict(activations)
+    act["saved_kinds"] = {k: tuple(v) for k, v in act["saved_kinds"].items()}
+    return ModelFacts(
+        name=spec.name,
+        layers=spec.layers,
+        hidden=spec.hidden,
+        heads=spec.heads,
+        vocab=spec.vocab,
+        tied_embeddings=spec.tied_embeddings,
+        seq_len=seq_len,
+        **params,
+        **act,
+    )
 
 
 def parameter_facts(spec: Any, *, persistence_threshold: int = 100_000) -> dict[str, int]:
@@ -166,113 +235,25 @@ def parameter_facts(spec: Any, *, persistence_threshold: int = 100_000) -> dict[
 
 
 def compute_facts(spec: Any, *, seq_len: int, persistence_threshold: int = 100_000) -> ModelFacts:
-    """Parameter facts from meta builds and activation facts from the tap catalogue (`activation_facts`)."""
+    """Facts at `seq_len` traced at `seq_len` itself (no probes, no cache): the reference the probe
+    polynomials are tested against."""
     params = parameter_facts(spec, persistence_threshold=persistence_threshold)
-    act = activation_facts(spec, seq_len=seq_len)
-    return ModelFacts(
-        name=spec.name,
-        layers=spec.layers,
-        hidden=spec.hidden,
-        heads=spec.heads,
-        vocab=spec.vocab,
-        tied_embeddings=spec.tied_embeddings,
-        seq_len=seq_len,
-        **params,
-        **act,
-    )
+    return _facts(spec, seq_len, params, activation_facts(spec, seq_len=seq_len))
 
 
-_DTYPE_BYTES = {
-    "bfloat16": 2,
-    "float16": 2,
-    "float32": 4,
-    "float64": 8,
-    "int64": 8,
-    "int32": 4,
-    "bool": 1,
-    "int8": 1,
-    "uint8": 1,
-}
-# aten ops whose output shares its input's storage (a view keeps its base alive, and costs nothing itself).
-_VIEW_OPS = (
-    "view",
-    "_unsafe_view",
-    "transpose",
-    "permute",
-    "expand",
-    "slice",
-    "select",
-    "unsqueeze",
-    "squeeze",
-    "alias",
-    "split",
-    "unflatten",
-    "as_strided",
-    "t.default",
-    "unbind",
-    "chunk",
-    "narrow",
-    "detach",
-    "_reshape_alias",
-    "movedim",
-)
+# ----------------------------------------------------------------------------------------------------------
+# Activation bytes
 
 
-def _is_view(target: str) -> bool:
-    op = target.removeprefix("aten.").split(".")[0]
-    return any(op == v or op == v.split(".")[0] for v in _VIEW_OPS) or target.endswith("t.default")
-
-
-def layer_workspace(graph: Any, layer: int = 0) -> int:
-    """Peak bytes live inside one layer's no-grad forward: networkx liveness over the traced graph.
-
-    Nodes run by the layer allocate their output (views allocate nothing and keep their base alive); a storage
-    is freed after its last reader. The layer's input and parameters are not counted (the input is the hidden
-    stream the schedule counts; parameters are resident)."""
-    import networkx as nx
-
-    prefix = graph.layer_path(layer)
-    g = nx.DiGraph()
-    order = {n.name: i for i, n in enumerate(graph.nodes)}
-    for n in graph.nodes:
-        g.add_node(n.name)
-        for src in n.inputs:
-            g.add_edge(src, n.name)
-    inside = [
-        n
-        for n in graph.nodes
-        if n.op == "call_function" and (n.module_path == prefix or n.module_path.startswith(prefix + "."))
-    ]
-    base: dict[str, str] = {}
-    size: dict[str, int] = {}
-    for n in inside:
-        if n.shape is None or n.dtype is None:
-            continue
-        if _is_view(n.target) and n.inputs and n.inputs[0] in base:
-            base[n.name] = base[n.inputs[0]]
-            continue
-        base[n.name] = n.name
-        elements = 1
-        for d in n.shape:
-            elements *= d
-        size[n.name] = elements * _DTYPE_BYTES.get(n.dtype, 4)
-    last: dict[str, int] = {}
-    for name, root in base.items():
-        users = [order[u] for u in g.successors(name)]
-        last[root] = max([last.get(root, order[name]), order[name], *users])
-    events: list[tuple[int, int]] = []
-    for root, nbytes in size.items():
-        events.append((order[root], nbytes))
-        events.append((last[root] + 1, -nbytes))
-    peak = live = 0
-    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
-        live += delta
-        peak = max(peak, live)
-    return peak
+def _saved_kinds(trace: Any, tap_shape: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """Tap kinds whose tensor the last traced layer saves anyway (a saved storage of the tap's shape)."""
+    last = trace.traced_layers - 1
+    shapes = {t.shape for t in trace.tensors if t.owner == "layer" and t.layer == last}
+    return tuple(k for k in ("q", "k", "v", "probs", "context") if k in tap_shape and tap_shape[k] in shapes)
 
 
 def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
-    """Per-layer activation bytes at micro-batch 1 from the tap catalogue (gkd.planner.taps).
+    """Per-layer activation bytes at micro-batch 1 and `seq_len`, traced at that length.
 
     saved / checkpoint: the catalogue's saved-for-backward bytes of one layer, without and with recompute.
     forward_workspace: liveness over the exported graph of one layer (the no-grad forward's peak).
@@ -282,6 +263,7 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
     saves anyway (a saved storage of the tap's shape), so a recomputed layer that keeps them for a loss adds
     nothing.
     """
+    from gkd.planner.probe import peak, workspace_polys
     from gkd.planner.taps import build_catalogue
     from gkd.planner.trace import trace_graph, trace_saved
 
@@ -300,14 +282,10 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
     saved_kinds: dict[str, tuple[str, ...]] = {}
     for attention in ATTENTION_PATHS:
         graph = trace_graph(spec, micro_batch=1, seq_len=seq_len, attn_implementation=attention)
-        forward_ws[attention] = layer_workspace(graph, 0)
+        forward_ws[attention] = peak(workspace_polys(graph, 0), seq_len)
         backward_ws[attention] = forward_ws[attention] + tap_bytes.get("hidden", 0)
         trace = trace_saved(spec, micro_batch=1, seq_len=seq_len, attn_implementation=attention)
-        last = trace.traced_layers - 1
-        shapes = {t.shape for t in trace.tensors if t.owner == "layer" and t.layer == last}
-        saved_kinds[attention] = tuple(
-            k for k in ("q", "k", "v", "probs", "context") if k in tap_shape and tap_shape[k] in shapes
-        )
+        saved_kinds[attention] = _saved_kinds(trace, tap_shape)
     return {
         "saved": saved,
         "checkpoint": checkpoint,
@@ -316,5 +294,118 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
         "embed_saved": cat.non_layer_saved_bytes["sdpa"],
         "tap_bytes": tap_bytes,
         "saved_kinds": saved_kinds,
-        "source": "gkd.planner.taps catalogue (traced saved storages) + graph liveness (networkx)",
+        "source": f"traced at sequence {seq_len}: saved storages (fake tensors) + graph liveness (networkx)",
     }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationPolys:
+    """A model's per-layer activation bytes at micro-batch 1 as exact polynomials in the sequence length
+    (gkd.planner.probe), from traces at two probe lengths; `at(T)` gives what `activation_facts` would."""
+
+    regime: str
+    probes: tuple[int, int]
+    saved: dict[str, Poly]  # attention path -> a layer's saved bytes, no recompute
+    recomputed: dict[str, Poly]  # attention path -> a layer's saved bytes under full recompute
+    forward_workspace: dict[str, tuple[Poly, ...]]  # attention path -> candidates of probe.peak
+    embed_saved: Poly
+    tap_bytes: dict[str, Poly]
+    saved_kinds: dict[str, tuple[str, ...]]
+
+    def at(self, seq_len: int) -> dict[str, Any]:
+        from gkd.planner.probe import evaluate, peak
+
+        saved = {a: evaluate(p, seq_len) for a, p in self.saved.items()}
+        taps = {k: evaluate(p, seq_len) for k, p in self.tap_bytes.items()}
+        forward = {a: peak(ps, seq_len) for a, ps in self.forward_workspace.items()}
+        t1, t2 = self.probes
+        return {
+            "saved": saved,
+            "checkpoint": min(evaluate(self.recomputed["sdpa"], seq_len), saved["sdpa"]),
+            "forward_workspace": forward,
+            "backward_workspace": {a: w + taps.get("hidden", 0) for a, w in forward.items()},
+            "embed_saved": evaluate(self.embed_saved, seq_len),
+            "tap_bytes": taps,
+            "saved_kinds": dict(self.saved_kinds),
+            "source": f"polynomials in T from traces at probe lengths {t1} and {t2} ({self.regime}): "
+            "saved storages (fake tensors) + graph liveness (networkx)",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ActivationPolys:
+        def poly(p: Any) -> Poly:
+            return (int(p[0]), int(p[1]), int(p[2]))
+
+        return cls(
+            regime=d["regime"],
+            probes=(int(d["probes"][0]), int(d["probes"][1])),
+            saved={k: poly(v) for k, v in d["saved"].items()},
+            recomputed={k: poly(v) for k, v in d["recomputed"].items()},
+            forward_workspace={k: tuple(poly(p) for p in v) for k, v in d["forward_workspace"].items()},
+            embed_saved=poly(d["embed_saved"]),
+            tap_bytes={k: poly(v) for k, v in d["tap_bytes"].items()},
+            saved_kinds={k: tuple(v) for k, v in d["saved_kinds"].items()},
+        )
+
+
+def _dims_poly(dims: tuple[str | int, ...], dtype: str) -> Poly:
+    """Bytes of a tap with symbolic `dims` at micro-batch 1, as a polynomial in T."""
+    from gkd.planner.probe import monomial
+    from gkd.planner.taps import _itemsize
+
+    fixed = _itemsize(dtype)
+    for d in dims:
+        if d not in ("B", "T"):
+            fixed *= int(d)
+    return monomial(fixed, sum(1 for d in dims if d == "T"))
+
+
+def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys:
+    """Trace `spec` at the probe lengths T1 > T2 and express its activation bytes as polynomials in T.
+    Raises probe.ProbeMismatch where the two traces differ in more than the sequence length."""
+    from gkd.planner.probe import saved_polys, workspace_polys
+    from gkd.planner.taps import SAVED_VARIANTS, build_catalogue
+    from gkd.planner.trace import trace_graph, trace_saved
+
+    regime, t1, t2 = probes
+    cat = build_catalogue(spec, micro_batch=1, seq_len=t1)
+    tap_bytes: dict[str, Poly] = {}
+    tap_shape: dict[str, tuple[int, ...]] = {}
+    for tap in cat.taps:
+        if tap.kind not in tap_bytes:
+            tap_bytes[tap.kind] = _dims_poly(tap.dims, tap.dtype)
+            tap_shape[tap.kind] = tuple(tap.shape)
+    saved: dict[str, Poly] = {}
+    recomputed: dict[str, Poly] = {}
+    embed: Poly = (0, 0, 0)
+    for attention, recompute in SAVED_VARIANTS:
+        first, second = (
+            trace_saved(
+                spec, micro_batch=1, seq_len=t, attn_implementation=attention, checkpointing=recompute
+            )
+            for t in (t1, t2)
+        )
+        polys = saved_polys(first, second)
+        (recomputed if recompute else saved)[attention] = polys.layer
+        if (attention, recompute) == ("sdpa", False):
+            embed = polys.outside
+    forward: dict[str, tuple[Poly, ...]] = {}
+    saved_kinds: dict[str, tuple[str, ...]] = {}
+    for attention in ATTENTION_PATHS:
+        graph = trace_graph(spec, micro_batch=1, seq_len=t1, attn_implementation=attention)
+        forward[attention] = workspace_polys(graph, 0)
+        trace = trace_saved(spec, micro_batch=1, seq_len=t1, attn_implementation=attention)
+        saved_kinds[attention] = _saved_kinds(trace, tap_shape)
+    return ActivationPolys(
+        regime=regime,
+        probes=(t1, t2),
+        saved=saved,
+        recomputed=recomputed,
+        forward_workspace=forward,
+        embed_saved=embed,
+        tap_bytes=tap_bytes,
+        saved_kinds=saved_kinds,
+    )

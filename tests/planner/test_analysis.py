@@ -10,8 +10,8 @@ from _planner_synth import facts, kd_minilm
 
 from gkd.config import Config, HardwareConfig, Overrides, TrainingConfig
 from gkd.planner.analysis import CHUNK_ELEMENTS, build_workload
-from gkd.planner.facts import layer_workspace
 from gkd.planner.plan import Strategy
+from gkd.planner.probe import peak, workspace_polys
 from gkd.planner.trace import TracedGraph, TracedNode
 
 
@@ -19,6 +19,10 @@ def node(name, target, shape, inputs=(), path="model.layers.0", op="call_functio
     return TracedNode(
         name=name, op=op, target=target, shape=shape, dtype=dtype, module_path=path, inputs=tuple(inputs)
     )
+
+
+def layer_workspace(g, layer=0):
+    return peak(workspace_polys(g, layer), g.seq_len)
 
 
 def graph(nodes):
