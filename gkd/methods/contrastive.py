@@ -15,12 +15,28 @@ in [0, 1]) distance to the teacher's representations of the other samples is pus
 the mean of L_CN(i) over the batch; the COS-NCE loss is the sum over the layer pairs (intermediate pairs plus
 `final`). A batch needs at least 2 samples.
 
+Provenance. The paper's method section (arXiv 2012.07335) was not available to check against; the formula
+above is the one the reference system implements (aitsc/GLMKD, distill/distill_model.py, class `LRC_BERT`):
+g = 1 - cos averaged over positions, `1 - (sum_{j != i} g_ij) / (B - 1) / 2 + g_ii` per sample, averaged over
+the batch, the other samples of the batch as negatives, a bias-free Linear(Ds -> Dt) on the student side, the
+student's layers 1..Ls-1 against the uniformly mapped teacher layers plus the final states. Three choices
+differ from that code, on purpose: (1) it concatenates the layers and averages the cosine over layers and
+positions at once, then multiplies the loss by the number of layers; because L_CN is linear in g this equals
+the sum of the per-layer losses used here whenever the masks are full; (2) it averages over padding positions
+too, which here never count; (3) its negative sum subtracts the positive term B times (`st_g_diag *
+st_g.size(0)`) instead of once, a slip that is not reproduced. Its `--lrc_bert_gather_dp` (negatives gathered
+across data-parallel ranks) has no counterpart: the negatives are the other samples of the micro-batch, so
+small micro-batches, gradient accumulation and data parallelism all mean fewer negatives.
+
 Gradient perturbation (hook op `lrc_gradient_perturbation`): each step first runs a clean student forward and
 takes the gradient g = dL/de of its full loss L with respect to the embedding output e (the input of layer 0);
 no parameter receives that gradient. The main forward then runs on e' = e + g / ||g||_2, the norm taken over
 the hidden dimension of each token (zero-gradient positions such as padding stay unchanged); its loss is the
-step's loss. Stages: plain pretraining without the teacher (selected with `stage: pretrain`; no perturbation),
-contrastive finetuning (COS-NCE only), then COS-NCE + soft KL(T=1.1) x T^2 + 3 x hard.
+step's loss. This is the reference system's recipe (`--lrc_bert_gard_perturb --ignore_first_backward_gard
+--forward_repeat_num=1`: the clean pass's parameter gradients are discarded; F.normalize(grad, p=2, dim=-1) of
+the embedding output is added in the second pass, skipped when the gradient has an inf or NaN). Stages: plain
+pretraining without the teacher (selected with `stage: pretrain`; no perturbation), contrastive finetuning
+(COS-NCE only), then COS-NCE + soft KL(T=1.1) x T^2 + 3 x hard.
 
 DIITO. Pass 1: soft KL x T^2 at T = 2, the MLM / causal-LM loss, and the cosine embedding loss between final
 hidden states of real tokens (0.25 each; DistilBERT's triple). Pass 2, an interchange intervention (hook op

@@ -27,7 +27,7 @@ numerators here exclude padding and out-of-sequence window positions explicitly 
 window indices at the sequence edges). Stages: plain pretraining of the student (its own run), then
 finetuning.
 
-MGSKD (multi-grained structural KD). Layers m < `lower_layers` (3) get token- and span-level losses, the
+MGSKD (multi-grained structural KD). Layers m < `lower_layers` (2) get token- and span-level losses, the
 others a sample-level loss; weights token 1, span 1, sample 4. For reps X (B, T, D) with R relation heads
 (64; must divide both widths):
 
@@ -36,13 +36,30 @@ others a sample-level loss; weights token 1, span 1, sample 4. For reps X (B, T,
 - triplet angles on the full states: the teacher's attention A = softmax(P) (rows and keys over real
   positions) picks the k1 = 20 positions that receive the most attention (summed over heads and rows) as
   anchors a, and for each anchor its k2 = 20 most attended other positions; for neighbours j != k of anchor
-  a (all real, != a) the angle <(x_a - x_j)/||.||, (x_a - x_k)/||.||>; smooth-L1 averaged over those
-  triplets. The same indices are used for the student. The token loss is pair + triplet on the token states;
-- span level: the same loss on span states, the masked mean of consecutive windows of `span_size` tokens
-  (the paper's spans are phrases from a chunker; without one, fixed windows stand in for them); a span is
-  real when it holds a real token;
+  a (all real, != a) the angle <(x_a - x_j)/||.||, (x_a - x_k)/||.||>; smooth-L1 summed over those
+  triplets and divided by their number. The same indices are used for the student. The token loss is
+  pair + triplet on the token states;
+- span level: the same loss on span states, the masked mean of the real tokens of each span; a span is
+  real when it holds a real token. `spans: window` (default) cuts every sequence into consecutive windows of
+  `span_size` (3) tokens; `spans: random` cuts it, at each step, into max(1, int(`span_fraction` * T))
+  contiguous non-empty spans at random cut points (the same cut for the whole batch, seeded by `seed` and
+  the step);
 - sample level: each sample's masked mean state, split into R heads, angles over sample triplets
   <(v_j - v_i)/||.||, (v_k - v_i)/||.||>, smooth-L1 averaged over all R * B^3 entries.
+
+Provenance. The formulas above are those of the authors' code (github.com/LC97-pku/MGSKD, src/loss.py, as
+vendored in the reference system at aitsc/GLMKD distill/cite/mgskd.py: `TokenPhraseLoss`, `SampleLoss`,
+`MGSKDLoss(n_relation_heads=64, k1=20, k2=20, M=2, weights=(4., 1., 1.))`); `lower_layers` is their M (the
+reference system's recipe passes 3). Spans: the authors' loss takes phrase positions (start, end) that come
+with the data, prepared offline (the loss code does not show how; the paper text was not available to check
+whether it names a chunker or parser); a phrase state is the mean of its tokens, tokens outside every phrase
+are left out, and samples with fewer than 3 phrases are skipped. There is no parser-free equivalent in their
+code. gkd has no chunker, so spans are cut from the positions alone: the fixed windows by default, or random
+contiguous spans (`spans: random`, `span_fraction` 0.4), as the reference system does
+(`--mgskd_span_max_rate=0.4`; it draws the span lengths from |N(0, 1)| and averages over padding too, here the
+cut points are uniform and padding never counts). Deviations from the authors' code, all at degenerate points:
+their triplets also drop an angle that is exactly 0, and their triplet denominator counts the student's
+non-zero angles; here only the index conditions above apply.
 
 Stages: intermediate-layer finetuning (the three structural terms), then prediction-layer finetuning (KL at
 T = 1); the student usually starts from a TinyBERT general-distillation checkpoint. Half the steps each when
@@ -52,6 +69,8 @@ the stages follow by progress; select one with `stage`.
 from __future__ import annotations
 
 import math
+import random
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -265,16 +284,35 @@ def structure_loss(s: Tensor, t: Tensor, mask: Tensor, heads: int, k1: int, k2: 
     return pair_loss + triplet
 
 
-def span_states(x: Tensor, mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Masked means of consecutive windows of `size` positions, and which spans hold a real token."""
-    if size < 1:
-        raise InputError(f"mgskd span_size must be >= 1, got {size}")
-    b, n, d = x.shape
-    spans = -(-n // size)
-    pad = spans * size - n
+def span_bounds(options: dict[str, Any], length: int, step: int) -> list[tuple[int, int]]:
+    """The spans [start, end) that partition positions 0..length-1 (see the module docstring, `spans`)."""
+    mode = options.get("spans", "window")
+    if mode == "window":
+        size = int(options["span_size"])
+        if size < 1:
+            raise InputError(f"mgskd span_size must be >= 1, got {size}")
+        return [(i, min(i + size, length)) for i in range(0, length, size)]
+    if mode == "random":
+        rate = float(options["span_fraction"])
+        if not 0.0 < rate <= 1.0:
+            raise InputError(f"mgskd span_fraction must be in (0, 1], got {rate}")
+        count = min(max(1, int(rate * length)), length)
+        rng = random.Random(int(options.get("seed", 0)) * 1_000_003 + int(step))
+        cuts = sorted(rng.sample(range(1, length), count - 1))
+        edges = [0, *cuts, length]
+        return list(zip(edges[:-1], edges[1:], strict=True))
+    raise InputError(f"mgskd spans must be 'window' or 'random', got {mode!r}")
+
+
+def span_states(x: Tensor, mask: Tensor, bounds: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """Masked means of the positions of each span [start, end), and which spans hold a real token."""
+    n = x.shape[1]
+    member = torch.zeros(len(bounds), n, dtype=x.dtype, device=x.device)
+    for i, (start, end) in enumerate(bounds):
+        member[i, start:end] = 1.0
     m = mask.to(x.dtype)
-    xs = F.pad(x * m[..., None], (0, 0, 0, pad)).view(b, spans, size, d).sum(2)
-    counts = F.pad(m, (0, pad)).view(b, spans, size).sum(2)
+    xs = torch.einsum("sp,bpd->bsd", member, x * m[..., None])
+    counts = m @ member.T  # (B, spans)
     return xs / counts.clamp(min=1.0)[..., None], counts > 0
 
 
@@ -319,9 +357,10 @@ def mgskd_span(ctx: LossContext) -> Tensor:
     o = ctx.options
     mask = stacked_layers(ctx)[2]
     losses = []
+    bounds = span_bounds(o, mask.shape[1], ctx.step)
     for s, t in _mgskd_layers(ctx, lower=True):
-        s_span, span_mask = span_states(s, mask, int(o["span_size"]))
-        t_span, _ = span_states(t, mask, int(o["span_size"]))
+        s_span, span_mask = span_states(s, mask, bounds)
+        t_span, _ = span_states(t, mask, bounds)
         losses.append(
             structure_loss(s_span, t_span, span_mask, int(o["relation_heads"]), int(o["k1"]), int(o["k2"]))
         )
@@ -432,8 +471,11 @@ MGSKD = register(
             OptionSpec(name="relation_heads", default=64, doc="relation heads R (must divide both widths)"),
             OptionSpec(name="k1", default=20, doc="anchor positions of the triplet angles"),
             OptionSpec(name="k2", default=20, doc="neighbours per anchor of the triplet angles"),
-            OptionSpec(name="lower_layers", default=3, doc="stacked layers below this get token/span losses"),
-            OptionSpec(name="span_size", default=3, doc="tokens per span (consecutive windows)"),
+            OptionSpec(name="lower_layers", default=2, doc="stacked layers below this get token/span losses"),
+            OptionSpec(name="spans", default="window", doc="how spans are cut: window or random"),
+            OptionSpec(name="span_size", default=3, doc="tokens per span (spans: window)"),
+            OptionSpec(name="span_fraction", default=0.4, doc="spans per token (spans: random)"),
+            OptionSpec(name="seed", default=0, doc="seed of the per-step random spans (spans: random)"),
             OptionSpec(name="token_rate", default=1.0, doc="weight of the token-level loss"),
             OptionSpec(name="span_rate", default=1.0, doc="weight of the span-level loss"),
             OptionSpec(name="sample_rate", default=4.0, doc="weight of the sample-level loss"),

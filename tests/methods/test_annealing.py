@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from method_checks import assert_rel, check_backward, model_specs, run_formula
 
+from gkd.errors import InputError
 from gkd.methods import resolve
 from gkd.methods.annealing import anneal_schedule
 
@@ -112,6 +113,24 @@ def test_continuation_formula_and_schedule():
     )
     d = case.student["logits"] - case.teachers[0]["logits"] / 10
     assert 0 < (d.abs() <= margin).float().mean() < 1
+
+
+def test_continuation_hinge_margin_mode():
+    """The alternative reading of the margin: only the part of |z_s - phi z_t| beyond the margin counts."""
+    total, tau, margin = 12, 4, 0.8
+    for step in (0, 9):
+        options = {"max_temperature": tau, "margin": margin, "margin_mode": "hinge"}
+        case = run_formula([{"name": "continuation_kd", "options": options}], step=step, total_steps=total)
+        psi = 0.0 if step / total < 0.666 else min((step / total) / 1.333, 1.0)
+        phi = reference_phi(step, total, tau)
+        d = case.student["logits"] - phi * case.teachers[0]["logits"]
+        hinge = torch.clamp(d.abs() - margin, min=0.0) ** 2
+        assert_rel(case.term("continuation_kd.kd"), (1 - psi) * hinge.mean(-1)[case.mask].mean())
+        _, masked = continuation_reference(case, step, total, margin, tau)
+        # a different loss from the default mask reading
+        assert abs(float(case.term("continuation_kd.kd")) - (1 - psi) * float(masked)) > 1e-3
+    with pytest.raises(InputError, match="margin_mode"):
+        run_formula([{"name": "continuation_kd", "options": {"margin_mode": "relu"}}], step=0, total_steps=4)
 
 
 def test_continuation_psi_values():

@@ -65,6 +65,28 @@ def test_lrc_cos_nce_formula(family):
     assert set(case.out.terms) == {"lrc_bert.cos_nce"}
 
 
+def test_lrc_cos_nce_equals_the_layer_concatenated_form():
+    """The reference system's form: all layer pairs concatenated along the positions, one g per sample pair
+    (cosine averaged over layers and positions), L_CN once, times the number of layers. Without padding it
+    equals the per-layer sum (L_CN is linear in g)."""
+    case = run_formula([{"name": "lrc_bert", "options": {"stage": "contrastive"}}], batch=4, seq=5, pad=False)
+    extras = case.loss.extras["lrc_bert"]
+    pairs = case.resolved.methods[0].pairs["hidden"][0]
+    s_layers = [case.student[f"hidden[{sd}]"] @ extras["proj"][n].weight.T for n, (sd, _) in enumerate(pairs)]
+    t_layers = [case.teachers[0][f"hidden[{td}]"] for _, td in pairs]
+    s_layers.append(case.student["final"] @ extras["proj_final"].weight.T)
+    t_layers.append(case.teachers[0]["final"])
+    s_cat, t_cat = torch.cat(s_layers, dim=1), torch.cat(t_layers, dim=1)  # (B, layers * T, D)
+    b = s_cat.shape[0]
+    g = torch.empty(b, b, dtype=torch.float64)
+    for i in range(b):
+        for j in range(b):
+            g[i, j] = 1 - torch.nn.functional.cosine_similarity(s_cat[i], t_cat[j], dim=-1).mean()
+    per_sample = 1 - (g.sum(1) - g.diagonal()) / (b - 1) / 2 + g.diagonal()
+    assert len(s_layers) == 2
+    assert_rel(case.term("lrc_bert.cos_nce"), per_sample.mean() * len(s_layers))
+
+
 def test_lrc_full_stage_adds_soft_kl_and_3x_hard():
     case = run_formula([{"name": "lrc_bert", "options": {"stage": "full"}}], batch=3)
     s, t = case.student["logits"], case.teachers[0]["logits"]

@@ -9,7 +9,9 @@ import pytest
 import torch
 from method_checks import assert_rel, check_backward, check_combination, model_specs, run_formula
 
+from gkd.errors import InputError
 from gkd.methods import resolve
+from gkd.methods.structure import span_bounds
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
@@ -155,13 +157,16 @@ def ref_structure(s, t, mask, heads, k1, k2):
     return pair + tri / max(n_tri, 1)
 
 
-def ref_spans(x, mask, size):
+def ref_spans(x, mask, size=None, bounds=None):
+    """Span states: masked means of consecutive windows of `size` positions, or of the spans `bounds`."""
     bsz, n, _ = x.shape
+    if bounds is None:
+        bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
     reps, ok = [], []
     for b in range(bsz):
         row, row_ok = [], []
-        for start in range(0, n, size):
-            members = [i for i in range(start, min(start + size, n)) if mask[b, i]]
+        for start, end in bounds:
+            members = [i for i in range(start, end) if mask[b, i]]
             row.append(
                 torch.stack([x[b, i] for i in members]).mean(0) if members else torch.zeros_like(x[b, 0])
             )
@@ -207,14 +212,38 @@ def test_mgskd_formula(k1, k2, family):
     assert_rel(case.term("mgskd.sample"), 4 * ref_sample(S[2], T[2], mask, 4))
 
 
+def test_mgskd_random_spans():
+    """spans: random (the reference system's parser-free spans): a seeded random partition of the positions
+    into int(span_fraction * T) contiguous spans, redrawn each step; the span loss on those spans."""
+    options = {"spans": "random", "span_fraction": 0.5, "seed": 3, "relation_heads": 4, "k1": 3, "k2": 2}
+    seq = 8
+    draws = []
+    for step in range(4):
+        bounds = span_bounds(options, seq, step)
+        assert len(bounds) == 4 and bounds[0][0] == 0 and bounds[-1][1] == seq
+        assert all(a < b for a, b in bounds) and all(bounds[i][1] == bounds[i + 1][0] for i in range(3))
+        assert span_bounds(options, seq, step) == bounds  # deterministic per (seed, step)
+        draws.append(tuple(bounds))
+    assert len(set(draws)) > 1  # redrawn across steps
+    case = run_formula([{"name": "mgskd", "options": options}], batch=3, seq=seq, step=2, total_steps=10)
+    S, T = stacks(case)  # default lower_layers = 2 (the authors' M): emb and layer 1 get the span loss
+    span = 0.0
+    for i in range(2):
+        s_sp, sp_mask = ref_spans(S[i], case.mask, bounds=list(draws[2]))
+        t_sp, _ = ref_spans(T[i], case.mask, bounds=list(draws[2]))
+        span = span + ref_structure(s_sp, t_sp, sp_mask, 4, 3, 2)
+    assert_rel(case.term("mgskd.span"), span)
+    assert_rel(case.term("mgskd.sample"), 4 * ref_sample(S[2], T[2], case.mask, 4))
+    with pytest.raises(InputError, match="spans"):
+        run_formula([{"name": "mgskd", "options": {"relation_heads": 4, "spans": "phrases"}}])
+
+
 def test_mgskd_stages_and_heads():
     case = run_formula([{"name": "mgskd", "options": {"relation_heads": 4}}], step=6, total_steps=10)
     assert case.resolved.methods[0].stage == "prediction" and set(case.out.terms) == {"mgskd.soft"}
     s, t = case.student["logits"], case.teachers[0]["logits"]
     p, q = torch.softmax(t, -1), torch.softmax(s, -1)
     assert_rel(case.term("mgskd.soft"), (p * (p.log() - q.log())).sum(-1)[case.mask].mean())
-    from gkd.errors import InputError
-
     with pytest.raises(InputError, match="relation_heads"):
         run_formula([{"name": "mgskd", "options": {"relation_heads": 5}}])
 
