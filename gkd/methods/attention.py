@@ -6,8 +6,8 @@ Shared helpers (also used by TinyBERT and MobileBERT in `gkd.methods.tinybert`):
   (B, H, T, T) matrices are never stored; it equals the KL of the `probs` taps (tests check this on real
   models). Averaged over batch, heads and real query rows; padding keys are excluded, and on decoders keys
   j > i too (the model never attends to them). Grouped-query k is shared across its query heads.
-- `scores_kl`: the same KL from captured `scores` taps (plain torch), for models whose q tap is pre-scaled
-  (OPT passes q already multiplied by 1/sqrt(d), so the q/k path would scale it twice).
+- `scores_kl`: the same KL from captured `scores` taps (plain torch), where the model's own masked
+  matrices are wanted (eager attention).
 
 MiniLM: the last student layer against the last teacher layer (`layer_map` overrides), attention KL plus the
 value-relation KL between softmax(V V^T / sqrt(d)) of both, each a KL over the key axis; softmax is applied

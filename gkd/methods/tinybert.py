@@ -6,7 +6,7 @@ TinyBERT: student depth j is paired with teacher depth j * Lt // Ls (uniform). L
   averaged over heads and visible (query, key) pairs (padding keys/queries and, on decoders, keys j > i do
   not count: there the model's matrices hold mask fill values, not scores). By default computed by
   `gkd.kernels.scores_mse_loss` from the q and k taps (no (T x T) matrix stored); `attention_from: scores`
-  reads the captured `scores` taps instead (needed for OPT, whose q tap is pre-scaled).
+  reads the captured `scores` taps instead (the model's own masked matrices; eager attention).
 - hidden: MSE(h_s W, h_t) with one learned `fit_dense` Linear(Ds -> Dt) (as in the TinyBERT code), over the
   embedding output (depth 0), the mapped layer outputs of depths 1..Ls-1 and the `final` states (the last
   layer's output after the final norm; for post-LN encoders it is the last layer's output itself), so

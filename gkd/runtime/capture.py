@@ -13,8 +13,9 @@ Where each tensor comes from (tap names are the shared catalogue, layer indices 
   `hidden[L]` for models without one (BERT); `logits`: the model output's `.logits`.
 - `q`, `k`, `v`, `scores`, `probs`, `context`: from a registered attention function
   (transformers `AttentionInterface`) that the model is switched to for the duration of the context. q is
-  (B, heads, T, d) and k / v are (B, kv_heads, T, d) exactly as the attention function receives them (after
-  RoPE; OPT passes its query already multiplied by 1/sqrt(d) and scaling 1). When scores or probs are
+  (B, heads, T, d) and k / v are (B, kv_heads, T, d) as the attention function receives them (after RoPE);
+  OPT folds 1/sqrt(d) into its query before the call (and passes scaling 1), which the capture undoes, so
+  q is the projected query on every family. When scores or probs are
   requested
   for a layer, that layer's attention is computed explicitly (eager: QK^T * scaling + mask, softmax in
   float32,
@@ -174,6 +175,18 @@ def _explicit_attention(
     return out, scores, probs
 
 
+def _unscaled_query(module: nn.Module, query: Tensor, scaling: float | None) -> Tensor:
+    """The query as projected, whatever the model folded into it before the attention call.
+
+    OPT multiplies its query by the module's `scaling` (1/sqrt(d)) and then passes scaling 1.0; every other
+    family passes its `scaling` along unchanged. Undoing the difference makes `q` mean the same thing on
+    every family, so q/k relation and attention losses scale it once."""
+    own = getattr(module, "scaling", None)
+    if scaling is None or not isinstance(own, (int, float)) or own == 0 or abs(scaling - own) <= 1e-12:
+        return query
+    return query * (scaling / own)
+
+
 def _make_attention(inner_name: str) -> Any:
     def attention(
         module: nn.Module,
@@ -191,7 +204,7 @@ def _make_attention(inner_name: str) -> Any:
         wanted = entry[0].wanted.get(entry[1], set()) if entry else set()
         if entry is not None:
             taps, layer = entry[0].taps, entry[1]
-            for kind, tensor in (("q", query), ("k", key), ("v", value)):
+            for kind, tensor in (("q", _unscaled_query(module, query, scaling)), ("k", key), ("v", value)):
                 if kind in wanted:
                     taps[f"{kind}[{layer}]"] = tensor
         if inner_name == "eager" or wanted & {"scores", "probs"}:

@@ -200,3 +200,39 @@ def test_hooks_removed_after_context():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     assert taps == {}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "opt"])
+def test_q_is_scaled_once_on_every_family(family):
+    # scores = q k^T / sqrt(d) (+ mask) on visible pairs: q is the projected query, never pre-scaled (OPT
+    # folds 1/sqrt(d) into its query before the attention call; the capture undoes it).
+    spec = tiny(family)
+    torch.manual_seed(0)
+    model = build_model(spec, device="cpu").eval()
+    ids, mask = batch(spec.vocab)
+    with torch.no_grad(), capture_taps(model, {"q[1]", "k[1]", "scores[1]"}) as taps:
+        model(input_ids=ids, attention_mask=mask)
+    q, k, scores = taps["q[1]"], taps["k[1]"], taps["scores[1]"]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    expected = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    visible = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]
+    if not spec.is_encoder:
+        visible = visible & torch.ones(T, T, dtype=torch.bool).tril()
+    visible = visible.expand_as(scores)
+    torch.testing.assert_close(scores[visible], expected[visible], rtol=1e-5, atol=1e-5)
+
+
+def test_opt_q_is_the_projection_output():
+    spec = tiny("opt")
+    torch.manual_seed(0)
+    model = build_model(spec, device="cpu").eval()
+    ids, mask = batch(spec.vocab)
+    seen = {}
+    proj = model.model.decoder.layers[0].self_attn.q_proj
+    handle = proj.register_forward_hook(lambda mod, args, out: seen.setdefault("q", out))
+    with torch.no_grad(), capture_taps(model, {"q[0]"}) as taps:
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    heads, d = spec.heads, spec.head_dim
+    expected = seen["q"].view(B, T, heads, d).transpose(1, 2)
+    torch.testing.assert_close(taps["q[0]"], expected, rtol=1e-6, atol=1e-6)
