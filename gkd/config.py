@@ -29,6 +29,9 @@ from typing import Any
 from gkd.errors import InputError
 
 GiB = 1 << 30
+DEFAULT_GPU_NAME = "A100-SXM4-40GB"
+# The name shown when the memory per GPU is set but the GPU is not named.
+GENERIC_GPU_NAME = "GPU"
 MiB = 1 << 20
 
 _UNITS = {
@@ -127,7 +130,7 @@ class HardwareConfig:
     gpu_memory_bytes: int = 40 * GiB
     host_memory_bytes: int = 1024 * GiB  # per node
     disk_bytes: int = 15 * 10**12  # per node, for offline teacher outputs
-    gpu_name: str = "A100-SXM4-40GB"
+    gpu_name: str = DEFAULT_GPU_NAME
     peak_flops: float = 312e12  # dense bf16 tensor-core FLOP/s per GPU
     flops_efficiency: float = 0.4  # fraction of peak that large matmuls reach in practice
     interconnect: str = "nvlink"
@@ -439,7 +442,10 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         kwargs["student"] = data["student"]
     if "methods" in data:
         kwargs["methods"] = _methods(data["methods"])
-    kwargs["hardware"] = _section(HardwareConfig, data.get("hardware"), "hardware", _HARDWARE_SIZES)
+    hardware = data.get("hardware")
+    if isinstance(hardware, Mapping) and "gpu_memory" in hardware and "gpu_name" not in hardware:
+        hardware = {**hardware, "gpu_name": GENERIC_GPU_NAME}  # the default's name would be wrong
+    kwargs["hardware"] = _section(HardwareConfig, hardware, "hardware", _HARDWARE_SIZES)
     training = dict(data.get("training") or {})
     if not isinstance(data.get("training") or {}, Mapping):
         raise InputError("training must be a mapping of settings")
@@ -507,6 +513,8 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         hw["gpus"] = flags["gpus"]
     if flags.get("gpu_memory") is not None:
         hw["gpu_memory_bytes"] = parse_bytes(flags["gpu_memory"], "--gpu-memory")
+        if out.hardware.gpu_name == DEFAULT_GPU_NAME:
+            hw["gpu_name"] = GENERIC_GPU_NAME  # the default GPU's name no longer describes it
     if flags.get("host_memory") is not None:
         hw["host_memory_bytes"] = parse_bytes(flags["host_memory"], "--host-memory")
     tr: dict[str, Any] = {}

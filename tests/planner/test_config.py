@@ -52,6 +52,7 @@ def test_defaults_are_the_headline_machine():
     assert c.hardware.gpus == 8 and c.hardware.gpu_memory_bytes == 40 * GiB
     assert c.training.seq_len == 512
     assert [m.name for m in c.methods] == ["kd", "minilmv2"]
+    assert c.hardware.gpu_name == "A100-SXM4-40GB"
 
 
 def test_default_config_file_is_the_headline_job():
@@ -100,6 +101,18 @@ def test_flags_override_file(tmp_path):
     assert c.training.seq_len == 1024 and c.training.micro_batch == () and c.training.global_batch == 32
     assert c.hardware.gpus == 16 and c.hardware.gpu_memory_bytes == 80 * GiB and c.hardware.nodes == 2
     assert [m.name for m in c.methods] == ["kd", "minilmv2"]
+    assert c.hardware.gpu_name == "GPU"  # no longer the default A100-40GB
+
+
+def test_gpu_name_follows_the_memory(tmp_path):
+    (tmp_path / "a.yaml").write_text("teacher: a\nstudent: b\nmethods: [kd]\nhardware: {gpu_memory: 80GiB}\n")
+    assert load_config(tmp_path / "a.yaml").hardware.gpu_name == "GPU"
+    (tmp_path / "b.yaml").write_text(
+        "teacher: a\nstudent: b\nmethods: [kd]\nhardware: {gpu_memory: 80GiB, gpu_name: H100-80GB}\n"
+    )
+    named = load_config(tmp_path / "b.yaml")
+    assert named.hardware.gpu_name == "H100-80GB"
+    assert apply_flags(named, gpu_memory="79GiB").hardware.gpu_name == "H100-80GB"
 
 
 @pytest.mark.parametrize(
