@@ -43,7 +43,9 @@ others a sample-level loss; weights token 1, span 1, sample 4. For reps X (B, T,
   real when it holds a real token. `spans: window` (default) cuts every sequence into consecutive windows of
   `span_size` (3) tokens; `spans: random` cuts it, at each step, into max(1, int(`span_fraction` * T))
   contiguous non-empty spans at random cut points (the same cut for the whole batch, seeded by `seed` and
-  the step);
+  the step); `spans: phrases` takes each sample's phrases from the batch (`phrase_spans`, (B, P, 2)
+  [start, end) rows padded with -1, e.g. from an offline chunker), as the authors do: tokens outside every
+  phrase are left out, and a sample with fewer than 3 real phrases takes no part in the span loss;
 - sample level: each sample's masked mean state, split into R heads, angles over sample triplets
   <(v_j - v_i)/||.||, (v_k - v_i)/||.||>, smooth-L1 averaged over all R * B^3 entries.
 
@@ -53,9 +55,9 @@ vendored in the reference system at aitsc/GLMKD distill/cite/mgskd.py: `TokenPhr
 reference system's recipe passes 3). Spans: the authors' loss takes phrase positions (start, end) that come
 with the data, prepared offline (the loss code does not show how; the paper text was not available to check
 whether it names a chunker or parser); a phrase state is the mean of its tokens, tokens outside every phrase
-are left out, and samples with fewer than 3 phrases are skipped. There is no parser-free equivalent in their
-code. gkd has no chunker, so spans are cut from the positions alone: the fixed windows by default, or random
-contiguous spans (`spans: random`, `span_fraction` 0.4), as the reference system does
+are left out, and samples with fewer than 3 phrases are skipped; `spans: phrases` is that. gkd ships no
+chunker, so without phrase data spans are cut from the positions alone: the fixed windows by default, or
+random contiguous spans (`spans: random`, `span_fraction` 0.4), as the reference system does
 (`--mgskd_span_max_rate=0.4`; it draws the span lengths from |N(0, 1)| and averages over padding too, here the
 cut points are uniform and padding never counts). Deviations from the authors' code, all at degenerate points:
 their triplets also drop an angle that is exactly 0, and their triplet denominator counts the student's
@@ -301,7 +303,24 @@ def span_bounds(options: dict[str, Any], length: int, step: int) -> list[tuple[i
         cuts = sorted(rng.sample(range(1, length), count - 1))
         edges = [0, *cuts, length]
         return list(zip(edges[:-1], edges[1:], strict=True))
-    raise InputError(f"mgskd spans must be 'window' or 'random', got {mode!r}")
+    raise InputError(f"mgskd spans must be 'window', 'random' or 'phrases', got {mode!r}")
+
+
+def phrase_members(phrases: Tensor, mask: Tensor) -> Tensor:
+    """(B, P, T) membership of each position in each phrase from (B, P, 2) [start, end) rows.
+
+    Rows with start < 0 or end <= start are padding. As in the authors' loss, a sample with fewer than 3
+    phrases that hold a real token takes no part (the span-level angles need three states)."""
+    if phrases.dim() != 3 or phrases.shape[-1] != 2 or phrases.shape[0] != mask.shape[0]:
+        raise InputError(
+            f"mgskd phrase_spans must be (batch, phrases, 2) [start, end) rows, got {tuple(phrases.shape)}"
+        )
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    start, end = phrases[..., :1].to(mask.device), phrases[..., 1:].to(mask.device)
+    member = (pos >= start) & (pos < end) & (start >= 0) & mask[:, None, :]  # (B, P, T)
+    real = member.any(-1)
+    enough = real.sum(-1, keepdim=True) >= 3
+    return member & enough[..., None]
 
 
 def span_states(x: Tensor, mask: Tensor, bounds: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
@@ -314,6 +333,13 @@ def span_states(x: Tensor, mask: Tensor, bounds: list[tuple[int, int]]) -> tuple
     xs = torch.einsum("sp,bpd->bsd", member, x * m[..., None])
     counts = m @ member.T  # (B, spans)
     return xs / counts.clamp(min=1.0)[..., None], counts > 0
+
+
+def member_states(x: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
+    """Means of the member positions of each phrase ((B, P, T) membership), and which phrases have any."""
+    m = member.to(x.dtype)
+    counts = m.sum(-1)  # (B, P)
+    return (m @ x) / counts.clamp(min=1.0)[..., None], counts > 0
 
 
 def sample_loss(s: Tensor, t: Tensor, mask: Tensor, heads: int) -> Tensor:
@@ -357,10 +383,22 @@ def mgskd_span(ctx: LossContext) -> Tensor:
     o = ctx.options
     mask = stacked_layers(ctx)[2]
     losses = []
-    bounds = span_bounds(o, mask.shape[1], ctx.step)
+    if o.get("spans") == "phrases":
+        phrases = ctx.aux.get("batch", {}).get("phrase_spans")
+        if phrases is None:
+            raise InputError(
+                "mgskd spans: phrases needs the batch to carry phrase_spans, (batch, phrases, 2) "
+                "[start, end) rows padded with -1; or use spans: window or random"
+            )
+        member = phrase_members(phrases, mask)
     for s, t in _mgskd_layers(ctx, lower=True):
-        s_span, span_mask = span_states(s, mask, bounds)
-        t_span, _ = span_states(t, mask, bounds)
+        if o.get("spans") == "phrases":
+            s_span, span_mask = member_states(s, member)
+            t_span, _ = member_states(t, member)
+        else:
+            bounds = span_bounds(o, mask.shape[1], ctx.step)
+            s_span, span_mask = span_states(s, mask, bounds)
+            t_span, _ = span_states(t, mask, bounds)
         losses.append(
             structure_loss(s_span, t_span, span_mask, int(o["relation_heads"]), int(o["k1"]), int(o["k2"]))
         )
@@ -472,7 +510,11 @@ MGSKD = register(
             OptionSpec(name="k1", default=20, doc="anchor positions of the triplet angles"),
             OptionSpec(name="k2", default=20, doc="neighbours per anchor of the triplet angles"),
             OptionSpec(name="lower_layers", default=2, doc="stacked layers below this get token/span losses"),
-            OptionSpec(name="spans", default="window", doc="how spans are cut: window or random"),
+            OptionSpec(
+                name="spans",
+                default="window",
+                doc="how spans are cut: window, random or phrases (from the batch)",
+            ),
             OptionSpec(name="span_size", default=3, doc="tokens per span (spans: window)"),
             OptionSpec(name="span_fraction", default=0.4, doc="spans per token (spans: random)"),
             OptionSpec(name="seed", default=0, doc="seed of the per-step random spans (spans: random)"),

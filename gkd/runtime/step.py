@@ -7,7 +7,9 @@ Usage:
     out.total.backward()
 
 `batch` maps "input_ids" (B, T), optionally "attention_mask" (B, T; bool or 0/1, True = real token), "labels"
-and any further model inputs (e.g. "token_type_ids"), which are passed to every model unchanged.
+and any further model inputs (e.g. "token_type_ids"), which are passed to every model unchanged. Fields in
+LOSS_BATCH_KEYS (e.g. MGSKD's "phrase_spans") are for losses only: they reach them as `ctx.aux["batch"]`
+and never reach a model.
 
 The order of operations (see `gkd.methods.hooks` for what each hook-op call may do):
 1. build the step's hook ops from `resolved` and install them all: they stay active around every forward
@@ -44,6 +46,9 @@ from gkd.methods.hooks import build_hook_ops
 from gkd.methods.spec import STORED_KINDS
 from gkd.runtime.capture import capture_taps
 
+# Batch fields that losses read and models must not see.
+LOSS_BATCH_KEYS = ("phrase_spans",)
+
 
 @dataclass(kw_only=True)
 class StepRunner:
@@ -72,7 +77,7 @@ class StepRunner:
         return self.batch.get("labels")
 
     def model_inputs(self) -> dict[str, Any]:
-        inputs = {k: v for k, v in self.batch.items() if k != "labels"}
+        inputs = {k: v for k, v in self.batch.items() if k != "labels" and k not in LOSS_BATCH_KEYS}
         if "attention_mask" in inputs and inputs["attention_mask"] is not None:
             inputs["attention_mask"] = inputs["attention_mask"].long()
         return inputs
@@ -99,7 +104,11 @@ class StepRunner:
         teacher_taps: Sequence[Mapping[str, Tensor]] | None = None,
         aux: dict[str, Any] | None = None,
     ) -> LossOutput:
-        """The step's loss on the given taps (the main teacher taps unless others are passed)."""
+        """The step's loss on the given taps (the main teacher taps unless others are passed). Batch fields
+        only losses read (LOSS_BATCH_KEYS) reach them as `ctx.aux["batch"]`."""
+        extras = {k: self.batch[k] for k in LOSS_BATCH_KEYS if k in self.batch}
+        if extras:
+            aux = {**(aux or {}), "batch": extras}
         return self.loss_module(
             student_taps,
             self.teacher_taps if teacher_taps is None else teacher_taps,

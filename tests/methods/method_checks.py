@@ -157,10 +157,12 @@ def run_formula(
     seed: int = 0,
     pad: bool = True,
     specs: tuple[list[ModelSpec], ModelSpec] | None = None,
+    aux: dict[str, Any] | None = None,
 ) -> FormulaCase:
     """Resolve `methods`, fill the taps with random float64 tensors, evaluate the loss (see module doc).
 
-    `specs` replaces the family's tiny (teachers, student) pair, as in `check_backward`."""
+    `specs` replaces the family's tiny (teachers, student) pair, as in `check_backward`; `aux` is passed to
+    the loss as is (e.g. {"batch": {"phrase_spans": ...}})."""
     t_specs, s_spec = specs if specs is not None else model_specs(family, teachers)
     resolved = resolve(methods, t_specs, s_spec, step=step, total_steps=total_steps, fused_linear=False)
     gen = torch.Generator().manual_seed(seed)
@@ -171,7 +173,7 @@ def run_formula(
     _, mask, labels = make_batch(s_spec, batch, seq, gen, pad=pad)
     torch.manual_seed(seed)
     loss = DistillLoss(resolved, t_specs, s_spec).double()
-    out = loss(student, teacher, labels=labels, mask=mask, step=step, total_steps=total_steps)
+    out = loss(student, teacher, labels=labels, mask=mask, step=step, total_steps=total_steps, aux=aux)
     return FormulaCase(
         resolved=resolved,
         student=student,
@@ -207,12 +209,14 @@ def check_backward(
     fused_linear: bool = False,
     specs: tuple[list[ModelSpec], ModelSpec] | None = None,
     gradient_checkpointing: bool = False,
+    batch_extras: dict[str, Any] | None = None,
 ) -> LossOutput:
     """Forward + backward on tiny random models through the real tap capture (see the module docstring).
 
     The step runs through `gkd.runtime.step.distill_step`, so hook ops (Theseus, DIITO, LRC-BERT) are
     honoured. `specs` replaces the family's tiny (teachers, student) pair (e.g. equal widths for Theseus);
-    `gradient_checkpointing` enables activation checkpointing on the student.
+    `gradient_checkpointing` enables activation checkpointing on the student; `batch_extras` adds fields to
+    the batch (e.g. "phrase_spans").
     """
     from gkd.runtime.step import distill_step
 
@@ -241,7 +245,7 @@ def check_backward(
         student,
         teacher_models,
         loss,
-        {"input_ids": ids, "attention_mask": mask, "labels": labels},
+        {"input_ids": ids, "attention_mask": mask, "labels": labels, **(batch_extras or {})},
         resolved,
         step=step,
         total_steps=total_steps,

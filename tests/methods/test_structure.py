@@ -235,7 +235,69 @@ def test_mgskd_random_spans():
     assert_rel(case.term("mgskd.span"), span)
     assert_rel(case.term("mgskd.sample"), 4 * ref_sample(S[2], T[2], case.mask, 4))
     with pytest.raises(InputError, match="spans"):
-        run_formula([{"name": "mgskd", "options": {"relation_heads": 4, "spans": "phrases"}}])
+        run_formula([{"name": "mgskd", "options": {"relation_heads": 4, "spans": "chunks"}}])
+
+
+# Phrases of 3 samples of 8 positions, [start, end) rows padded with -1; sample 2 has only two phrases.
+PHRASES = torch.tensor(
+    [
+        [[0, 2], [2, 5], [5, 8], [-1, -1]],
+        [[1, 3], [4, 6], [6, 7], [0, 1]],
+        [[0, 4], [4, 8], [-1, -1], [-1, -1]],
+    ]
+)
+
+
+def ref_phrases(x, mask, phrases):
+    """Phrase states: the mean of each phrase's real tokens; a sample with < 3 real phrases takes no part."""
+    reps, ok = [], []
+    for b in range(x.shape[0]):
+        row, row_ok = [], []
+        for start, end in phrases[b].tolist():
+            members = [i for i in range(max(start, 0), end) if start >= 0 and mask[b, i]]
+            row.append(
+                torch.stack([x[b, i] for i in members]).mean(0) if members else torch.zeros_like(x[b, 0])
+            )
+            row_ok.append(bool(members))
+        if sum(row_ok) < 3:
+            row_ok = [False] * len(row_ok)
+        reps.append(torch.stack(row))
+        ok.append(row_ok)
+    return torch.stack(reps), torch.tensor(ok)
+
+
+def test_mgskd_phrase_spans_from_the_batch():
+    """spans: phrases (the authors' loss): phrase positions come with the batch; tokens outside every phrase
+    are left out and samples with fewer than 3 phrases take no part."""
+    options = {"spans": "phrases", "relation_heads": 4, "k1": 3, "k2": 2}
+    aux = {"batch": {"phrase_spans": PHRASES}}
+    case = run_formula([{"name": "mgskd", "options": options}], batch=3, seq=8, aux=aux)
+    S, T = stacks(case)
+    span = 0.0
+    for i in range(2):
+        s_sp, sp_mask = ref_phrases(S[i], case.mask, PHRASES)
+        t_sp, _ = ref_phrases(T[i], case.mask, PHRASES)
+        assert not sp_mask[2].any() and sp_mask[0].sum() == 3
+        span = span + ref_structure(s_sp, t_sp, sp_mask, 4, 3, 2)
+    assert_rel(case.term("mgskd.span"), span)
+    with pytest.raises(InputError, match="phrase_spans"):
+        run_formula([{"name": "mgskd", "options": options}], batch=3, seq=8)
+    with pytest.raises(InputError, match="phrase_spans"):
+        run_formula(
+            [{"name": "mgskd", "options": options}],
+            batch=3,
+            seq=8,
+            aux={"batch": {"phrase_spans": PHRASES[0]}},
+        )
+
+
+def test_mgskd_phrase_spans_through_the_step():
+    # phrase_spans travel with the batch to the loss and never reach the models
+    options = {"spans": "phrases", "relation_heads": 4, "lower_layers": 2}
+    out = check_backward(
+        [{"name": "mgskd", "options": options}], batch=3, seq=8, batch_extras={"phrase_spans": PHRASES}
+    )
+    assert float(out.terms["mgskd.span"].detach()) > 0
 
 
 def test_mgskd_stages_and_heads():
