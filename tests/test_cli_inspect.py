@@ -4,6 +4,7 @@ line on stderr, no traceback)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,21 @@ def test_bad_input_subprocess(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "unknown model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_second_inspect_comes_from_the_cache_without_torch(tmp_path: Path) -> None:
+    env = {**os.environ, "GKD_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "gkd.cli", "inspect", "tiny-llama-teacher", "--seq-len", "16", "--json"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr
+    probe = (
+        "import sys; from gkd.planner.inspect import run_inspect; "
+        "run_inspect('tiny-llama-teacher', seq_len=16, micro_batch=1, as_json=True); "
+        "print('torch' in sys.modules, file=sys.stderr)"
+    )
+    second = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.strip() == "False"  # answered from the cache: no torch import
+    assert json.loads(second.stdout) == json.loads(first.stdout)

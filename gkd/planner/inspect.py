@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gkd.models import ModelSpec, count_parameters, resolve_model
-from gkd.planner.taps import ATTENTION_PATHS, TapCatalogue, build_catalogue
+from gkd.models import ModelSpec, count_parameters
+from gkd.planner.taps import ATTENTION_PATHS, build_catalogue
 
 _KEYS = [(a, r) for a in ATTENTION_PATHS for r in (False, True)]
 
@@ -52,13 +52,25 @@ def inspect_data(spec: ModelSpec, *, seq_len: int, micro_batch: int) -> dict[str
 
 
 def run_inspect(model: str, *, seq_len: int, micro_batch: int, as_json: bool) -> None:
-    """Resolve `model` (preset, config.json or checkpoint folder) and print its report."""
-    spec = resolve_model(model)
+    """Resolve `model` (preset, config.json or checkpoint folder) and print its report.
+
+    The report is cached on disk with the planner's facts (`GKD_CACHE_DIR`), keyed by the model's config,
+    the sizes and the sources that compute it, so inspecting a model again needs no torch."""
+    from gkd.planner.facts import FACTS_SOURCES
+    from gkd.planner.pipeline import cached, load_spec
+
+    spec = load_spec(model)
+    key = {"spec": spec.to_dict(), "hf": spec.hf_config, "micro_batch": micro_batch, "seq_len": seq_len}
+    data = cached(
+        "inspect",
+        key,
+        (*FACTS_SOURCES, "planner/inspect.py"),
+        lambda: inspect_data(spec, seq_len=seq_len, micro_batch=micro_batch),
+    )
     if as_json:
-        print(json.dumps(inspect_data(spec, seq_len=seq_len, micro_batch=micro_batch), indent=2))
+        print(json.dumps(data, indent=2))
         return
-    catalogue = build_catalogue(spec, micro_batch=micro_batch, seq_len=seq_len)
-    _print_tables(spec, catalogue, count_parameters(spec))
+    _print_tables(data)
 
 
 def human_bytes(n: int) -> str:
@@ -70,67 +82,74 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _print_tables(spec: ModelSpec, catalogue: TapCatalogue, parameters: int) -> None:
+def _print_tables(data: dict[str, Any]) -> None:
+    """The report of `inspect_data` as rich tables."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    spec = data["model"]
+    layers = spec["layers"]
     console = Console()
     console.width = max(console.width, 170)  # tables stay readable when piped (rich defaults to 80 columns)
-    head = f" ({spec.head_dim} per head)" if spec.heads else ""
-    console.print(f"[bold]{escape(spec.name)}[/bold]: {escape(spec.description)}")
+    head = f" ({spec['head_dim']} per head)" if spec["heads"] else ""
+    console.print(f"[bold]{escape(spec['name'])}[/bold]: {escape(spec['description'])}")
     console.print(
-        f"family {spec.family} (transformers {spec.model_type}), {spec.layers} layers, hidden {spec.hidden}, "
-        f"{spec.heads} heads / {spec.kv_heads} kv heads{head}, FFN {spec.ffn} {spec.activation}, "
-        f"vocab {spec.vocab}, tied embeddings {'yes' if spec.tied_embeddings else 'no'}, "
-        f"max positions {spec.max_positions}, {spec.dtype}"
+        f"family {spec['family']} (transformers {spec['model_type']}), {layers} layers, "
+        f"hidden {spec['hidden']}, {spec['heads']} heads / {spec['kv_heads']} kv heads{head}, "
+        f"FFN {spec['ffn']} {spec['activation']}, vocab {spec['vocab']}, "
+        f"tied embeddings {'yes' if spec['tied_embeddings'] else 'no'}, "
+        f"max positions {spec['max_positions']}, {spec['dtype']}"
     )
+    parameters = data["parameters"]
     console.print(f"parameters: {parameters:,} ({parameters / 1e9:.2f}B)")
 
-    sizes = f"micro-batch {catalogue.micro_batch}, sequence {catalogue.seq_len}"
+    sizes = f"micro-batch {data['micro_batch']}, sequence {data['seq_len']}"
+    act = data["activations"]
     table = Table(title=f"Activations saved for backward ({sizes}, training mode)")
     table.add_column("attention")
     table.add_column("recompute")
     table.add_column("per layer", justify="right")
-    table.add_column(f"{spec.layers} layers", justify="right")
+    table.add_column(f"{layers} layers", justify="right")
     table.add_column("outside layers", justify="right")
     table.add_column("total", justify="right")
     for attention, recompute in _KEYS:
-        per_layer = catalogue.layer_activations[0].saved(attention, recompute=recompute)
-        non_layer = catalogue.non_layer_saved_bytes[_key(attention, recompute)]
+        key = _key(attention, recompute)
+        per_layer = act["per_layer_saved_bytes"][key]
         table.add_row(
             attention,
             "full" if recompute else "none",
             human_bytes(per_layer),
-            human_bytes(per_layer * spec.layers),
-            human_bytes(non_layer),
-            human_bytes(catalogue.saved_bytes_total(attention, recompute=recompute)),
+            human_bytes(per_layer * layers),
+            human_bytes(act["non_layer_saved_bytes"][key]),
+            human_bytes(act["total_saved_bytes"][key]),
         )
     console.print(table)
 
-    taps = Table(title=f"Tap catalogue ({sizes}; per-layer taps shown for layer 0, i = 0..{spec.layers - 1})")
+    taps = Table(title=f"Tap catalogue ({sizes}; per-layer taps shown for layer 0, i = 0..{layers - 1})")
     for column in ("tap", "capture", "module", "fx node", "shape (B, T symbolic)", "dtype"):
         taps.add_column(column)
     taps.add_column("bytes", justify="right")
     taps.add_column("all layers", justify="right")
     counts: dict[str, int] = {}
-    for tap in catalogue.taps:
-        counts[tap.kind] = counts.get(tap.kind, 0) + 1
-    for tap in catalogue.taps:
-        if tap.layer not in (None, 0) and not (tap.kind == "hidden" and tap.layer == 1):
+    for tap in data["taps"]:
+        counts[tap["kind"]] = counts.get(tap["kind"], 0) + 1
+    for tap in data["taps"]:
+        layer = tap["layer"]
+        if layer not in (None, 0) and not (tap["kind"] == "hidden" and layer == 1):
             continue
-        per_layer = tap.layer is not None
-        name = tap.name.replace("[0]", "[i]").replace("[1]", "[i+1]") if per_layer else tap.name
-        module = tap.module_path.replace(".0.", ".{i}.").removesuffix(".0") + (
-            ".{i}" if tap.module_path.endswith(".0") else ""
-        )
-        shape = "(" + ", ".join(str(d) for d in tap.dims) + ")"
-        total = human_bytes(tap.nbytes * counts[tap.kind]) if per_layer else ""
-        taps.add_row(
-            escape(name), tap.capture, module, tap.fx_node, shape, tap.dtype, human_bytes(tap.nbytes), total
-        )
+        per_layer = layer is not None
+        name = tap["name"].replace("[0]", "[i]").replace("[1]", "[i+1]") if per_layer else tap["name"]
+        path = tap["module_path"]
+        module = path.replace(".0.", ".{i}.").removesuffix(".0") + (".{i}" if path.endswith(".0") else "")
+        shape = "(" + ", ".join(str(d) for d in tap["dims"]) + ")"
+        nbytes = tap["bytes"]
+        total = human_bytes(nbytes * counts[tap["kind"]]) if per_layer else ""
+        size = human_bytes(nbytes)
+        taps.add_row(escape(name), tap["capture"], module, tap["fx_node"], shape, tap["dtype"], size, total)
     console.print(taps)
-    if catalogue.unavailable:
-        kinds = escape(", ".join(f"{kind}[i]" for kind in catalogue.unavailable))
-        reasons = "; ".join(sorted(set(catalogue.unavailable.values())))
+    unavailable = data["unavailable_taps"]
+    if unavailable:
+        kinds = escape(", ".join(f"{kind}[i]" for kind in unavailable))
+        reasons = "; ".join(sorted(set(unavailable.values())))
         console.print(f"[yellow]not offered:[/yellow] {kinds} ({reasons})", markup=True, highlight=False)

@@ -131,7 +131,7 @@ class MethodsView:
         )
 
 
-def _cached(
+def cached(
     kind: str, key_data: Any, sources: tuple[str, ...], compute: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
     """A JSON-able result from the disk cache, or computed and stored; `sources` are the gkd files (globs)
@@ -176,7 +176,7 @@ def load_spec(ref: str) -> Any:
 
         return dataclasses.asdict(resolve_model(ref))
 
-    data = _cached("specs", _model_key(ref), ("models.py",), compute)
+    data = cached("specs", _model_key(ref), ("models.py",), compute)
     # The cached spec may have been made from another spelling of the same path; name it as given now, and by
     # its file (or folder) name rather than a long path.
     p = Path(ref).expanduser()
@@ -215,7 +215,7 @@ def load_methods(config: Config, teachers: list[Any], student: Any) -> MethodsVi
         "names": [t.name for t in teachers] + [student.name],
     }
     return MethodsView.from_dict(
-        _cached("methods", key, ("methods/*.py", "models.py", "planner/pipeline.py"), compute)
+        cached("methods", key, ("methods/*.py", "models.py", "planner/pipeline.py"), compute)
     )
 
 
