@@ -378,6 +378,14 @@ def _section(cls: type, data: Any, what: str, renames: Mapping[str, str] | None 
     return cls(**kwargs)
 
 
+def _named(hardware: HardwareConfig) -> HardwareConfig:
+    """`hardware` with the default GPU's name only while its memory is the default GPU's: a GPU with other
+    memory and no name of its own is shown as GENERIC_GPU_NAME."""
+    if hardware.gpu_name == DEFAULT_GPU_NAME and hardware.gpu_memory_bytes != HardwareConfig.gpu_memory_bytes:
+        return replace(hardware, gpu_name=GENERIC_GPU_NAME)
+    return hardware
+
+
 def _micro_batch(value: Any) -> tuple[int, ...]:
     if value is None or value == "auto":
         return ()
@@ -442,10 +450,10 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         kwargs["student"] = data["student"]
     if "methods" in data:
         kwargs["methods"] = _methods(data["methods"])
+    kwargs["hardware"] = _section(HardwareConfig, data.get("hardware"), "hardware", _HARDWARE_SIZES)
     hardware = data.get("hardware")
-    if isinstance(hardware, Mapping) and "gpu_memory" in hardware and "gpu_name" not in hardware:
-        hardware = {**hardware, "gpu_name": GENERIC_GPU_NAME}  # the default's name would be wrong
-    kwargs["hardware"] = _section(HardwareConfig, hardware, "hardware", _HARDWARE_SIZES)
+    if isinstance(hardware, Mapping) and "gpu_name" not in hardware:
+        kwargs["hardware"] = _named(kwargs["hardware"])
     training = dict(data.get("training") or {})
     if not isinstance(data.get("training") or {}, Mapping):
         raise InputError("training must be a mapping of settings")
@@ -513,8 +521,6 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         hw["gpus"] = flags["gpus"]
     if flags.get("gpu_memory") is not None:
         hw["gpu_memory_bytes"] = parse_bytes(flags["gpu_memory"], "--gpu-memory")
-        if out.hardware.gpu_name == DEFAULT_GPU_NAME:
-            hw["gpu_name"] = GENERIC_GPU_NAME  # the default GPU's name no longer describes it
     if flags.get("host_memory") is not None:
         hw["host_memory_bytes"] = parse_bytes(flags["host_memory"], "--host-memory")
     tr: dict[str, Any] = {}
@@ -526,6 +532,8 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         tr["micro_batch"] = _micro_batch(flags["micro_batch"])
     # Build the sections first, then the Config, so that cross-field checks see the final values.
     hardware = replace(out.hardware, **hw) if hw else out.hardware
+    if out.hardware.gpu_name == DEFAULT_GPU_NAME:
+        hardware = _named(hardware)
     training = replace(out.training, **tr) if tr else out.training
     return Config(
         teachers=out.teachers,

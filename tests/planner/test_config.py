@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +106,9 @@ def test_flags_override_file(tmp_path):
 
 
 def test_gpu_name_follows_the_memory(tmp_path):
+    default = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
+    assert default.hardware.gpu_name == "A100-SXM4-40GB"  # it gives 40GiB, the default GPU's memory
+    assert apply_flags(default, gpu_memory="40GiB").hardware.gpu_name == "A100-SXM4-40GB"
     (tmp_path / "a.yaml").write_text("teacher: a\nstudent: b\nmethods: [kd]\nhardware: {gpu_memory: 80GiB}\n")
     assert load_config(tmp_path / "a.yaml").hardware.gpu_name == "GPU"
     (tmp_path / "b.yaml").write_text(
