@@ -6,9 +6,10 @@ one-line summary, and names the pass in any error it raises, so `gkd plan --expl
 and a failure says which stage rejected the input.
 
 The passes that need torch (building ModelSpecs through transformers, meta-model parameter counts, the traced
-tap catalogue, resolving methods) produce plain data that is cached on disk (`gkd.planner.analysis`), keyed
-by their inputs and a fingerprint of gkd's sources; with a warm cache a plan imports no torch and takes well
-under a second. Search and emit are pure Python.
+tap catalogue, resolving methods) produce plain data that is cached on disk (`cached` below; model facts in
+`gkd.planner.facts`, once per model for every sequence length), keyed by their inputs and a fingerprint of
+gkd's sources; with a warm cache a plan imports no torch and takes well under a second. Search and emit are
+pure Python.
 """
 
 from __future__ import annotations
