@@ -212,7 +212,7 @@ def suggest(config: Config, plan: Plan) -> list[str]:
                 )
                 break
             target *= 2
-    # Sequence length: halve up to three times (each new length is traced once, then cached).
+    # Sequence length: halve up to three times (one trace per model serves every length; gkd.planner.probe).
     seq = tr.seq_len // 2
     while seq >= max(8, tr.seq_len // 8):
         p = _try(config, seq_len=seq)
