@@ -56,11 +56,12 @@ COMMON_OPTIONS = {
     "teacher_weights": "per-teacher weights for methods with weighted aggregation (one number per teacher)",
 }
 
+# constraint -> (ModelSpec field, what it is, the plural for "methods that work across ...")
 _CONSTRAINT_FIELD = {
-    "equal_hidden": ("hidden", "hidden size"),
-    "equal_heads": ("heads", "attention heads"),
-    "equal_kv_heads": ("kv_heads", "key/value heads"),
-    "equal_vocab": ("vocab", "vocabulary"),
+    "equal_hidden": ("hidden", "hidden size", "hidden sizes"),
+    "equal_heads": ("heads", "attention head count", "head counts"),
+    "equal_kv_heads": ("kv_heads", "key/value head count", "key/value head counts"),
+    "equal_vocab": ("vocab", "vocabulary", "vocabularies"),
 }
 
 
@@ -165,14 +166,14 @@ def _methods_without(constraint: str) -> str:
 
 def _check_constraints(spec: MethodSpec, teachers: Sequence[Any], student: Any) -> None:
     for c in spec.constraints:
-        attr, words = _CONSTRAINT_FIELD[c]
+        attr, words, plural = _CONSTRAINT_FIELD[c]
         for teacher in teachers:
             s_val, t_val = getattr(student, attr), getattr(teacher, attr)
             if s_val != t_val:
                 raise InputError(
                     f"method {spec.name!r} needs equal {words} but the student {student.name} has {s_val} "
                     f"and the teacher {teacher.name} has {t_val}; "
-                    f"methods that work across {words}s: {_methods_without(c)}"
+                    f"methods that work across {plural}: {_methods_without(c)}"
                 )
 
 
