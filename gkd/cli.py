@@ -1,4 +1,4 @@
-"""The `gkd` command line: plan, run, check, inspect, methods.
+"""The `gkd` command line: plan, check, inspect, methods.
 
 Each command is a thin wrapper: it parses flags, calls the library, and prints. Errors the user can fix
 (`gkd.errors.InputError`) become one line on stderr and exit code 2; a job that does not fit exits with 1.
@@ -116,6 +116,25 @@ def plan(config: str | None, methods_: str | None, as_json: bool, output: str | 
 
     sys.exit(run_plan(config, methods=methods_, as_json=as_json, output=output, plot=plot, explain=explain,
                       **flags))
+
+
+@main.command()
+@click.argument("baseline")
+@click.argument("configs", nargs=-1)
+@click.option("--update", is_flag=True,
+              help="Plan the configs and write their records (all recorded ones when none is named).")
+@click.option("--tolerance", default="1%", show_default=True,
+              help="Memory growth allowed before it counts as a regression (e.g. 1% or 0.01).")
+@_user_errors
+def check(baseline: str, configs: tuple[str, ...], update: bool, tolerance: str) -> None:
+    """Memory-regression gate: plan the configs recorded in BASELINE again and compare.
+
+    Exit code 1 when a job no longer fits or its peak or host memory grew beyond the tolerance. CONFIG is a
+    config file, or `default` for the headline job.
+    """
+    from gkd.planner.check import run_check
+
+    sys.exit(run_check(baseline, configs, update=update, tolerance=tolerance))
 
 
 def entry() -> None:
