@@ -353,10 +353,9 @@ class ActivationPolys:
 
 def _dims_poly(dims: tuple[str | int, ...], dtype: str) -> Poly:
     """Bytes of a tap with symbolic `dims` at micro-batch 1, as a polynomial in T."""
-    from gkd.planner.probe import monomial
-    from gkd.planner.taps import _itemsize
+    from gkd.planner.probe import dtype_bytes, monomial
 
-    fixed = _itemsize(dtype)
+    fixed = dtype_bytes(dtype)
     for d in dims:
         if d not in ("B", "T"):
             fixed *= int(d)

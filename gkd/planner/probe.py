@@ -167,7 +167,7 @@ def saved_polys(first: Any, second: Any) -> SavedPolys:
 # ----------------------------------------------------------------------------------------------------------
 # Graph sizes and the no-grad working set
 
-_DTYPE_BYTES = {
+DTYPE_BYTES = {
     "bfloat16": 2,
     "float16": 2,
     "float32": 4,
@@ -178,6 +178,13 @@ _DTYPE_BYTES = {
     "int8": 1,
     "uint8": 1,
 }
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a dtype named as in the traced graph ("bfloat16", ...); 4 when unknown."""
+    return DTYPE_BYTES.get(dtype, 4)
+
+
 # aten ops whose output shares its input's storage (a view keeps its base alive, and costs nothing itself).
 _VIEW_OPS = (
     "view",
@@ -215,7 +222,7 @@ def node_poly(shape: tuple[int, ...], dtype: str, probe: int) -> Poly:
     for d in shape:
         if d != probe:
             fixed *= d
-    return monomial(fixed * _DTYPE_BYTES.get(dtype, 4), degree)
+    return monomial(fixed * dtype_bytes(dtype), degree)
 
 
 def workspace_polys(graph: Any, layer: int = 0) -> tuple[Poly, ...]:

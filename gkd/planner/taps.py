@@ -39,6 +39,7 @@ from typing import Any
 
 from gkd.errors import InputError
 from gkd.models import ModelSpec, supports_attention_interface
+from gkd.planner.probe import dtype_bytes
 from gkd.planner.trace import (
     TracedGraph,
     TracedNode,
@@ -54,7 +55,6 @@ ATTENTION_PATHS = ("sdpa", "eager")
 # (attention path, full recompute) of every saved-tensor trace the catalogue reads.
 SAVED_VARIANTS = tuple((attention, recompute) for attention in ATTENTION_PATHS for recompute in (False, True))
 
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "bool": 1}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +137,7 @@ class Tap:
 
     def bytes_at(self, micro_batch: int, seq_len: int) -> int:
         """Bytes of this tap at another micro-batch / sequence length (exact: dims are symbolic)."""
-        return _itemsize(self.dtype) * prod(
+        return dtype_bytes(self.dtype) * prod(
             micro_batch if d == "B" else seq_len if d == "T" else int(d) for d in self.dims
         )
 
@@ -220,10 +220,6 @@ class TapCatalogue:
             "non_layer_saved_bytes": dict(self.non_layer_saved_bytes),
             "unavailable": dict(self.unavailable),
         }
-
-
-def _itemsize(dtype: str) -> int:
-    return _ITEMSIZE.get(dtype, 4)
 
 
 _CATALOGUES: dict[tuple[Any, ...], TapCatalogue] = {}
@@ -414,7 +410,7 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
             dims=dims[dims_kind],
             shape=shape,
             dtype=dtype,
-            nbytes=_itemsize(dtype) * prod(shape),
+            nbytes=dtype_bytes(dtype) * prod(shape),
             tokens_flattened=flattened,
         )
 
