@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd.planner.probe import Poly
+from gkd.status import status
 
 FACTS_VERSION = 2
 ATTENTION_PATHS = ("sdpa", "eager")
@@ -124,7 +125,8 @@ def _entry(
                 return data
         except ValueError:
             pass  # a stale or partial cache entry: recompute it
-    data = compute()
+    with status(f"tracing {spec.name} (once per model; cached in {cache_dir()})"):
+        data = compute()
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

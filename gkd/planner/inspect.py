@@ -56,17 +56,17 @@ def run_inspect(model: str, *, seq_len: int, micro_batch: int, as_json: bool) ->
 
     The report is cached on disk with the planner's facts (`GKD_CACHE_DIR`), keyed by the model's config,
     the sizes and the sources that compute it, so inspecting a model again needs no torch."""
-    from gkd.planner.facts import FACTS_SOURCES
+    from gkd.planner.facts import FACTS_SOURCES, cache_dir
     from gkd.planner.pipeline import cached, load_spec
+    from gkd.status import status
 
     spec = load_spec(model)
     key = {"spec": spec.to_dict(), "hf": spec.hf_config, "micro_batch": micro_batch, "seq_len": seq_len}
-    data = cached(
-        "inspect",
-        key,
-        (*FACTS_SOURCES, "planner/inspect.py"),
-        lambda: inspect_data(spec, seq_len=seq_len, micro_batch=micro_batch),
-    )
+    def compute() -> dict[str, Any]:
+        with status(f"tracing {spec.name} (cached afterwards in {cache_dir()})"):
+            return inspect_data(spec, seq_len=seq_len, micro_batch=micro_batch)
+
+    data = cached("inspect", key, (*FACTS_SOURCES, "planner/inspect.py"), compute)
     if as_json:
         print(json.dumps(data, indent=2))
         return

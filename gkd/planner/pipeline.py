@@ -174,8 +174,10 @@ def load_spec(ref: str) -> Any:
 
     def compute() -> dict[str, Any]:
         from gkd.models import resolve_model
+        from gkd.status import status
 
-        return dataclasses.asdict(resolve_model(ref))
+        with status(f"reading {ref}"):
+            return dataclasses.asdict(resolve_model(ref))
 
     data = cached("specs", _model_key(ref), ("models.py",), compute)
     # The cached spec may have been made from another spelling of the same path; name it as given now, and by
