@@ -7,8 +7,10 @@ meta device and traced) and then again (warm: the traced facts come from the cac
 Prints one row per config: verdict, peak per GPU, host memory, disk, the chosen strategy, cold and warm wall
 times (median of --repeat warm runs, with the spread), the cold run's CPU time (user + sys of the process
 and any children it waited for, from `resource.getrusage(RUSAGE_CHILDREN)`), and one more warm plan at half
-the sequence length (model facts hold for every length, so it traces nothing). The machine may be shared, so
-the load average is printed before and after: CPU time is the figure that does not depend on other processes.
+the sequence length (model facts hold for every length, so it traces nothing). Last, the floor of any cold
+plan: the time a fresh process takes just to import torch, torch.export and transformers' model modules.
+The machine may be shared, so the load average is printed before and after: CPU time is the figure that does
+not depend on other processes.
 
     python benchmarks/bench_plan.py [--repeat 3] [--cache DIR] [CONFIG ...]
 """
@@ -54,6 +56,23 @@ def plan_once(
     return wall, json.loads(proc.stdout), proc.returncode, cpu
 
 
+# Exits without the interpreter's teardown, as gkd's entry point does (gkd.cli.entry).
+_IMPORTS = (
+    "import os, torch, torch.export; "
+    "from transformers.models.llama.modeling_llama import LlamaForCausalLM; os._exit(0)"
+)
+
+
+def import_seconds() -> float:
+    """Median wall time of a fresh process that only imports what any trace needs."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _IMPORTS], check=True, cwd=ROOT)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -80,6 +99,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    imports = import_seconds()
     worst = 0.0
     for config in configs:
         cache = args.cache or tempfile.mkdtemp(prefix="gkd-bench-cache-")
@@ -107,6 +127,10 @@ def main() -> None:
             f"{other:>7.2f}  {strategy}"
         )
     print(f"# slowest warm plan: {worst:.2f} s (target: under 3 s)")
+    print(
+        f"# a cold plan's floor: importing torch and transformers' Llama modules and torch.export takes "
+        f"{imports:.2f} s here (median of 3 fresh processes), before any tracing"
+    )
     print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
