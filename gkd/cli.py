@@ -119,15 +119,16 @@ def plan(config: str | None, methods_: str | None, as_json: bool, output: str | 
 
 
 @main.command()
-@click.argument("baseline")
 @click.argument("configs", nargs=-1)
+@click.option("--baseline", default="gkd-baseline.json", show_default=True,
+              help="The baseline file: what each config's plan predicted.")
 @click.option("--update", is_flag=True,
               help="Plan the configs and write their records (all recorded ones when none is named).")
 @click.option("--tolerance", default="1%", show_default=True,
               help="Memory growth allowed before it counts as a regression (e.g. 1% or 0.01).")
 @_user_errors
-def check(baseline: str, configs: tuple[str, ...], update: bool, tolerance: str) -> None:
-    """Memory-regression gate: plan the configs recorded in BASELINE again and compare.
+def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str) -> None:
+    """Memory-regression gate: plan the configs recorded in the baseline again and compare.
 
     Exit code 1 when a job no longer fits or its peak or host memory grew beyond the tolerance. CONFIG is a
     config file, or `default` for the headline job.

@@ -1,18 +1,20 @@
 """`gkd check`: a memory-regression gate for CI.
 
 A baseline file records what the plan of each config predicted: whether it fits, the peak bytes on the most
-loaded GPU, the host bytes per node, the step time and the chosen strategy. `gkd check BASELINE` plans every
-recorded config again and compares it with its record:
+loaded GPU, the host bytes per node, the step time and the chosen strategy. `gkd check` plans every config
+recorded in the baseline (`--baseline`, default `gkd-baseline.json` in the current folder) again and compares
+it with its record:
 - a regression: the job no longer fits, or its peak or host memory grew by more than the tolerance
   (default 1%);
 - anything else passes (less memory, or a change within the tolerance) and is shown with its change. The step
   time is shown but not gated: it is an estimate.
 
 Exit code 0 when nothing regressed, 1 when something did, 2 on bad input.
-`gkd check BASELINE CONFIG... --update` plans the configs and writes their records (creating the file);
-`--update` with no CONFIG refreshes every record. The file is JSON, keyed by config path relative to the
-baseline's folder, with "default" for the headline job. It can therefore be committed next to the configs it
-guards: gkd's own CI checks `configs/reference/baseline.json` this way.
+`gkd check CONFIG... --update` plans the configs and writes their records (creating the file); `--update`
+with no CONFIG refreshes every record. The file is JSON, keyed by config path relative to the baseline's
+folder, with "default" for the headline job, so it can be committed with the configs it guards: gkd's own
+test suite runs `gkd check` on the repository's `gkd-baseline.json` (the headline job and every reference
+config).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from gkd.errors import InputError
 
 BASELINE_VERSION = 1
 DEFAULT_KEY = "default"  # the headline job (`gkd plan` with no arguments)
+DEFAULT_BASELINE = "gkd-baseline.json"
 GiB = 1 << 30
 
 
@@ -50,6 +53,12 @@ class Record:
             "step_seconds": self.step_seconds,
             "strategy": self.strategy,
         }
+
+
+def _command(baseline: str, *args: str) -> str:
+    """The `gkd check` command line that acts on `baseline`."""
+    flag = [] if baseline == DEFAULT_BASELINE else ["--baseline", baseline]
+    return "`" + " ".join(["gkd check", *args, *flag]) + "`"
 
 
 def parse_tolerance(value: str | float) -> float:
@@ -88,7 +97,8 @@ def _load(path: Path) -> dict[str, Record]:
         raise InputError(f"cannot read the baseline {path}: {err.strerror}") from None
     except ValueError:
         raise InputError(
-            f"the baseline {path} is not JSON; recreate it with `gkd check {path} CONFIG... --update`"
+            f"the baseline {path} is not JSON; "
+            f"recreate it with {_command(str(path), 'CONFIG...', '--update')}"
         ) from None
     if (
         not isinstance(data, dict)
@@ -97,14 +107,14 @@ def _load(path: Path) -> dict[str, Record]:
     ):
         raise InputError(
             f"the baseline {path} is not a version-{BASELINE_VERSION} gkd baseline; "
-            f"recreate it with `gkd check {path} CONFIG... --update`"
+            f"recreate it with {_command(str(path), 'CONFIG...', '--update')}"
         )
     try:
         return {key: Record(**entry) for key, entry in data["entries"].items()}
     except TypeError:
         raise InputError(
             f"the baseline {path} has malformed entries; "
-            f"recreate it with `gkd check {path} CONFIG... --update`"
+            f"recreate it with {_command(str(path), 'CONFIG...', '--update')}"
         ) from None
 
 
@@ -164,18 +174,18 @@ def run_check(baseline: str, configs: tuple[str, ...], *, update: bool, toleranc
     if not path.exists() and not update:
         raise InputError(
             f"the baseline {baseline} does not exist; "
-            f"create it with `gkd check {baseline} CONFIG... --update`"
+            f"create it with {_command(baseline, 'CONFIG...', '--update')}"
         )
     records = _load(path) if path.exists() else {}
     given = {config_key(c, base_dir): c for c in configs}
     keys = list(given) or sorted(records)
     if not keys:
-        raise InputError(f"name the configs to record: `gkd check {baseline} CONFIG... --update`")
+        raise InputError(f"name the configs to record: {_command(baseline, 'CONFIG...', '--update')}")
     missing = [given[k] for k in keys if k not in records]
     if missing and not update:
         raise InputError(
-            f"{', '.join(missing)} not in the baseline {baseline}; add with `gkd check {baseline} "
-            f"{' '.join(missing)} --update`"
+            f"{', '.join(missing)} not in the baseline {baseline}; "
+            f"add with {_command(baseline, *missing, '--update')}"
         )
     regressions = 0
     click.echo(f"{'config':<48} {'fits':<11} {'peak/GPU':<26} {'host':<26} {'step s':<14} verdict")
@@ -205,7 +215,7 @@ def run_check(baseline: str, configs: tuple[str, ...], *, update: bool, toleranc
     if regressions:
         click.echo(
             f"{regressions} of {len(keys)} config(s) regressed beyond {fraction:.1%}; "
-            f"if the change is intended, record it with `gkd check {baseline} --update`",
+            f"if the change is intended, record it with {_command(baseline, '--update')}",
             err=True,
         )
         return 1
