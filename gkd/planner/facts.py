@@ -2,9 +2,10 @@
 
 `model_facts(spec, seq_len=...)` gives parameter counts (total, per layer, the largest module as DeepSpeed
 counts it, the small tensors ZeRO-3 keeps gathered, the LM head) and per-layer activation bytes for
-micro-batch 1 from the tap catalogue (`gkd.planner.taps`, built on the traced FX graph): what a layer saves
-for backward on each attention path, what a recomputed layer keeps, the no-grad working set (networkx liveness
-over the exported graph), the backward working set, and every tap's bytes.
+micro-batch 1 from the traced model (`gkd.planner.trace`, `gkd.planner.taps`): what a layer saves for
+backward on each attention path, what a recomputed layer keeps (both with CUDA's dropout and attention
+kernels, since the plan is for GPUs), the no-grad working set (networkx liveness over the exported graph), the
+backward working set, and every tap's bytes.
 
 One trace per model serves every sequence length: the activation bytes are exact polynomials in the sequence
 length, derived from traces at two probe lengths (`ActivationPolys`, see gkd.planner.probe), so planning the
@@ -29,8 +30,10 @@ from typing import Any
 from gkd.planner.probe import Poly
 from gkd.status import status
 
-FACTS_VERSION = 2
+FACTS_VERSION = 3
 ATTENTION_PATHS = ("sdpa", "eager")
+# The planner plans for GPUs: saved tensors are traced with CUDA's dropout and attention kernels (trace.py).
+KERNELS = "cuda"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,7 +260,8 @@ def _saved_kinds(trace: Any, tap_shape: dict[str, tuple[int, ...]]) -> tuple[str
 def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
     """Per-layer activation bytes at micro-batch 1 and `seq_len`, traced at that length.
 
-    saved / checkpoint: the catalogue's saved-for-backward bytes of one layer, without and with recompute.
+    saved / checkpoint: the saved-for-backward bytes of one layer, without and with recompute, traced with
+    CUDA's dropout and attention kernels (KERNELS; see gkd.planner.trace).
     forward_workspace: liveness over the exported graph of one layer (the no-grad forward's peak).
     backward_workspace: the forward working set plus the gradient of the layer output (a layer's backward
     holds the incoming gradient and gradients of the same intermediates; not traced separately).
@@ -266,19 +270,31 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
     nothing.
     """
     from gkd.planner.probe import peak, workspace_polys
-    from gkd.planner.taps import build_catalogue
+    from gkd.planner.taps import locate_taps
     from gkd.planner.trace import trace_graph, trace_saved
 
-    cat = build_catalogue(spec, micro_batch=1, seq_len=seq_len)
+    def saved_trace(attention: str, recompute: bool) -> Any:
+        return trace_saved(
+            spec,
+            micro_batch=1,
+            seq_len=seq_len,
+            attn_implementation=attention,
+            checkpointing=recompute,
+            kernels=KERNELS,
+        )
+
+    def layer_bytes(trace: Any) -> int:
+        # Every layer repeats the last traced layer (see gkd.planner.taps).
+        return int(trace.layer_bytes(trace.traced_layers - 1))
+
     tap_bytes: dict[str, int] = {}
     tap_shape: dict[str, tuple[int, ...]] = {}
-    for tap in cat.taps:
+    for tap in locate_taps(spec, micro_batch=1, seq_len=seq_len):
         if tap.kind not in tap_bytes:
             tap_bytes[tap.kind] = tap.nbytes
             tap_shape[tap.kind] = tuple(tap.shape)
-    layer = cat.layer_activations[0]
-    saved = {a: layer.saved(a) for a in ATTENTION_PATHS}
-    checkpoint = min(layer.saved("sdpa", recompute=True), saved["sdpa"])
+    saved = {a: layer_bytes(saved_trace(a, False)) for a in ATTENTION_PATHS}
+    checkpoint = min(layer_bytes(saved_trace("sdpa", True)), saved["sdpa"])
     forward_ws: dict[str, int] = {}
     backward_ws: dict[str, int] = {}
     saved_kinds: dict[str, tuple[str, ...]] = {}
@@ -286,17 +302,17 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
         graph = trace_graph(spec, micro_batch=1, seq_len=seq_len, attn_implementation=attention)
         forward_ws[attention] = peak(workspace_polys(graph, 0), seq_len)
         backward_ws[attention] = forward_ws[attention] + tap_bytes.get("hidden", 0)
-        trace = trace_saved(spec, micro_batch=1, seq_len=seq_len, attn_implementation=attention)
-        saved_kinds[attention] = _saved_kinds(trace, tap_shape)
+        saved_kinds[attention] = _saved_kinds(saved_trace(attention, False), tap_shape)
     return {
         "saved": saved,
         "checkpoint": checkpoint,
         "forward_workspace": forward_ws,
         "backward_workspace": backward_ws,
-        "embed_saved": cat.non_layer_saved_bytes["sdpa"],
+        "embed_saved": int(saved_trace("sdpa", False).outside_bytes()),
         "tap_bytes": tap_bytes,
         "saved_kinds": saved_kinds,
-        "source": f"traced at sequence {seq_len}: saved storages (fake tensors) + graph liveness (networkx)",
+        "source": f"traced at sequence {seq_len} with {KERNELS} kernels: saved storages (fake tensors) "
+        "+ graph liveness (networkx)",
     }
 
 
@@ -329,8 +345,8 @@ class ActivationPolys:
             "embed_saved": evaluate(self.embed_saved, seq_len),
             "tap_bytes": taps,
             "saved_kinds": dict(self.saved_kinds),
-            "source": f"polynomials in T from traces at probe lengths {t1} and {t2} ({self.regime}): "
-            "saved storages (fake tensors) + graph liveness (networkx)",
+            "source": f"polynomials in T from traces at probe lengths {t1} and {t2} ({self.regime}) with "
+            f"{KERNELS} kernels: saved storages (fake tensors) + graph liveness (networkx)",
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -368,14 +384,13 @@ def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys
     """Trace `spec` at the probe lengths T1 > T2 and express its activation bytes as polynomials in T.
     Raises probe.ProbeMismatch where the two traces differ in more than the sequence length."""
     from gkd.planner.probe import saved_polys, workspace_polys
-    from gkd.planner.taps import SAVED_VARIANTS, build_catalogue
+    from gkd.planner.taps import SAVED_VARIANTS, locate_taps
     from gkd.planner.trace import trace_graph, trace_saved
 
     regime, t1, t2 = probes
-    cat = build_catalogue(spec, micro_batch=1, seq_len=t1)
     tap_bytes: dict[str, Poly] = {}
     tap_shape: dict[str, tuple[int, ...]] = {}
-    for tap in cat.taps:
+    for tap in locate_taps(spec, micro_batch=1, seq_len=t1):
         if tap.kind not in tap_bytes:
             tap_bytes[tap.kind] = _dims_poly(tap.dims, tap.dtype)
             tap_shape[tap.kind] = tuple(tap.shape)
@@ -385,7 +400,12 @@ def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys
     for attention, recompute in SAVED_VARIANTS:
         first, second = (
             trace_saved(
-                spec, micro_batch=1, seq_len=t, attn_implementation=attention, checkpointing=recompute
+                spec,
+                micro_batch=1,
+                seq_len=t,
+                attn_implementation=attention,
+                checkpointing=recompute,
+                kernels=KERNELS,
             )
             for t in (t1, t2)
         )
@@ -398,7 +418,7 @@ def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys
     for attention in ATTENTION_PATHS:
         graph = trace_graph(spec, micro_batch=1, seq_len=t1, attn_implementation=attention)
         forward[attention] = workspace_polys(graph, 0)
-        trace = trace_saved(spec, micro_batch=1, seq_len=t1, attn_implementation=attention)
+        trace = trace_saved(spec, micro_batch=1, seq_len=t1, attn_implementation=attention, kernels=KERNELS)
         saved_kinds[attention] = _saved_kinds(trace, tap_shape)
     return ActivationPolys(
         regime=regime,

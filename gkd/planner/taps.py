@@ -56,7 +56,6 @@ ATTENTION_PATHS = ("sdpa", "eager")
 SAVED_VARIANTS = tuple((attention, recompute) for attention in ATTENTION_PATHS for recompute in (False, True))
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class _Layout:
     """Module paths of one architecture (inside a layer, relative to the layer)."""
@@ -223,6 +222,12 @@ class TapCatalogue:
 
 
 _CATALOGUES: dict[tuple[Any, ...], TapCatalogue] = {}
+
+
+def locate_taps(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> tuple[Tap, ...]:
+    """The catalogue's taps alone (located in the exported eager graph), without the saved-tensor traces."""
+    graph = trace_graph(spec, micro_batch=micro_batch, seq_len=seq_len, attn_implementation="eager")
+    return _locate_taps(spec, graph)
 
 
 def build_catalogue(spec: ModelSpec, *, micro_batch: int, seq_len: int) -> TapCatalogue:

@@ -21,10 +21,16 @@ mask for packed sequences (which also disables its GQA fast path in SDPA). Our i
 runs identical, which tests/planner/test_taps.py checks against real CPU forward passes.
 
 The model runs in training mode, so dropout (where the config has it) is active and what it keeps is saved.
-Two known differences from CUDA, both only where the config has dropout (GPT-2, BERT, OPT; not the Llama,
-Qwen, Mistral, GLM or BLOOM presets): PyTorch's CPU dropout keeps a noise tensor of the activation dtype (2
-bytes per element in bf16) where CUDA's fused dropout keeps a 1-byte bool mask; and with attention dropout on,
-CPU SDPA falls back to the unfused math path (which keeps T x T tensors) where CUDA's flash kernel does not.
+CPU and CUDA kernels differ there, only where the config has dropout (GPT-2 and the GPT-2-shaped GLM-10B,
+BERT, OPT; not the Llama, Qwen, Mistral, GLM-130B or BLOOM presets): PyTorch's CPU dropout keeps a noise
+tensor of the activation dtype (2 bytes per element in bf16) where CUDA's fused dropout keeps a 1-byte bool
+mask; and with attention dropout on, CPU SDPA falls back to the unfused math path (which keeps T x T tensors)
+where CUDA's flash kernel keeps only q, k, v, the output, a float32 log-sum-exp and its random-number state.
+`trace_saved(..., kernels="cuda")` runs the CUDA choices on the CPU (`_cuda_kernels`): dropout through
+`torch.native_dropout`, CUDA's fused kernel, which keeps the bool mask; SDPA asked for without dropout, so it
+takes the flash kernel that keeps what CUDA's flash kernel keeps (the random-number state is a few bytes).
+The planner plans for GPUs and uses "cuda"; `gkd inspect` reports "cpu", which the tests compare with real
+CPU runs.
 Results are cached per (model, micro-batch, sequence, attention implementation) within the process.
 
 Speed: a cold `gkd inspect` or `gkd plan` is mostly imports (torch, torch.export, transformers: about 6 s of
@@ -126,6 +132,7 @@ class SavedTrace:
     traced_layers: int
     checkpointing: bool  # every layer checkpointed (full recompute): a layer keeps only its inputs
     tensors: tuple[SavedTensor, ...]
+    kernels: str = "cpu"  # "cpu" or "cuda": whose dropout and attention kernels ran (module docstring)
 
     def layer_bytes(self, layer: int) -> int:
         return sum(t.nbytes for t in self.tensors if t.owner == "layer" and t.layer == layer)
@@ -244,6 +251,35 @@ def _as_eager_run() -> Iterator[None]:
         masking.find_packed_sequence_indices = original
 
 
+@contextlib.contextmanager
+def _cuda_kernels() -> Iterator[None]:
+    """Dropout and SDPA as a CUDA run executes them (see the module docstring), for the saved-tensor trace.
+
+    Models call `torch.nn.functional.dropout` (directly or through `nn.Dropout`) and
+    `torch.nn.functional.scaled_dot_product_attention` by attribute, so replacing them for the duration of
+    the trace reaches every call."""
+    import torch
+    import torch.nn.functional as F
+
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+
+    def fused_dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+        if not training or p == 0.0:
+            return input
+        return torch.native_dropout(input, p, True)[0]  # keeps a bool mask, as CUDA's fused kernel does
+
+    def flash_sdpa(*args: Any, dropout_p: float = 0.0, **kwargs: Any) -> Any:
+        # CUDA's flash kernel applies dropout inside, from a random-number state: it keeps no more than
+        # without dropout, so ask for none and the CPU picks the same flash kernel.
+        return sdpa(*args, dropout_p=0.0, **kwargs)
+
+    F.dropout, F.scaled_dot_product_attention = fused_dropout, flash_sdpa
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention = dropout, sdpa
+
+
 def _layers(model: Any, container: str) -> Any:
     module = model
     for part in container.split("."):
@@ -264,14 +300,19 @@ def trace_saved(
     attn_implementation: str,
     traced_layers: int = 2,
     checkpointing: bool = False,
+    kernels: str = "cpu",
 ) -> SavedTrace:
     """Record the storages a training forward saves for backward (fake tensors; see module docstring).
 
     checkpointing: run every layer under `torch.utils.checkpoint` (non-reentrant), as full recompute does; a
     layer then saves only its inputs, and its internals are recomputed in the backward.
+    kernels: "cpu" (what a CPU run keeps) or "cuda" (dropout and attention as CUDA runs them, see
+    `_cuda_kernels`).
     """
     _check_sizes(spec, micro_batch, seq_len)
-    key = (spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers, checkpointing)
+    if kernels not in ("cpu", "cuda"):
+        raise ValueError(f"kernels must be 'cpu' or 'cuda', got {kernels!r}")
+    key = (spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers, checkpointing, kernels)
     if key in _SAVED:
         return _SAVED[key]
     mode, model, inputs = _fake_model(spec, micro_batch, seq_len, traced_layers)
@@ -282,7 +323,8 @@ def trace_saved(
         for layer in layers:
             _checkpoint_forward(layer)
     try:
-        tensors = record_saved_tensors(model, layers, inputs, context=[mode, _as_eager_run()])
+        context = [mode, _as_eager_run()] + ([_cuda_kernels()] if kernels == "cuda" else [])
+        tensors = record_saved_tensors(model, layers, inputs, context=context)
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)  # undo _checkpoint_forward
@@ -293,6 +335,7 @@ def trace_saved(
         attn_implementation=attn_implementation,
         traced_layers=traced_layers,
         checkpointing=checkpointing,
+        kernels=kernels,
         tensors=tensors,
     )
     _SAVED[key] = saved

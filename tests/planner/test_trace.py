@@ -76,3 +76,44 @@ def test_checkpointed_layer_keeps_its_input_only() -> None:
 def test_sequence_longer_than_learned_positions_is_input_error() -> None:
     with pytest.raises(InputError, match="learned positions"):
         trace_graph(resolve_model("gpt2"), micro_batch=1, seq_len=4096)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "opt"])
+def test_cuda_kernels_equal_a_real_run_with_those_kernels(family: str) -> None:
+    # The planner's "cuda" trace runs dropout through the fused kernel and SDPA without the math fallback; a
+    # real CPU forward and backward with the same kernels saves exactly the same bytes.
+    from test_taps import family_spec, measured_layer_bytes
+
+    from gkd.planner.trace import _cuda_kernels
+
+    spec = family_spec(family)
+    for attention in ("sdpa", "eager"):
+        with _cuda_kernels():
+            real = measured_layer_bytes(spec, attention)
+        traced = trace_saved(spec, micro_batch=2, seq_len=24, attn_implementation=attention, kernels="cuda")
+        assert traced.layer_bytes(1) == real, (family, attention)
+
+
+def test_cuda_kernels_keep_bool_masks_and_no_attention_matrix_on_sdpa() -> None:
+    from test_taps import family_spec
+
+    spec = family_spec("gpt2")  # attention and residual dropout 0.1
+    b, t = 1, 24
+    cpu = trace_saved(spec, micro_batch=b, seq_len=t, attn_implementation="sdpa")
+    cuda = trace_saved(spec, micro_batch=b, seq_len=t, attn_implementation="sdpa", kernels="cuda")
+
+    def layer(trace):  # (shape, dtype) of the last traced layer's storages
+        return [(s.shape, s.dtype) for s in trace.tensors if s.owner == "layer" and s.layer == 1]
+
+    square = [x for x in layer(cpu) if x[0][-2:] == (t, t)]
+    assert square, "the CPU math path keeps (T x T) tensors under attention dropout"
+    assert not [x for x in layer(cuda) if x[0][-2:] == (t, t)]
+    assert any(dtype == "bool" for _, dtype in layer(cuda))  # dropout masks, 1 byte per element
+    assert not any(dtype == "bool" for _, dtype in layer(cpu))  # the CPU keeps a float noise tensor instead
+    assert cuda.layer_bytes(1) < cpu.layer_bytes(1)
+    # Without dropout (Llama) the two agree.
+    llama = resolve_model("tiny-llama-teacher")
+    for attention in ("sdpa", "eager"):
+        a = trace_saved(llama, micro_batch=1, seq_len=t, attn_implementation=attention)
+        c = trace_saved(llama, micro_batch=1, seq_len=t, attn_implementation=attention, kernels="cuda")
+        assert a.layer_bytes(1) == c.layer_bytes(1)
