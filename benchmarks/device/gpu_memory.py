@@ -1,12 +1,15 @@
 """Predicted vs measured activation memory on a GPU.
 
-The tap catalogue's saved-for-backward bytes (traced on the CPU under fake tensors) against what a real CUDA
-training forward keeps alive. For each model, in bf16, training mode: build it on the device with random
-weights, record `torch.cuda.memory_allocated()` before the forward, run the forward, and measure what the
-forward left allocated minus the logits it returned (an output, not a saved tensor): the bytes autograd
-keeps for the backward plus anything the model caches. The prediction is
-`TapCatalogue.saved_bytes_total("sdpa", recompute=...)`; full recompute uses transformers' activation
-checkpointing. The peak during forward+backward is printed for reference.
+The planner's saved-for-backward bytes (model facts: traced on the CPU under fake tensors with CUDA's dropout
+and attention kernels, `gkd.planner.facts`) against what a real CUDA training forward keeps alive. For each
+model, in bf16, training mode: build it on the device with random weights, record
+`torch.cuda.memory_allocated()` before the forward, run the forward, and measure what the forward left
+allocated minus the logits it returned (an output, not a saved tensor): the bytes autograd keeps for the
+backward plus anything the model caches. The prediction is the planner's, for micro-batch B:
+B x (layers x per-layer bytes + bytes outside the layers) on the sdpa path, with `saved` or, for full
+recompute, `checkpoint` as the per-layer bytes; full recompute uses transformers' activation checkpointing.
+The GPT-2-shaped rows have dropout on (attention and residual), where CUDA's fused dropout and flash kernel
+keep less than their CPU counterparts. The peak during forward+backward is printed for reference.
 
 Usage: python benchmarks/device/gpu_memory.py [--dry-run]
 (--dry-run: tiny models on the CPU, predictions only). Writes a markdown copy to $OUT/gpu_memory.md when OUT
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from gkd.models import build_model, spec_from_config  # noqa: E402
-from gkd.planner.taps import build_catalogue  # noqa: E402
+from gkd.planner.facts import model_facts  # noqa: E402
 
 MIB = 1 << 20
 LINES: list[str] = []
@@ -47,6 +50,12 @@ def llama(layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int) -
 
 def qwen2(layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int) -> dict:
     return {**llama(layers, hidden, heads, kv, ffn, vocab), "model_type": "qwen2"}
+
+
+def gpt2(layers: int, hidden: int, heads: int, vocab: int, positions: int) -> dict:
+    # GPT-2's own dropout: 0.1 on attention, residual and embeddings.
+    return {"model_type": "gpt2", "n_layer": layers, "n_embd": hidden, "n_head": heads, "vocab_size": vocab,
+            "n_positions": positions, "bos_token_id": None, "eos_token_id": None}
 
 
 def measure(spec, batch: int, seq: int, recompute: bool, device: torch.device) -> tuple[int, int]:
@@ -74,12 +83,16 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     opts = parser.parse_args()
     if opts.dry_run:
-        cases = [("tiny-llama", llama(2, 64, 4, 2, 128, 256), 1, 32)]
+        cases = [
+            ("tiny-llama", llama(2, 64, 4, 2, 128, 256), 1, 32),
+            ("tiny-gpt2 dropout", gpt2(2, 64, 4, 256, 64), 2, 32),
+        ]
     else:
         cases = [
             ("llama 4L h2048 GQA", llama(4, 2048, 16, 4, 5632, 32000), 1, 2048),
             ("llama 4L h2048 GQA", llama(4, 2048, 16, 4, 5632, 32000), 2, 4096),
             ("qwen2 4L h1536", qwen2(4, 1536, 12, 2, 8960, 151936), 1, 2048),
+            ("gpt2 4L h1600 dropout", gpt2(4, 1600, 25, 50257, 1024), 2, 1024),
         ]
     device = torch.device("cuda" if torch.cuda.is_available() and not opts.dry_run else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run: predictions only)"
@@ -91,10 +104,11 @@ def main() -> None:
     errors = []
     for label, cfg, batch, seq in cases:
         spec = spec_from_config({**cfg, "torch_dtype": "bfloat16"}, name=label)
-        catalogue = build_catalogue(spec, micro_batch=batch, seq_len=seq)
+        facts = model_facts(spec, seq_len=seq, use_cache=False)
         for recompute in (False, True):
             start = time.perf_counter()
-            predicted = catalogue.saved_bytes_total("sdpa", recompute=recompute)
+            per_layer = facts.checkpoint if recompute else facts.saved["sdpa"]
+            predicted = batch * (spec.layers * per_layer + facts.embed_saved)
             if device.type == "cuda":
                 held, peak = measure(spec, batch, seq, recompute, device)
                 err = abs(predicted - held) / held
