@@ -90,18 +90,43 @@ def main() -> None:
             total_sbh += t.nbytes / sbh
         print(f"  {str(t.shape):<22} {t.dtype:<8} {t.nbytes:>10,} B  {unit}")
     print(f"  total: {total_sbh:.2f} sbh + {total_as2b:.2f} as2b   (formula: 34 sbh + 5 as2b)")
+    cuda_sbh, cuda_as2b = _split(
+        trace_saved(with_dropout, micro_batch=b, seq_len=s, attn_implementation="eager", kernels="cuda"),
+        s,
+        sbh,
+        as2b,
+    )
+    print(
+        f"  with CUDA's fused dropout (the planner's trace, kernels='cuda'): {cuda_sbh:.2f} sbh + "
+        f"{cuda_as2b:.2f} as2b"
+    )
     print(
         f"\nWhy they differ (measured {total_sbh:.0f} sbh + {total_as2b:.0f} as2b, formula 34 sbh + 5 as2b):"
     )
     print(EXPLANATION)
 
 
+def _split(trace: object, s: int, sbh: int, as2b: int) -> tuple[float, float]:
+    """A layer's saved bytes in units of sbh (linear in s) and as2b (the s x s attention tensors)."""
+    layer = trace.traced_layers - 1  # type: ignore[attr-defined]
+    linear = quadratic = 0.0
+    for t in trace.tensors:  # type: ignore[attr-defined]
+        if t.owner != "layer" or t.layer != layer:
+            continue
+        if len(t.shape) >= 3 and t.shape[-1] == s and t.shape[-2] == s:
+            quadratic += t.nbytes / as2b
+        else:
+            linear += t.nbytes / sbh
+    return linear, quadratic
+
+
 EXPLANATION = """\
 - Dropout masks. The formula stores each mask in 1 byte per element (CUDA's fused native_dropout
   keeps a bool mask). On the CPU, PyTorch's dropout multiplies by a noise tensor of the input's
   dtype and keeps that, 2 bytes per element in fp16: attention probabilities +1 as2b (6 instead
-  of 5), and the two residual-branch masks +1 sbh each. Without dropout the masks and the
-  dropped-out copy of the probabilities vanish: 2 as2b (the softmax output only).
+  of 5), and the two residual-branch masks +1 sbh each. The planner traces with CUDA's fused
+  dropout (the line above this explanation), which takes both back. Without dropout the masks and
+  the dropped-out copy of the probabilities vanish: 2 as2b (the softmax output only).
 - MLP. The formula has 19 sbh (input 2, GeLU input 8, GeLU output 8, mask 1). GPT-2's gelu_new is
   the tanh approximation written as separate elementwise ops, and autograd keeps three more
   4h-wide intermediates (+24 sbh); with the 2-byte mask, 44 sbh. A fused GeLU would match.
