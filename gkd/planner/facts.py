@@ -13,20 +13,17 @@ same model at another length, or re-planning shorter lengths when a job does not
 probes cannot stand in for the requested length (a model with too few positions, or traces that differ in
 more than the length), the model is traced at that length itself (`activation_facts`).
 
-Facts need torch (a meta-device build and traces), so they are cached on disk (`GKD_CACHE_DIR`, default
+Facts need torch (a meta-device build and traces), so they are cached on disk (`gkd.planner.cache`, default
 ~/.cache/gkd), keyed by the model's config, the probe regime (or the length) and a fingerprint of the sources
 that compute them (FACTS_SOURCES); with a warm cache `gkd plan` imports no torch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from gkd.planner.cache import cache_dir, cached
 from gkd.planner.probe import Poly
 from gkd.status import status
 
@@ -77,68 +74,35 @@ class ModelFacts:
 # Facts and their cache
 
 
+# The sources whose code computes the facts: a change to any of them invalidates the cached entries.
 FACTS_SOURCES = ("models.py", "planner/trace.py", "planner/taps.py", "planner/facts.py", "planner/probe.py")
-
-
-def source_fingerprint(patterns: tuple[str, ...]) -> str:
-    """A hash of the gkd sources that produce a cached value (size and mtime of each file matching `patterns`,
-    relative to the package), so the value is recomputed whenever that code changes."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for pattern in patterns:
-        for path in sorted(root.glob(pattern)):
-            stat = path.stat()
-            h.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GKD_CACHE_DIR") or Path.home() / ".cache" / "gkd")
-
-
-def _facts_key(spec: Any, regime: str, persistence_threshold: int) -> str:
-    payload = json.dumps(
-        {
-            "v": FACTS_VERSION,
-            "hf": spec.hf_config,
-            "dtype": spec.dtype,
-            "regime": regime,
-            "persist": persistence_threshold,
-            "src": source_fingerprint(FACTS_SOURCES),
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
 def _entry(
     spec: Any, regime: str, persistence_threshold: int, compute: Any, use_cache: bool
 ) -> dict[str, Any]:
     """A model's cached facts entry for one regime (a probe regime, or "seq-N" for one length)."""
-    path = (
-        cache_dir()
-        / "facts"
-        / f"{spec.name.replace('/', '_')}-{_facts_key(spec, regime, persistence_threshold)}.json"
+
+    def traced() -> dict[str, Any]:
+        with status(f"tracing {spec.name} (once per model; cached in {cache_dir()})"):
+            return dict(compute())
+
+    key = {
+        "v": FACTS_VERSION,
+        "hf": spec.hf_config,
+        "dtype": spec.dtype,
+        "regime": regime,
+        "persist": persistence_threshold,
+    }
+    return cached(
+        "facts",
+        key,
+        FACTS_SOURCES,
+        traced,
+        name=spec.name,
+        valid=lambda entry: "params" in entry,
+        use_cache=use_cache,
     )
-    if use_cache and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if isinstance(data, dict) and "params" in data:
-                return data
-        except ValueError:
-            pass  # a stale or partial cache entry: recompute it
-    with status(f"tracing {spec.name} (once per model; cached in {cache_dir()})"):
-        data = compute()
-    if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home: plan without the cache
-    return data
 
 
 def model_facts(

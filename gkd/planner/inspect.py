@@ -56,8 +56,9 @@ def run_inspect(model: str, *, seq_len: int, micro_batch: int, as_json: bool) ->
 
     The report is cached on disk with the planner's facts (`GKD_CACHE_DIR`), keyed by the model's config,
     the sizes and the sources that compute it, so inspecting a model again needs no torch."""
-    from gkd.planner.facts import FACTS_SOURCES, cache_dir
-    from gkd.planner.pipeline import cached, load_spec
+    from gkd.planner.cache import cache_dir, cached
+    from gkd.planner.facts import FACTS_SOURCES
+    from gkd.planner.pipeline import load_spec
     from gkd.status import status
 
     spec = load_spec(model)

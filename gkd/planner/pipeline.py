@@ -6,9 +6,9 @@ one-line summary, and names the pass in any error it raises, so `gkd plan --expl
 and a failure says which stage rejected the input.
 
 The passes that need torch (building ModelSpecs through transformers, meta-model parameter counts, the traced
-tap catalogue, resolving methods) produce plain data that is cached on disk (`cached` below; model facts in
-`gkd.planner.facts`, once per model for every sequence length), keyed by their inputs and a fingerprint of
-gkd's sources; with a warm cache a plan imports no torch and takes well under a second. Search and emit are
+tap catalogue, resolving methods) produce plain data that is cached on disk (`gkd.planner.cache`; model
+facts once per model for every sequence length, `gkd.planner.facts`), keyed by their inputs and a fingerprint
+of gkd's sources; with a warm cache a plan imports no torch and takes well under a second. Search and emit are
 pure Python.
 """
 
@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from gkd.config import Config
 from gkd.errors import GkdError, InputError
-from gkd.planner.facts import ModelFacts, cache_dir, model_facts, source_fingerprint
+from gkd.planner.cache import cached
+from gkd.planner.facts import ModelFacts, model_facts
 from gkd.planner.plan import PLAN_VERSION, Alternative, PassRecord, Plan
 from gkd.planner.search import Evaluated, SearchResult, search
 
@@ -130,33 +131,6 @@ class MethodsView:
             needs_teacher_forward=d["needs_teacher_forward"],
             eager_attention=d["eager_attention"],
         )
-
-
-def cached(
-    kind: str, key_data: Any, sources: tuple[str, ...], compute: Callable[[], dict[str, Any]]
-) -> dict[str, Any]:
-    """A JSON-able result from the disk cache, or computed and stored; `sources` are the gkd files (globs)
-    whose code produces it."""
-    key = hashlib.sha256(
-        json.dumps(
-            {"data": key_data, "src": source_fingerprint(sources)}, sort_keys=True, default=str
-        ).encode()
-    ).hexdigest()[:24]
-    path = cache_dir() / kind / f"{key}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            pass  # a truncated or corrupt entry is simply recomputed
-    value = compute()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{time.monotonic_ns()}.tmp")
-        tmp.write_text(json.dumps(value, default=str))
-        tmp.replace(path)
-    except OSError:
-        pass  # an unwritable cache folder costs only speed, never correctness
-    return value
 
 
 def _model_key(ref: str) -> Any:
