@@ -214,6 +214,16 @@ def compute_facts(spec: Any, *, seq_len: int, persistence_threshold: int = 100_0
 # Activation bytes
 
 
+def _one_tap_per_kind(spec: Any, seq_len: int) -> dict[str, Any]:
+    """The first tap of each kind at micro-batch 1 (layers repeat each other: layer 0 stands for all)."""
+    from gkd.planner.taps import locate_taps
+
+    taps: dict[str, Any] = {}
+    for tap in locate_taps(spec, micro_batch=1, seq_len=seq_len):
+        taps.setdefault(tap.kind, tap)
+    return taps
+
+
 def _saved_kinds(trace: Any, tap_shape: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
     """Tap kinds whose tensor the last traced layer saves anyway (a saved storage of the tap's shape)."""
     last = trace.traced_layers - 1
@@ -234,7 +244,6 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
     nothing.
     """
     from gkd.planner.probe import peak, workspace_polys
-    from gkd.planner.taps import locate_taps
     from gkd.planner.trace import trace_graph, trace_saved
 
     def saved_trace(attention: str, recompute: bool) -> Any:
@@ -251,12 +260,9 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
         # Every layer repeats the last traced layer (see gkd.planner.taps).
         return int(trace.layer_bytes(trace.traced_layers - 1))
 
-    tap_bytes: dict[str, int] = {}
-    tap_shape: dict[str, tuple[int, ...]] = {}
-    for tap in locate_taps(spec, micro_batch=1, seq_len=seq_len):
-        if tap.kind not in tap_bytes:
-            tap_bytes[tap.kind] = tap.nbytes
-            tap_shape[tap.kind] = tuple(tap.shape)
+    taps = _one_tap_per_kind(spec, seq_len)
+    tap_bytes = {kind: tap.nbytes for kind, tap in taps.items()}
+    tap_shape = {kind: tuple(tap.shape) for kind, tap in taps.items()}
     saved = {a: layer_bytes(saved_trace(a, False)) for a in ATTENTION_PATHS}
     checkpoint = min(layer_bytes(saved_trace("sdpa", True)), saved["sdpa"])
     forward_ws: dict[str, int] = {}
@@ -348,16 +354,13 @@ def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys
     """Trace `spec` at the probe lengths T1 > T2 and express its activation bytes as polynomials in T.
     Raises probe.ProbeMismatch where the two traces differ in more than the sequence length."""
     from gkd.planner.probe import saved_polys, workspace_polys
-    from gkd.planner.taps import SAVED_VARIANTS, locate_taps
+    from gkd.planner.taps import SAVED_VARIANTS
     from gkd.planner.trace import trace_graph, trace_saved
 
     regime, t1, t2 = probes
-    tap_bytes: dict[str, Poly] = {}
-    tap_shape: dict[str, tuple[int, ...]] = {}
-    for tap in locate_taps(spec, micro_batch=1, seq_len=t1):
-        if tap.kind not in tap_bytes:
-            tap_bytes[tap.kind] = _dims_poly(tap.dims, tap.dtype)
-            tap_shape[tap.kind] = tuple(tap.shape)
+    taps = _one_tap_per_kind(spec, t1)
+    tap_bytes = {kind: _dims_poly(tap.dims, tap.dtype) for kind, tap in taps.items()}
+    tap_shape = {kind: tuple(tap.shape) for kind, tap in taps.items()}
     saved: dict[str, Poly] = {}
     recomputed: dict[str, Poly] = {}
     embed: Poly = (0, 0, 0)
