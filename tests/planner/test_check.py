@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from gkd.cli import main
+from gkd.errors import InputError
 from gkd.planner.check import parse_tolerance
 
 TINY = """\
@@ -137,5 +138,5 @@ def test_tolerance_parsing() -> None:
     assert parse_tolerance("0.5 %") == pytest.approx(0.005)
     assert parse_tolerance(0.02) == pytest.approx(0.02)
     for bad in ("-1%", "100%", "x"):
-        with pytest.raises(Exception, match="tolerance"):
+        with pytest.raises(InputError, match="tolerance"):
             parse_tolerance(bad)
