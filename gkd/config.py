@@ -30,8 +30,16 @@ from gkd.errors import InputError
 
 GiB = 1 << 30
 DEFAULT_GPU_NAME = "A100-SXM4-40GB"
-# The name shown when the memory per GPU is set but the GPU is not named.
+DEFAULT_GPU_MEMORY = 40 * GiB
+# The name shown when the memory per GPU is not the default GPU's but the GPU is not named.
 GENERIC_GPU_NAME = "GPU"
+
+
+def gpu_label(name: str, memory_bytes: int) -> str:
+    """The GPU's name for reports: the default GPU's name only while the memory is the default GPU's."""
+    if name == DEFAULT_GPU_NAME and memory_bytes != DEFAULT_GPU_MEMORY:
+        return GENERIC_GPU_NAME
+    return name
 MiB = 1 << 20
 
 _UNITS = {
@@ -127,7 +135,7 @@ class HardwareConfig:
 
     gpus: int = 8
     gpus_per_node: int = 8
-    gpu_memory_bytes: int = 40 * GiB
+    gpu_memory_bytes: int = DEFAULT_GPU_MEMORY
     host_memory_bytes: int = 1024 * GiB  # per node
     disk_bytes: int = 15 * 10**12  # per node, for offline teacher outputs
     gpu_name: str = DEFAULT_GPU_NAME
@@ -378,14 +386,6 @@ def _section(cls: type, data: Any, what: str, renames: Mapping[str, str] | None 
     return cls(**kwargs)
 
 
-def _named(hardware: HardwareConfig) -> HardwareConfig:
-    """`hardware` with the default GPU's name only while its memory is the default GPU's: a GPU with other
-    memory and no name of its own is shown as GENERIC_GPU_NAME."""
-    if hardware.gpu_name == DEFAULT_GPU_NAME and hardware.gpu_memory_bytes != HardwareConfig.gpu_memory_bytes:
-        return replace(hardware, gpu_name=GENERIC_GPU_NAME)
-    return hardware
-
-
 def _micro_batch(value: Any) -> tuple[int, ...]:
     if value is None or value == "auto":
         return ()
@@ -451,9 +451,6 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
     if "methods" in data:
         kwargs["methods"] = _methods(data["methods"])
     kwargs["hardware"] = _section(HardwareConfig, data.get("hardware"), "hardware", _HARDWARE_SIZES)
-    hardware = data.get("hardware")
-    if isinstance(hardware, Mapping) and "gpu_name" not in hardware:
-        kwargs["hardware"] = _named(kwargs["hardware"])
     training = dict(data.get("training") or {})
     if not isinstance(data.get("training") or {}, Mapping):
         raise InputError("training must be a mapping of settings")
@@ -532,8 +529,6 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         tr["micro_batch"] = _micro_batch(flags["micro_batch"])
     # Build the sections first, then the Config, so that cross-field checks see the final values.
     hardware = replace(out.hardware, **hw) if hw else out.hardware
-    if out.hardware.gpu_name == DEFAULT_GPU_NAME:
-        hardware = _named(hardware)
     training = replace(out.training, **tr) if tr else out.training
     return Config(
         teachers=out.teachers,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gkd.config import Config, apply_flags
+from gkd.config import Config, apply_flags, gpu_label
 from gkd.errors import InputError
 from gkd.planner.plan import CATEGORIES, Plan, human_bytes
 
@@ -58,9 +58,10 @@ def render(plan: Plan, *, explain: bool = False) -> str:
     methods = " + ".join(m["name"] for m in cfg.get("methods", []))
     tnames = ", ".join(f"{t['name']} ({t['params'] / 1e9:.1f}B)" for t in teachers)
     lines.append(f"gkd plan: {tnames} -> {st.get('name')} ({st.get('params', 0) / 1e9:.2f}B) with {methods}")
+    gpu = gpu_label(hw.get("gpu_name", ""), plan.budget_bytes)
     lines.append(
         f"  sequence {tr.get('seq_len')}, global batch {tr.get('global_batch')}, {hw.get('gpus')} x "
-        f"{hw.get('gpu_name')} ({size(plan.budget_bytes)} each), host {size(hw.get('host_memory_bytes', 0))}"
+        f"{gpu} ({size(plan.budget_bytes)} each), host {size(hw.get('host_memory_bytes', 0))}"
     )
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     lines.append("")

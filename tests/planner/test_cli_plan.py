@@ -42,6 +42,7 @@ def test_output_file_reads_back_equal_and_plot_is_png(cfg, tmp_path):
     r = run(cfg, "-o", out, "--plot", png)
     assert r.exit_code == 0, r.output
     assert "FITS" in r.output and "Runners-up" in r.output
+    assert "2 x GPU (64.0 MiB each)" in r.output  # 64 MiB is no A100-40GB: the GPU is not named
     text = out.read_text()
     plan = Plan.from_json(text)
     assert plan.to_json() == text

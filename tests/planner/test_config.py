@@ -15,6 +15,7 @@ from gkd.config import (
     TrainingConfig,
     apply_flags,
     default_config,
+    gpu_label,
     load_config,
     parse_bytes,
 )
@@ -102,21 +103,24 @@ def test_flags_override_file(tmp_path):
     assert c.training.seq_len == 1024 and c.training.micro_batch == () and c.training.global_batch == 32
     assert c.hardware.gpus == 16 and c.hardware.gpu_memory_bytes == 80 * GiB and c.hardware.nodes == 2
     assert [m.name for m in c.methods] == ["kd", "minilmv2"]
-    assert c.hardware.gpu_name == "GPU"  # no longer the default A100-40GB
+    assert gpu_label(c.hardware.gpu_name, c.hardware.gpu_memory_bytes) == "GPU"  # not the default A100-40GB
 
 
-def test_gpu_name_follows_the_memory(tmp_path):
+def test_gpu_label_follows_the_memory(tmp_path):
+    def label(config):
+        return gpu_label(config.hardware.gpu_name, config.hardware.gpu_memory_bytes)
+
     default = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
-    assert default.hardware.gpu_name == "A100-SXM4-40GB"  # it gives 40GiB, the default GPU's memory
-    assert apply_flags(default, gpu_memory="40GiB").hardware.gpu_name == "A100-SXM4-40GB"
+    assert label(default) == "A100-SXM4-40GB"  # it gives 40GiB, the default GPU's memory
+    assert label(apply_flags(default, gpu_memory="40GiB")) == "A100-SXM4-40GB"
     (tmp_path / "a.yaml").write_text("teacher: a\nstudent: b\nmethods: [kd]\nhardware: {gpu_memory: 80GiB}\n")
-    assert load_config(tmp_path / "a.yaml").hardware.gpu_name == "GPU"
+    assert label(load_config(tmp_path / "a.yaml")) == "GPU"
     (tmp_path / "b.yaml").write_text(
         "teacher: a\nstudent: b\nmethods: [kd]\nhardware: {gpu_memory: 80GiB, gpu_name: H100-80GB}\n"
     )
     named = load_config(tmp_path / "b.yaml")
-    assert named.hardware.gpu_name == "H100-80GB"
-    assert apply_flags(named, gpu_memory="79GiB").hardware.gpu_name == "H100-80GB"
+    assert label(named) == "H100-80GB"
+    assert label(apply_flags(named, gpu_memory="79GiB")) == "H100-80GB"
 
 
 @pytest.mark.parametrize(
