@@ -2,31 +2,35 @@
 DIITO (Wu et al., NAACL 2022).
 
 LRC-BERT. Mapped intermediate layers (uniform over student depths 1..Ls-1) and the final hidden states are
-compared by the COS-NCE contrastive loss, the other samples of the batch being the negatives. For one layer
-pair, with the student states projected to the teacher width (S_i = W h^S_i, a bias-free Linear(Ds -> Dt) per
-pair) and T_j the teacher's states of sample j:
+compared by the COS-NCE contrastive loss, the other samples of the batch being the K = B - 1 negatives. For
+one layer pair, with the student states projected to the teacher width (S_i = W h^S_i, a bias-free
+Linear(Ds -> Dt) per pair) and T_j the teacher's states of sample j:
 
     g(S_i, T_j) = 1 - mean_p cos(S_i[p], T_j[p])      angular distance in [0, 2], p over the positions real
                                                        in both samples
-    L_CN(i) = 1 - (1 / K) * sum_{j != i} g(S_i, T_j) / 2  +  g(S_i, T_i),      K = B - 1
+    L_CN(i) = g(S_i, T_i) + (2K - sum_{j != i} [g(S_i, T_j) - g(S_i, T_i)]) / (2K)
 
-i.e. the distance to the teacher's representation of the same sample is pulled to 0 while the mean (halved, so
-in [0, 1]) distance to the teacher's representations of the other samples is pushed to 1. The layer loss is
-the mean of L_CN(i) over the batch; the COS-NCE loss is the sum over the layer pairs (intermediate pairs plus
-`final`). A batch needs at least 2 samples.
+which is the paper's equation (1) with the teacher's representations of the other samples as the negatives
+n_j: the distance to the teacher's representation of the same sample is pulled to 0, and each negative's
+distance is pushed above the positive's (the bracket lies in [-2, 2], so the second term in [0, 2]). The
+layer loss is the mean of L_CN(i) over the batch; the COS-NCE loss is the sum over the layer pairs
+(intermediate pairs plus `final`). A batch needs at least 2 samples.
 
-Provenance. The paper's method section (arXiv 2012.07335) was not available to check against; the formula
-above is the one the reference system implements (aitsc/GLMKD, distill/distill_model.py, class `LRC_BERT`):
-g = 1 - cos averaged over positions, `1 - (sum_{j != i} g_ij) / (B - 1) / 2 + g_ii` per sample, averaged over
-the batch, the other samples of the batch as negatives, a bias-free Linear(Ds -> Dt) on the student side, the
-student's layers 1..Ls-1 against the uniformly mapped teacher layers plus the final states. Three choices
-differ from that code, on purpose: (1) it concatenates the layers and averages the cosine over layers and
-positions at once, then multiplies the loss by the number of layers; because L_CN is linear in g this equals
-the sum of the per-layer losses used here whenever the masks are full; (2) it averages over padding positions
-too, which here never count; (3) its negative sum subtracts the positive term B times (`st_g_diag *
-st_g.size(0)`) instead of once, a slip that is not reproduced. Its `--lrc_bert_gather_dp` (negatives gathered
-across data-parallel ranks) has no counterpart: the negatives are the other samples of the micro-batch, so
-small micro-batches, gradient accumulation and data parallelism all mean fewer negatives.
+Provenance. The paper's own text (arXiv 2012.07335) was not available here. Equation (1) as written above is
+what two independent implementations compute: the reference system (aitsc/GLMKD, distill/distill_model.py,
+class `LRC_BERT`: `1 - (st_g.sum(-1) - st_g_diag * B) / (B - 1) / 2 + st_g_diag`, whose row sum includes
+the positive once, so the bracket subtracts the positive once per negative), and a public reimplementation
+that follows the paper's notation and labels the line "formula (1)" (`(2K - (sum_k g(n_k, z^S) - K g(z^T,
+z^S))) / (2K) + g(z^T, z^S)`, with [CLS] vectors and a memory bank of K negatives). gkd follows the reference
+system in what is pooled and where negatives come from: g = 1 - cos averaged over positions, the other
+samples of the batch as negatives, a bias-free Linear(Ds -> Dt) on the student side, the student's layers
+1..Ls-1 against the uniformly mapped teacher layers plus the final states. Two choices differ from its code:
+(1) it concatenates the layers and averages the cosine over layers and positions at once, then multiplies the
+loss by the number of layers; because L_CN is linear in g this equals the sum of the per-layer losses used
+here whenever the masks are full; (2) it averages over padding positions too, which here never count. Its
+`--lrc_bert_gather_dp` (negatives gathered across data-parallel ranks) has no counterpart: the negatives are
+the other samples of the micro-batch, so small micro-batches, gradient accumulation and data parallelism all
+mean fewer negatives.
 
 Gradient perturbation (hook op `lrc_gradient_perturbation`): each step first runs a clean student forward and
 takes the gradient g = dL/de of its full loss L with respect to the embedding output e (the input of layer 0);
@@ -99,8 +103,9 @@ def cos_nce(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
     both = (mask[:, None, :] & mask[None, :, :]).to(cos.dtype)
     g = 1 - (cos * both).sum(-1) / both.sum(-1).clamp(min=1)  # (B, B) angular distances
     positive = g.diagonal()
-    negative = (g.sum(-1) - positive) / (b - 1)
-    return (1 - negative / 2 + positive).mean()
+    k = b - 1
+    margins = g.sum(-1) - positive - k * positive  # sum over the K negatives of g(S_i, T_j) - g(S_i, T_i)
+    return (positive + (2 * k - margins) / (2 * k)).mean()
 
 
 @register_loss("lrc_bert.cos_nce")

@@ -31,8 +31,9 @@ from gkd.runtime.step import distill_step
 
 
 def cos_nce_reference(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The paper's COS-NCE for one layer, sample by sample: g = 1 - mean token cosine (positions real in both
-    samples), L_i = 1 - mean_{j != i} g(s_i, t_j) / 2 + g(s_i, t_i), averaged over i."""
+    """The paper's COS-NCE (its equation (1)) for one layer, sample by sample: g = 1 - mean token cosine
+    (positions real in both samples), the other samples' teacher states as the K negatives,
+    L_i = g(s_i, t_i) + (2K - sum_{j != i} (g(s_i, t_j) - g(s_i, t_i))) / (2K), averaged over i."""
     b = s.shape[0]
 
     def g(i: int, j: int) -> torch.Tensor:
@@ -40,10 +41,12 @@ def cos_nce_reference(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> t
         cos = torch.nn.functional.cosine_similarity(s[i][keep], t[j][keep], dim=-1)
         return 1 - cos.mean()
 
+    k = b - 1
     losses = []
     for i in range(b):
-        negatives = sum(g(i, j) for j in range(b) if j != i) / (b - 1)
-        losses.append(1 - negatives / 2 + g(i, i))
+        positive = g(i, i)
+        margins = sum(g(i, j) - positive for j in range(b) if j != i)
+        losses.append(positive + (2 * k - margins) / (2 * k))
     return torch.stack(losses).mean()
 
 
@@ -82,7 +85,8 @@ def test_lrc_cos_nce_equals_the_layer_concatenated_form():
     for i in range(b):
         for j in range(b):
             g[i, j] = 1 - torch.nn.functional.cosine_similarity(s_cat[i], t_cat[j], dim=-1).mean()
-    per_sample = 1 - (g.sum(1) - g.diagonal()) / (b - 1) / 2 + g.diagonal()
+    # The reference system's line: the row sum includes the positive, and B positives are subtracted.
+    per_sample = 1 - (g.sum(1) - g.diagonal() * b) / (b - 1) / 2 + g.diagonal()
     assert len(s_layers) == 2
     assert_rel(case.term("lrc_bert.cos_nce"), per_sample.mean() * len(s_layers))
 
