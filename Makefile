@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.gkd-installed
 
-.PHONY: demo test setup lint clean
+.PHONY: demo test setup lint pack clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
+
+# Rebuild the shipped facts pack (gkd/data/pack) after changing how specs or model facts are computed.
+pack: $(STAMP)
+	$(PY) -m gkd.planner.pack
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gkd tests benchmarks

@@ -41,15 +41,20 @@ the `stage` option (a run per stage). `anneal_schedule(tau_max)` states phi as a
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from gkd.errors import InputError
+from gkd.lazy import lazy_import
 from gkd.methods.losses import LossContext, hard, logits_mask, register_loss
 from gkd.methods.registry import get, register
 from gkd.methods.spec import LossTermSpec, MethodSpec, OptionSpec, Schedule, StageSpec, TapSpec
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch")
 
 
 def anneal_schedule(tau_max: int) -> Schedule:

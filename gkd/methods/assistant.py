@@ -21,14 +21,15 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from gkd.errors import InputError
 from gkd.methods.losses import LossContext, register_loss, soft
 from gkd.methods.registry import get, register
 from gkd.methods.spec import LossTermSpec, MethodSpec, OptionSpec, TapSpec
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # ---------------------------------------------------------------------------------------------------------
 # TAKD

@@ -1,22 +1,21 @@
-"""Combining methods: `resolve` (plain data for the planner) and `DistillLoss` (the executable loss).
+"""Combining methods: `resolve`, which turns the configured methods into plain data for the planner.
 
 `resolve(methods, teachers, student, step=0)` turns the config's `methods:` list (`{name, weight, options}`)
-into
-one `ResolvedMethods`: the union of concrete tap names per teacher and for the student (each tensor captured
-once, however many methods read it), the loss terms with their effective weights, the trainable extras with
-their parameter counts, and the flags the planner needs. Nothing runs; only the specs and ModelSpecs are read.
+into one `ResolvedMethods`: the union of concrete tap names per teacher and for the student (each tensor
+captured once, however many methods read it), the loss terms with their effective weights, the trainable
+extras with their parameter counts, and the flags the planner needs. Nothing runs; only the specs and
+ModelSpecs are read.
 
-`DistillLoss(resolved, teachers, student)` is an `nn.Module` holding every method's extras (so the optimizer
-and checkpoints include them); `forward(student_taps, teacher_taps, ...)` evaluates each term on the captured
-dicts and returns the weighted total and the per-term values.
+The executable side, `DistillLoss(resolved, teachers, student)`, lives in `gkd.methods.distill_loss`.
 
 Design choices:
 - Taps depend on the step for random / progressive layer rules, so `resolve` takes `step` and `total_steps`;
   `varies_with_step` tells the planner to re-resolve (the set's size is constant for random rules and largest
-  at
-  the last step for progressive ones).
+  at the last step for progressive ones).
 - A term's effective weight is method weight x term weight (or its weight option); terms whose weight is 0 are
   dropped with their taps. Schedules multiply the weight per step inside `DistillLoss`.
+- This module imports no torch (nor does anything `resolve` reaches): planning reads only specs and
+  ModelSpecs, and importing torch alone costs about 2 s of a cold `gkd plan`.
 - Constraint violations name both sizes and the registered methods that do not carry the constraint.
 """
 
@@ -24,14 +23,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import torch
-from torch import Tensor, nn
-
 from gkd.errors import InputError
-from gkd.methods.losses import LossContext, get_loss
 from gkd.methods.mapping import Pair, pairs, tap_name
 from gkd.methods.registry import get, names
 from gkd.methods.spec import (
@@ -483,116 +478,11 @@ def resolve(
     )
 
 
-def _build_extra(extra: ResolvedExtra) -> nn.Module:
-    def one(shape: tuple[int, int]) -> nn.Module:
-        if extra.kind == "linear":
-            return nn.Linear(shape[0], shape[1], bias=extra.bias)
-        p = nn.Parameter(torch.empty(shape))
-        nn.init.normal_(p, std=shape[0] ** -0.5)
-        holder = nn.Module()
-        holder.weight = p
-        return holder
+def __getattr__(name: str) -> Any:
+    # `DistillLoss` and `LossOutput` were defined here before they moved to `gkd.methods.distill_loss`;
+    # importing them from here still works, and only then imports torch.
+    if name in ("DistillLoss", "LossOutput"):
+        from gkd.methods import distill_loss
 
-    if extra.per == "none":
-        return one(extra.shapes[0])
-    return nn.ModuleList(one(s) for s in extra.shapes)
-
-
-@dataclass(kw_only=True)
-class LossOutput:
-    total: Tensor
-    terms: dict[str, Tensor] = field(default_factory=dict)  # "<method>.<term>" -> weighted value
-
-
-class DistillLoss(nn.Module):
-    """The executable side of `ResolvedMethods`: holds every method's extras and evaluates the loss terms.
-
-    Extras live in `self.extras[<method>][<extra>]` (an `nn.Linear`, or an `nn.ModuleList` of per-teacher /
-    per-layer copies), so `DistillLoss.parameters()` are exactly the trainable extras.
-    """
-
-    def __init__(self, resolved: ResolvedMethods, teachers: Sequence[Any], student: Any) -> None:
-        super().__init__()
-        self.resolved = resolved
-        self.student_is_encoder = bool(student.is_encoder)
-        self.student_layers = int(student.layers)
-        self.extras = nn.ModuleDict()
-        for extra in resolved.extras:
-            method, _, ename = extra.name.partition(".")
-            if method not in self.extras:
-                self.extras[method] = nn.ModuleDict()
-            self.extras[method][ename] = _build_extra(extra)  # type: ignore[index]
-
-    def forward(
-        self,
-        student_taps: Mapping[str, Tensor],
-        teacher_taps: Sequence[Mapping[str, Tensor]],
-        *,
-        labels: Tensor | None = None,
-        mask: Tensor | None = None,
-        step: int = 0,
-        total_steps: int = 0,
-        heads: dict[str, Any] | None = None,
-        aux: dict[str, Any] | None = None,
-    ) -> LossOutput:
-        """Weighted total and per-term values ("<method>.<term>", weighted) for one step.
-
-        student_taps / teacher_taps: the captured dicts (tap name -> tensor), one dict per teacher; labels and
-        mask (B, T) bool (True = real token); heads: {"student": W, "teachers": [W, ...]} LM-head weights for
-        fused-linear terms; aux: tap dicts of hook-op extra forwards, keyed by op name.
-        """
-        total: Tensor | None = None
-        values: dict[str, Tensor] = {}
-        by_method = {m.name: m for m in self.resolved.methods}
-        for term in self.resolved.loss_terms:
-            method = by_method[term.method]
-            spec = get(term.method)
-            spec_term = next(t for t in spec.terms if t.name == term.name)
-            _, stage_step, stage_total = stage_window(spec, method.options, step, total_steps)
-            factor = spec_term.schedule.at(stage_step, stage_total, student_layers=self.student_layers)
-            if factor == 0.0:
-                continue
-            fn = get_loss(term.fn)
-            ctx = LossContext(
-                method=term.method,
-                term=term.name,
-                options=method.options,
-                student=dict(student_taps),
-                teachers=[dict(t) for t in teacher_taps],
-                pairs=method.pairs,
-                kinds=method.kinds,
-                extras=self.extras[term.method] if term.method in self.extras else nn.ModuleDict(),
-                labels=labels,
-                mask=mask,
-                step=step,
-                total_steps=total_steps,
-                temperature=term.temperature if term.temperature is not None else 1.0,
-                student_is_encoder=self.student_is_encoder,
-                heads=heads or {},
-                aux=aux or {},
-            )
-            value = self._aggregate(spec, spec_term, fn, ctx)
-            weighted = value * (term.weight * factor)
-            values[f"{term.method}.{term.name}"] = weighted
-            total = weighted if total is None else total + weighted
-        if total is None:
-            total = torch.zeros(())
-        return LossOutput(total=total, terms=values)
-
-    @staticmethod
-    def _aggregate(spec: MethodSpec, term: LossTermSpec, fn: Any, ctx: LossContext) -> Tensor:
-        # Hard losses and "custom" / "single" aggregation: one call. Otherwise one call per teacher, combined.
-        if term.hard or spec.aggregation in ("single", "custom") or ctx.num_teachers == 1:
-            return fn(ctx)
-        per = []
-        for i in range(ctx.num_teachers):
-            ctx.teacher = i
-            per.append(fn(ctx))
-        ctx.teacher = 0
-        stacked = torch.stack(per)
-        if spec.aggregation == "sum":
-            return stacked.sum()
-        if spec.aggregation == "mean":
-            return stacked.mean()
-        weights = torch.tensor(ctx.options.get("teacher_weights") or [1.0] * len(per), dtype=stacked.dtype)
-        return (stacked * weights.to(stacked.device)).sum()
+        return getattr(distill_loss, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

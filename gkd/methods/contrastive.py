@@ -63,13 +63,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from gkd.errors import InputError
+from gkd.lazy import lazy_import
 from gkd.methods.hooks import HookOpBase, layer_output, register_hook_op, replace_layer_output
 from gkd.methods.losses import LossContext, register_loss
 from gkd.methods.registry import register
@@ -83,6 +80,15 @@ from gkd.methods.spec import (
     StageSpec,
     TapSpec,
 )
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+else:
+    torch = lazy_import("torch")
+    F = lazy_import("torch.nn.functional")
 
 # LRC-BERT ----------------------------------------------------------------------------------------------
 

@@ -25,13 +25,20 @@ weight `alp_rate` is applied (GLMKD parses its lambda but never uses it). Hidden
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from gkd.errors import InputError
+from gkd.lazy import lazy_import
 from gkd.methods.losses import LossContext, logits_mask, register_loss
 from gkd.methods.registry import register
 from gkd.methods.spec import LayerRule, LossTermSpec, MethodSpec, OptionSpec, StageSpec, TapSpec
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch")
 
 _LOGITS = TapSpec(kind="logits")
 _SOFT_KIND = OptionSpec(name="soft", default="soft_ce", doc="soft loss: soft_ce (no T^2), kl (x T^2) or mse")

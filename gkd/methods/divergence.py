@@ -19,15 +19,20 @@ weight (`gkd.kernels.fused_linear_topk_kd_loss`); otherwise on materialised logi
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, NamedTuple
 
 from gkd.errors import InputError
+from gkd.lazy import lazy_import
 from gkd.methods.losses import LossContext, logits_mask, register_loss
 from gkd.methods.registry import register
 from gkd.methods.spec import LossTermSpec, MethodSpec, OptionSpec, TapSpec
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch")
 
 _PAPERS = {
     "fkl": ("Forward KL", "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network", 2015),

@@ -9,12 +9,19 @@ positions (mask False) do not count.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from gkd.lazy import lazy_import
 from gkd.methods.losses import LossContext, register_loss
 from gkd.methods.registry import register
 from gkd.methods.spec import ExtraSpec, LayerRule, LossTermSpec, MethodSpec, TapSpec
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch")
 
 
 def projected_hidden_loss(ctx: LossContext, kind: str) -> Tensor:

@@ -38,11 +38,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Protocol
-
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gkd.errors import InputError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 _HOOK_OPS: dict[str, type] = {}
 

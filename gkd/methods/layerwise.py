@@ -31,10 +31,10 @@ truncated model.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from gkd.errors import InputError
+from gkd.lazy import lazy_import
 from gkd.methods.losses import LossContext, pool, register_loss
 from gkd.methods.registry import register
 from gkd.methods.spec import (
@@ -46,6 +46,13 @@ from gkd.methods.spec import (
     StageSpec,
     TapSpec,
 )
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch")
 
 
 def _need_layers(ctx: LossContext, tap: str, what: str) -> tuple[tuple[int, int], ...]:

@@ -9,9 +9,9 @@ kernel exists (the term's `kernel` field says which) and are plain torch otherwi
 Design choices:
 - One registry for every family: `generic` losses (the prediction-layer soft loss, the hard task / LM loss)
   live here because almost every method uses them; family-specific ones live in the family file.
-- Multi-teacher aggregation is done by the caller (`gkd.methods.combine.DistillLoss`): for "sum" / "mean" /
-  "weighted" methods the function is called once per teacher with `ctx.teacher` set; "custom" methods (RL-KD,
-  uncertainty) see every teacher through `ctx.num_teachers` and do their own aggregation.
+- Multi-teacher aggregation is done by the caller (`gkd.methods.distill_loss.DistillLoss`): for "sum" /
+  "mean" / "weighted" methods the function is called once per teacher with `ctx.teacher` set; "custom"
+  methods (RL-KD, uncertainty) see every teacher through `ctx.num_teachers` and do their own aggregation.
 - [CLS] on a decoder is an explicit choice (`cls` option): "last" non-pad token or "mean" pool; "first" is
   BERT's [CLS]; "auto" picks first for encoders and last for decoders.
 """
@@ -20,16 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from gkd.errors import InputError
+from gkd.lazy import lazy_import
 from gkd.methods.mapping import Pair, tap_name
 
-LossFn = Callable[["LossContext"], Tensor]
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+else:
+    torch = lazy_import("torch")
+    F = lazy_import("torch.nn.functional")
+
+LossFn = Callable[["LossContext"], "Tensor"]
 _LOSSES: dict[str, LossFn] = {}
 
 

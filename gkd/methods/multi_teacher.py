@@ -42,12 +42,10 @@ Design choices:
 from __future__ import annotations
 
 import math
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from gkd.errors import InputError
+from gkd.lazy import lazy_import
 from gkd.methods.losses import LossContext, hard, hard_loss_kind, logits_mask, pool, register_loss
 from gkd.methods.registry import register
 from gkd.methods.spec import (
@@ -59,6 +57,15 @@ from gkd.methods.spec import (
     StageSpec,
     TapSpec,
 )
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch = lazy_import("torch")
+    F = lazy_import("torch.nn.functional")
 
 _DIVERGENCE = {"kl": "fkl", "soft_ce": "soft_ce", "mse": "mse"}
 

@@ -14,7 +14,9 @@ import pkgutil
 from gkd.errors import InputError
 from gkd.methods.spec import MethodSpec
 
-_FRAMEWORK = frozenset({"spec", "mapping", "registry", "losses", "combine", "hooks", "report"})
+_FRAMEWORK = frozenset(
+    {"spec", "mapping", "registry", "losses", "combine", "distill_loss", "hooks", "report"}
+)
 _METHODS: dict[str, MethodSpec] = {}
 _loaded = False
 

@@ -13,11 +13,14 @@ decoder token never attends to later ones; `causal` overrides.
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from gkd.methods.losses import LossContext, register_loss
 from gkd.methods.registry import register
 from gkd.methods.spec import LayerRule, LossTermSpec, MethodSpec, OptionSpec, StageSpec, TapSpec
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register_loss("minilmv2.relations")

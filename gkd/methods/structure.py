@@ -72,16 +72,22 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from gkd.errors import InputError
+from gkd.lazy import lazy_import
 from gkd.methods.losses import LossContext, register_loss
 from gkd.methods.registry import register
 from gkd.methods.spec import LayerRule, LossTermSpec, MethodSpec, OptionSpec, StageSpec, TapSpec
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch = lazy_import("torch")
+    F = lazy_import("torch.nn.functional")
 
 _NEG = -1e4  # fill for excluded relation logits: exp(-1e4) is 0 in float32 and float64, and never NaN
 

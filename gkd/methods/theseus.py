@@ -24,14 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from gkd.errors import InputError
 from gkd.methods.hooks import HookOpBase, layer_output, register_hook_op
 from gkd.methods.registry import register
 from gkd.methods.spec import HookOpSpec, LossTermSpec, MethodSpec, OptionSpec, Schedule, TapSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def keep_schedule(start: float, finish: float) -> Schedule:

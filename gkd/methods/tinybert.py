@@ -29,9 +29,9 @@ vocabularies (MLM distillation).
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from gkd.lazy import lazy_import
 from gkd.methods.attention import allowed_pairs, attention_kl, is_causal
 from gkd.methods.losses import LossContext, register_loss
 from gkd.methods.registry import register
@@ -44,6 +44,13 @@ from gkd.methods.spec import (
     StageSpec,
     TapSpec,
 )
+
+# torch is imported on first use, so registering and resolving methods needs none (see gkd/lazy.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_import("torch")
 
 # ---------------------------------------------------------------------------------------------------------
 # TinyBERT

@@ -1,15 +1,23 @@
 """The planner's disk cache: JSON results of the passes that need torch, so later runs import none.
 
 An entry lives at `cache_dir()/KIND/[NAME-]KEY.json`. KEY hashes the inputs with a fingerprint of the gkd
-sources that compute the value (`source_fingerprint`), so a change to that code makes a new entry instead of
-reading a stale one. Entries are written to a temporary file and renamed, so a reader never sees half of one.
-A corrupt, partial or unreadable entry is computed again, and an unwritable folder only costs speed.
+sources that compute the value (`source_fingerprint`, from their content) and the installed torch and
+transformers versions, so a change to that code or an upgrade makes a new entry instead of reading a stale
+one. Entries are written to a temporary file and renamed, so a reader never sees half of one. A corrupt,
+partial or unreadable entry is computed again, and an unwritable folder only costs speed.
+
+Behind the user's cache sits the pack (`PACK_DIR`, shipped inside the package; see gkd.planner.pack): the
+same entries, precomputed for every preset and reference model by `python -m gkd.planner.pack`. Because keys
+hash content and versions, never paths or times, a pack entry is found exactly when it is what this install
+would compute; with other sources or versions the pack is simply not consulted, and the value is computed.
+`GKD_NO_PACK=1` ignores the pack (to time or test the computation itself).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 from collections.abc import Callable
@@ -17,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 _PACKAGE = Path(__file__).resolve().parent.parent
+PACK_DIR = _PACKAGE / "data" / "pack"
+# The libraries whose versions change what the cached passes compute (model configs, traced graphs).
+_VERSIONED = ("torch", "transformers")
 
 
 def cache_dir() -> Path:
@@ -26,16 +37,52 @@ def cache_dir() -> Path:
 
 @functools.cache
 def source_fingerprint(patterns: tuple[str, ...]) -> str:
-    """A hash of the gkd sources matching `patterns` (globs relative to the package): size and mtime of each.
+    """A hash of the content of the gkd sources matching `patterns` (globs relative to the package).
 
-    Computed once per process: sources do not change under a running planner, and a plan looks the
-    fingerprint up for every entry it reads, re-plans included."""
+    Content, not modification times: a fresh clone or an installed wheel of the same code gives the same
+    fingerprint, so the shipped pack stays valid. Computed once per process (a few files, about a
+    millisecond): sources do not change under a running planner, and a plan looks the fingerprint up for
+    every entry it reads, re-plans included."""
     h = hashlib.sha256()
     for pattern in patterns:
         for path in sorted(_PACKAGE.glob(pattern)):
-            stat = path.stat()
-            h.update(f"{path.relative_to(_PACKAGE)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            h.update(str(path.relative_to(_PACKAGE)).encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def tool_versions() -> dict[str, str]:
+    """Installed versions of the libraries the cached values depend on, read from package metadata (no
+    import). The local build tag is dropped (torch 2.13.0+cpu and 2.13.0+cu126 are one release): values are
+    traced on the meta device, in the release's Python code, never through a device backend."""
+    versions = {}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = importlib.metadata.version(dist).split("+")[0]
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "none"
+    return versions
+
+
+def entry_path(kind: str, key_data: Any, sources: tuple[str, ...], *, name: str = "") -> Path:
+    """Where the entry for `key_data` lives, relative to a cache folder (the user's or the pack)."""
+    payload = json.dumps(
+        {"data": key_data, "src": source_fingerprint(sources), "versions": tool_versions()},
+        sort_keys=True,
+        default=str,
+    )
+    key = hashlib.sha256(payload.encode()).hexdigest()[:24]
+    prefix = f"{name.replace('/', '_')}-" if name else ""
+    return Path(kind) / f"{prefix}{key}.json"
+
+
+def _read(path: Path, valid: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, unreadable or truncated
+    return value if isinstance(value, dict) and valid(value) else None
 
 
 def cached(
@@ -48,22 +95,20 @@ def cached(
     valid: Callable[[dict[str, Any]], bool] = lambda _: True,
     use_cache: bool = True,
 ) -> dict[str, Any]:
-    """The JSON-able result for `key_data` from the cache, or `compute()`d and stored.
+    """The JSON-able result for `key_data` from the user's cache, else from the pack, else `compute()`d and
+    stored in the user's cache.
 
     name: a readable prefix for the file (e.g. the model's name); valid: whether a read entry is complete
     (one that is not is computed again); use_cache=False computes without reading or writing."""
     if not use_cache:
         return compute()
-    payload = json.dumps({"data": key_data, "src": source_fingerprint(sources)}, sort_keys=True, default=str)
-    key = hashlib.sha256(payload.encode()).hexdigest()[:24]
-    prefix = f"{name.replace('/', '_')}-" if name else ""
-    path = cache_dir() / kind / f"{prefix}{key}.json"
-    try:
-        value = json.loads(path.read_text())
-        if isinstance(value, dict) and valid(value):
-            return value
-    except (OSError, ValueError):
-        pass  # absent, unreadable or truncated: compute it
+    relative = entry_path(kind, key_data, sources, name=name)
+    path = cache_dir() / relative
+    found = _read(path, valid)
+    if found is None and not os.environ.get("GKD_NO_PACK"):
+        found = _read(PACK_DIR / relative, valid)
+    if found is not None:
+        return found
     value = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,17 @@ class ModelFacts:
 FACTS_SOURCES = ("models.py", "planner/trace.py", "planner/taps.py", "planner/facts.py", "planner/probe.py")
 
 
+def facts_key(spec: Any, regime: str, persistence_threshold: int) -> dict[str, Any]:
+    """The cache key of a model's facts entry for one regime (what the entry depends on besides sources)."""
+    return {
+        "v": FACTS_VERSION,
+        "hf": spec.hf_config,
+        "dtype": spec.dtype,
+        "regime": regime,
+        "persist": persistence_threshold,
+    }
+
+
 def _entry(
     spec: Any, regime: str, persistence_threshold: int, compute: Any, use_cache: bool
 ) -> dict[str, Any]:
@@ -87,16 +98,9 @@ def _entry(
         with status(f"tracing {spec.name} (once per model; cached in {cache_dir()})"):
             return dict(compute())
 
-    key = {
-        "v": FACTS_VERSION,
-        "hf": spec.hf_config,
-        "dtype": spec.dtype,
-        "regime": regime,
-        "persist": persistence_threshold,
-    }
     return cached(
         "facts",
-        key,
+        facts_key(spec, regime, persistence_threshold),
         FACTS_SOURCES,
         traced,
         name=spec.name,
@@ -119,7 +123,7 @@ def model_facts(
             spec,
             probes[0],
             persistence_threshold,
-            lambda: _probe_entry(spec, probes, persistence_threshold),
+            lambda: probe_entry(spec, probes, persistence_threshold),
             use_cache,
         )
         if "polys" in entry:
@@ -138,7 +142,9 @@ def model_facts(
     return _facts(spec, seq_len, entry["params"], entry["activations"])
 
 
-def _probe_entry(spec: Any, probes: tuple[str, int, int], persistence_threshold: int) -> dict[str, Any]:
+def probe_entry(spec: Any, probes: tuple[str, int, int], persistence_threshold: int) -> dict[str, Any]:
+    """A model's facts entry for one probe regime: parameter facts and activation polynomials (or why the
+    probes could not stand in for other lengths)."""
     from gkd.planner.probe import ProbeMismatch
 
     params = parameter_facts(spec, persistence_threshold=persistence_threshold)

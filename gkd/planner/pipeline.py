@@ -6,10 +6,11 @@ one-line summary, and names the pass in any error it raises, so `gkd plan --expl
 and a failure says which stage rejected the input.
 
 The passes that need torch (building ModelSpecs through transformers, meta-model parameter counts, the traced
-tap catalogue, resolving methods) produce plain data that is cached on disk (`gkd.planner.cache`; model
-facts once per model for every sequence length, `gkd.planner.facts`), keyed by their inputs and a fingerprint
-of gkd's sources; with a warm cache a plan imports no torch and takes well under a second. Search and emit are
-pure Python.
+tap catalogue) produce plain data that is cached on disk (`gkd.planner.cache`; model facts once per model for
+every sequence length, `gkd.planner.facts`), keyed by their inputs, a fingerprint of gkd's sources and the
+torch and transformers releases; presets and reference models come precomputed in the shipped pack
+(`gkd.planner.pack`). Resolving methods, search and emit are pure Python. With the facts cached or packed a
+plan imports no torch and takes well under a second.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class PassRunner:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Plain-data views of what the torch-side passes produce, so they can be cached.
+# Plain-data views of what the planner reads of the resolved methods.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,26 +120,18 @@ class MethodsView:
             "eager_attention": self.eager_attention,
         }
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MethodsView:
-        return cls(
-            teacher_taps=tuple(frozenset(t) for t in d["teacher_taps"]),
-            student_taps=frozenset(d["student_taps"]),
-            loss_terms=tuple(TermView(**{**t, "taps": tuple(t["taps"])}) for t in d["loss_terms"]),
-            extras=tuple((n, int(p)) for n, p in d["extras"]),
-            fused_linear=d["fused_linear"],
-            offline_ok=d["offline_ok"],
-            needs_teacher_forward=d["needs_teacher_forward"],
-            eager_attention=d["eager_attention"],
-        )
+
+# The sources whose code builds a ModelSpec: a change to them invalidates cached specs.
+SPEC_SOURCES = ("models.py",)
 
 
-def _model_key(ref: str) -> Any:
-    """A cache key for a model reference: the name, plus the config's content when it is a file or folder."""
+def spec_key(ref: str) -> Any:
+    """A cache key for a model reference: the preset name, or the content of its config.json (never the
+    path, so the same file anywhere, e.g. in a fresh clone, finds the same entry)."""
     p = Path(ref).expanduser()
     target = p / "config.json" if p.is_dir() else p
     if target.is_file():
-        return {"ref": str(p.resolve()), "content": hashlib.sha256(target.read_bytes()).hexdigest()}
+        return {"config": hashlib.sha256(target.read_bytes()).hexdigest()}
     return {"ref": ref}
 
 
@@ -153,12 +146,14 @@ def load_spec(ref: str) -> Any:
         with status(f"reading {ref}"):
             return dataclasses.asdict(resolve_model(ref))
 
-    data = cached("specs", _model_key(ref), ("models.py",), compute)
-    # The cached spec may have been made from another spelling of the same path; name it as given now, and by
-    # its file (or folder) name rather than a long path.
+    data = cached("specs", spec_key(ref), SPEC_SOURCES, compute)
+    # The cached spec may have been made from another copy of the same file; name it as given now, by its
+    # file (or folder) name rather than a long path, and say where it was read.
     p = Path(ref).expanduser()
-    name = (p.name if p.is_dir() else p.stem) if p.exists() else ref
-    return ModelSpec(**{**data, "name": name})
+    if not p.exists():
+        return ModelSpec(**{**data, "name": ref})
+    config = p / "config.json" if p.is_dir() else p
+    return ModelSpec(**{**data, "name": p.name if p.is_dir() else p.stem, "description": f"from {config}"})
 
 
 def _chain_message(chain: tuple[Any, ...]) -> str:
@@ -168,32 +163,18 @@ def _chain_message(chain: tuple[Any, ...]) -> str:
         f"--methods {','.join(m['name'] for m in link.methods)}`"
         for link in chain
     ]
-    return (
-        f"takd is a chain of {len(chain)} separate runs, each planned on its own: "
-        + ", then ".join(runs)
-    )
+    return f"takd is a chain of {len(chain)} separate runs, each planned on its own: " + ", then ".join(runs)
 
 
 def load_methods(config: Config, teachers: list[Any], student: Any) -> MethodsView:
-    entries = [m.to_entry() for m in config.methods]
+    """The planner's view of the resolved methods. Resolving is plain data work and imports no torch
+    (gkd.methods loads torch only when a loss runs), so it is not cached."""
+    from gkd.methods import resolve
 
-    def compute() -> dict[str, Any]:
-        from gkd.methods import resolve
-
-        resolved = resolve(entries, teachers, student)
-        if resolved.chain:
-            raise InputError(_chain_message(resolved.chain))
-        return MethodsView.from_resolved(resolved).to_dict()
-
-    key = {
-        "methods": entries,
-        "teachers": [t.hf_config for t in teachers],
-        "student": student.hf_config,
-        "names": [t.name for t in teachers] + [student.name],
-    }
-    return MethodsView.from_dict(
-        cached("methods", key, ("methods/*.py", "models.py", "planner/pipeline.py"), compute)
-    )
+    resolved = resolve([m.to_entry() for m in config.methods], teachers, student)
+    if resolved.chain:
+        raise InputError(_chain_message(resolved.chain))
+    return MethodsView.from_resolved(resolved)
 
 
 # ----------------------------------------------------------------------------------------------------------
