@@ -58,7 +58,7 @@ def run_inspect(model: str, *, seq_len: int, micro_batch: int, as_json: bool) ->
     the sizes and the sources that compute it, so inspecting a model again needs no torch."""
     from gkd.planner.cache import cache_dir, cached
     from gkd.planner.facts import FACTS_SOURCES
-    from gkd.planner.pipeline import load_spec
+    from gkd.planner.specs import load_spec
     from gkd.status import status
 
     spec = load_spec(model)

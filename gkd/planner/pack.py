@@ -70,7 +70,7 @@ def expected_entries(persistence_threshold: int = 100_000) -> dict[str, str]:
     """Pack-relative path -> "model regime" for every entry the pack must hold with this install's sources and
     versions. Reads specs through the cache (so through the pack itself when it is current)."""
     from gkd.planner.facts import FACTS_SOURCES, facts_key
-    from gkd.planner.pipeline import SPEC_SOURCES, load_spec, spec_key
+    from gkd.planner.specs import SPEC_SOURCES, load_spec, spec_key
 
     entries: dict[str, str] = {}
     for ref in pack_models():
@@ -87,7 +87,7 @@ def build(out: Path = PACK_DIR) -> dict[str, Any]:
     """Compute every pack entry in a scratch cache, then replace `out` with them and write the manifest."""
     from gkd.config import DeepSpeedSettings
     from gkd.planner.facts import model_facts
-    from gkd.planner.pipeline import load_spec
+    from gkd.planner.specs import load_spec
 
     threshold = DeepSpeedSettings().stage3_param_persistence_threshold
     scratch = Path(tempfile.mkdtemp(prefix="gkd-pack-"))

@@ -16,20 +16,18 @@ plan imports no torch and takes well under a second.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from gkd.config import Config
 from gkd.errors import GkdError, InputError
-from gkd.planner.cache import cached
 from gkd.planner.facts import ModelFacts, model_facts
 from gkd.planner.plan import PLAN_VERSION, Alternative, PassRecord, Plan
 from gkd.planner.search import Evaluated, SearchResult, search
+from gkd.planner.specs import load_spec
 
 T = TypeVar("T")
 
@@ -119,41 +117,6 @@ class MethodsView:
             "needs_teacher_forward": self.needs_teacher_forward,
             "eager_attention": self.eager_attention,
         }
-
-
-# The sources whose code builds a ModelSpec: a change to them invalidates cached specs.
-SPEC_SOURCES = ("models.py",)
-
-
-def spec_key(ref: str) -> Any:
-    """A cache key for a model reference: the preset name, or the content of its config.json (never the
-    path, so the same file anywhere, e.g. in a fresh clone, finds the same entry)."""
-    p = Path(ref).expanduser()
-    target = p / "config.json" if p.is_dir() else p
-    if target.is_file():
-        return {"config": hashlib.sha256(target.read_bytes()).hexdigest()}
-    return {"ref": ref}
-
-
-def load_spec(ref: str) -> Any:
-    """A ModelSpec for `ref`, through the disk cache (building one imports transformers)."""
-    from gkd.models import ModelSpec
-
-    def compute() -> dict[str, Any]:
-        from gkd.models import resolve_model
-        from gkd.status import status
-
-        with status(f"reading {ref}"):
-            return dataclasses.asdict(resolve_model(ref))
-
-    data = cached("specs", spec_key(ref), SPEC_SOURCES, compute)
-    # The cached spec may have been made from another copy of the same file; name it as given now, by its
-    # file (or folder) name rather than a long path, and say where it was read.
-    p = Path(ref).expanduser()
-    if not p.exists():
-        return ModelSpec(**{**data, "name": ref})
-    config = p / "config.json" if p.is_dir() else p
-    return ModelSpec(**{**data, "name": p.name if p.is_dir() else p.stem, "description": f"from {config}"})
 
 
 def _chain_message(chain: tuple[Any, ...]) -> str:

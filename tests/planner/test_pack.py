@@ -3,7 +3,6 @@ each equal to a fresh computation, and the cache reads it only when the keys mat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -11,12 +10,11 @@ import sys
 
 import pytest
 
-from gkd.models import resolve_model
 from gkd.planner import cache
 from gkd.planner.cache import PACK_DIR, tool_versions
 from gkd.planner.facts import FACTS_SOURCES, facts_key, probe_entry
 from gkd.planner.pack import expected_entries, pack_models, pack_regimes
-from gkd.planner.pipeline import SPEC_SOURCES, load_spec, spec_key
+from gkd.planner.specs import SPEC_SOURCES, load_spec, spec_entry, spec_key
 
 MANIFEST = json.loads((PACK_DIR / "MANIFEST.json").read_text())
 REBUILD = "the pack is stale: rebuild it with `make pack` and commit gkd/data/pack"
@@ -43,7 +41,7 @@ def test_pack_entries_equal_a_fresh_trace(ref, monkeypatch):
     monkeypatch.setenv("GKD_NO_PACK", "1")  # nothing below may come from the pack
     spec = load_spec(ref)
     packed_spec = json.loads((PACK_DIR / cache.entry_path("specs", spec_key(ref), SPEC_SOURCES)).read_text())
-    assert packed_spec == json.loads(json.dumps(dataclasses.asdict(resolve_model(ref))))
+    assert packed_spec == json.loads(json.dumps(spec_entry(ref)))
     for regime in pack_regimes(spec):
         key = facts_key(spec, regime[0], 100_000)
         relative = cache.entry_path("facts", key, FACTS_SOURCES, name=spec.name)

@@ -1,0 +1,60 @@
+"""Model specs for the planner, through the disk cache: building a ModelSpec imports transformers (about
+2 s), reading a cached one imports nothing.
+
+An entry is keyed by the preset's name or the content of the config.json (`spec_key`), never by a path, and
+holds no path (`spec_entry`), so the same file in another folder (a fresh clone, another user's copy) finds
+the same entry, including the one shipped in the pack (gkd.planner.pack). `load_spec` names the spec as the
+caller gave it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from gkd.planner.cache import cached
+
+# The sources whose code builds a ModelSpec: a change to them invalidates cached specs.
+SPEC_SOURCES = ("models.py", "planner/specs.py")
+
+
+def spec_key(ref: str) -> Any:
+    """A cache key for a model reference: the preset name, or the content of its config.json (never the
+    path, so the same file anywhere, e.g. in a fresh clone, finds the same entry)."""
+    p = Path(ref).expanduser()
+    target = p / "config.json" if p.is_dir() else p
+    if target.is_file():
+        return {"config": hashlib.sha256(target.read_bytes()).hexdigest()}
+    return {"ref": ref}
+
+
+def spec_entry(ref: str) -> dict[str, Any]:
+    """The cache entry of a model reference: its ModelSpec as plain data, without the path it was read from
+    (an entry is keyed by content, so the same file elsewhere finds it; `load_spec` names it as given)."""
+    from gkd.models import resolve_model
+
+    data = dataclasses.asdict(resolve_model(ref))
+    if Path(ref).expanduser().exists():
+        data["name"], data["description"] = "", ""
+    return data
+
+
+def load_spec(ref: str) -> Any:
+    """A ModelSpec for `ref`, through the disk cache (building one imports transformers)."""
+    from gkd.models import ModelSpec
+
+    def compute() -> dict[str, Any]:
+        from gkd.status import status
+
+        with status(f"reading {ref}"):
+            return spec_entry(ref)
+
+    data = cached("specs", spec_key(ref), SPEC_SOURCES, compute)
+    p = Path(ref).expanduser()
+    if not p.exists():
+        return ModelSpec(**{**data, "name": ref})
+    # A file or folder: named by its file (or folder) name rather than a long path; says where it was read.
+    config = p / "config.json" if p.is_dir() else p
+    return ModelSpec(**{**data, "name": p.name if p.is_dir() else p.stem, "description": f"from {config}"})
