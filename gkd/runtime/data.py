@@ -1,0 +1,436 @@
+"""Training data for `gkd run`: a tokenizer and an endless, deterministic stream of packed micro-batches.
+
+Two entry points:
+
+- `load_tokenizer(ref, spec)`: the tokenizer the models were trained with, read from the model's folder
+  (or the folder of its config.json) with `AutoTokenizer.from_pretrained(..., local_files_only=True)`, so
+  nothing is ever downloaded. Presets and folders without tokenizer files get the built-in `ByteTokenizer`
+  (UTF-8 bytes as ids 0..255, with pad / bos / eos / mask on four ASCII control codes that text never
+  holds), which needs a vocabulary of at least 256 ids, so it fits every preset, the tiny ones included.
+- `batches(source, tokenizer, ...)`: documents from the built-in corpus, a `.txt` file, a `.jsonl` file or a
+  `datasets.save_to_disk` folder; tokenised, joined with eos and packed into rows of exactly `seq_len` tokens.
+
+Design choices:
+
+- Packing, not padding. Every row is full, so the attention mask is all True and no compute goes to pad
+  tokens; the final partial row is dropped. Documents are encoded without the tokenizer's own special
+  tokens (no per-document BOS / CLS) and each one is followed by eos, so document boundaries stay visible to
+  the model.
+- The whole source is tokenised once, up front, in memory. That suits the built-in corpus and the small to
+  medium files a distillation run reads here; streaming very large corpora is not modelled.
+- Rows are shuffled globally each epoch with a generator seeded from (seed, epoch), then rank r takes rows
+  r, r + world, ...: every rank computes the same permutation, so ranks see disjoint rows that together cover
+  the epoch, and a different split each epoch. A rank's batches are cut from the endless concatenation of its
+  epochs, so no row is ever dropped at an epoch boundary.
+- MLM masking follows BERT (Devlin et al. 2019, section 3.1): 15% of positions are chosen, of those 80% become
+  the mask id, 10% a random non-special id and 10% stay unchanged; labels hold the original id at chosen
+  positions and -100 elsewhere. Special tokens (the eos separators) are never chosen, as in transformers'
+  `DataCollatorForLanguageModeling`. The generator is seeded from (seed, rank, batch index), so masking is
+  deterministic and independent across ranks.
+- Causal labels are a copy of input_ids: the model (and `gkd.methods.losses.task_loss`) shifts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gkd.errors import InputError
+from gkd.models import ModelSpec, preset_names
+
+OBJECTIVES = ("causal", "mlm")
+
+# Fractions of BERT masking (Devlin et al. 2019): positions chosen, and of those, masked / randomised.
+MLM_CHOOSE = 0.15
+MLM_MASK = 0.8
+MLM_RANDOM = 0.1
+
+# Files whose presence marks a folder as holding a Hugging Face tokenizer.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.txt",
+    "vocab.json",
+)
+
+_SOURCE_FORMS = 'a .txt file, a .jsonl file with a "text" field per line, or a datasets.save_to_disk folder'
+
+
+class Tokenizer(Protocol):
+    """What `batches` needs from a tokenizer."""
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    @property
+    def eos_id(self) -> int | None: ...
+
+    @property
+    def mask_id(self) -> int | None: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255. Pad, bos, eos and mask are the ASCII control codes NUL, SOH, STX and ETX
+    (ids 0..3), which prose never contains; `encode` drops them from the text so they stay unambiguous.
+
+    For presets and config-only models, which have random weights and no tokenizer of their own. Placing the
+    specials inside the byte range (rather than at 256..259) keeps the vocabulary at 256, the size of the tiny
+    presets.
+    """
+
+    pad_id = 0
+    bos_id = 1
+    eos_id = 2
+    mask_id = 3
+    vocab_size = 256
+    _SPECIALS = frozenset((0, 1, 2, 3))
+
+    def encode(self, text: str) -> list[int]:
+        return [b for b in text.encode("utf-8") if b not in self._SPECIALS]
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of the byte ids; special ids are skipped, broken UTF-8 becomes U+FFFD."""
+        return bytes(i for i in ids if 4 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the `Tokenizer` protocol.
+
+    Models without an eos token (BERT) separate documents with their sep token; models without a pad token
+    (Llama) pad with eos, as is usual for them; packed rows never need padding anyway.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.bos_id: int | None = _first_id(tokenizer.bos_token_id, tokenizer.cls_token_id)
+        self.eos_id: int | None = _first_id(tokenizer.eos_token_id, tokenizer.sep_token_id)
+        self.mask_id: int | None = _first_id(tokenizer.mask_token_id)
+        self.pad_id: int = _first_id(tokenizer.pad_token_id, self.eos_id) or 0
+        self.vocab_size: int = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        # verbose=False: a long document is longer than the model's context, which is fine because it is
+        # packed into rows afterwards; transformers would warn about it otherwise.
+        return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+
+
+def _first_id(*ids: int | None) -> int | None:
+    for value in ids:
+        if value is not None:
+            return int(value)
+    return None
+
+
+def load_tokenizer(ref: str, spec: ModelSpec) -> Tokenizer:
+    """The tokenizer for the model that `ref` names (preset name, config.json path or checkpoint folder).
+
+    A folder holding tokenizer files gives a transformers tokenizer, loaded offline; anything else gives the
+    `ByteTokenizer`. Raises InputError when the tokenizer's ids do not fit the model's vocabulary.
+    """
+    folder = _tokenizer_folder(ref)
+    if folder is None:
+        if spec.vocab < ByteTokenizer.vocab_size:
+            need = ByteTokenizer.vocab_size
+            raise InputError(
+                f"model {spec.name} has a vocabulary of {spec.vocab} but the built-in byte tokenizer "
+                f"needs {need} ids (one per byte); point the model at a folder "
+                f"with tokenizer files or use a config with vocab_size >= {need}"
+            )
+        return ByteTokenizer()
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # transformers raises many kinds (OSError, ValueError, KeyError, ...)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(
+            f"cannot load the tokenizer in {folder}: {err.__class__.__name__}: {detail}; "
+            "check its tokenizer files or remove them to use the built-in byte tokenizer"
+        ) from None
+    tokenizer = HFTokenizer(hf)
+    if tokenizer.vocab_size > spec.vocab:
+        raise InputError(
+            f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but model {spec.name} has a "
+            f"vocabulary of {spec.vocab}; use the tokenizer the model was trained with"
+        )
+    return tokenizer
+
+
+def _tokenizer_folder(ref: str) -> Path | None:
+    """The folder whose tokenizer files belong to `ref`, or None (presets, folders without them)."""
+    if ref in preset_names():
+        return None
+    path = Path(ref).expanduser()
+    folder = path if path.is_dir() else path.parent if path.is_file() else None
+    if folder is None or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Documents
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_documents(source: str | None) -> list[str]:
+    """The documents of a data source (None: the built-in corpus), in file order."""
+    if source is None:
+        text = resources.files("gkd").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+        return _text_documents(text)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _folder_documents(path)
+    if not path.is_file():
+        raise InputError(f"data source {source} does not exist; give {_SOURCE_FORMS}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _text_documents(_read_text(path))
+    if suffix == ".jsonl":
+        return _jsonl_documents(path)
+    raise InputError(
+        f"data source {source} has an unsupported type {suffix or '(none)'}; give {_SOURCE_FORMS}"
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"data source {path} is not UTF-8 text (byte {err.start}); re-encode it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise InputError(
+            f"cannot read data source {path}: {err.strerror or err.__class__.__name__}"
+        ) from None
+
+
+def _text_documents(text: str) -> list[str]:
+    """One document per non-empty line; a text without newlines is one document."""
+    if "\n" not in text:
+        return [text] if text.strip() else []
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
+def _jsonl_documents(path: Path) -> list[str]:
+    documents = []
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(
+                f"{path} line {number} is not valid JSON ({err.msg}); write one object per line"
+            ) from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise InputError(f'{path} line {number} has no "text" string field; give every line one')
+        documents.append(text)
+    return documents
+
+
+def _folder_documents(path: Path) -> list[str]:
+    """The "text" column of a `datasets.save_to_disk` folder (a Dataset, or a DatasetDict's train split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            f"data source {path} is a folder, which needs the datasets package; `pip install datasets` or "
+            "give a .txt or .jsonl file"
+        ) from None
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError, ValueError, ... for foreign folders
+        raise InputError(
+            f"cannot load data folder {path} ({err.__class__.__name__}); give a folder written by "
+            "datasets' save_to_disk, or a .txt or .jsonl file"
+        ) from None
+    if isinstance(dataset, dict):  # a DatasetDict: pick the training split
+        splits = sorted(dataset)
+        if "train" in dataset:
+            dataset = dataset["train"]
+        elif len(splits) == 1:
+            dataset = dataset[splits[0]]
+        else:
+            raise InputError(
+                f"data folder {path} has splits {', '.join(splits)} and none is 'train'; "
+                "save only the split to train on"
+            )
+    if "text" not in dataset.column_names:
+        raise InputError(
+            f'data folder {path} has no "text" column (columns: {", ".join(dataset.column_names)}); '
+            'rename the text column to "text"'
+        )
+    return [text for text in dataset["text"] if isinstance(text, str) and text]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing and batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+def token_stream(documents: list[str], tokenizer: Tokenizer) -> list[int]:
+    """All documents' ids, each document followed by eos when the tokenizer has one."""
+    stream: list[int] = []
+    for document in documents:
+        stream.extend(tokenizer.encode(document))
+        if tokenizer.eos_id is not None:
+            stream.append(tokenizer.eos_id)
+    return stream
+
+
+def pack(stream: list[int], seq_len: int) -> torch.Tensor:
+    """(rows, seq_len) long: the stream cut into full rows; the final partial row is dropped."""
+    rows = len(stream) // seq_len
+    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def batches(
+    source: str | None,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    objective: str,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless iterator of micro-batches for one rank: "input_ids" and "labels" (micro_batch, seq_len)
+    long, "attention_mask" (micro_batch, seq_len) bool. objective: "causal" (decoders) or "mlm" (encoders).
+
+    The source is read and packed before this returns, so a bad source raises InputError here, not at the
+    first `next`.
+    """
+    _check_args(seq_len=seq_len, micro_batch=micro_batch, objective=objective, rank=rank, world=world)
+    if objective == "mlm" and tokenizer.mask_id is None:
+        raise InputError(
+            "the mlm objective needs a tokenizer with a mask token and this one has none; "
+            "use the encoder's own tokenizer folder"
+        )
+    rows = pack(token_stream(read_documents(source), tokenizer), seq_len)
+    needed = world * micro_batch
+    if rows.shape[0] < needed:
+        name = source if source is not None else "the built-in corpus"
+        raise InputError(
+            f"data source {name} gives {rows.shape[0]} rows of {seq_len} tokens but {world} rank(s) x "
+            f"micro_batch {micro_batch} need {needed} rows, at least {needed * seq_len} tokens; "
+            "use more data or lower seq_len / micro_batch"
+        )
+    return _generate(
+        rows, tokenizer, micro_batch=micro_batch, objective=objective, rank=rank, world=world, seed=seed
+    )
+
+
+def _check_args(*, seq_len: int, micro_batch: int, objective: str, rank: int, world: int) -> None:
+    if objective not in OBJECTIVES:
+        raise InputError(f"data objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    for key, value in (("seq_len", seq_len), ("micro_batch", micro_batch), ("world", world)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{key} must be a positive integer, got {value!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world:
+        raise InputError(f"rank must be an integer in 0..{world - 1}, got {rank!r}")
+
+
+def _generate(
+    rows: torch.Tensor,
+    tokenizer: Tokenizer,
+    *,
+    micro_batch: int,
+    objective: str,
+    rank: int,
+    world: int,
+    seed: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    special = _special_ids(tokenizer)
+    ordinary = _ordinary_ids(tokenizer.vocab_size, special) if objective == "mlm" else None
+    pending: list[torch.Tensor] = []  # this rank's rows not yet batched, across an epoch boundary
+    epoch = 0
+    index = 0
+    while True:
+        order = torch.randperm(rows.shape[0], generator=_generator(seed, epoch))
+        pending.extend(rows[order[rank::world]].unbind(0))
+        epoch += 1
+        while len(pending) >= micro_batch:
+            input_ids = torch.stack(pending[:micro_batch])
+            del pending[:micro_batch]
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            if objective == "causal":
+                yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.clone()}
+            else:
+                assert ordinary is not None and tokenizer.mask_id is not None
+                masked, labels = mask_tokens(
+                    input_ids,
+                    mask_id=tokenizer.mask_id,
+                    ordinary_ids=ordinary,
+                    special_ids=special,
+                    generator=_generator(seed, rank, index),
+                )
+                yield {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+            index += 1
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    *,
+    mask_id: int,
+    ordinary_ids: torch.Tensor,
+    special_ids: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of a (B, T) batch: (masked input_ids, labels). Special ids are never chosen; random
+    replacements are drawn from `ordinary_ids`. At least one position is chosen when any is eligible, so a
+    short batch never gives an all-ignored MLM loss (which would be NaN)."""
+    eligible = ~torch.isin(input_ids, special_ids)
+    chosen = (torch.rand(input_ids.shape, generator=generator) < MLM_CHOOSE) & eligible
+    if not chosen.any() and eligible.any():
+        candidates = eligible.flatten().nonzero().squeeze(1)
+        pick = candidates[torch.randint(len(candidates), (1,), generator=generator)]
+        chosen.view(-1)[pick] = True
+    action = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (action < MLM_MASK)
+    to_random = chosen & (action >= MLM_MASK) & (action < MLM_MASK + MLM_RANDOM)
+    random_ids = ordinary_ids[torch.randint(len(ordinary_ids), input_ids.shape, generator=generator)]
+    masked = input_ids.clone()
+    masked[to_mask] = mask_id
+    masked[to_random] = random_ids[to_random]
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    return masked, labels
+
+
+def _special_ids(tokenizer: Tokenizer) -> torch.Tensor:
+    ids = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id}
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is not None:  # a transformers tokenizer also knows its unk / cls / sep / added special ids
+        ids.update(hf.all_special_ids)
+    return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long)
+
+
+def _ordinary_ids(vocab_size: int, special: torch.Tensor) -> torch.Tensor:
+    ids = torch.arange(vocab_size)
+    return ids[~torch.isin(ids, special)]
+
+
+def _generator(*parts: int) -> torch.Generator:
+    """A torch generator seeded from a tuple of integers; hashing keeps distinct tuples apart."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return generator
