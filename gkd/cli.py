@@ -1,4 +1,4 @@
-"""The `gkd` command line: plan, check, inspect, methods.
+"""The `gkd` command line: plan, run, check, inspect, methods.
 
 Each command is a thin wrapper: it parses flags, calls the library, and prints. Errors the user can fix
 (`gkd.errors.InputError`) become one line on stderr and exit code 2; a job that does not fit exits with 1.
@@ -136,6 +136,40 @@ def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str)
     from gkd.planner.check import run_check
 
     sys.exit(run_check(baseline, configs, update=update, tolerance=tolerance))
+
+
+@main.command()
+@click.argument("target", metavar="[CONFIG|PLAN]", required=False)
+@click.option("--data", type=click.Path(), help="Training text: .txt, .jsonl or a datasets folder "
+              "(default: the built-in corpus).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: training.steps).")
+@click.option("--out", type=click.Path(),
+              help="Output folder (default: runs/run-<time>); must not exist, except with --resume.")
+@click.option("--processes", type=click.IntRange(min=1),
+              help="Worker processes (default: one per CUDA device, else 2 on the CPU).")
+@click.option("--seed", type=int,
+              help="Seed of weights and data order (default 0; a resumed run keeps its own).")
+@click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Write a DeepSpeed checkpoint every N steps (0: none).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@_user_errors
+def run(target: str | None, data: str | None, steps: int | None, out: str | None, processes: int | None,
+        seed: int | None, save_every: int, resume: bool) -> None:
+    """Train: run a plan (or plan CONFIG for this machine first) on DeepSpeed and save the student.
+
+    Exit code 1 when the job does not fit or a worker fails; 2 for bad input.
+    """
+    from gkd.errors import GkdError
+    from gkd.runtime.executor import run_job
+
+    try:
+        run_job(target, data=data, steps=steps, out=out, processes=processes, seed=seed, resume=resume,
+                save_every=save_every)
+    except InputError:
+        raise
+    except GkdError as err:  # does not fit, or a worker failed
+        click.echo(f"gkd: error: {err}", err=True)
+        sys.exit(1)
 
 
 def entry() -> None:

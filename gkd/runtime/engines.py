@@ -1,0 +1,397 @@
+"""The models of a run, placed as the plan says: the student (with the loss extras) in a DeepSpeed engine, the
+teachers replicated or in ZeRO-3 inference engines.
+
+`check_supported(plan, cuda=...)` rejects, before any process starts, what this runtime does not execute yet;
+`build_models(plan, seed=...)` builds the models with a fixed seed (the same weights on every rank and in a
+single-process reference); `make_engines(models, plan)` hands them to DeepSpeed.
+
+What comes from the plan and nothing else: the student's DeepSpeed config (ZeRO stage, offload, batch sizes,
+gradient accumulation, clipping, optimizer, bf16/fp16), the layers to recompute, the teacher placement and the
+teachers' DeepSpeed configs, the attention implementation and the logit-loss path (fused-linear or logits,
+which decides how the methods are resolved).
+
+Design choices:
+- The engine wraps `DistillModule`, a module holding the student and the `DistillLoss` (its trainable
+  projections), so one optimizer and one gradient reduction cover both. Its forward is the whole distillation
+  step (`gkd.runtime.step.distill_step`), so ZeRO-3 sees every use of the student's parameters inside the
+  engine's forward. The teachers are a plain list attribute, not submodules: they are not trained and must not
+  enter the student's optimizer or ZeRO partitioning. Under ZeRO-3 the loss extras are registered as external
+  parameters of the DistillModule, so they are gathered for its whole forward and again when its backward
+  starts (DistillLoss returns a dataclass, to whose tensors ZeRO-3 cannot attach its backward hooks).
+- Recompute: each layer the plan lists runs its forward under `torch.utils.checkpoint` (non-reentrant), by
+  wrapping that layer's `forward`; the layer's module hooks (tap capture) stay outside the checkpoint, so taps
+  hold the layer's outputs as usual. Other layers are untouched; this is per layer, not all-or-nothing.
+- Weights: a model given as a checkpoint folder with weights is loaded with `from_pretrained`; a preset or a
+  bare config.json is randomly initialised with the run's seed; both are then cast to the plan's training
+  dtype. Distilling from a random teacher only exercises the machinery; the run says so.
+- Not in this slice (InputError naming the override that avoids it): tensor-parallel and offline teachers; the
+  fused-linear logit path when the student or a teacher is ZeRO-3 (the LM-head weight is partitioned outside
+  its module's forward); hook ops that move teacher modules into the student (Theseus) with a sharded
+  teacher; fp16 on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gkd.errors import InputError
+from gkd.planner.plan import Plan, human_bytes
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _overrides_hint(key: str, value: str) -> str:
+    return f"set `overrides: {{{key}: {value}}}` in the config and plan again"
+
+
+def check_supported(plan: Plan, *, cuda: bool) -> None:
+    """Raise InputError for a plan this runtime cannot execute (see the module docstring)."""
+    s = plan.strategy
+    if s.teacher_placement == "tensor_parallel":
+        raise InputError(
+            "teacher placement tensor_parallel is not supported by `gkd run` yet; "
+            + _overrides_hint("teacher_placement", "zero3_offload")
+        )
+    if s.teacher_placement == "offline":
+        raise InputError(
+            "teacher placement offline (a stored top-k teacher pass) is not supported by `gkd run` yet; "
+            + _overrides_hint("teacher_placement", "zero3_offload")
+        )
+    zero3 = s.student_zero_stage == 3 or s.teacher_placement in ("zero3", "zero3_offload")
+    if s.loss_path == "fused_linear" and zero3:
+        raise InputError(
+            "the fused-linear logit loss with a ZeRO-3 student or teacher is not supported by `gkd run` yet; "
+            + _overrides_hint("loss_path", "logits")
+        )
+    methods = plan.inputs.get("config", {}).get("methods", [])
+    if s.teacher_placement != "replicated" and any(m.get("name") == "theseus" for m in methods):
+        raise InputError(
+            "theseus moves teacher layers into the student, which needs a replicated teacher; "
+            + _overrides_hint("teacher_placement", "replicated")
+        )
+    dtype = plan.inputs.get("config", {}).get("training", {}).get("dtype", "bfloat16")
+    if dtype == "float16" and not cuda:
+        raise InputError("training.dtype float16 needs CUDA; on the CPU set training.dtype: bfloat16")
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available now (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(plan: Plan, *, world: int, available: int | None) -> None:
+    """On the CPU every worker builds each model whole before DeepSpeed partitions it: refuse a job whose
+    weights alone cannot fit in this machine's memory, instead of letting the workers be killed."""
+    if available is None:
+        return
+    models = plan.inputs.get("models", {})
+    entries = [*models.get("teachers", []), models.get("student", {})]
+    params = sum(int(m.get("params", 0)) for m in entries)
+    dtype = plan.inputs.get("config", {}).get("training", {}).get("dtype", "bfloat16")
+    need = world * params * (2 if dtype in ("bfloat16", "float16") else 4)
+    if need > available:
+        names = ", ".join(f"{m['name']} ({int(m['params']) / 1e9:.2f}B)" for m in entries if "name" in m)
+        raise InputError(
+            f"on the CPU each of the {world} workers builds {names} whole: {human_bytes(need)} of weights "
+            f"alone, but this machine has {human_bytes(available)} of memory available; run small models "
+            "here (e.g. the tiny presets, see docs/run.md) or run on GPUs"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the models
+
+
+@dataclass(kw_only=True)
+class Models:
+    """The run's models before placement, and how to resolve its methods at a step."""
+
+    student: Any  # a transformers model with its LM head
+    teachers: list[Any]
+    loss: Any  # gkd.methods.DistillLoss
+    student_spec: Any
+    teacher_specs: list[Any]
+    resolver: Resolver
+    pretrained_teachers: tuple[bool, ...]
+
+
+@dataclass(kw_only=True)
+class Resolver:
+    """The methods resolved at a step: re-resolved only where they can change (stages, schedules of layer
+    rules), since resolving is pure Python but not free."""
+
+    entries: tuple[dict[str, Any], ...]
+    teacher_specs: list[Any]
+    student_spec: Any
+    total_steps: int
+    fused_linear: bool
+    _first: Any = None
+
+    def at(self, step: int) -> Any:
+        from gkd.methods import get, resolve
+
+        if self._first is None:
+            self._first = self._resolve(resolve, 0)
+        static = not self._first.varies_with_step and not any(get(e["name"]).stages for e in self.entries)
+        return self._first if static or step == 0 else self._resolve(resolve, step)
+
+    def _resolve(self, resolve: Callable[..., Any], step: int) -> Any:
+        resolved = resolve(
+            [dict(e) for e in self.entries],
+            self.teacher_specs,
+            self.student_spec,
+            step=step,
+            total_steps=self.total_steps,
+            fused_linear=self.fused_linear,
+        )
+        if resolved.chain:
+            raise InputError("a chained method (takd) is a sequence of runs; run each link's plan on its own")
+        return resolved
+
+
+def training_dtype(plan: Plan) -> Any:
+    import torch
+
+    name = plan.inputs.get("config", {}).get("training", {}).get("dtype", "bfloat16")
+    return torch.bfloat16 if name == "bfloat16" else torch.float16
+
+
+def has_weights(ref: str) -> bool:
+    """Whether a model reference is a checkpoint folder with weights (loaded), not a config (random)."""
+    path = Path(ref).expanduser()
+    return path.is_dir() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def _load_pretrained(ref: str, spec: Any, attention: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForMaskedLM if spec.is_encoder else AutoModelForCausalLM
+    if spec.family == "bloom":
+        attention = "eager"
+    try:
+        return auto.from_pretrained(ref, attn_implementation=attention, local_files_only=True)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot load the weights in {ref}: {first}") from None
+
+
+def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
+    """The student, teachers and loss module with fixed-seed weights in the plan's training dtype (see the
+    module docstring); every rank, and a single-process reference, builds the same weights."""
+    import torch
+
+    from gkd.methods import DistillLoss
+    from gkd.models import build_model
+    from gkd.planner.specs import load_spec
+
+    config = plan.inputs["config"]
+    dtype = training_dtype(plan)
+    attention = plan.strategy.attention
+    teacher_refs = list(config["teachers"])
+    t_specs = [load_spec(ref) for ref in teacher_refs]
+    s_spec = load_spec(config["student"])
+    resolver = Resolver(
+        entries=tuple(config["methods"]),
+        teacher_specs=t_specs,
+        student_spec=s_spec,
+        total_steps=total_steps,
+        fused_linear=plan.strategy.loss_path == "fused_linear",
+    )
+    resolved = resolver.at(0)
+    # Each model from its own seed, so adding a teacher does not change the student's initial weights.
+    if has_weights(config["student"]):
+        student = _load_pretrained(config["student"], s_spec, attention).to(dtype)
+    else:
+        torch.manual_seed(seed)
+        student = build_model(s_spec, device="cpu", attn_implementation=attention, dtype=torch.float32)
+        student = student.to(dtype)
+    teachers, pretrained = [], []
+    for i, (ref, spec) in enumerate(zip(teacher_refs, t_specs, strict=True)):
+        if has_weights(ref):
+            teacher = _load_pretrained(ref, spec, attention).to(dtype)
+        else:
+            torch.manual_seed(seed + 1 + i)
+            teacher = build_model(spec, device="cpu", attn_implementation=attention, dtype=torch.float32)
+            teacher = teacher.to(dtype)
+        teachers.append(teacher.eval().requires_grad_(False))
+        pretrained.append(has_weights(ref))
+    torch.manual_seed(seed + 1000)
+    loss = DistillLoss(resolved, t_specs, s_spec).to(dtype)
+    apply_recompute(student, plan.strategy.recompute_layers)
+    return Models(
+        student=student,
+        teachers=teachers,
+        loss=loss,
+        student_spec=s_spec,
+        teacher_specs=t_specs,
+        resolver=resolver,
+        pretrained_teachers=tuple(pretrained),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recompute
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    run.gkd_recompute = True  # type: ignore[attr-defined]
+    return run
+
+
+def apply_recompute(student: Any, layers: Sequence[int]) -> None:
+    """Run exactly the student layers `layers` (0-based) under activation checkpointing."""
+    from gkd.runtime.capture import transformer_layers
+
+    blocks = transformer_layers(student)
+    for i in layers:
+        if not 0 <= i < len(blocks):
+            raise InputError(
+                f"the plan recomputes student layer {i} but the student has {len(blocks)} layers; "
+                "plan again for this student"
+            )
+        block = blocks[i]
+        if getattr(block.forward, "gkd_recompute", False):
+            continue
+        block.forward = _checkpointed(block.forward)
+
+
+def recomputed_layers(student: Any) -> list[int]:
+    """The student layers that run under activation checkpointing."""
+    from gkd.runtime.capture import transformer_layers
+
+    return [
+        i for i, b in enumerate(transformer_layers(student)) if getattr(b.forward, "gkd_recompute", False)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine's module
+
+
+@functools.cache
+def _distill_module_class() -> type:
+    """The DistillModule class, defined on first use so that importing this module imports no torch."""
+    from torch import nn
+
+    from gkd.runtime.step import distill_step
+
+    class DistillModule(nn.Module):
+        """The student and the loss extras; forward = one distillation step on a micro-batch.
+
+        Set `teachers`, `resolved`, `step` and `total_steps` before calling it; it returns (total loss,
+        {term: value}), a tuple so that DeepSpeed's ZeRO-3 hooks see the output tensors.
+        """
+
+        def __init__(self, student: nn.Module, loss: nn.Module) -> None:
+            super().__init__()
+            self.student = student
+            self.loss = loss
+            self.teachers: list[nn.Module] = []  # a list attribute: not submodules, not trained
+            self.resolved: Any = None
+            self.step = 0
+            self.total_steps = 0
+
+        def forward(self, batch: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+            if self.resolved is None:
+                raise RuntimeError("DistillModule.resolved is not set; set it to the step's resolved methods")
+            # DistillLoss reads its terms from `resolved`; methods with stages change them during a run.
+            self.loss.resolved = _with_extras_of(self.resolved, self.loss.resolved)
+            out = distill_step(
+                self.student,
+                self.teachers,
+                self.loss,
+                batch,
+                self.resolved,
+                step=self.step,
+                total_steps=self.total_steps,
+            )
+            return out.total, out.terms
+
+    return DistillModule
+
+
+def _with_extras_of(new: Any, built: Any) -> Any:
+    """`new` resolved methods, checked to use only extras that the loss module was built with."""
+    have = {(e.name, e.shapes) for e in built.extras}
+    missing = [e.name for e in new.extras if (e.name, e.shapes) not in have]
+    if missing:
+        raise InputError(
+            f"the extras {missing} first appear in a later stage of their method, which `gkd run` does not "
+            "support yet; run that stage on its own with the method's `stage` option"
+        )
+    return replace(new, extras=built.extras)
+
+
+def distill_module(student: Any, loss: Any) -> Any:
+    """A `DistillModule` (see `_distill_module_class`) holding `student` and `loss`."""
+    return _distill_module_class()(student, loss)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSpeed engines
+
+
+@dataclass(kw_only=True)
+class Engines:
+    """The placed models of one rank."""
+
+    student: Any  # the DeepSpeed engine around the DistillModule
+    module: Any  # the DistillModule (engine.module)
+    teachers: list[Any]  # modules to call: plain (replicated) or the engine's module (ZeRO-3)
+    teacher_engines: list[Any]  # the ZeRO-3 engines (kept alive with the run), empty when replicated
+
+
+def make_engines(models: Models, plan: Plan, *, device: Any) -> Engines:
+    """The student engine and the placed teachers (see the module docstring)."""
+    import deepspeed
+
+    module = distill_module(models.student, models.loss)
+    student_cfg = dict(plan.deepspeed["student"])
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=student_cfg,
+    )
+    if plan.strategy.student_zero_stage == 3:
+        # The loss extras are read inside DistillLoss, whose output (a LossOutput) ZeRO-3 cannot attach its
+        # backward hooks to, and some are read as raw weights outside any module forward. As external
+        # parameters of the DistillModule they are gathered for its whole forward and again when its
+        # backward starts (its output is a tuple of tensors), so every use sees the full tensors.
+        for p in module.loss.parameters():
+            deepspeed.zero.register_external_parameter(module, p)
+    teachers, teacher_engines = [], []
+    for teacher, cfg in zip(models.teachers, plan.deepspeed["teachers"], strict=True):
+        if plan.strategy.teacher_placement == "replicated" or cfg is None:
+            teachers.append(teacher.to(device))
+            continue
+        t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=dict(cfg))
+        t_engine.eval()
+        teacher_engines.append(t_engine)
+        teachers.append(t_engine.module)
+    engine.module.teachers = teachers
+    return Engines(student=engine, module=engine.module, teachers=teachers, teacher_engines=teacher_engines)

@@ -1,0 +1,539 @@
+"""`gkd run`: execute a plan, from a config or a plan file, on DeepSpeed, and write the run's outputs.
+
+The parent process (`run_job`) validates everything first: the plan (planned here for the number of processes
+when given a config), what this runtime supports, the data source and tokenizer, the output folder. Only then
+does it start the workers (`gkd.runtime.launch`), which write into a temporary sibling folder that is renamed
+to OUT when every worker has finished; bad input or a run that fails before its first checkpoint leaves no
+OUT behind.
+
+Each worker (`train_worker`) runs the training loop:
+
+    for each optimizer step s:
+        for each of the plan's grad_accum micro-batches:
+            resolved = methods resolved at step s (re-resolved only where stages or layer rules change)
+            loss, terms = engine(batch)        # DistillModule.forward: gkd.runtime.step.distill_step
+            engine.backward(loss)              # DeepSpeed scales by 1 / grad_accum
+            engine.step()                      # the optimizer steps at the accumulation boundary
+
+and rank 0 logs one row per optimizer step to OUT/log.jsonl: the loss and each term (averaged over the step's
+micro-batches and all ranks), tokens, tokens/s and peak memory (CUDA: max_memory_allocated; CPU: the
+process's peak resident set size), the largest over the ranks. At the end the student is saved in Hugging
+Face format in OUT/student (ZeRO-3 partitions gathered first), next to OUT/plan.json and OUT/run.json.
+
+What this slice does not do (stated in docs/run.md and in OUT/run.json):
+- Where the plan computes tap losses layer by layer ("tap_loss": "layerwise"), this runtime computes them
+  after the student forward, like "end": the losses are the same, the memory is not what the plan predicted.
+- The schedule's order of operations is not replayed op by op; the plan's placement, ZeRO stage, offload,
+  recompute layers, micro-batch and accumulation are what is executed.
+
+Checkpoints: with `--save-every N`, every N steps each rank writes its part of a DeepSpeed checkpoint
+(OUT/checkpoints/step-N, with the `latest` pointer) and its random-number state. `--resume --out OUT`
+continues from the latest one with the run's own plan, data and seed: the data stream is deterministic, so it
+skips the micro-batches already done, and log rows after the checkpoint are written again. When a worker
+fails after a checkpoint was written, OUT is published anyway so that it can be resumed; bad input never
+leaves an OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gkd.errors import DoesNotFitError, InputError
+from gkd.planner.plan import Plan, human_bytes
+from gkd.runtime.launch import WorkerFailedError, default_processes, launch
+
+LAYERWISE_NOTE = (
+    "the plan computes tap losses layer by layer; this runtime computes them after the student forward "
+    "(same losses, higher tap memory than planned)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """What a worker needs besides the plan: everything is resolved and validated by the parent."""
+
+    data: str | None
+    steps: int
+    seed: int
+    out: str  # the folder the workers write into (a temporary one, renamed to OUT at the end of a new run)
+    log_every: int
+    notes: tuple[str, ...] = ()
+    save_every: int = 0  # a DeepSpeed checkpoint every this many steps (0: none)
+    start_step: int = 0  # steps already done (resume from the checkpoint `resume_tag`)
+    resume_tag: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parent: validation, planning, launching, publishing OUT
+
+
+def _is_plan_file(path: Path) -> bool:
+    if path.suffix != ".json":
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "strategy" in data and "schedule" in data
+
+
+def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) -> Plan:
+    """The plan to run: read from a plan file (its GPU count must be the world size), or planned from a config
+    (or the headline job when `target` is None) for `processes` GPUs."""
+    from gkd.config import apply_flags, default_config, load_config
+
+    if target is not None:
+        path = Path(target)
+        if not path.is_file():
+            raise InputError(
+                f"{target} does not exist; give a config (YAML or JSON) or a plan from `gkd plan -o`"
+            )
+        if _is_plan_file(path):
+            plan = Plan.from_json(path.read_text())
+            gpus = int(plan.inputs.get("config", {}).get("hardware", {}).get("gpus", 0))
+            if gpus != processes:
+                raise InputError(
+                    f"the plan {target} was made for {gpus} GPUs but this run has {processes} processes; "
+                    f"re-plan with `gkd plan CONFIG --gpus {processes} -o plan.json` or run with "
+                    f"--processes {gpus}"
+                )
+            if not plan.fits:
+                raise DoesNotFitError(
+                    f"the plan {target} does not fit: peak {human_bytes(plan.peak_bytes)} per GPU exceeds "
+                    f"{human_bytes(plan.budget_bytes)}; `gkd plan` lists the smallest changes that fit"
+                )
+            return plan
+    from gkd.planner.pipeline import plan as make_plan
+
+    config = load_config(target) if target is not None else default_config()
+    config = apply_flags(config, gpus=processes)
+    echo(f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}).")
+    plan = make_plan(config)
+    if not plan.fits:
+        command = " ".join(["gkd plan", *([target] if target else []), f"--gpus {processes}"])
+        raise DoesNotFitError(
+            f"the job does not fit: peak {human_bytes(plan.peak_bytes)} per GPU exceeds "
+            f"{human_bytes(plan.budget_bytes)}; `{command}` lists the smallest changes that fit"
+        )
+    return plan
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"output folder {out} exists and is not empty; choose another --out or remove it")
+    # The folders above OUT are created as needed: the nearest one that exists must be writable.
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write in {parent}; choose a writable --out")
+
+
+def _check_data(plan: Plan, data: str | None, processes: int, seed: int) -> None:
+    """Open the data source and tokenizer as the workers will, so bad data fails before any process starts."""
+    from gkd.planner.specs import load_spec
+    from gkd.runtime.data import batches, load_tokenizer
+
+    config = plan.inputs["config"]
+    t_ref, s_ref = config["teachers"][0], config["student"]
+    t_spec, s_spec = load_spec(t_ref), load_spec(s_ref)
+    tokenizer = load_tokenizer(t_ref, t_spec)
+    for spec in (s_spec, *(load_spec(r) for r in config["teachers"])):
+        if tokenizer.vocab_size > spec.vocab:
+            raise InputError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but {spec.name} has a vocabulary of "
+                f"{spec.vocab}; distil models that share the teacher's tokenizer"
+            )
+    batches(
+        data,
+        tokenizer,
+        seq_len=int(config["training"]["seq_len"]),
+        micro_batch=plan.strategy.micro_batch,
+        objective="mlm" if s_spec.is_encoder else "causal",
+        rank=0,
+        world=processes,
+        seed=seed,
+    )
+
+
+def run_job(
+    target: str | None,
+    *,
+    data: str | None = None,
+    steps: int | None = None,
+    out: str | None = None,
+    processes: int | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+    save_every: int = 0,
+    echo: Any = click.echo,
+) -> Path:
+    """The body of `gkd run` (see the module docstring); returns OUT."""
+    import torch
+
+    from gkd.runtime.engines import available_host_memory, check_host_memory, check_supported, has_weights
+
+    world = processes if processes is not None else default_processes()
+    if world < 1:
+        raise InputError(f"--processes must be at least 1, got {world}")
+    if save_every < 0:
+        raise InputError(f"--save-every must be 0 (no checkpoints) or more, got {save_every}")
+    if resume:
+        return _resume_job(
+            target,
+            data=data,
+            steps=steps,
+            out=out,
+            processes=world,
+            seed=seed,
+            save_every=save_every,
+            echo=echo,
+        )
+    seed = 0 if seed is None else seed
+    out_path = Path(out) if out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    _check_out(out_path)
+    if data is not None and not Path(data).exists():
+        raise InputError(f"data source {data} does not exist; give a .txt or .jsonl file or a dataset folder")
+    plan = load_or_plan(target, processes=world, echo=echo)
+    check_supported(plan, cuda=torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        check_host_memory(plan, world=world, available=available_host_memory())
+    total = steps if steps is not None else int(plan.inputs["config"]["training"]["steps"])
+    if total < 1:
+        raise InputError(f"--steps must be at least 1, got {total}")
+    _check_data(plan, data, world, seed)
+
+    notes = []
+    if plan.strategy.tap_loss == "layerwise":
+        notes.append(LAYERWISE_NOTE)
+    for ref in plan.inputs["config"]["teachers"]:
+        if not has_weights(ref):
+            notes.append(
+                f"teacher {ref} has no weights (a preset or config.json): it is randomly initialised"
+            )
+    echo(f"Running: {plan.strategy.describe()}")
+    for note in notes:
+        echo(f"Note: {note}")
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    settings = RunSettings(
+        data=data,
+        steps=total,
+        seed=seed,
+        out=str(tmp),
+        log_every=max(1, total // 10),
+        notes=tuple(notes),
+        save_every=save_every,
+    )
+    try:
+        (tmp / "plan.json").write_text(plan.to_json())
+        _write_run_json(tmp, settings, plan, world, completed=0)
+        launch(train_worker, (plan.to_json(), settings), processes=world)
+        _publish(tmp, out_path)
+    except WorkerFailedError as err:
+        if not (tmp / CHECKPOINTS / "latest").is_file():
+            raise
+        # The checkpoints are worth keeping: publish what there is, so that the run can be resumed.
+        _publish(tmp, out_path)
+        raise WorkerFailedError(
+            f"{err}; resume from its last checkpoint with `gkd run --resume --out {out_path}`"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    echo(
+        f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {out_path / 'log.jsonl'}"
+    )
+    return out_path
+
+
+CHECKPOINTS = "checkpoints"
+
+
+def _publish(tmp: Path, out_path: Path) -> None:
+    if out_path.exists():
+        out_path.rmdir()  # checked empty before the run
+    tmp.rename(out_path)
+
+
+def _write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int, *, completed: int) -> None:
+    """OUT/run.json: how the run was started (what a resume reuses) and how far it got."""
+    summary = {
+        "steps": settings.steps,
+        "completed_steps": completed,
+        "processes": world,
+        "seed": settings.seed,
+        "data": settings.data,
+        "save_every": settings.save_every,
+        "strategy": plan.strategy.describe(),
+        "recomputed_layers": list(plan.strategy.recompute_layers),
+        "tap_loss_executed": "end",
+        "notes": list(settings.notes),
+    }
+    (folder / "run.json").write_text(json.dumps(summary, indent=2))
+
+
+def _resume_job(
+    target: str | None,
+    *,
+    data: str | None,
+    steps: int | None,
+    out: str | None,
+    processes: int,
+    seed: int | None,
+    save_every: int,
+    echo: Any,
+) -> Path:
+    """Continue the run in OUT from its latest checkpoint, with its own plan, data and seed."""
+    if out is None:
+        raise InputError("--resume continues the run in --out; name that folder with --out")
+    if target is not None:
+        raise InputError(f"--resume continues the plan saved in {out}; drop {target} from the command")
+    out_path = Path(out)
+    latest = out_path / CHECKPOINTS / "latest"
+    if not (out_path / "run.json").is_file() or not latest.is_file():
+        raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
+    previous = json.loads((out_path / "run.json").read_text())
+    if data is not None and data != previous["data"]:
+        raise InputError(
+            f"a resumed run reads its own data ({previous['data'] or 'the built-in corpus'}); drop --data"
+        )
+    if seed is not None and seed != previous["seed"]:
+        raise InputError(f"a resumed run keeps its seed ({previous['seed']}); drop --seed")
+    plan = load_or_plan(str(out_path / "plan.json"), processes=processes, echo=echo)
+    tag = latest.read_text().strip()
+    start = int(tag.removeprefix("step-"))
+    total = steps if steps is not None else int(previous["steps"])
+    if total <= start:
+        raise InputError(f"the run in {out} is at step {start} already; give --steps larger than {start}")
+    # Rows logged after the checkpoint are done again.
+    log = out_path / "log.jsonl"
+    rows = log.read_text().splitlines() if log.is_file() else []
+    log.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start))
+    settings = RunSettings(
+        data=previous["data"],
+        steps=total,
+        seed=previous["seed"],
+        out=str(out_path),
+        log_every=max(1, total // 10),
+        notes=tuple(previous["notes"]),
+        save_every=save_every or int(previous["save_every"]),
+        start_step=start,
+        resume_tag=tag,
+    )
+    echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
+    _write_run_json(out_path, settings, plan, processes, completed=start)
+    launch(train_worker, (plan.to_json(), settings), processes=processes)
+    echo(f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {log}")
+    return out_path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The worker: the training loop
+
+
+def peak_memory_bytes(device: Any) -> tuple[int, str]:
+    """This process's peak memory and what it measures: CUDA max_memory_allocated, or the peak RSS on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss"
+
+
+def term_names(resolved: Any) -> list[str]:
+    """The names of the loss terms a resolved method set reports, in order."""
+    return [f"{t.method}.{t.name}" for t in resolved.loss_terms]
+
+
+class _Progress:
+    """A rich progress bar on a terminal, else one line every `every` steps (rank 0 only)."""
+
+    def __init__(self, total: int, every: int, enabled: bool) -> None:
+        self.total, self.every, self.bar = total, every, None
+        self.enabled = enabled
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("run", total=total, info="")
+
+    def skip(self, steps: int) -> None:
+        """Count steps done before a resume."""
+        if self.bar is not None and steps:
+            self.bar.update(self.task, advance=steps)
+
+    def update(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info)
+        elif row["step"] % self.every == 0 or row["step"] == self.total:
+            print(
+                f"step {row['step']}/{self.total}  {info}  peak {human_bytes(row['peak_memory_bytes'])}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -> None:
+    """One rank of the run (see the module docstring)."""
+    import torch
+    import torch.distributed as dist
+    from transformers.utils import logging as hf_logging
+
+    from gkd.runtime.data import batches, load_tokenizer
+    from gkd.runtime.engines import build_models, make_engines
+
+    hf_logging.disable_progress_bar()  # the save's shard bar; the run prints its own progress
+    plan = Plan.from_json(plan_json)
+    config = plan.inputs["config"]
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
+    engines = make_engines(models, plan, device=device)
+    engine, module = engines.student, engines.module
+    tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
+    stream = batches(
+        settings.data,
+        tokenizer,
+        seq_len=int(config["training"]["seq_len"]),
+        micro_batch=plan.strategy.micro_batch,
+        objective="mlm" if models.student_spec.is_encoder else "causal",
+        rank=rank,
+        world=world,
+        seed=settings.seed,
+    )
+    out = Path(settings.out)
+    accum = plan.strategy.grad_accum
+    if settings.resume_tag:
+        restore_checkpoint(engine, out / CHECKPOINTS, settings.resume_tag, rank=rank)
+        for _ in range(settings.start_step * accum):  # the data stream is deterministic: skip what was done
+            next(stream)
+    log = (out / "log.jsonl").open("a") if rank == 0 else None
+    progress = _Progress(settings.steps, settings.log_every, enabled=rank == 0)
+    progress.skip(settings.start_step)
+    engine.train()
+    try:
+        for step in range(settings.start_step, settings.steps):
+            resolved = models.resolver.at(step)
+            names = term_names(resolved)
+            start = time.perf_counter()
+            # Sums over this rank's micro-batches: total loss, each term, tokens.
+            sums = torch.zeros(2 + len(names), dtype=torch.float64)
+            for _ in range(accum):
+                batch = {k: v.to(device) for k, v in next(stream).items()}
+                module.resolved, module.step, module.total_steps = resolved, step, settings.steps
+                total, terms = engine(batch)
+                engine.backward(total)
+                engine.step()
+                sums[0] += float(total.detach().float())
+                for j, name in enumerate(names):
+                    if name in terms:
+                        sums[1 + j] += float(terms[name].detach().float())
+                sums[-1] += float(batch["attention_mask"].sum())
+            sums = sums.to(device)  # nccl reduces device tensors only
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+            seconds = time.perf_counter() - start
+            peak, source = peak_memory_bytes(device)
+            peak_t = torch.tensor([peak], dtype=torch.int64, device=device)
+            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+            n = world * accum
+            row = {
+                "step": step + 1,
+                "loss": sums[0].item() / n,
+                "terms": {name: sums[1 + j].item() / n for j, name in enumerate(names)},
+                "tokens": int(sums[-1].item()),
+                "seconds": round(seconds, 4),
+                "tokens_per_s": round(sums[-1].item() / seconds, 1),
+                "peak_memory_bytes": int(peak_t.item()),
+                "memory_source": source,
+            }
+            if not math.isfinite(row["loss"]):
+                raise RuntimeError(f"the loss is {row['loss']} at step {step + 1}")
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            progress.update(row)
+            if settings.save_every and (step + 1) % settings.save_every == 0:
+                save_checkpoint(engine, out / CHECKPOINTS, step + 1, rank=rank)
+                if rank == 0:
+                    _write_run_json(out, settings, plan, world, completed=step + 1)
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+    save_student(engines, out / "student", rank=rank, zero_stage=plan.strategy.student_zero_stage)
+    if rank == 0:
+        _write_run_json(out, settings, plan, world, completed=settings.steps)
+
+
+def save_checkpoint(engine: Any, folder: Path, step: int, *, rank: int) -> None:
+    """A DeepSpeed checkpoint tagged "step-N" (model, optimizer and ZeRO partitions of every rank, and the
+    `latest` pointer), plus each rank's random-number state, which DeepSpeed does not keep."""
+    import torch
+
+    tag = f"step-{step}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step})
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, folder / tag / f"rng-rank{rank}.pt")
+
+
+def restore_checkpoint(engine: Any, folder: Path, tag: str, *, rank: int) -> None:
+    """Load what `save_checkpoint` wrote (after the models were built, which reseeds the generators)."""
+    import torch
+
+    path, _ = engine.load_checkpoint(str(folder), tag=tag)
+    if path is None:
+        raise InputError(f"cannot load checkpoint {tag} from {folder}; it is incomplete or from another run")
+    rng = torch.load(folder / tag / f"rng-rank{rank}.pt")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def save_student(engines: Any, path: Path, *, rank: int, zero_stage: int) -> None:
+    """The student in Hugging Face format, written by rank 0 (ZeRO-3 partitions gathered on every rank first:
+    the gather is a collective)."""
+    import contextlib
+
+    import deepspeed
+
+    student = engines.module.student
+    params = list(student.parameters())
+    gather = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if zero_stage == 3
+        else contextlib.nullcontext()
+    )
+    with gather:
+        if rank == 0:
+            state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+            student.save_pretrained(str(path), state_dict=state)

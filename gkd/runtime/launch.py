@@ -1,0 +1,207 @@
+"""Starting the worker processes of `gkd run`: one per CUDA device, or 2 on the CPU with gloo.
+
+`launch(fn, args, processes=N)` starts N processes, sets the torch.distributed environment (MASTER_ADDR,
+MASTER_PORT on a free local port, RANK, WORLD_SIZE, LOCAL_RANK), initialises the process group through
+`deepspeed.init_distributed` (nccl on CUDA, gloo on the CPU) and calls `fn(rank, world, *args)` in each.
+
+A worker's failure becomes one error in the parent: `InputError` (exit code 2) when a worker raised
+InputError, `WorkerFailedError` (exit code 1) for anything else, its message one line naming the rank, the
+exception and a file holding the full traceback. The other workers are killed as soon as one fails (a worker
+left waiting in a collective would otherwise wait for its peers forever), and `timeout_s` bounds the whole
+run.
+
+Design choices:
+- Single node only; this slice has no multi-node launcher.
+- torch.multiprocessing, not DeepSpeed's launcher: the parent has validated the inputs and holds the plan, and
+  the workers report their errors back through files the parent reads (one JSON file per failed rank), which
+  survives any exception type and a worker that dies before it can send anything.
+- On the CPU the workers are forked: the parent has imported torch, transformers and DeepSpeed already, and
+  importing them again in each worker would take longer than a short run. Each forked worker runs with
+  `cores // processes` intra-op threads (at least 1), so the workers do not oversubscribe the cores. CUDA
+  workers are spawned (a CUDA context cannot be forked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gkd.errors import GkdError, InputError
+
+
+class WorkerFailedError(GkdError):
+    """A worker process failed for a reason other than bad input: exit code 1."""
+
+
+def default_processes() -> int:
+    """One process per CUDA device, else 2 on the CPU."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _worker(
+    local_rank: int,
+    fn: Callable[..., None],
+    args: Sequence[Any],
+    world: int,
+    port: int,
+    errors: str,
+    use_cuda: bool,
+) -> None:
+    """The body of one worker: environment, process group, `fn`, and the error file on failure."""
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world),
+        }
+    )
+    code = 0
+    try:
+        import torch
+
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        import contextlib
+        import io
+        import logging
+        import warnings
+
+        import deepspeed
+
+        # The run's own progress lines are what the user reads: DeepSpeed logs its whole config at INFO and
+        # warns about hooks it cannot attach where gkd attaches them itself (gkd.runtime.engines), torch
+        # warns about a deprecated collective that DeepSpeed calls, and building the CPU comm op prints.
+        deepspeed.utils.logger.setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        fn(local_rank, world, *args)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except BaseException as err:  # every failure must reach the parent, whatever it is
+        code = 2 if isinstance(err, InputError) else 1
+        trace = Path(errors) / f"rank{local_rank}.traceback.txt"
+        trace.write_text(traceback.format_exc())
+        record = {
+            "rank": local_rank,
+            "kind": "input" if code == 2 else "error",
+            "message": str(err).strip().splitlines()[0] if code == 2 and str(err).strip() else _one_line(err),
+            "traceback": str(trace),
+        }
+        (Path(errors) / f"rank{local_rank}.json").write_text(json.dumps(record))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        # Leave at once: no interpreter teardown, no waiting on peers that are stuck in a collective.
+        os._exit(code)
+
+
+def _failure(errors: Path, exit_codes: dict[int, int | None]) -> GkdError:
+    """The parent's error for a failed run: the first failed rank's own record, else its exit status."""
+    records = []
+    for path in sorted(errors.glob("rank*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    # An InputError anywhere is the cause (the other ranks then fail waiting for it).
+    records.sort(key=lambda r: (r["kind"] != "input", r["rank"]))
+    if records:
+        first = records[0]
+        if first["kind"] == "input":
+            return InputError(first["message"])
+        return WorkerFailedError(
+            f"worker {first['rank']} failed: {first['message']} (traceback: {first['traceback']})"
+        )
+    bad = {r: c for r, c in exit_codes.items() if c not in (0, None)}
+    detail = ", ".join(f"rank {r} exit code {c}" for r, c in sorted(bad.items())) or "no exit code"
+    return WorkerFailedError(f"a worker died without reporting an error ({detail}); see its output above")
+
+
+def launch(
+    fn: Callable[..., None],
+    args: Sequence[Any] = (),
+    *,
+    processes: int,
+    timeout_s: float | None = None,
+) -> None:
+    """Run `fn(rank, world, *args)` in `processes` workers (see the module docstring); returns when all
+    succeeded, raises InputError or WorkerFailedError otherwise. `fn` and `args` must be picklable when the
+    workers are spawned (CUDA)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    if processes < 1:
+        raise InputError(f"--processes must be at least 1, got {processes}")
+    use_cuda = torch.cuda.is_available()
+    if use_cuda and processes > torch.cuda.device_count():
+        raise InputError(
+            f"--processes {processes} exceeds the {torch.cuda.device_count()} CUDA devices of this machine; "
+            f"use --processes {torch.cuda.device_count()} or fewer"
+        )
+    if not use_cuda:
+        # Imported once here, so that the forked workers share it instead of importing it each; naming the
+        # CPU accelerator spares DeepSpeed its detection and the warning it prints about it.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed  # noqa: F401
+    errors = Path(tempfile.mkdtemp(prefix="gkd-run-errors-"))
+    context = mp.start_processes(
+        _worker,
+        args=(fn, tuple(args), processes, free_port(), str(errors), use_cuda),
+        nprocs=processes,
+        join=False,
+        start_method="spawn" if use_cuda else "fork",
+    )
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                if context.join(timeout=1.0):
+                    shutil.rmtree(errors, ignore_errors=True)  # kept only when a worker failed
+                    return
+            except mp.ProcessExitedException:
+                # torch has terminated the other workers already.
+                exit_codes = {i: p.exitcode for i, p in enumerate(context.processes)}
+                failure = _failure(errors, exit_codes)
+                if "traceback: " not in str(failure):
+                    shutil.rmtree(errors, ignore_errors=True)  # kept only where the message points to it
+                raise failure from None
+            if deadline is not None and time.monotonic() > deadline:
+                raise WorkerFailedError(
+                    f"the run did not finish within {timeout_s:.0f} s; its workers were stopped"
+                )
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()

@@ -1,0 +1,75 @@
+"""gkd.runtime.launch: the process group works, and a failing worker becomes one error in the parent (exit 2
+for InputError, 1 otherwise) without leaving its peers hanging in a collective."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gkd.errors import InputError
+from gkd.runtime.launch import WorkerFailedError, launch
+
+pytestmark = pytest.mark.slow
+
+
+def _all_reduce(rank: int, world: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([rank + 1.0])
+    dist.all_reduce(value)
+    env = f"{os.environ['RANK']} {os.environ['LOCAL_RANK']} {os.environ['WORLD_SIZE']}"
+    Path(out, f"rank{rank}").write_text(f"{world} {value.item():g} {env}")
+
+
+def _bad_input_on_rank1(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    if rank == 1:
+        raise InputError("the data source is empty; give a file with text")
+    dist.barrier()  # rank 0 waits here for a peer that never comes
+
+
+def _crash_on_rank0(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    if rank == 0:
+        raise ValueError("boom\nsecond line")
+    dist.barrier()
+
+
+def _silent_death(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    if rank == 1:
+        os._exit(3)
+    dist.barrier()
+
+
+def test_workers_form_a_process_group(tmp_path: Path) -> None:
+    launch(_all_reduce, (str(tmp_path),), processes=2, timeout_s=120)
+    assert Path(tmp_path, "rank0").read_text() == "2 3 0 0 2"
+    assert Path(tmp_path, "rank1").read_text() == "2 3 1 1 2"
+
+
+def test_input_error_in_a_worker_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="^the data source is empty; give a file with text$"):
+        launch(_bad_input_on_rank1, processes=2, timeout_s=120)
+
+
+def test_other_errors_name_the_rank_and_keep_the_traceback() -> None:
+    with pytest.raises(WorkerFailedError, match=r"^worker 0 failed: ValueError: boom \(traceback: ") as info:
+        launch(_crash_on_rank0, processes=2, timeout_s=120)
+    message = str(info.value)
+    assert "\n" not in message
+    trace = Path(message.rsplit("traceback: ", 1)[1].rstrip(")"))
+    assert "ValueError: boom" in trace.read_text()
+    shutil.rmtree(trace.parent)
+
+
+def test_a_worker_that_dies_silently_is_reported() -> None:
+    with pytest.raises(WorkerFailedError, match="rank 1 exit code 3"):
+        launch(_silent_death, processes=2, timeout_s=120)
