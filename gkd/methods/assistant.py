@@ -145,7 +145,7 @@ def resolve_chain(
             f"method {name!r} takes one teacher (got {len(teachers)}); list the assistants in its assistants "
             "option"
         )
-    options = _check_options(spec, raw_options, len(teachers))
+    options = _check_options(spec, raw_options, teachers, student)
     links = expand_chain(
         options, teachers[0], student, step=step, total_steps=total_steps, fused_linear=fused_linear
     )

@@ -36,6 +36,7 @@ from gkd.methods.spec import (
     HookOpSpec,
     LossTermSpec,
     MethodSpec,
+    OptionSpec,
     StageSpec,
     dim_value,
     parse_rule,
@@ -182,7 +183,45 @@ def _check_teachers(spec: MethodSpec, n: int) -> None:
         )
 
 
-def _check_options(spec: MethodSpec, options: dict[str, Any], n_teachers: int) -> dict[str, Any]:
+def _model_width(model: Any, kind: str) -> int:
+    if kind == "hidden":
+        return int(model.hidden)
+    if kind == "q":
+        return int(model.heads * model.head_dim)
+    if kind == "kv":
+        return int(model.kv_heads * model.head_dim)
+    raise ValueError(f"unknown width kind {kind!r}")
+
+
+def _divisor_option(
+    spec: MethodSpec, option: OptionSpec, value: Any, teachers: Sequence[Any], student: Any
+) -> int:
+    """The value of an option that must divide model widths (see OptionSpec.divides): checked, or chosen."""
+    widths = sorted(
+        {_model_width(m, kind) for m in (*teachers, student) for kind in option.divides}, reverse=True
+    )
+    common = math.gcd(*widths)
+    if value == "auto":
+        for candidate in option.preferred:
+            if common % candidate == 0:
+                return candidate
+        cap = max(option.preferred, default=common)
+        return max(d for d in range(1, min(cap, common) + 1) if common % d == 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or common % value:
+        fits = [d for d in range(2, min(common, 256) + 1) if common % d == 0]
+        shown = ", ".join(str(d) for d in fits[-6:]) or "1"
+        raise InputError(
+            f"method {spec.name!r}: {option.name} {value!r} must divide the widths "
+            f"{', '.join(str(w) for w in widths)} of the teacher(s) and the student; use one of {shown}, "
+            "or auto"
+        )
+    return value
+
+
+def _check_options(
+    spec: MethodSpec, options: dict[str, Any], teachers: Sequence[Any], student: Any
+) -> dict[str, Any]:
+    n_teachers = len(teachers)
     known = spec.option_defaults()
     unknown = set(options) - set(known) - set(COMMON_OPTIONS)
     if unknown:
@@ -203,6 +242,9 @@ def _check_options(spec: MethodSpec, options: dict[str, Any], n_teachers: int) -
         raise InputError(f"method {spec.name!r}: hard_loss must be one of {', '.join(HARD_LOSSES)}")
     if merged.get("cls", "auto") not in CLS_CHOICES:
         raise InputError(f"method {spec.name!r}: cls must be one of {', '.join(CLS_CHOICES)}")
+    for option in spec.options:
+        if option.divides:
+            merged[option.name] = _divisor_option(spec, option, merged[option.name], teachers, student)
     return merged
 
 
@@ -240,8 +282,10 @@ def stage_window(
     index = spec.stages.index(stage)
     # Stage i covers the steps with start_i <= step / total < end_i (as _active_stage selects them).
     start = math.ceil(sum(s.fraction for s in spec.stages[:index]) * total_steps - 1e-9)
-    end = total_steps if index == len(spec.stages) - 1 else math.ceil(
-        sum(s.fraction for s in spec.stages[: index + 1]) * total_steps - 1e-9
+    end = (
+        total_steps
+        if index == len(spec.stages) - 1
+        else math.ceil(sum(s.fraction for s in spec.stages[: index + 1]) * total_steps - 1e-9)
     )
     return stage, step - start, max(end - start, 1)
 
@@ -322,7 +366,7 @@ def resolve(
         spec = get(name)
         _check_teachers(spec, len(teachers))
         _check_constraints(spec, teachers, student)
-        options = _check_options(spec, raw_options, len(teachers))
+        options = _check_options(spec, raw_options, teachers, student)
         stage, stage_step, stage_total = stage_window(spec, options, step, total_steps)
         active = [
             t

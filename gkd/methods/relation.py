@@ -2,9 +2,12 @@
 
 MiniLMv2: queries, keys and values of one student layer (default the last) and one teacher layer (default the
 last; set `layer_map`, e.g. explicit:18 for an upper-middle layer) are concatenated back to (B, T, H * d) and
-split into R relation heads (`relation_heads`, 48 for base-size and 64 for large teachers in the paper; it
-must
-divide every width involved, including k / v widths under grouped-query attention). For each of Q, K, V the
+split into R relation heads (`relation_heads`, 48 for base-size and 64 for large teachers in the paper). R
+must divide every width involved, including k / v widths under grouped-query attention, and is checked when
+methods are resolved, so `gkd plan` rejects a job whose relations cannot be split. The default, auto, takes
+48 where it divides every width, else 64, else the largest common divisor up to 64: 48 for BERT-base
+students, 64 for the reference LLM pairs (GLM-10B's 4096 and OPT-13B's 5120 are not multiples of 48). For
+each of Q, K, V the
 relation softmax(X X^T / sqrt(d_r)) of the teacher is matched by KL to the student's
 (`gkd.kernels.relation_kl_loss`), averaged over batch, relation heads and counted query rows; the three are
 summed. Works across hidden sizes and head counts. On decoders the relations are causal (keys j <= i), since a
@@ -78,7 +81,12 @@ MINILMV2 = register(
         ),
         options=(
             OptionSpec(
-                name="relation_heads", default=48, doc="relation heads R (48 base, 64 large teachers)"
+                name="relation_heads",
+                default="auto",
+                doc="relation heads R; must divide every q/k/v width (auto: 48 as for base-size teachers in "
+                "the paper, else 64 as for large ones, else the largest common divisor up to 64)",
+                divides=("q", "kv"),
+                preferred=(48, 64),
             ),
             OptionSpec(
                 name="causal", default="auto", doc="restrict relations to keys j <= i (auto: decoders)"

@@ -341,11 +341,20 @@ class HookOpSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class OptionSpec:
-    """A user-settable option of a method, with its default and a one-line meaning."""
+    """A user-settable option of a method, with its default and a one-line meaning.
+
+    divides: model widths the option's value must divide, on every teacher and the student ("hidden": the
+    hidden size; "q": heads x head_dim; "kv": kv_heads x head_dim), checked when methods are resolved, so a
+    plan never holds a job whose loss cannot split its tensors. With `default="auto"` the value is then chosen
+    at resolve time: the first of `preferred` that divides every width, else the largest common divisor of
+    the widths not above max(preferred).
+    """
 
     name: str
     default: Any
     doc: str = ""
+    divides: tuple[str, ...] = ()
+    preferred: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

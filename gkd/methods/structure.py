@@ -512,7 +512,12 @@ MGSKD = register(
         ),
         constraints=("equal_vocab",),
         options=(
-            OptionSpec(name="relation_heads", default=64, doc="relation heads R (must divide both widths)"),
+            OptionSpec(
+                name="relation_heads",
+                default=64,
+                doc="relation heads R (must divide both hidden sizes)",
+                divides=("hidden",),
+            ),
             OptionSpec(name="k1", default=20, doc="anchor positions of the triplet angles"),
             OptionSpec(name="k2", default=20, doc="neighbours per anchor of the triplet angles"),
             OptionSpec(name="lower_layers", default=2, doc="stacked layers below this get token/span losses"),

@@ -50,3 +50,37 @@ def test_formula_encoder_bidirectional():
 
 def test_backward(family):
     check_backward([{"name": "minilmv2", "options": {"relation_heads": 8}}], family=family)
+
+
+def _relation_heads(teacher: str, student: str, options: dict | None = None, method: str = "minilmv2") -> int:
+    from gkd.methods import resolve
+    from gkd.models import resolve_model
+
+    entry = {"name": method, "options": options or {}}
+    resolved = resolve([entry], [resolve_model(teacher)], resolve_model(student))
+    return int(resolved.methods[0].options["relation_heads"])
+
+
+def test_relation_heads_auto_divides_every_width():
+    """auto: the paper's 48 where it divides every q/k/v width, else 64, else the largest common divisor up
+    to 64; the reference LLM pairs get 64 (GLM-10B's and Llama-2-7B's 4096, OPT-13B's 5120 and Llama-2-70B's
+    grouped k/v width 1024 are not multiples of 48)."""
+    assert _relation_heads("bert-base", "bert-base") == 48  # 768: the paper's value for base-size teachers
+    assert _relation_heads("bert-large", "bert-base") == 64  # 1024: the paper's value for large teachers
+    assert _relation_heads("glm-130b", "glm-10b-icetk") == 64
+    assert _relation_heads("llama-2-70b", "llama-2-7b") == 64
+    assert _relation_heads("opt-175b", "opt-13b") == 64
+    assert _relation_heads("bert-base", "configs/tinybert-4.json") == 24  # gcd(768, 312) = 24
+
+
+def test_relation_heads_that_do_not_divide_a_width_are_rejected_when_resolving():
+    import pytest
+
+    from gkd.errors import InputError
+
+    with pytest.raises(InputError, match=r"relation_heads 48 must divide the widths 12288, 4096 .* 64") as e:
+        _relation_heads("glm-130b", "glm-10b-icetk", {"relation_heads": 48})
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match=r"'mgskd': relation_heads 64 must divide the widths 768, 312"):
+        _relation_heads("bert-base", "configs/tinybert-4.json", method="mgskd")
+    assert _relation_heads("bert-base", "configs/tinybert-4.json", {"relation_heads": 12}, "mgskd") == 12
