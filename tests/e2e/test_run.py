@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from gkd.config import Config
 from gkd.planner.pipeline import plan as make_plan
 from gkd.planner.plan import Plan
 from gkd.runtime.data import batches, load_tokenizer
-from gkd.runtime.engines import build_models
+from gkd.runtime.engines import available_host_memory, build_models
 from gkd.runtime.executor import run_job
 from gkd.runtime.step import distill_step
 
@@ -239,3 +241,32 @@ def test_resume_needs_a_checkpoint(models_dir: Path, tmp_path: Path, job_config:
     _one_line_exit(["run", str(path), "--resume", "--out", str(tmp_path / "out")], 2, "drop")
     _one_line_exit(["run", "--resume", "--out", str(tmp_path / "out")], 2, "no checkpoint")
     _one_line_exit(["run", "--resume"], 2, "--out")
+
+
+def _gkd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`gkd ...` as a user runs it: a fresh process through the console entry point."""
+    code = "import sys; from gkd.cli import entry; sys.argv = ['gkd', *sys.argv[1:]]; entry()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_tiny_config_trains_from_the_command_line(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    proc = _gkd("run", str(root / "configs" / "tiny.yaml"), "--steps", "2", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Done: 2 steps" in proc.stdout
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    assert (out / "student" / "config.json").is_file()
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or not 0 < (available_host_memory() or 0) < 500 << 30,
+    reason="needs a CPU machine with less memory than the headline job's weights (518 GiB on 2 workers)",
+)
+def test_default_run_on_the_cpu_is_refused_before_any_worker_starts(tmp_path: Path) -> None:
+    """The headline job (GLM-130B) cannot be built in a CPU machine's memory: one line, exit 2, no OUT."""
+    proc = _gkd("run", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "memory available" in proc.stderr
+    assert not (tmp_path / "run").exists() and not any(tmp_path.iterdir())
