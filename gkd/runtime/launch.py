@@ -145,7 +145,11 @@ def _failure(errors: Path, exit_codes: dict[int, int | None]) -> GkdError:
         )
     bad = {r: c for r, c in exit_codes.items() if c not in (0, None)}
     detail = ", ".join(f"rank {r} exit code {c}" for r, c in sorted(bad.items())) or "no exit code"
-    return WorkerFailedError(f"a worker died without reporting an error ({detail}); see its output above")
+    # SIGKILL (-9) without a record is most often the kernel's out-of-memory killer.
+    hint = "; killed by signal 9, most often out of host memory" if -9 in bad.values() else ""
+    return WorkerFailedError(
+        f"a worker died without reporting an error ({detail}){hint}; see its output above"
+    )
 
 
 def launch(

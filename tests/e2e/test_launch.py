@@ -73,3 +73,18 @@ def test_other_errors_name_the_rank_and_keep_the_traceback() -> None:
 def test_a_worker_that_dies_silently_is_reported() -> None:
     with pytest.raises(WorkerFailedError, match="rank 1 exit code 3"):
         launch(_silent_death, processes=2, timeout_s=120)
+
+
+def _killed(rank: int, world: int) -> None:
+    import signal
+
+    import torch.distributed as dist
+
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    dist.barrier()
+
+
+def test_a_killed_worker_points_at_host_memory() -> None:
+    with pytest.raises(WorkerFailedError, match=r"rank 1 exit code -9\); killed by signal 9, most often out"):
+        launch(_killed, processes=2, timeout_s=120)
