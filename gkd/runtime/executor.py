@@ -20,9 +20,11 @@ micro-batches and all ranks), tokens, tokens/s and peak memory (CUDA: max_memory
 process's peak resident set size), the largest over the ranks. At the end the student is saved in Hugging
 Face format in OUT/student (ZeRO-3 partitions gathered first), next to OUT/plan.json and OUT/run.json.
 
-What this slice does not do (stated in docs/run.md and in OUT/run.json):
-- Where the plan computes tap losses layer by layer ("tap_loss": "layerwise"), this runtime computes them
-  after the student forward, like "end": the losses are the same, the memory is not what the plan predicted.
+What this slice does not do (stated in docs/run.md):
+- Tap losses layer by layer ("tap_loss": "layerwise", teacher taps freed during the student forward): this
+  runtime computes every loss after the student forward ("end"). So that the plan it runs predicts the memory
+  it uses, a config is planned with `overrides.tap_loss: end` pinned (the run says so), and a plan file that
+  says "layerwise" is refused with the fix, rather than run with more tap memory than it predicts.
 - The schedule's order of operations is not replayed op by op; the plan's placement, ZeRO stage, offload,
   recompute layers, micro-batch and accumulation are what is executed.
 
@@ -36,6 +38,7 @@ leaves an OUT.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -52,10 +55,17 @@ from gkd.errors import DoesNotFitError, InputError
 from gkd.planner.plan import Plan, human_bytes
 from gkd.runtime.launch import WorkerFailedError, default_processes, launch
 
-LAYERWISE_NOTE = (
-    "the plan computes tap losses layer by layer; this runtime computes them after the student forward "
-    "(same losses, higher tap memory than planned)"
-)
+
+def cpu_ops(plan: Plan) -> tuple[str, ...]:
+    """The DeepSpeed CPU ops a run's workers load: the shared-memory collectives, and the optimizer's kernel
+    (CPU Adam where the optimizer is offloaded, else fused Adam); loaded once before the workers fork."""
+    adam = plan.inputs.get("config", {}).get("training", {}).get("optimizer", "adamw") in ("adam", "adamw")
+    optimizer = "CPUAdamBuilder" if plan.strategy.student_offload != "none" else "FusedAdamBuilder"
+    return ("ShareMemCommBuilder", *((optimizer,) if adam else ()))
+
+
+# Where this runtime computes the loss terms of intermediate taps: after the student forward.
+EXECUTED_TAP_LOSS = "end"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,12 +122,31 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
                     f"the plan {target} does not fit: peak {human_bytes(plan.peak_bytes)} per GPU exceeds "
                     f"{human_bytes(plan.budget_bytes)}; `gkd plan` lists the smallest changes that fit"
                 )
+            if plan.strategy.tap_loss != EXECUTED_TAP_LOSS:
+                raise InputError(
+                    f"the plan {target} computes tap losses {plan.strategy.tap_loss}, which `gkd run` does "
+                    "not do yet (it computes them at the end of the student forward, with more tap memory); "
+                    f"re-plan with `overrides: {{tap_loss: {EXECUTED_TAP_LOSS}}}` in the config, or give "
+                    "`gkd run` the config itself"
+                )
             return plan
     from gkd.planner.pipeline import plan as make_plan
 
     config = load_config(target) if target is not None else default_config()
     config = apply_flags(config, gpus=processes)
-    echo(f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}).")
+    pinned = config.overrides.tap_loss
+    if pinned not in (None, EXECUTED_TAP_LOSS):
+        raise InputError(
+            f"overrides.tap_loss is {pinned}, which `gkd run` does not do yet (it computes tap losses at the "
+            f"end of the student forward); set it to {EXECUTED_TAP_LOSS} or drop it"
+        )
+    config = dataclasses.replace(
+        config, overrides=dataclasses.replace(config.overrides, tap_loss=EXECUTED_TAP_LOSS)
+    )
+    echo(
+        f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}), with tap "
+        f"losses at the end of the student forward as this runtime computes them."
+    )
     plan = make_plan(config)
     if not plan.fits:
         command = " ".join(["gkd plan", *([target] if target else []), f"--gpus {processes}"])
@@ -214,8 +243,6 @@ def run_job(
     _check_data(plan, data, world, seed)
 
     notes = []
-    if plan.strategy.tap_loss == "layerwise":
-        notes.append(LAYERWISE_NOTE)
     for ref in plan.inputs["config"]["teachers"]:
         if not has_weights(ref):
             notes.append(
@@ -241,7 +268,7 @@ def run_job(
     try:
         (tmp / "plan.json").write_text(plan.to_json())
         _write_run_json(tmp, settings, plan, world, completed=0)
-        launch(train_worker, (plan.to_json(), settings), processes=world)
+        launch(train_worker, (plan.to_json(), settings), processes=world, cpu_ops=cpu_ops(plan))
         _publish(tmp, out_path)
     except WorkerFailedError as err:
         if not (tmp / CHECKPOINTS / "latest").is_file():
@@ -279,7 +306,7 @@ def _write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int,
         "save_every": settings.save_every,
         "strategy": plan.strategy.describe(),
         "recomputed_layers": list(plan.strategy.recompute_layers),
-        "tap_loss_executed": "end",
+        "tap_loss_executed": EXECUTED_TAP_LOSS,
         "notes": list(settings.notes),
     }
     (folder / "run.json").write_text(json.dumps(summary, indent=2))
@@ -335,7 +362,7 @@ def _resume_job(
     )
     echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
     _write_run_json(out_path, settings, plan, processes, completed=start)
-    launch(train_worker, (plan.to_json(), settings), processes=processes)
+    launch(train_worker, (plan.to_json(), settings), processes=processes, cpu_ops=cpu_ops(plan))
     echo(f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {log}")
     return out_path
 

@@ -16,9 +16,14 @@ Design choices:
   the workers report their errors back through files the parent reads (one JSON file per failed rank), which
   survives any exception type and a worker that dies before it can send anything.
 - On the CPU the workers are forked: the parent has imported torch, transformers and DeepSpeed already, and
-  importing them again in each worker would take longer than a short run. Each forked worker runs with
-  `cores // processes` intra-op threads (at least 1), so the workers do not oversubscribe the cores. CUDA
-  workers are spawned (a CUDA context cannot be forked).
+  importing them again in each worker would take longer than a short run. The parent also loads the
+  DeepSpeed ops the workers use (`cpu_ops`: its shared-memory collectives, the optimizer's kernel) before
+  forking, so the workers inherit them loaded. Loading a JIT op takes a file lock in the torch extensions
+  folder; a process killed while holding it (a peer's failure, Ctrl-C) leaves the lock behind, and torch
+  would make every later run wait for it forever. So the parent waits for a lock itself, at most until the
+  lock is `STALE_LOCK_S` old (a build takes about a minute), then removes it with a note. Each forked worker
+  runs with `cores // processes` intra-op threads (at least 1), so the workers do not oversubscribe the
+  cores. CUDA workers are spawned (a CUDA context cannot be forked).
 """
 
 from __future__ import annotations
@@ -152,16 +157,67 @@ def _failure(errors: Path, exit_codes: dict[int, int | None]) -> GkdError:
     )
 
 
+# A DeepSpeed op build lock older than this was left by a killed process (a build takes about a minute).
+STALE_LOCK_S = 300.0
+
+
+def preload_cpu_ops(names: Sequence[str]) -> None:
+    """Load (building them the first time) the DeepSpeed CPU ops `names` (op builder class names, e.g.
+    "ShareMemCommBuilder") in this process, so that forked workers inherit them (see the module docstring)."""
+    import contextlib
+    import io
+
+    from deepspeed.accelerator import get_accelerator
+
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None:
+            continue
+        _remove_stale_lock(builder.name)
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.load(verbose=False)
+
+
+def _remove_stale_lock(op_name: str) -> None:
+    """Wait for another process's build of `op_name` to release its lock, at most until the lock is
+    STALE_LOCK_S old; then it was left by a killed process, and is removed."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(op_name, verbose=False)) / "lock"
+    except ImportError:
+        return
+    waited = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return  # no lock: the usual case, or the build finished
+        if age > STALE_LOCK_S:
+            print(
+                f"gkd: removing {lock}, a build lock left by an interrupted process {age / 60:.0f} min ago",
+                file=sys.stderr,
+            )
+            lock.unlink(missing_ok=True)
+            return
+        if not waited:
+            print(f"gkd: waiting for another process's build of DeepSpeed's {op_name} op", file=sys.stderr)
+            waited = True
+        time.sleep(1.0)
+
+
 def launch(
     fn: Callable[..., None],
     args: Sequence[Any] = (),
     *,
     processes: int,
     timeout_s: float | None = None,
+    cpu_ops: Sequence[str] = ("ShareMemCommBuilder",),
 ) -> None:
     """Run `fn(rank, world, *args)` in `processes` workers (see the module docstring); returns when all
     succeeded, raises InputError or WorkerFailedError otherwise. `fn` and `args` must be picklable when the
-    workers are spawned (CUDA)."""
+    workers are spawned (CUDA). `cpu_ops`: DeepSpeed ops loaded before forking CPU workers (the default is
+    what `deepspeed.init_distributed` needs)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -178,6 +234,8 @@ def launch(
         # CPU accelerator spares DeepSpeed its detection and the warning it prints about it.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # noqa: F401
+
+        preload_cpu_ops(cpu_ops)
     errors = Path(tempfile.mkdtemp(prefix="gkd-run-errors-"))
     context = mp.start_processes(
         _worker,

@@ -24,7 +24,7 @@ def plan_file(models_dir: Path, job_config: Any, tmp_path: Path) -> Path:
 
 
 def _fake_launch(error: Exception, *, checkpoint: bool) -> Any:
-    def launch(fn: Any, args: Any, *, processes: int) -> None:
+    def launch(fn: Any, args: Any, *, processes: int, cpu_ops: Any = ()) -> None:
         settings = args[1]
         if checkpoint:
             (Path(settings.out) / "checkpoints").mkdir()

@@ -88,3 +88,20 @@ def _killed(rank: int, world: int) -> None:
 def test_a_killed_worker_points_at_host_memory() -> None:
     with pytest.raises(WorkerFailedError, match=r"rank 1 exit code -9\); killed by signal 9, most often out"):
         launch(_killed, processes=2, timeout_s=120)
+
+
+def test_a_stale_op_build_lock_does_not_hang_the_run(tmp_path: Path) -> None:
+    """A worker killed while loading a DeepSpeed op leaves its build lock; the next run removes it when it
+    is older than any build, instead of waiting for it forever."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from gkd.runtime.launch import STALE_LOCK_S
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    old = lock.stat().st_mtime - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    launch(_all_reduce, (str(tmp_path),), processes=2, timeout_s=120)
+    assert not lock.exists()
+    assert Path(tmp_path, "rank0").read_text() == "2 3 0 0 2"

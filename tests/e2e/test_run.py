@@ -258,6 +258,7 @@ def test_tiny_config_trains_from_the_command_line(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert (out / "student" / "config.json").is_file()
+    assert json.loads((out / "plan.json").read_text())["strategy"]["tap_loss"] == "end"
 
 
 @pytest.mark.skipif(
@@ -270,3 +271,14 @@ def test_default_run_on_the_cpu_is_refused_before_any_worker_starts(tmp_path: Pa
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "memory available" in proc.stderr
     assert not (tmp_path / "run").exists() and not any(tmp_path.iterdir())
+
+
+def test_a_layerwise_plan_is_refused(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
+    """The runtime computes tap losses after the student forward: a plan that frees teacher taps layer by
+    layer predicts less memory than that, so it is refused with the fix instead of run."""
+    _, path = _plan_file(tmp_path / "plan.json", job_config(models_dir, "llama", {"tap_loss": "layerwise"}))
+    out = tmp_path / "run"
+    args = ["run", str(path), "--processes", "2", "--out", str(out)]
+    _one_line_exit(args, 2, "computes tap losses layerwise, which `gkd run` does not do yet")
+    assert "overrides: {tap_loss: end}" in CliRunner().invoke(main, args).stderr
+    assert not out.exists()
