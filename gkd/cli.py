@@ -62,10 +62,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Sequence length.")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Micro-batch size.")
+@click.option(
+    "--seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Sequence length."
+)
+@click.option(
+    "--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batch size."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @_user_errors
 def inspect(model: str, seq_len: int, micro_batch: int, as_json: bool) -> None:
@@ -88,8 +90,9 @@ def methods(name: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("config", required=False)
-@click.option("--teacher",
-              help="Teacher model(s): preset name, config.json or checkpoint folder; comma-separated.")
+@click.option(
+    "--teacher", help="Teacher model(s): preset name, config.json or checkpoint folder; comma-separated."
+)
 @click.option("--student", help="Student model: preset name, config.json or checkpoint folder.")
 @click.option("--methods", "methods_", help="Distillation methods, comma-separated (e.g. kd,minilmv2).")
 @click.option("--gpus", help="Number of GPUs.")
@@ -99,14 +102,21 @@ def methods(name: str | None, as_json: bool) -> None:
 @click.option("--global-batch", help="Global batch size (sequences per step).")
 @click.option("--micro-batch", help="Micro-batch size per GPU, a list (1,2,4) or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Write the plan JSON to this file.")
-@click.option("--plot", type=click.Path(dir_okay=False),
-              help="Write a PNG of predicted memory over the schedule.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON to this file.")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), help="Write a PNG of predicted memory over the schedule."
+)
 @click.option("--explain", is_flag=True, help="Print the resolved config as JSON and each planner pass.")
 @_user_errors
-def plan(config: str | None, methods_: str | None, as_json: bool, output: str | None, plot: str | None,
-         explain: bool, **flags: Any) -> None:
+def plan(
+    config: str | None,
+    methods_: str | None,
+    as_json: bool,
+    output: str | None,
+    plot: str | None,
+    explain: bool,
+    **flags: Any,
+) -> None:
     """Plan a distillation job (CONFIG: YAML or JSON; flags override it): does it fit, how, and how fast.
 
     With no CONFIG and no flags, plans the headline job (configs/default.yaml).
@@ -114,18 +124,32 @@ def plan(config: str | None, methods_: str | None, as_json: bool, output: str | 
     """
     from gkd.planner.cli import run_plan
 
-    sys.exit(run_plan(config, methods=methods_, as_json=as_json, output=output, plot=plot, explain=explain,
-                      **flags))
+    sys.exit(
+        run_plan(
+            config, methods=methods_, as_json=as_json, output=output, plot=plot, explain=explain, **flags
+        )
+    )
 
 
 @main.command()
 @click.argument("configs", nargs=-1)
-@click.option("--baseline", default="gkd-baseline.json", show_default=True,
-              help="The baseline file: what each config's plan predicted.")
-@click.option("--update", is_flag=True,
-              help="Plan the configs and write their records (all recorded ones when none is named).")
-@click.option("--tolerance", default="1%", show_default=True,
-              help="Memory growth allowed before it counts as a regression (e.g. 1% or 0.01).")
+@click.option(
+    "--baseline",
+    default="gkd-baseline.json",
+    show_default=True,
+    help="The baseline file: what each config's plan predicted.",
+)
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Plan the configs and write their records (all recorded ones when none is named).",
+)
+@click.option(
+    "--tolerance",
+    default="1%",
+    show_default=True,
+    help="Memory growth allowed before it counts as a regression (e.g. 1% or 0.01).",
+)
 @_user_errors
 def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str) -> None:
     """Memory-regression gate: plan the configs recorded in the baseline again and compare.
@@ -140,21 +164,44 @@ def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str)
 
 @main.command()
 @click.argument("target", metavar="[CONFIG|PLAN]", required=False)
-@click.option("--data", type=click.Path(), help="Training text: .txt, .jsonl or a datasets folder "
-              "(default: the built-in corpus).")
+@click.option(
+    "--data",
+    type=click.Path(),
+    help="Training text: .txt, .jsonl or a datasets folder (default: the built-in corpus).",
+)
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: training.steps).")
-@click.option("--out", type=click.Path(),
-              help="Output folder (default: runs/run-<time>); must not exist, except with --resume.")
-@click.option("--processes", type=click.IntRange(min=1),
-              help="Worker processes (default: one per CUDA device, else 2 on the CPU).")
-@click.option("--seed", type=int,
-              help="Seed of weights and data order (default 0; a resumed run keeps its own).")
-@click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Write a DeepSpeed checkpoint every N steps (0: none).")
+@click.option(
+    "--out",
+    type=click.Path(),
+    help="Output folder (default: runs/run-<time>); must not exist, except with --resume.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    help="Worker processes (default: one per CUDA device, else 2 on the CPU).",
+)
+@click.option(
+    "--seed", type=int, help="Seed of weights and data order (default 0; a resumed run keeps its own)."
+)
+@click.option(
+    "--save-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Write a DeepSpeed checkpoint every N steps (0: none).",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @_user_errors
-def run(target: str | None, data: str | None, steps: int | None, out: str | None, processes: int | None,
-        seed: int | None, save_every: int, resume: bool) -> None:
+def run(
+    target: str | None,
+    data: str | None,
+    steps: int | None,
+    out: str | None,
+    processes: int | None,
+    seed: int | None,
+    save_every: int,
+    resume: bool,
+) -> None:
     """Train: run a plan (or plan CONFIG for this machine first) on DeepSpeed and save the student.
 
     Exit code 1 when the job does not fit or a worker fails; 2 for bad input.
@@ -163,8 +210,16 @@ def run(target: str | None, data: str | None, steps: int | None, out: str | None
     from gkd.runtime.executor import run_job
 
     try:
-        run_job(target, data=data, steps=steps, out=out, processes=processes, seed=seed, resume=resume,
-                save_every=save_every)
+        run_job(
+            target,
+            data=data,
+            steps=steps,
+            out=out,
+            processes=processes,
+            seed=seed,
+            resume=resume,
+            save_every=save_every,
+        )
     except InputError:
         raise
     except GkdError as err:  # does not fit, or a worker failed

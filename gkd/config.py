@@ -40,6 +40,8 @@ def gpu_label(name: str, memory_bytes: int) -> str:
     if name == DEFAULT_GPU_NAME and memory_bytes != DEFAULT_GPU_MEMORY:
         return GENERIC_GPU_NAME
     return name
+
+
 MiB = 1 << 20
 
 _UNITS = {

@@ -43,9 +43,17 @@ def say(line: str = "") -> None:
 
 
 def llama(layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int) -> dict:
-    return {"model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
-            "vocab_size": vocab, "max_position_embeddings": 8192, "tie_word_embeddings": False}
+    return {
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": ffn,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+    }
 
 
 def qwen2(layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int) -> dict:
@@ -54,8 +62,16 @@ def qwen2(layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int) -
 
 def gpt2(layers: int, hidden: int, heads: int, vocab: int, positions: int) -> dict:
     # GPT-2's own dropout: 0.1 on attention, residual and embeddings.
-    return {"model_type": "gpt2", "n_layer": layers, "n_embd": hidden, "n_head": heads, "vocab_size": vocab,
-            "n_positions": positions, "bos_token_id": None, "eos_token_id": None}
+    return {
+        "model_type": "gpt2",
+        "n_layer": layers,
+        "n_embd": hidden,
+        "n_head": heads,
+        "vocab_size": vocab,
+        "n_positions": positions,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
 
 
 def measure(spec, batch: int, seq: int, recompute: bool, device: torch.device) -> tuple[int, int]:
@@ -116,8 +132,10 @@ def main() -> None:
                 cells = f"{held / MIB:.1f} | {100 * err:.2f}% | {peak / MIB:.1f}"
             else:
                 cells = "- | - | -"
-            say(f"| {label} | {batch} x {seq} | {'full' if recompute else 'none'} | {predicted / MIB:.1f} | "
-                f"{cells} | {time.perf_counter() - start:.1f} |")
+            say(
+                f"| {label} | {batch} x {seq} | {'full' if recompute else 'none'} | {predicted / MIB:.1f} | "
+                f"{cells} | {time.perf_counter() - start:.1f} |"
+            )
     if errors:
         say("")
         median = sorted(errors)[len(errors) // 2]

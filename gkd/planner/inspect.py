@@ -63,6 +63,7 @@ def run_inspect(model: str, *, seq_len: int, micro_batch: int, as_json: bool) ->
 
     spec = load_spec(model)
     key = {"spec": spec.to_dict(), "hf": spec.hf_config, "micro_batch": micro_batch, "seq_len": seq_len}
+
     def compute() -> dict[str, Any]:
         with status(f"tracing {spec.name} (cached afterwards in {cache_dir()})"):
             return inspect_data(spec, seq_len=seq_len, micro_batch=micro_batch)
