@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd.errors import InputError
+from gkd.planner.memory import BYTES_BF16
 from gkd.planner.plan import Plan, human_bytes
 
 WEIGHT_FILES = (
@@ -102,8 +103,7 @@ def check_host_memory(plan: Plan, *, world: int, available: int | None) -> None:
     models = plan.inputs.get("models", {})
     entries = [*models.get("teachers", []), models.get("student", {})]
     params = sum(int(m.get("params", 0)) for m in entries)
-    dtype = plan.inputs.get("config", {}).get("training", {}).get("dtype", "bfloat16")
-    need = world * params * (2 if dtype in ("bfloat16", "float16") else 4)
+    need = world * params * BYTES_BF16  # training dtypes are all 16-bit (gkd.config.DTYPES)
     if need > available:
         names = ", ".join(f"{m['name']} ({int(m['params']) / 1e9:.2f}B)" for m in entries if "name" in m)
         raise InputError(

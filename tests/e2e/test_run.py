@@ -103,11 +103,8 @@ def _check_run(out: Path, plan: Plan, corpus: str, auto: Any) -> None:
     assert json.loads((out / "run.json").read_text())["steps"] == STEPS
 
 
-def test_zero2_student_replicated_teacher(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
-    from transformers import AutoModelForCausalLM
-
-    config = job_config(models_dir, "llama", {"student_zero_stage": 2, "teacher_placement": "replicated"})
-    plan, path = _plan_file(tmp_path / "plan.json", config)
+def _train(path: Path, models_dir: Path, tmp_path: Path, **options: Any) -> tuple[Path, str]:
+    """Run the plan file at `path` for STEPS steps on the tiny corpus in 2 processes; (OUT, corpus)."""
     corpus = str(models_dir / "corpus.txt")
     out = run_job(
         str(path),
@@ -116,9 +113,18 @@ def test_zero2_student_replicated_teacher(models_dir: Path, tmp_path: Path, job_
         out=str(tmp_path / "out"),
         processes=2,
         seed=SEED,
-        save_every=4,
         echo=lambda _: None,
+        **options,
     )
+    return out, corpus
+
+
+def test_zero2_student_replicated_teacher(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = job_config(models_dir, "llama", {"student_zero_stage": 2, "teacher_placement": "replicated"})
+    plan, path = _plan_file(tmp_path / "plan.json", config)
+    out, corpus = _train(path, models_dir, tmp_path, save_every=4)
     _check_run(out, plan, corpus, AutoModelForCausalLM)
 
     # Resume: pretend the run stopped after its checkpoint at step 4 (what `latest` says after such a stop).
@@ -154,16 +160,7 @@ def test_zero3_student_offloaded_teacher_and_recompute(
     plan, path = _plan_file(tmp_path / "plan.json", config)
     assert plan.strategy.recompute_layers == (0, 1)
     assert plan.deepspeed["student"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    corpus = str(models_dir / "corpus.txt")
-    out = run_job(
-        str(path),
-        data=corpus,
-        steps=STEPS,
-        out=str(tmp_path / "out"),
-        processes=2,
-        seed=SEED,
-        echo=lambda _: None,
-    )
+    out, corpus = _train(path, models_dir, tmp_path)
     _check_run(out, plan, corpus, AutoModelForCausalLM)
 
 
@@ -172,16 +169,7 @@ def test_bert_mlm(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
 
     config = job_config(models_dir, "bert", {"student_zero_stage": 1, "teacher_placement": "replicated"})
     plan, path = _plan_file(tmp_path / "plan.json", config)
-    corpus = str(models_dir / "corpus.txt")
-    out = run_job(
-        str(path),
-        data=corpus,
-        steps=STEPS,
-        out=str(tmp_path / "out"),
-        processes=2,
-        seed=SEED,
-        echo=lambda _: None,
-    )
+    out, corpus = _train(path, models_dir, tmp_path)
     _check_run(out, plan, corpus, AutoModelForMaskedLM)
 
 
