@@ -132,26 +132,30 @@ def _worker(
 
 
 def _failure(errors: Path, exit_codes: dict[int, int | None]) -> GkdError:
-    """The parent's error for a failed run: the first failed rank's own record, else its exit status."""
+    """The parent's error for a failed run, by cause: an InputError in any rank; else a rank killed by
+    SIGKILL without a record (most often the out-of-memory killer: its peers then fail on a reset
+    connection, and their records are consequences); else the first rank's own record; else the exit
+    statuses."""
     records = []
     for path in sorted(errors.glob("rank*.json")):
         try:
             records.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):
             continue
-    # An InputError anywhere is the cause (the other ranks then fail waiting for it).
     records.sort(key=lambda r: (r["kind"] != "input", r["rank"]))
-    if records:
+    if records and records[0]["kind"] == "input":
+        return InputError(records[0]["message"])
+    recorded = {r["rank"] for r in records}
+    bad = {r: c for r, c in exit_codes.items() if c not in (0, None)}
+    killed = any(c == -9 and r not in recorded for r, c in bad.items())
+    if records and not killed:
         first = records[0]
-        if first["kind"] == "input":
-            return InputError(first["message"])
         return WorkerFailedError(
             f"worker {first['rank']} failed: {first['message']} (traceback: {first['traceback']})"
         )
-    bad = {r: c for r, c in exit_codes.items() if c not in (0, None)}
-    detail = ", ".join(f"rank {r} exit code {c}" for r, c in sorted(bad.items())) or "no exit code"
-    # SIGKILL (-9) without a record is most often the kernel's out-of-memory killer.
-    hint = "; killed by signal 9, most often out of host memory" if -9 in bad.values() else ""
+    silent = {r: c for r, c in bad.items() if r not in recorded} or bad
+    detail = ", ".join(f"rank {r} exit code {c}" for r, c in sorted(silent.items())) or "no exit code"
+    hint = "; killed by signal 9, most often out of host memory" if killed else ""
     return WorkerFailedError(
         f"a worker died without reporting an error ({detail}){hint}; see its output above"
     )

@@ -105,3 +105,19 @@ def test_a_stale_op_build_lock_does_not_hang_the_run(tmp_path: Path) -> None:
     launch(_all_reduce, (str(tmp_path),), processes=2, timeout_s=120)
     assert not lock.exists()
     assert Path(tmp_path, "rank0").read_text() == "2 3 0 0 2"
+
+
+def test_a_killed_rank_outranks_its_peers_consequent_errors(tmp_path: Path) -> None:
+    """Rank 1 killed by SIGKILL writes nothing; rank 0 then fails on the reset connection and writes its
+    record. The cause reported is the killed rank, whichever order the two happened in."""
+    import json
+
+    from gkd.runtime.launch import _failure
+
+    message = "RuntimeError: Connection reset by peer"
+    record = {"rank": 0, "kind": "error", "message": message, "traceback": "t"}
+    (tmp_path / "rank0.json").write_text(json.dumps(record))
+    killed = _failure(tmp_path, {0: 1, 1: -9})
+    assert str(killed).startswith("a worker died without reporting an error (rank 1 exit code -9); killed by")
+    crashed = _failure(tmp_path, {0: 1, 1: -15})  # no kill: rank 0's own record is the cause
+    assert str(crashed) == "worker 0 failed: RuntimeError: Connection reset by peer (traceback: t)"
