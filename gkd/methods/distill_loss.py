@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gkd.methods.combine import ResolvedExtra, ResolvedMethods, stage_window
+from gkd.methods.combine import ResolvedExtra, ResolvedMethods, ResolvedTerm, stage_window
 from gkd.methods.losses import LossContext, get_loss
 from gkd.methods.registry import get
 from gkd.methods.spec import LossTermSpec, MethodSpec
@@ -78,50 +78,89 @@ class DistillLoss(nn.Module):
         total_steps: int = 0,
         heads: dict[str, Any] | None = None,
         aux: dict[str, Any] | None = None,
+        done: Mapping[str, Tensor] | None = None,
     ) -> LossOutput:
         """Weighted total and per-term values ("<method>.<term>", weighted) for one step.
 
         student_taps / teacher_taps: the captured dicts (tap name -> tensor), one dict per teacher; labels and
         mask (B, T) bool (True = real token); heads: {"student": W, "teachers": [W, ...]} LM-head weights for
-        fused-linear terms; aux: tap dicts of hook-op extra forwards, keyed by op name.
+        fused-linear terms; aux: tap dicts of hook-op extra forwards, keyed by op name. done: weighted
+        values of terms already computed this step (layerwise tap losses, "<method>.<term>" -> value); they
+        are summed in as given, not computed again.
         """
         total: Tensor | None = None
         values: dict[str, Tensor] = {}
-        by_method = {m.name: m for m in self.resolved.methods}
         for term in self.resolved.loss_terms:
-            method = by_method[term.method]
-            spec = get(term.method)
-            spec_term = next(t for t in spec.terms if t.name == term.name)
-            _, stage_step, stage_total = stage_window(spec, method.options, step, total_steps)
-            factor = spec_term.schedule.at(stage_step, stage_total, student_layers=self.student_layers)
-            if factor == 0.0:
+            key = f"{term.method}.{term.name}"
+            if done is not None and key in done:
+                weighted: Tensor | None = done[key]
+            else:
+                weighted = self.term(
+                    term,
+                    student_taps,
+                    teacher_taps,
+                    labels=labels,
+                    mask=mask,
+                    step=step,
+                    total_steps=total_steps,
+                    heads=heads,
+                    aux=aux,
+                )
+            if weighted is None:
                 continue
-            fn = get_loss(term.fn)
-            ctx = LossContext(
-                method=term.method,
-                term=term.name,
-                options=method.options,
-                student=dict(student_taps),
-                teachers=[dict(t) for t in teacher_taps],
-                pairs=method.pairs,
-                kinds=method.kinds,
-                extras=self.extras[term.method] if term.method in self.extras else nn.ModuleDict(),
-                labels=labels,
-                mask=mask,
-                step=step,
-                total_steps=total_steps,
-                temperature=term.temperature if term.temperature is not None else 1.0,
-                student_is_encoder=self.student_is_encoder,
-                heads=heads or {},
-                aux=aux or {},
-            )
-            value = self._aggregate(spec, spec_term, fn, ctx)
-            weighted = value * (term.weight * factor)
-            values[f"{term.method}.{term.name}"] = weighted
+            values[key] = weighted
             total = weighted if total is None else total + weighted
         if total is None:
             total = torch.zeros(())
         return LossOutput(total=total, terms=values)
+
+    def term(
+        self,
+        term: ResolvedTerm,
+        student_taps: Mapping[str, Tensor],
+        teacher_taps: Sequence[Mapping[str, Tensor]],
+        *,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        step: int = 0,
+        total_steps: int = 0,
+        heads: dict[str, Any] | None = None,
+        aux: dict[str, Any] | None = None,
+    ) -> Tensor | None:
+        """One term's weighted value at `step`, or None when its schedule weighs it 0 there."""
+        method = next(m for m in self.resolved.methods if m.name == term.method)
+        spec = get(term.method)
+        spec_term = next(t for t in spec.terms if t.name == term.name)
+        _, stage_step, stage_total = stage_window(spec, method.options, step, total_steps)
+        factor = spec_term.schedule.at(stage_step, stage_total, student_layers=self.student_layers)
+        if factor == 0.0:
+            return None
+        fn = get_loss(term.fn)
+        ctx = LossContext(
+            method=term.method,
+            term=term.name,
+            options=method.options,
+            student=dict(student_taps),
+            teachers=[dict(t) for t in teacher_taps],
+            pairs=method.pairs,
+            kinds=method.kinds,
+            extras=self.extras[term.method] if term.method in self.extras else nn.ModuleDict(),
+            labels=labels,
+            mask=mask,
+            step=step,
+            total_steps=total_steps,
+            temperature=term.temperature if term.temperature is not None else 1.0,
+            student_is_encoder=self.student_is_encoder,
+            heads=heads or {},
+            aux=aux or {},
+        )
+        return self._aggregate(spec, spec_term, fn, ctx) * (term.weight * factor)
+
+    def extra_parameters(self, method: str) -> list[nn.Parameter]:
+        """The trainable parameters of `method`'s extras (empty when it has none)."""
+        if method not in self.extras:
+            return []
+        return [p for p in self.extras[method].parameters() if p.requires_grad]
 
     @staticmethod
     def _aggregate(spec: MethodSpec, term: LossTermSpec, fn: Any, ctx: LossContext) -> Tensor:

@@ -78,6 +78,7 @@ class MethodsView:
     offline_ok: bool
     needs_teacher_forward: bool
     eager_attention: bool
+    hook_ops: tuple[str, ...] = ()  # in-flight tensor operations (Theseus, DIITO, LRC-BERT), by op name
 
     @property
     def num_extra_parameters(self) -> int:
@@ -104,6 +105,7 @@ class MethodsView:
             offline_ok=bool(r.offline_ok),
             needs_teacher_forward=bool(r.needs_teacher_forward),
             eager_attention=bool(r.eager_attention),
+            hook_ops=tuple(sorted({h.op for h in r.hook_ops})),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +118,7 @@ class MethodsView:
             "offline_ok": self.offline_ok,
             "needs_teacher_forward": self.needs_teacher_forward,
             "eager_attention": self.eager_attention,
+            "hook_ops": list(self.hook_ops),
         }
 
 

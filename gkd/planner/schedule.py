@@ -27,6 +27,7 @@ log-probs to disk, with its own resident teacher; it does not overlap training, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gkd.planner.plan import CATEGORIES, Op, Schedule, Strategy, TensorAlloc
@@ -80,6 +81,16 @@ class Workload:
     topk_bytes: int = 0  # stored teacher outputs read per micro-batch (offline)
 
 
+def layerwise_layer(taps: Sequence[str], student_layers: int) -> int | None:
+    """Where a loss term runs with `tap_loss = layerwise`: after this student layer (-1: before layer 0), or
+    None for the end of the forward (it reads logits, a stored top-k output, or a tap of the final layer).
+    `taps` are the term's model-qualified taps ("s:q[3]", "t0:q[9]"). The runtime uses the same rule."""
+    if any(x.endswith((":logits", ":topk")) for x in taps):
+        return None
+    where = max((_tap_layer(x.split(":", 1)[1]) for x in taps if x.startswith("s:")), default=-1)
+    return where if where < student_layers else None
+
+
 def _tap_layer(name: str) -> int:
     """The student layer after which tap `name` exists: hidden[i] after layer i-1, kind[i] after layer i,
     emb before layer 0 (-1), final / logits after the last layer (a large number)."""
@@ -117,10 +128,8 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
     tap_terms = [t for t in w.terms if not t.logits]
     term_at: dict[int, list[LossTerm]] = {}
     for term in tap_terms:
-        student_taps = [x.split(":", 1)[1] for x in term.taps if x.startswith("s:")]
-        where = max((_tap_layer(x) for x in student_taps), default=-1)
-        if s.tap_loss == "end" or where >= st.layers:
-            where = st.layers  # after the student forward
+        at = layerwise_layer(term.taps, st.layers)
+        where = st.layers if s.tap_loss == "end" or at is None else at  # st.layers: after the forward
         term_at.setdefault(where, []).append(term)
 
     # 1. Teachers (online).

@@ -154,7 +154,17 @@ def candidates(
     has_tap_terms = any(
         not any(x.endswith((":logits", ":topk")) for x in t.taps) for t in resolved.loss_terms
     )
-    tap_places = [ov.tap_loss] if ov.tap_loss else (["layerwise", "end"] if has_tap_terms else ["end"])
+    # Hook ops (Theseus, DIITO, LRC-BERT) run extra student forwards whose losses read taps at the end.
+    layerwise_ok = has_tap_terms and not resolved.hook_ops
+    if ov.tap_loss == "layerwise" and resolved.hook_ops:
+        from gkd.errors import InputError
+
+        ops = ", ".join(resolved.hook_ops)
+        raise InputError(
+            f"overrides.tap_loss layerwise cannot be used with the hook ops {ops}: their extra forwards need "
+            "the tap losses at the end of the step; remove overrides.tap_loss or set it to end"
+        )
+    tap_places = [ov.tap_loss] if ov.tap_loss else (["layerwise", "end"] if layerwise_ok else ["end"])
     attention = "eager" if resolved.eager_attention else "sdpa"
     out: list[Strategy] = []
     for mb in micro_batch_choices(config):

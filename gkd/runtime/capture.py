@@ -41,7 +41,7 @@ function
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -319,8 +319,18 @@ def _bloom_attention_hooks(
 
 
 @contextmanager
-def capture_taps(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, Tensor]]:
-    """Capture the named taps during forwards run inside the context. See the module docstring."""
+def capture_taps(
+    model: nn.Module,
+    names: Iterable[str],
+    *,
+    after_layer: Callable[[int, dict[str, Tensor]], None] | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """Capture the named taps during forwards run inside the context. See the module docstring.
+
+    after_layer(i, taps) is called once layer i's taps are in the dict: -1 before layer 0 runs (with `emb` and
+    `hidden[0]`), then i after layer i's forward (with `hidden[i + 1]` and layer i's attention and MLP taps).
+    It runs from module hooks, outside a recomputed layer's checkpoint, so what it computes is not recomputed.
+    """
     requested = [parse_tap(n) for n in sorted(set(names))]
     taps: dict[str, Tensor] = {}
     layers = transformer_layers(model)
@@ -405,6 +415,19 @@ def capture_taps(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, T
             taps["logits"] = logits if logits is not None else _first(output)
 
         handles.append(model.register_forward_hook(logits_hook))
+
+    if after_layer is not None:
+        # Registered after the capture hooks above, so each call sees that layer's taps already stored.
+        def before_first(_m: nn.Module, _args: Any) -> None:
+            after_layer(-1, taps)
+
+        handles.append(layers[0].register_forward_pre_hook(before_first))
+        for i, layer in enumerate(layers):
+
+            def layer_done(_m: nn.Module, _args: Any, _output: Any, i: int = i) -> None:
+                after_layer(i, taps)
+
+            handles.append(layer.register_forward_hook(layer_done))
 
     configs: list[tuple[Any, str]] = []
     if wanted and type(model).__name__.startswith("Bloom"):

@@ -315,6 +315,7 @@ def _distill_module_class() -> type:
             self.resolved: Any = None
             self.step = 0
             self.total_steps = 0
+            self.tap_loss = "end"  # the plan's strategy.tap_loss
 
         def forward(self, batch: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
             if self.resolved is None:
@@ -329,6 +330,7 @@ def _distill_module_class() -> type:
                 self.resolved,
                 step=self.step,
                 total_steps=self.total_steps,
+                tap_loss=self.tap_loss,
             )
             return out.total, out.terms
 

@@ -21,10 +21,6 @@ process's peak resident set size), the largest over the ranks. At the end the st
 Face format in OUT/student (ZeRO-3 partitions gathered first), next to OUT/plan.json and OUT/run.json.
 
 What this slice does not do (stated in docs/run.md):
-- Tap losses layer by layer ("tap_loss": "layerwise", teacher taps freed during the student forward): this
-  runtime computes every loss after the student forward ("end"). So that the plan it runs predicts the memory
-  it uses, a config is planned with `overrides.tap_loss: end` pinned (the run says so), and a plan file that
-  says "layerwise" is refused with the fix, rather than run with more tap memory than it predicts.
 - The schedule's order of operations is not replayed op by op; the plan's placement, ZeRO stage, offload,
   recompute layers, micro-batch and accumulation are what is executed.
 
@@ -38,7 +34,6 @@ leaves an OUT.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -65,7 +60,6 @@ def cpu_ops(plan: Plan) -> tuple[str, ...]:
 
 
 # Where this runtime computes the loss terms of intermediate taps: after the student forward.
-EXECUTED_TAP_LOSS = "end"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,31 +116,12 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
                     f"the plan {target} does not fit: peak {human_bytes(plan.peak_bytes)} per GPU exceeds "
                     f"{human_bytes(plan.budget_bytes)}; `gkd plan` lists the smallest changes that fit"
                 )
-            if plan.strategy.tap_loss != EXECUTED_TAP_LOSS:
-                raise InputError(
-                    f"the plan {target} computes tap losses {plan.strategy.tap_loss}, which `gkd run` does "
-                    "not do yet (it computes them at the end of the student forward, with more tap memory); "
-                    f"re-plan with `overrides: {{tap_loss: {EXECUTED_TAP_LOSS}}}` in the config, or give "
-                    "`gkd run` the config itself"
-                )
             return plan
     from gkd.planner.pipeline import plan as make_plan
 
     config = load_config(target) if target is not None else default_config()
     config = apply_flags(config, gpus=processes)
-    pinned = config.overrides.tap_loss
-    if pinned not in (None, EXECUTED_TAP_LOSS):
-        raise InputError(
-            f"overrides.tap_loss is {pinned}, which `gkd run` does not do yet (it computes tap losses at the "
-            f"end of the student forward); set it to {EXECUTED_TAP_LOSS} or drop it"
-        )
-    config = dataclasses.replace(
-        config, overrides=dataclasses.replace(config.overrides, tap_loss=EXECUTED_TAP_LOSS)
-    )
-    echo(
-        f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}), with tap "
-        f"losses at the end of the student forward as this runtime computes them."
-    )
+    echo(f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}).")
     plan = make_plan(config)
     if not plan.fits:
         command = " ".join(["gkd plan", *([target] if target else []), f"--gpus {processes}"])
@@ -306,7 +281,7 @@ def _write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int,
         "save_every": settings.save_every,
         "strategy": plan.strategy.describe(),
         "recomputed_layers": list(plan.strategy.recompute_layers),
-        "tap_loss_executed": EXECUTED_TAP_LOSS,
+        "tap_loss_executed": plan.strategy.tap_loss,
         "notes": list(settings.notes),
     }
     (folder / "run.json").write_text(json.dumps(summary, indent=2))
@@ -444,6 +419,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
     engines = make_engines(models, plan, device=device)
     engine, module = engines.student, engines.module
+    module.tap_loss = plan.strategy.tap_loss  # layerwise: tap terms run (and free teacher taps) mid-forward
     tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
     stream = batches(
         settings.data,

@@ -22,6 +22,13 @@ The order of operations (see `gkd.methods.hooks` for what each hook-op call may 
 5. each op's `extra_forward` (DIITO's interchange pass), whose results reach the loss as `ctx.aux`;
 6. the loss (`DistillLoss`) on the captured taps.
 
+With `tap_loss="layerwise"` (the plan's choice, `gkd.planner.schedule`), step 4 also computes each
+intermediate-tap term as soon as the student layer holding its last tap has run
+(`gkd.planner.schedule.layerwise_layer`, the planner's own rule): the term's value and its gradients with
+respect to the student taps it read and its method's extras are computed at once (`_EarlyTerm`), the term's
+own autograd graph is freed, the teacher taps no later term reads are dropped, and the gradients are kept
+until the backward reaches the term. The values and gradients equal those of computing the term at the end.
+
 Design choices:
 - The backward pass is the caller's: it may scale, accumulate or hand the loss to DeepSpeed.
 - A forward that fails to produce a requested tap raises: a silently missing tensor would otherwise surface
@@ -32,7 +39,7 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,10 +48,11 @@ import torch
 from torch import Tensor, nn
 
 from gkd.errors import InputError
-from gkd.methods.combine import DistillLoss, LossOutput, ResolvedMethods
+from gkd.methods.combine import DistillLoss, LossOutput, ResolvedMethods, ResolvedTerm
 from gkd.methods.hooks import build_hook_ops
 from gkd.methods.spec import STORED_KINDS
-from gkd.runtime.capture import capture_taps
+from gkd.planner.schedule import layerwise_layer
+from gkd.runtime.capture import capture_taps, transformer_layers
 
 # Batch fields that losses read and models must not see.
 LOSS_BATCH_KEYS = ("phrase_spans",)
@@ -82,9 +90,11 @@ class StepRunner:
             inputs["attention_mask"] = inputs["attention_mask"].long()
         return inputs
 
-    def run_student(self, names: Iterable[str]) -> dict[str, Tensor]:
-        """One student forward (with gradients) capturing `names`."""
-        return _run(self.student, names, self.model_inputs(), "student")
+    def run_student(
+        self, names: Iterable[str], *, after_layer: Callable[[int, dict[str, Tensor]], None] | None = None
+    ) -> dict[str, Tensor]:
+        """One student forward (with gradients) capturing `names` (see `capture_taps` for `after_layer`)."""
+        return _run(self.student, names, self.model_inputs(), "student", after_layer=after_layer)
 
     def run_teacher(self, index: int, names: Iterable[str]) -> dict[str, Tensor]:
         """One forward of teacher `index` under no_grad capturing `names`."""
@@ -98,11 +108,27 @@ class StepRunner:
             "teachers": [_head_weight(t) for t in self.teachers],
         }
 
+    def term(self, term: ResolvedTerm, student_taps: Mapping[str, Tensor]) -> Tensor | None:
+        """One term's weighted value on the main teacher taps (None when its schedule weighs it 0)."""
+        extras = {k: self.batch[k] for k in LOSS_BATCH_KEYS if k in self.batch}
+        return self.loss_module.term(
+            term,
+            student_taps,
+            self.teacher_taps,
+            labels=self.labels,
+            mask=self.mask,
+            step=self.step,
+            total_steps=self.total_steps,
+            heads=self.heads(),
+            aux={"batch": extras} if extras else None,
+        )
+
     def loss(
         self,
         student_taps: Mapping[str, Tensor],
         teacher_taps: Sequence[Mapping[str, Tensor]] | None = None,
         aux: dict[str, Any] | None = None,
+        done: Mapping[str, Tensor] | None = None,
     ) -> LossOutput:
         """The step's loss on the given taps (the main teacher taps unless others are passed). Batch fields
         only losses read (LOSS_BATCH_KEYS) reach them as `ctx.aux["batch"]`."""
@@ -118,6 +144,7 @@ class StepRunner:
             total_steps=self.total_steps,
             heads=self.heads(),
             aux=aux,
+            done=done,
         )
 
 
@@ -126,13 +153,20 @@ def _head_weight(model: nn.Module) -> Tensor | None:
     return None if head is None else head.weight
 
 
-def _run(model: nn.Module, names: Iterable[str], inputs: dict[str, Any], who: str) -> dict[str, Tensor]:
+def _run(
+    model: nn.Module,
+    names: Iterable[str],
+    inputs: dict[str, Any],
+    who: str,
+    *,
+    after_layer: Callable[[int, dict[str, Tensor]], None] | None = None,
+) -> dict[str, Tensor]:
     wanted = set(names)
     if getattr(getattr(model, "config", None), "use_cache", False):
         # A training step never reuses keys and values; a cache would also be sized for the model's own layer
         # count, which a module swap (Theseus) changes.
         inputs = {**inputs, "use_cache": False}
-    with capture_taps(model, wanted) as taps:
+    with capture_taps(model, wanted, after_layer=after_layer) as taps:
         model(**inputs)
     missing = wanted - set(taps)
     if missing:
@@ -157,6 +191,84 @@ def _teacher_pass(runner: StepRunner, stored: Sequence[Mapping[str, Any]] | None
     return out
 
 
+class _EarlyTerm(torch.autograd.Function):
+    """A loss term computed during the student forward, with its gradients (layerwise tap losses).
+
+    forward(compute, n_taps, *taps, *params): `compute(leaves)` evaluates the term on detached copies of the
+    student `taps`; the gradients with respect to those copies and to `params` (the method's extras) are
+    computed at once and kept on `ctx` (not saved tensors, so a recomputed layer around the call never
+    replays it), and the term's own graph is freed. backward hands them to the taps and the parameters,
+    scaled by the incoming gradient (DeepSpeed's loss scaling and accumulation). Returns the value, detached.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, compute: Callable[[list[Tensor]], Tensor], n_taps: int, *inputs: Tensor) -> Tensor:
+        taps, params = inputs[:n_taps], inputs[n_taps:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in taps]
+            value = compute(leaves)
+            everything = (*leaves, *params)
+            wrt = [x for x in everything if x.requires_grad]
+            found = torch.autograd.grad(value, wrt, allow_unused=True) if wrt and value.requires_grad else ()
+        by_id = {id(x): g for x, g in zip(wrt, found, strict=False)}
+        ctx.grads = [by_id.get(id(x)) for x in everything]
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return (None, None, *grads)
+
+
+class _Layerwise:
+    """Runs the step's intermediate-tap terms as the student forward reaches them (see `_EarlyTerm`)."""
+
+    def __init__(self, runner: StepRunner) -> None:
+        self.runner = runner
+        self.done: dict[str, Tensor] = {}
+        layers = len(transformer_layers(runner.student))
+        self.at: dict[int, list[ResolvedTerm]] = {}
+        for term in runner.resolved.loss_terms:
+            where = layerwise_layer(term.taps, layers)
+            if where is not None:
+                self.at.setdefault(where, []).append(term)
+        # Teacher taps are dropped after the last term that reads them ("t<i>:<tap>" -> term key).
+        self.last_read: dict[str, str] = {}
+        early = [t for where in sorted(self.at) for t in self.at[where]]
+        late = [t for t in runner.resolved.loss_terms if t not in early]
+        for term in early + late:
+            for x in term.taps:
+                if not x.startswith("s:"):
+                    self.last_read[x] = "" if term in late else f"{term.method}.{term.name}"
+
+    def after_layer(self, layer: int, student_taps: dict[str, Tensor]) -> None:
+        """Called by `capture_taps` after each student layer, with the taps captured so far."""
+        for term in self.at.get(layer, ()):
+            key = f"{term.method}.{term.name}"
+            names = sorted({x.split(":", 1)[1] for x in term.taps if x.startswith("s:")})
+            taps = [student_taps[n] for n in names]
+            params = self.runner.loss_module.extra_parameters(term.method)
+            skipped = False
+
+            def compute(leaves: list[Tensor], term: ResolvedTerm = term, names: list[str] = names) -> Tensor:
+                nonlocal skipped
+                # Only the taps the term declares: the plan sized these, so a term reading others must fail.
+                value = self.runner.term(term, dict(zip(names, leaves, strict=True)))
+                if value is None:  # its schedule weighs it 0 at this step
+                    skipped = True
+                    return leaves[0].new_zeros(()) if leaves else torch.zeros(())
+                return value
+
+            value = _EarlyTerm.apply(compute, len(taps), *taps, *params)
+            if not skipped:
+                self.done[key] = value
+            for x, reader in self.last_read.items():
+                if reader == key:
+                    index, _, tap = x.partition(":")
+                    self.runner.teacher_taps[int(index.removeprefix("t"))].pop(tap, None)
+
+
 def distill_step(
     student: nn.Module,
     teachers: Sequence[nn.Module],
@@ -167,8 +279,12 @@ def distill_step(
     total_steps: int = 0,
     *,
     stored_teacher_taps: Sequence[Mapping[str, Any]] | None = None,
+    tap_loss: str = "end",
 ) -> LossOutput:
     """Run one distillation step's forwards and return its loss (see the module docstring).
+
+    tap_loss: "end" (every term after the forwards) or "layerwise" (intermediate-tap terms during the student
+    forward, as the plan's strategy says; not with hook ops, whose extra forwards read taps at the end).
 
     stored_teacher_taps: per teacher, taps written by an offline teacher pass (the stored kinds of
     `gkd.methods.spec.STORED_KINDS`, e.g. `topk`); they are not captured live, and a teacher whose taps are
@@ -190,17 +306,29 @@ def distill_step(
         step=step,
         total_steps=total_steps,
     )
+    if tap_loss not in ("end", "layerwise"):
+        raise InputError(f"tap_loss must be 'end' or 'layerwise', got {tap_loss!r}")
+    if tap_loss == "layerwise" and resolved.hook_ops:
+        raise InputError(
+            "layerwise tap losses cannot run with hook ops "
+            f"({', '.join(sorted({h.op for h in resolved.hook_ops}))}); plan with overrides.tap_loss: end"
+        )
     ops = build_hook_ops(resolved)
+    layerwise: _Layerwise | None = None
     with ExitStack() as stack:
         for op in ops:
             stack.enter_context(op.install(student, list(teachers), step=step, total_steps=total_steps))
         runner.teacher_taps = _teacher_pass(runner, stored_teacher_taps)
         for op in ops:
             op.before_forward(runner)
-        student_taps = runner.run_student(resolved.student_taps)
+        if tap_loss == "layerwise":
+            layerwise = _Layerwise(runner)
+            student_taps = runner.run_student(resolved.student_taps, after_layer=layerwise.after_layer)
+        else:
+            student_taps = runner.run_student(resolved.student_taps)
         aux: dict[str, Any] = {}
         for op in ops:
             extra = op.extra_forward(runner)
             if extra is not None:
                 aux[op.name] = extra
-    return runner.loss(student_taps, aux=aux)
+    return runner.loss(student_taps, aux=aux, done=layerwise.done if layerwise is not None else None)

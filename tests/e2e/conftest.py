@@ -64,8 +64,7 @@ def _job_config(models_dir: Path, family: str, overrides: dict[str, Any], **deep
         "hardware": {"gpus": 2, "gpu_memory": "8GiB", "host_memory": "16GiB", "cuda_context": "64MiB"},
         "training": {"seq_len": 32, "global_batch": 8, "micro_batch": [2], "steps": 8},
         "deepspeed": deepspeed,
-        # gkd run computes tap losses after the student forward, so its plans say so.
-        "overrides": {"tap_loss": "end", **overrides},
+        "overrides": overrides,
     }
 
 

@@ -100,7 +100,8 @@ def _check_run(out: Path, plan: Plan, corpus: str, auto: Any) -> None:
     changed = [k for k in initial if not torch.equal(loaded[k].to(initial[k].dtype), initial[k])]
     assert len(changed) > len(initial) // 2, changed
     assert Plan.from_json((out / "plan.json").read_text()).strategy == plan.strategy
-    assert json.loads((out / "run.json").read_text())["steps"] == STEPS
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == STEPS and run["tap_loss_executed"] == plan.strategy.tap_loss
 
 
 def _train(path: Path, models_dir: Path, tmp_path: Path, **options: Any) -> tuple[Path, str]:
@@ -122,7 +123,8 @@ def _train(path: Path, models_dir: Path, tmp_path: Path, **options: Any) -> tupl
 def test_zero2_student_replicated_teacher(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
     from transformers import AutoModelForCausalLM
 
-    config = job_config(models_dir, "llama", {"student_zero_stage": 2, "teacher_placement": "replicated"})
+    overrides = {"student_zero_stage": 2, "teacher_placement": "replicated", "tap_loss": "end"}
+    config = job_config(models_dir, "llama", overrides)
     plan, path = _plan_file(tmp_path / "plan.json", config)
     out, corpus = _train(path, models_dir, tmp_path, save_every=4)
     _check_run(out, plan, corpus, AutoModelForCausalLM)
@@ -149,11 +151,17 @@ def test_zero2_student_replicated_teacher(models_dir: Path, tmp_path: Path, job_
 def test_zero3_student_offloaded_teacher_and_recompute(
     models_dir: Path, tmp_path: Path, job_config: Any
 ) -> None:
-    """ZeRO-3 on both sides (persistence threshold 0, so even these tiny tensors are partitioned) and both
-    student layers recomputed: the first loss still equals the plain single-process step."""
+    """ZeRO-3 on both sides (persistence threshold 0, so even these tiny tensors are partitioned), both
+    student layers recomputed and tap losses computed layer by layer: the first loss still equals the plain
+    single-process step (tap losses at the end)."""
     from transformers import AutoModelForCausalLM
 
-    overrides = {"student_zero_stage": 3, "teacher_placement": "zero3_offload", "recompute_layers": [0, 1]}
+    overrides = {
+        "student_zero_stage": 3,
+        "teacher_placement": "zero3_offload",
+        "recompute_layers": [0, 1],
+        "tap_loss": "layerwise",
+    }
     config = job_config(models_dir, "llama", overrides, stage3_param_persistence_threshold=0)
     # hidden_mse trains a projection (32 -> 64): a loss extra, partitioned like the student's weights.
     config["methods"].append({"name": "hidden_mse"})
@@ -167,7 +175,8 @@ def test_zero3_student_offloaded_teacher_and_recompute(
 def test_bert_mlm(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
     from transformers import AutoModelForMaskedLM
 
-    config = job_config(models_dir, "bert", {"student_zero_stage": 1, "teacher_placement": "replicated"})
+    overrides = {"student_zero_stage": 1, "teacher_placement": "replicated", "tap_loss": "layerwise"}
+    config = job_config(models_dir, "bert", overrides)
     plan, path = _plan_file(tmp_path / "plan.json", config)
     out, corpus = _train(path, models_dir, tmp_path)
     _check_run(out, plan, corpus, AutoModelForMaskedLM)
@@ -246,7 +255,8 @@ def test_tiny_config_trains_from_the_command_line(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert (out / "student" / "config.json").is_file()
-    assert json.loads((out / "plan.json").read_text())["strategy"]["tap_loss"] == "end"
+    plan = json.loads((out / "plan.json").read_text())
+    assert json.loads((out / "run.json").read_text())["tap_loss_executed"] == plan["strategy"]["tap_loss"]
 
 
 @pytest.mark.skipif(
@@ -259,14 +269,3 @@ def test_default_run_on_the_cpu_is_refused_before_any_worker_starts(tmp_path: Pa
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "memory available" in proc.stderr
     assert not (tmp_path / "run").exists() and not any(tmp_path.iterdir())
-
-
-def test_a_layerwise_plan_is_refused(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
-    """The runtime computes tap losses after the student forward: a plan that frees teacher taps layer by
-    layer predicts less memory than that, so it is refused with the fix instead of run."""
-    _, path = _plan_file(tmp_path / "plan.json", job_config(models_dir, "llama", {"tap_loss": "layerwise"}))
-    out = tmp_path / "run"
-    args = ["run", str(path), "--processes", "2", "--out", str(out)]
-    _one_line_exit(args, 2, "computes tap losses layerwise, which `gkd run` does not do yet")
-    assert "overrides: {tap_loss: end}" in CliRunner().invoke(main, args).stderr
-    assert not out.exists()

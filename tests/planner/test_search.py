@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gkd.config import Config, DeepSpeedSettings, HardwareConfig, Overrides, TrainingConfig
+from gkd.errors import InputError
 from gkd.planner.pipeline import emit
 from gkd.planner.plan import Plan
 from gkd.planner.search import candidates, search
@@ -241,3 +242,18 @@ def test_two_teachers_each_run_and_free_their_taps():
         kd_only(),
     )
     assert simulate(r.best.schedule).peak_bytes >= simulate(single.best.schedule).peak_bytes
+
+
+def test_hook_ops_keep_tap_losses_at_the_end():
+    # Their extra forwards (LRC-BERT, DIITO, Theseus) read taps at the end of the step, which the runtime
+    # cannot do once a layerwise term has consumed them.
+    methods = replace(hidden_uniform(), hook_ops=("lrc_gradient_perturbation",))
+    places = {s.tap_loss for s in candidates(config(memory=10**9), STUDENT, (TEACHER,), methods)}
+    assert places == {"end"}
+    assert {s.tap_loss for s in candidates(config(memory=10**9), STUDENT, (TEACHER,), hidden_uniform())} == {
+        "end",
+        "layerwise",
+    }
+    with pytest.raises(InputError, match="lrc_gradient_perturbation"):
+        pinned = config(memory=10**9, overrides=Overrides(tap_loss="layerwise"))
+        candidates(pinned, STUDENT, (TEACHER,), methods)
