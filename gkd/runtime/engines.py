@@ -17,17 +17,18 @@ Design choices:
   engine's forward. The teachers are a plain list attribute, not submodules: they are not trained and must not
   enter the student's optimizer or ZeRO partitioning. Under ZeRO-3 the loss extras are registered as external
   parameters of the DistillModule, so they are gathered for its whole forward and again when its backward
-  starts (DistillLoss returns a dataclass, to whose tensors ZeRO-3 cannot attach its backward hooks).
+  starts (DistillLoss returns a dataclass, to whose tensors ZeRO-3 cannot attach its backward hooks). On the
+  fused-linear logit path the student's LM-head weight is registered the same way (the loss reads it after
+  the head's own forward); a ZeRO-3 teacher's head is gathered read-only around the loss
+  (`gkd.runtime.step`).
 - Recompute: each layer the plan lists runs its forward under `torch.utils.checkpoint` (non-reentrant), by
   wrapping that layer's `forward`; the layer's module hooks (tap capture) stay outside the checkpoint, so taps
   hold the layer's outputs as usual. Other layers are untouched; this is per layer, not all-or-nothing.
 - Weights: a model given as a checkpoint folder with weights is loaded with `from_pretrained`; a preset or a
   bare config.json is randomly initialised with the run's seed; both are then cast to the plan's training
   dtype. Distilling from a random teacher only exercises the machinery; the run says so.
-- Not in this slice (InputError naming the override that avoids it): tensor-parallel and offline teachers; the
-  fused-linear logit path when the student or a teacher is ZeRO-3 (the LM-head weight is partitioned outside
-  its module's forward); hook ops that move teacher modules into the student (Theseus) with a sharded
-  teacher; fp16 on the CPU.
+- Not in this slice (InputError naming the override that avoids it): tensor-parallel and offline teachers;
+  hook ops that move teacher modules into the student (Theseus) with a sharded teacher; fp16 on the CPU.
 """
 
 from __future__ import annotations
@@ -66,12 +67,6 @@ def check_supported(plan: Plan, *, cuda: bool) -> None:
         raise InputError(
             "teacher placement offline (a stored top-k teacher pass) is not supported by `gkd run` yet; "
             + _overrides_hint("teacher_placement", "zero3_offload")
-        )
-    zero3 = s.student_zero_stage == 3 or s.teacher_placement in ("zero3", "zero3_offload")
-    if s.loss_path == "fused_linear" and zero3:
-        raise InputError(
-            "the fused-linear logit loss with a ZeRO-3 student or teacher is not supported by `gkd run` yet; "
-            + _overrides_hint("loss_path", "logits")
         )
     methods = plan.inputs.get("config", {}).get("methods", [])
     if s.teacher_placement != "replicated" and any(m.get("name") == "theseus" for m in methods):
@@ -386,6 +381,10 @@ def make_engines(models: Models, plan: Plan, *, device: Any) -> Engines:
         # backward starts (its output is a tuple of tensors), so every use sees the full tensors.
         for p in module.loss.parameters():
             deepspeed.zero.register_external_parameter(module, p)
+        if plan.strategy.loss_path == "fused_linear":
+            # The fused-linear loss reads the LM-head weight directly, after the head's own forward.
+            head = models.student.get_output_embeddings()
+            deepspeed.zero.register_external_parameter(module, head.weight)
     teachers, teacher_engines = [], []
     for teacher, cfg in zip(models.teachers, plan.deepspeed["teachers"], strict=True):
         if plan.strategy.teacher_placement == "replicated" or cfg is None:

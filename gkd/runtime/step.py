@@ -39,8 +39,8 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,22 +135,48 @@ class StepRunner:
         extras = {k: self.batch[k] for k in LOSS_BATCH_KEYS if k in self.batch}
         if extras:
             aux = {**(aux or {}), "batch": extras}
-        return self.loss_module(
-            student_taps,
-            self.teacher_taps if teacher_taps is None else teacher_taps,
-            labels=self.labels,
-            mask=self.mask,
-            step=self.step,
-            total_steps=self.total_steps,
-            heads=self.heads(),
-            aux=aux,
-            done=done,
-        )
+        heads = self.heads()
+        # A ZeRO-3 teacher's head is partitioned outside its forward; the student's is an external parameter
+        # of the engine's module (`gkd.runtime.engines.make_engines`), gathered for its forward and backward.
+        teacher_heads = heads["teachers"] if self.resolved.fused_linear else []
+        with _gathered(teacher_heads):
+            return self.loss_module(
+                student_taps,
+                self.teacher_taps if teacher_taps is None else teacher_taps,
+                labels=self.labels,
+                mask=self.mask,
+                step=self.step,
+                total_steps=self.total_steps,
+                heads=heads,
+                aux=aux,
+                done=done,
+            )
 
 
 def _head_weight(model: nn.Module) -> Tensor | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return None if head is None else head.weight
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs; not masked LMs)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@contextmanager
+def _gathered(weights: Iterable[Tensor | None]) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned weights for the duration (read-only: the teachers' LM heads, which the
+    fused-linear loss reads outside their module's forward). Other weights pass through untouched."""
+    partitioned = [w for w in weights if w is not None and hasattr(w, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def _run(
@@ -166,6 +192,11 @@ def _run(
         # A training step never reuses keys and values; a cache would also be sized for the model's own layer
         # count, which a module swap (Theseus) changes.
         inputs = {**inputs, "use_cache": False}
+    if "logits" not in wanted and _keeps_logits(model):
+        # Nothing reads this forward's logits (the fused-linear loss reads `final` and the head weight): the
+        # head runs on the last position only, so the (tokens x vocabulary) logits the plan does not count are
+        # never made.
+        inputs = {**inputs, "logits_to_keep": 1}
     with capture_taps(model, wanted, after_layer=after_layer) as taps:
         model(**inputs)
     missing = wanted - set(taps)

@@ -100,8 +100,6 @@ def test_recompute_marks_and_rejects() -> None:
     [
         ({"teacher_placement": "tensor_parallel"}, "teacher_placement: zero3_offload"),
         ({"teacher_placement": "offline"}, "teacher_placement: zero3_offload"),
-        ({"loss_path": "fused_linear", "student_zero_stage": 3}, "loss_path: logits"),
-        ({"loss_path": "fused_linear", "teacher_placement": "zero3"}, "loss_path: logits"),
     ],
 )
 def test_unsupported_strategies_are_input_errors(

@@ -108,3 +108,26 @@ def test_input_checks(setup):
     topk = resolve(["topk_kl"], t_specs, s_spec)
     with pytest.raises(InputError, match="offline teacher pass"):
         distill_step(student, [teacher], DistillLoss(topk, t_specs, s_spec), batch, topk)
+
+
+def test_fused_linear_forwards_make_no_full_logits(setup):
+    """The fused-linear loss reads `final` and the head weight: neither forward may materialise the (tokens x
+    vocabulary) logits the plan does not count; on the plain logits path both are made as usual."""
+    t_specs, s_spec, student, teacher, batch = setup
+    for fused, positions in ((True, 1), (False, 6)):
+        resolved = resolve(["fkl"], t_specs, s_spec, fused_linear=fused)
+        assert resolved.fused_linear == fused
+        shapes: dict[str, tuple[int, ...]] = {}
+        handles = [
+            m.get_output_embeddings().register_forward_hook(
+                lambda _m, _a, out, who=who, shapes=shapes: shapes.__setitem__(who, tuple(out.shape))
+            )
+            for m, who in ((student, "student"), (teacher, "teacher"))
+        ]
+        try:
+            out = distill_step(student, [teacher], DistillLoss(resolved, t_specs, s_spec), batch, resolved)
+        finally:
+            for h in handles:
+                h.remove()
+        assert torch.isfinite(out.total)
+        assert shapes == {"student": (2, positions, s_spec.vocab), "teacher": (2, positions, s_spec.vocab)}
