@@ -321,6 +321,18 @@ def _extra_copies(
     return [shape(t) for i, t in enumerate(teachers) for _ in spec_pairs[extra.pair_tap][i]]
 
 
+# Loss functions that compute exactly from an offline teacher pass's top-k log-probs (with the tail bucket):
+# forward KL and the soft cross-entropy. The others need the teacher's whole distribution or raw logits.
+_TOPK_FNS = frozenset({"fkl.div", "topk_kl.div"})
+
+
+def _reads_topk(term: ResolvedTerm, options: dict[str, Any]) -> bool:
+    """Whether `term` can run against a stored top-k instead of live teacher logits."""
+    if term.fn == "soft":
+        return options.get("soft", "kl") in ("kl", "soft_ce")
+    return term.fn in _TOPK_FNS
+
+
 def resolve(
     methods: Sequence[Mapping[str, Any] | str],
     teachers: Sequence[Any],
@@ -483,6 +495,14 @@ def resolve(
     # A stored top-k teacher pass can replace the live teacher when the teachers are only asked for logits (or
     # already for stored top-k entries, the `topk` kind, which never needs a live teacher forward).
     teacher_logits_only = all(t and t <= {"logits", "topk"} for t in teacher_taps)
+    options_of = {m.name: m.options for m in resolved}
+    offline_terms = [t for t in terms if any(x.startswith("t") and x.endswith(":logits") for x in t.taps)]
+    offline_ok = (
+        teacher_logits_only
+        and all(_reads_topk(t, options_of[t.method]) for t in offline_terms)
+        # One stored top-k per teacher: every term reading it must use the same temperature.
+        and len({t.temperature for t in offline_terms}) <= 1
+    )
     logit_terms = [t for t in terms if any(x.endswith(":logits") for x in t.taps)]
     fused = fused_linear and bool(logit_terms) and all_decoders and all(t.fused_linear for t in logit_terms)
     if fused:
@@ -510,7 +530,7 @@ def resolve(
         loss_terms=tuple(terms),
         needs_teacher_logits=teacher_needs_logits,
         fused_linear=fused,
-        offline_ok=teacher_logits_only,
+        offline_ok=offline_ok,
         needs_teacher_forward=bool(all_teacher - {"topk"}),
         eager_attention=bool(kinds_used & {"scores", "probs"}),
         methods=tuple(resolved),

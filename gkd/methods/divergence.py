@@ -68,6 +68,14 @@ def divergence_loss(ctx: LossContext, divergence: str) -> Tensor:
         "alpha": float(ctx.options.get("alpha", 0.1)),
     }
     scale = ctx.temperature**2 if ctx.options.get("t2_scale", False) else 1.0
+    stored = stored_teacher(ctx)
+    if stored is not None:
+        if divergence != "fkl":
+            raise InputError(
+                f"{divergence} needs the teacher's whole distribution, which an offline teacher pass does "
+                "not store (only its top-k); use a live teacher placement"
+            )
+        return topk_loss(ctx, stored) * scale
     if "logits" in ctx.student:
         from gkd.kernels import kd_loss
 
@@ -185,31 +193,67 @@ def topk_kl_rows(student_logits: Tensor, target: TopK, temperature: float) -> Te
     return head + tail
 
 
-@register_loss("topk_kl.div")
-def topk_kl_loss(ctx: LossContext) -> Tensor:
-    """Forward KL against the stored top-k with the tail bucket; fused on final hidden states + LM-head weight
-    when resolve() chose the fused path (decoders), else on the student's logits."""
-    target = ctx.t("topk")
-    if not isinstance(target, TopK):
-        raise InputError("the topk tap must hold the stored (indices, log-probs) of the offline teacher pass")
+def _masked_mean(rows: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return rows.mean()
+    m = mask.to(rows.dtype)
+    return (rows * m).sum() / m.sum().clamp(min=1.0)
+
+
+def topk_entropy_rows(target: TopK) -> Tensor:
+    """The teacher's entropy per token as the stored top-k sees it: -sum_K p log p - P log P (tail P)."""
+    logp = target.logprobs.float() if target.logprobs.dtype != torch.float64 else target.logprobs
+    p = logp.exp()
+    tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+    zero = logp.new_zeros(())
+    head = torch.where(p > 0, -p * logp, zero).sum(-1)
+    safe = torch.where(tail > 0, tail, torch.ones_like(tail))
+    return head + torch.where(tail > 0, -tail * torch.log(safe), zero)
+
+
+def topk_loss(ctx: LossContext, target: TopK, *, cross_entropy: bool = False) -> Tensor:
+    """Forward KL (or, with `cross_entropy`, the soft cross-entropy = KL + the teacher's entropy) of the
+    student against a stored top-k with the tail bucket, averaged over the masked tokens: fused on the final
+    hidden state and LM-head weight when resolve() chose the fused path (decoders), else on the logits."""
     if "logits" in ctx.student:
         rows = topk_kl_rows(ctx.s("logits"), target, ctx.temperature)
-        mask = logits_mask(ctx)
-        if mask is None:
-            return rows.mean()
-        m = mask.to(rows.dtype)
-        return (rows * m).sum() / m.sum().clamp(min=1.0)
+        if cross_entropy:
+            rows = rows + topk_entropy_rows(target).to(rows.device, rows.dtype)
+        return _masked_mean(rows, logits_mask(ctx))
     from gkd.kernels import fused_linear_topk_kd_loss
 
-    final = ctx.student["final"]
-    return fused_linear_topk_kd_loss(
-        final,
+    value = fused_linear_topk_kd_loss(
+        ctx.student["final"],
         ctx.heads["student"],
         target.indices,
         target.logprobs,
         temperature=ctx.temperature,
         mask=ctx.mask,
     )
+    if cross_entropy:
+        entropy = topk_entropy_rows(target).reshape(-1)
+        mask = None if ctx.mask is None else ctx.mask.reshape(-1).to(entropy.device)
+        value = value + _masked_mean(entropy.to(value.device), mask)
+    return value
+
+
+def stored_teacher(ctx: LossContext) -> TopK | None:
+    """The current teacher's stored top-k when the run reads the teacher from an offline pass: the runtime
+    then serves its `logits` (or, on the fused path, `final`) tap as a `TopK` instead of a live tensor."""
+    taps = ctx.teachers[ctx.teacher] if ctx.teachers else {}
+    for name in ("logits", "final"):
+        if isinstance(taps.get(name), TopK):
+            return taps[name]
+    return None
+
+
+@register_loss("topk_kl.div")
+def topk_kl_loss(ctx: LossContext) -> Tensor:
+    """Forward KL against the stored top-k with the tail bucket (see `topk_loss`)."""
+    target = ctx.t("topk")
+    if not isinstance(target, TopK):
+        raise InputError("the topk tap must hold the stored (indices, log-probs) of the offline teacher pass")
+    return topk_loss(ctx, target)
 
 
 TOPK_KL = register(

@@ -194,10 +194,21 @@ def soft(ctx: LossContext) -> Tensor:
 
     "soft_ce": soft cross-entropy -sum p_t log p_s at T (no T^2), the finetuning default;
     "kl": KL(p_t || p_s) * T^2, the pretraining default (Hinton 2015); "mse": MSE on raw logits.
+    Against an offline teacher (a stored top-k, `gkd.methods.divergence.stored_teacher`) kl and soft_ce are
+    computed over the top-k entries plus the tail bucket.
     """
     from gkd.kernels import kd_loss
+    from gkd.methods.divergence import stored_teacher, topk_loss
 
     kind = ctx.options.get("soft", "kl")
+    stored = stored_teacher(ctx)
+    if stored is not None:  # an offline teacher pass: its top-k log-probs at this temperature
+        if kind == "mse":
+            raise InputError(
+                "the mse soft loss needs the teacher's raw logits, which an offline pass does not store"
+            )
+        value = topk_loss(ctx, stored, cross_entropy=kind == "soft_ce")
+        return value * ctx.temperature**2 if kind == "kl" else value
     s, t = ctx.s("logits"), ctx.t("logits")
     mask = logits_mask(ctx)
     temp = ctx.temperature

@@ -27,8 +27,10 @@ Design choices:
 - Weights: a model given as a checkpoint folder with weights is loaded with `from_pretrained`; a preset or a
   bare config.json is randomly initialised with the run's seed; both are then cast to the plan's training
   dtype. Distilling from a random teacher only exercises the machinery; the run says so.
-- Not in this slice (InputError naming the override that avoids it): tensor-parallel and offline teachers;
-  hook ops that move teacher modules into the student (Theseus) with a sharded teacher; fp16 on the CPU.
+- Offline teachers run before the student engine exists (`gkd.runtime.offline`); the engine's module then
+  holds stand-ins and reads the stored top-k per micro-batch (`DistillModule.stored`).
+- Not in this slice (InputError naming the override that avoids it): tensor-parallel teachers; hook ops
+  that move teacher modules into the student (Theseus) with a sharded teacher; fp16 on the CPU.
 """
 
 from __future__ import annotations
@@ -61,11 +63,6 @@ def check_supported(plan: Plan, *, cuda: bool) -> None:
     if s.teacher_placement == "tensor_parallel":
         raise InputError(
             "teacher placement tensor_parallel is not supported by `gkd run` yet; "
-            + _overrides_hint("teacher_placement", "zero3_offload")
-        )
-    if s.teacher_placement == "offline":
-        raise InputError(
-            "teacher placement offline (a stored top-k teacher pass) is not supported by `gkd run` yet; "
             + _overrides_hint("teacher_placement", "zero3_offload")
         )
     methods = plan.inputs.get("config", {}).get("methods", [])
@@ -205,7 +202,8 @@ def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
         teacher_specs=t_specs,
         student_spec=s_spec,
         total_steps=total_steps,
-        fused_linear=plan.strategy.loss_path == "fused_linear",
+        # "topk" (an offline teacher) is the fused top-k loss where the methods allow the fused path.
+        fused_linear=plan.strategy.loss_path in ("fused_linear", "topk"),
     )
     resolved = resolver.at(0)
     # Each model from its own seed, so adding a teacher does not change the student's initial weights.
@@ -311,6 +309,7 @@ def _distill_module_class() -> type:
             self.step = 0
             self.total_steps = 0
             self.tap_loss = "end"  # the plan's strategy.tap_loss
+            self.stored: list[dict[str, Any]] | None = None  # this micro-batch's offline teacher outputs
 
         def forward(self, batch: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
             if self.resolved is None:
@@ -326,6 +325,7 @@ def _distill_module_class() -> type:
                 step=self.step,
                 total_steps=self.total_steps,
                 tap_loss=self.tap_loss,
+                stored_teacher_taps=self.stored,
             )
             return out.total, out.terms
 
@@ -363,6 +363,20 @@ class Engines:
     teacher_engines: list[Any]  # the ZeRO-3 engines (kept alive with the run), empty when replicated
 
 
+def place_teacher(
+    teacher: Any, cfg: dict[str, Any] | None, placement: str, *, device: Any
+) -> tuple[Any, Any]:
+    """(module to call, ZeRO-3 engine or None): replicated on the device, or held by a ZeRO-3 inference
+    engine (no optimizer) with the plan's teacher config (`zero3`, `zero3_offload`)."""
+    if placement == "replicated" or cfg is None:
+        return teacher.to(device), None
+    import deepspeed
+
+    t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=dict(cfg))
+    t_engine.eval()
+    return t_engine.module, t_engine
+
+
 def make_engines(models: Models, plan: Plan, *, device: Any) -> Engines:
     """The student engine and the placed teachers (see the module docstring)."""
     import deepspeed
@@ -387,12 +401,12 @@ def make_engines(models: Models, plan: Plan, *, device: Any) -> Engines:
             deepspeed.zero.register_external_parameter(module, head.weight)
     teachers, teacher_engines = [], []
     for teacher, cfg in zip(models.teachers, plan.deepspeed["teachers"], strict=True):
-        if plan.strategy.teacher_placement == "replicated" or cfg is None:
-            teachers.append(teacher.to(device))
+        if plan.strategy.teacher_placement == "offline":
+            teachers.append(teacher)  # a stand-in: its outputs come from the offline pass
             continue
-        t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=dict(cfg))
-        t_engine.eval()
-        teacher_engines.append(t_engine)
-        teachers.append(t_engine.module)
+        module, t_engine = place_teacher(teacher, cfg, plan.strategy.teacher_placement, device=device)
+        teachers.append(module)
+        if t_engine is not None:
+            teacher_engines.append(t_engine)
     engine.module.teachers = teachers
     return Engines(student=engine, module=engine.module, teachers=teachers, teacher_engines=teacher_engines)

@@ -216,6 +216,7 @@ def run_job(
     if total < 1:
         raise InputError(f"--steps must be at least 1, got {total}")
     _check_data(plan, data, world, seed)
+    _check_offline_disk(plan, out_path, steps=total, world=world)
 
     notes = []
     for ref in plan.inputs["config"]["teachers"]:
@@ -411,28 +412,38 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
 
     from gkd.runtime.data import batches, load_tokenizer
     from gkd.runtime.engines import build_models, make_engines
+    from gkd.runtime.offline import TOPK_DIR, stored_taps
 
     hf_logging.disable_progress_bar()  # the save's shard bar; the run prints its own progress
     plan = Plan.from_json(plan_json)
     config = plan.inputs["config"]
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
+    tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
+
+    def data_stream() -> Any:
+        return batches(
+            settings.data,
+            tokenizer,
+            seq_len=int(config["training"]["seq_len"]),
+            micro_batch=plan.strategy.micro_batch,
+            objective="mlm" if models.student_spec.is_encoder else "causal",
+            rank=rank,
+            world=world,
+            seed=settings.seed,
+        )
+
+    out = Path(settings.out)
+    accum = plan.strategy.grad_accum
+    readers: list[Any] = []
+    if plan.strategy.teacher_placement == "offline":
+        # Before the student engine exists: the pass and training never hold both (as the plan has it).
+        readers = _offline_pass(models, plan, settings, data_stream, rank=rank, world=world, device=device)
     engines = make_engines(models, plan, device=device)
     engine, module = engines.student, engines.module
     module.tap_loss = plan.strategy.tap_loss  # layerwise: tap terms run (and free teacher taps) mid-forward
-    tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
-    stream = batches(
-        settings.data,
-        tokenizer,
-        seq_len=int(config["training"]["seq_len"]),
-        micro_batch=plan.strategy.micro_batch,
-        objective="mlm" if models.student_spec.is_encoder else "causal",
-        rank=rank,
-        world=world,
-        seed=settings.seed,
-    )
-    out = Path(settings.out)
-    accum = plan.strategy.grad_accum
+    served = stored_taps(models.resolver.at(0)) if readers else []
+    stream = data_stream()
     if settings.resume_tag:
         restore_checkpoint(engine, out / CHECKPOINTS, settings.resume_tag, rank=rank)
         for _ in range(settings.start_step * accum):  # the data stream is deterministic: skip what was done
@@ -448,9 +459,14 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             start = time.perf_counter()
             # Sums over this rank's micro-batches: total loss, each term, tokens.
             sums = torch.zeros(2 + len(names), dtype=torch.float64)
-            for _ in range(accum):
+            for micro in range(accum):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
                 module.resolved, module.step, module.total_steps = resolved, step, settings.steps
+                if readers:  # this micro-batch's record of the offline teacher pass
+                    record = step * accum + micro
+                    module.stored = [
+                        dict.fromkeys(s.names, r.read(record)) for s, r in zip(served, readers, strict=True)
+                    ]
                 total, terms = engine(batch)
                 engine.backward(total)
                 engine.step()
@@ -492,8 +508,96 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         if log is not None:
             log.close()
     save_student(engines, out / "student", rank=rank, zero_stage=plan.strategy.student_zero_stage)
+    if readers:
+        readers.clear()  # closes the memory maps before the folder goes
+        dist.barrier()
+        if rank == 0:  # the stored top-k is only needed to resume, and this run is done
+            shutil.rmtree(out / TOPK_DIR, ignore_errors=True)
     if rank == 0:
         _write_run_json(out, settings, plan, world, completed=settings.steps)
+
+
+def _check_offline_disk(plan: Plan, out: Path, *, steps: int, world: int) -> None:
+    """An offline teacher pass stores k int32 indices and k bfloat16 log-probs per token of every micro-batch
+    of every rank (`gkd.runtime.offline`): refuse a run whose disk next to OUT cannot hold them."""
+    if plan.strategy.teacher_placement != "offline":
+        return
+    training = plan.inputs["config"]["training"]
+    k = int(training.get("offline_topk", 64))
+    tokens = steps * plan.strategy.grad_accum * plan.strategy.micro_batch * int(training["seq_len"])
+    need = tokens * k * 6 * world * len(plan.inputs["config"]["teachers"])
+    where = out.resolve().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise InputError(
+            f"the offline teacher pass stores {human_bytes(need)} of top-k log-probs under OUT, but {where} "
+            f"has {human_bytes(free)} free; free some disk, lower training.offline_topk or --steps, or "
+            "choose a live teacher placement"
+        )
+
+
+def _offline_pass(
+    models: Any, plan: Plan, settings: RunSettings, data_stream: Any, *, rank: int, world: int, device: Any
+) -> list[Any]:
+    """Run the offline teacher pass of this rank (or find it done, for a resumed run), free the teachers and
+    return one top-k reader per teacher (see `gkd.runtime.offline`)."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from gkd.runtime.engines import place_teacher
+    from gkd.runtime.offline import (
+        TOPK_DIR,
+        OfflineTeacher,
+        TopKReader,
+        pass_is_done,
+        stored_taps,
+        write_pass,
+    )
+
+    folder = Path(settings.out) / TOPK_DIR
+    served = stored_taps(models.resolver.at(0))
+    k = int(plan.inputs["config"]["training"].get("offline_topk", 64))
+    records = settings.steps * plan.strategy.grad_accum
+    done = all(
+        pass_is_done(folder, rank=rank, index=i, records=records, k=k, temperature=s.temperature)
+        for i, s in enumerate(served)
+    )
+    # Every rank redoes the pass unless all are done: a ZeRO-3 teacher's forward is a collective.
+    flag = torch.tensor([1 if done else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not int(flag.item()):
+        start = time.perf_counter()
+        if rank == 0:
+            print(f"Offline teacher pass: top-{k} log-probs of {records} micro-batches per rank", flush=True)
+        placement = plan.strategy.offline_teacher_placement or "replicated"
+        size = 0
+        for i, (teacher, s) in enumerate(zip(models.teachers, served, strict=True)):
+            module, t_engine = place_teacher(teacher, plan.deepspeed["teachers"][i], placement, device=device)
+            size += write_pass(
+                module,
+                s,
+                data_stream(),
+                records=records,
+                k=k,
+                folder=folder,
+                rank=rank,
+                index=i,
+                device=device,
+            )
+            if t_engine is not None:
+                t_engine.destroy()
+            del module, t_engine
+        dist.barrier()
+        if rank == 0:
+            seconds = time.perf_counter() - start
+            print(f"Offline teacher pass done: {human_bytes(size)} per rank in {seconds:.1f} s", flush=True)
+    models.teachers = [OfflineTeacher() for _ in models.teachers]
+    gc.collect()
+    return [TopKReader(folder, rank=rank, index=i, device=device) for i in range(len(served))]
 
 
 def save_checkpoint(engine: Any, folder: Path, step: int, *, rank: int) -> None:

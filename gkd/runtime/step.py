@@ -215,9 +215,11 @@ def _teacher_pass(runner: StepRunner, stored: Sequence[Mapping[str, Any]] | None
                 f"teacher {i} needs the stored taps {sorted(offline - set(given))} "
                 "from an offline teacher pass"
             )
-        live = set(names) - offline
+        # A teacher run offline serves its logits (or final) taps from storage too (`gkd.runtime.offline`).
+        from_store = {n for n in names if n in given}
+        live = set(names) - from_store
         taps = runner.run_teacher(i, live) if live else {}
-        taps.update({n: given[n] for n in offline})
+        taps.update({n: given[n] for n in from_store})
         out.append(taps)
     return out
 

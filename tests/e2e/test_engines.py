@@ -99,7 +99,6 @@ def test_recompute_marks_and_rejects() -> None:
     ("strategy", "expected"),
     [
         ({"teacher_placement": "tensor_parallel"}, "teacher_placement: zero3_offload"),
-        ({"teacher_placement": "offline"}, "teacher_placement: zero3_offload"),
     ],
 )
 def test_unsupported_strategies_are_input_errors(

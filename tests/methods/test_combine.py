@@ -33,7 +33,8 @@ def test_shared_taps_captured_once():
 def test_flags_logit_only_decoders_fused_and_offline():
     teachers, student = model_specs("llama")
     r = resolve([{"name": "fkl"}, {"name": "rkl", "weight": 0.5}], teachers, student)
-    assert r.fused_linear and r.offline_ok and r.needs_teacher_logits and r.needs_teacher_forward
+    # rkl needs the teacher's whole distribution, which an offline pass does not store (only its top-k).
+    assert r.fused_linear and not r.offline_ok and r.needs_teacher_logits and r.needs_teacher_forward
     assert r.student_taps == {"final"} and r.teacher_taps == (frozenset({"final"}),)
     assert not r.eager_attention
     r2 = resolve([{"name": "fkl"}], teachers, student, fused_linear=False)
