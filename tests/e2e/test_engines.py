@@ -4,6 +4,7 @@ yet, seeded model building and per-step method resolution."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -199,3 +200,13 @@ def test_cpu_run_refuses_models_that_cannot_fit_in_host_memory(tiny_plan):
     assert "\n" not in str(e.value)
     check_host_memory(tiny_plan, world=2, available=22 << 30)  # tiny models fit
     check_host_memory(plan, world=2, available=None)  # unknown: no check
+
+
+def test_an_offline_pass_that_cannot_fit_on_disk_is_refused(tiny_plan: Plan, tmp_path: Path) -> None:
+    from gkd.runtime.executor import _check_offline_disk
+
+    offline = _with(tiny_plan, teacher_placement="offline")
+    _check_offline_disk(offline, tmp_path / "out", steps=4, world=2)  # a few KiB
+    _check_offline_disk(tiny_plan, tmp_path / "out", steps=10**15, world=2)  # a live teacher stores nothing
+    with pytest.raises(InputError, match="offline_topk or --steps"):
+        _check_offline_disk(offline, tmp_path / "a" / "b" / "out", steps=10**15, world=2)
