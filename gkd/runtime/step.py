@@ -91,10 +91,17 @@ class StepRunner:
         return inputs
 
     def run_student(
-        self, names: Iterable[str], *, after_layer: Callable[[int, dict[str, Tensor]], None] | None = None
+        self,
+        names: Iterable[str],
+        *,
+        after_layer: Callable[[int, dict[str, Tensor]], None] | None = None,
+        consumed: set[str] | None = None,
     ) -> dict[str, Tensor]:
-        """One student forward (with gradients) capturing `names` (see `capture_taps` for `after_layer`)."""
-        return _run(self.student, names, self.model_inputs(), "student", after_layer=after_layer)
+        """One student forward (with gradients) capturing `names` (see `capture_taps` for `after_layer`;
+        `consumed` names taps it may drop once read)."""
+        return _run(
+            self.student, names, self.model_inputs(), "student", after_layer=after_layer, consumed=consumed
+        )
 
     def run_teacher(self, index: int, names: Iterable[str]) -> dict[str, Tensor]:
         """One forward of teacher `index` under no_grad capturing `names`."""
@@ -186,6 +193,7 @@ def _run(
     who: str,
     *,
     after_layer: Callable[[int, dict[str, Tensor]], None] | None = None,
+    consumed: set[str] | None = None,
 ) -> dict[str, Tensor]:
     wanted = set(names)
     if getattr(getattr(model, "config", None), "use_cache", False):
@@ -199,7 +207,7 @@ def _run(
         inputs = {**inputs, "logits_to_keep": 1}
     with capture_taps(model, wanted, after_layer=after_layer) as taps:
         model(**inputs)
-    missing = wanted - set(taps)
+    missing = wanted - set(taps) - (consumed or set())  # consumed: read and dropped during the forward
     if missing:
         raise RuntimeError(f"the {who} forward did not produce taps {sorted(missing)}")
     return dict(taps)
@@ -266,14 +274,16 @@ class _Layerwise:
             where = layerwise_layer(term.taps, layers)
             if where is not None:
                 self.at.setdefault(where, []).append(term)
-        # Teacher taps are dropped after the last term that reads them ("t<i>:<tap>" -> term key).
+        # Taps are dropped after the last term that reads them ("t<i>:<tap>" / "s:<tap>" -> term key; "" for
+        # a term at the end): teacher taps are freed, and so are student taps autograd does not save anyway
+        # (e.g. attention probabilities computed for the loss alone), as the plan's schedule has it.
         self.last_read: dict[str, str] = {}
         early = [t for where in sorted(self.at) for t in self.at[where]]
         late = [t for t in runner.resolved.loss_terms if t not in early]
         for term in early + late:
             for x in term.taps:
-                if not x.startswith("s:"):
-                    self.last_read[x] = "" if term in late else f"{term.method}.{term.name}"
+                self.last_read[x] = "" if term in late else f"{term.method}.{term.name}"
+        self.consumed: set[str] = set()  # student taps dropped during the forward
 
     def after_layer(self, layer: int, student_taps: dict[str, Tensor]) -> None:
         """Called by `capture_taps` after each student layer, with the taps captured so far."""
@@ -297,9 +307,14 @@ class _Layerwise:
             if not skipped:
                 self.done[key] = value
             for x, reader in self.last_read.items():
-                if reader == key:
-                    index, _, tap = x.partition(":")
-                    self.runner.teacher_taps[int(index.removeprefix("t"))].pop(tap, None)
+                if reader != key:
+                    continue
+                side, _, tap = x.partition(":")
+                if side == "s":
+                    student_taps.pop(tap, None)
+                    self.consumed.add(tap)
+                else:
+                    self.runner.teacher_taps[int(side.removeprefix("t"))].pop(tap, None)
 
 
 def distill_step(
@@ -356,7 +371,9 @@ def distill_step(
             op.before_forward(runner)
         if tap_loss == "layerwise":
             layerwise = _Layerwise(runner)
-            student_taps = runner.run_student(resolved.student_taps, after_layer=layerwise.after_layer)
+            student_taps = runner.run_student(
+                resolved.student_taps, after_layer=layerwise.after_layer, consumed=layerwise.consumed
+            )
         else:
             student_taps = runner.run_student(resolved.student_taps)
         aux: dict[str, Any] = {}

@@ -93,11 +93,14 @@ def test_teacher_taps_are_dropped_after_their_last_reader(monkeypatch: pytest.Mo
     import gkd.runtime.step as step_module
 
     seen: list[tuple[int, list[str]]] = []
+    student_seen: list[tuple[list[str], list[str]]] = []
     original = step_module._Layerwise.after_layer
 
     def spy(self: Any, layer: int, student_taps: dict[str, torch.Tensor]) -> None:
+        before = sorted(student_taps)
         original(self, layer, student_taps)
         seen.append((layer, sorted(self.runner.teacher_taps[0])))
+        student_seen.append((before, sorted(student_taps)))
 
     monkeypatch.setattr(step_module._Layerwise, "after_layer", spy)
     _run("minilmv2", "layerwise")
@@ -106,6 +109,9 @@ def test_teacher_taps_are_dropped_after_their_last_reader(monkeypatch: pytest.Mo
     last = max(layer for layer, _ in seen)
     assert all(any(k.startswith("q[") for k in held) for layer, held in seen if layer < last)
     assert not any(k.startswith(("q[", "k[", "v[")) for k in dict(seen)[last])
+    # The student's q, k, v are read by minilmv2 alone: dropped once it has run.
+    before, after = student_seen[-1]
+    assert sorted(k.partition("[")[0] for k in before) == ["k", "q", "v"] and after == []
 
 
 def test_a_recomputed_layer_does_not_replay_the_term(monkeypatch: pytest.MonkeyPatch) -> None:
