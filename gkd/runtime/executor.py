@@ -34,6 +34,7 @@ leaves an OUT.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -121,7 +122,14 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
 
     config = load_config(target) if target is not None else default_config()
     config = apply_flags(config, gpus=processes)
-    echo(f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}).")
+    ov = config.overrides
+    note = ""
+    if ov.tensor_parallel is None and ov.teacher_placement != "tensor_parallel":
+        # This runtime does not run tensor-parallel teachers yet: plan among the placements it runs, so a
+        # config always gets the best plan `gkd run` can execute (a pinned one is refused with the fix).
+        config = dataclasses.replace(config, overrides=dataclasses.replace(ov, tensor_parallel=1))
+        note = "; tensor-parallel teachers left out, `gkd run` does not run them yet"
+    echo(f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}{note}).")
     plan = make_plan(config)
     if not plan.fits:
         command = " ".join(["gkd plan", *([target] if target else []), f"--gpus {processes}"])

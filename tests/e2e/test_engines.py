@@ -210,3 +210,29 @@ def test_an_offline_pass_that_cannot_fit_on_disk_is_refused(tiny_plan: Plan, tmp
     _check_offline_disk(tiny_plan, tmp_path / "out", steps=10**15, world=2)  # a live teacher stores nothing
     with pytest.raises(InputError, match="offline_topk or --steps"):
         _check_offline_disk(offline, tmp_path / "a" / "b" / "out", steps=10**15, world=2)
+
+
+def test_a_config_is_planned_among_the_placements_the_runtime_runs(
+    monkeypatch: pytest.MonkeyPatch, tiny_plan: Plan, tmp_path: Path
+) -> None:
+    """`gkd run CONFIG` leaves tensor-parallel teachers out of the search (it does not run them yet), unless
+    the config pins them, which is then refused with the fix."""
+    import json
+
+    import gkd.planner.pipeline as pipeline
+    from gkd.runtime.executor import load_or_plan
+
+    seen = []
+    monkeypatch.setattr(pipeline, "plan", lambda config: seen.append(config) or tiny_plan)
+    config = {**tiny_plan.inputs["config"], "overrides": {}}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config))
+    lines: list[str] = []
+    load_or_plan(str(path), processes=2, echo=lines.append)
+    assert seen[-1].overrides.tensor_parallel == 1 and "tensor-parallel teachers left out" in lines[0]
+    path.write_text(json.dumps({**config, "overrides": {"teacher_placement": "tensor_parallel"}}))
+    load_or_plan(str(path), processes=2, echo=lines.append)
+    assert (
+        seen[-1].overrides.tensor_parallel is None
+        and seen[-1].overrides.teacher_placement == "tensor_parallel"
+    )
