@@ -29,8 +29,11 @@ Design choices:
   dtype. Distilling from a random teacher only exercises the machinery; the run says so.
 - Offline teachers run before the student engine exists (`gkd.runtime.offline`); the engine's module then
   holds stand-ins and reads the stored top-k per micro-batch (`DistillModule.stored`).
-- Not in this slice (InputError naming the override that avoids it): tensor-parallel teachers; hook ops
-  that move teacher modules into the student (Theseus) with a sharded teacher; fp16 on the CPU.
+- Tensor-parallel teachers are split by DeepSpeed's automatic tensor parallelism over groups of consecutive
+  ranks (`gkd.runtime.tensor_parallel`).
+- Refused (InputError naming the override that avoids it): hook ops that move teacher modules into the
+  student (Theseus) with a sharded teacher; a tensor-parallel teacher AutoTP or the tap capture cannot split
+  (GPT-2, BLOOM, key/value heads the degree does not divide); fp16 on the CPU.
 """
 
 from __future__ import annotations
@@ -61,15 +64,27 @@ def check_supported(plan: Plan, *, cuda: bool) -> None:
     """Raise InputError for a plan this runtime cannot execute (see the module docstring)."""
     s = plan.strategy
     if s.teacher_placement == "tensor_parallel":
-        raise InputError(
-            "teacher placement tensor_parallel is not supported by `gkd run` yet; "
-            + _overrides_hint("teacher_placement", "zero3_offload")
-        )
+        from gkd.planner.specs import load_spec
+        from gkd.runtime.tensor_parallel import unsupported_reason
+
+        for ref in plan.inputs.get("config", {}).get("teachers", []):
+            spec = load_spec(ref)
+            reason = unsupported_reason(spec.model_type, spec.kv_heads, s.tensor_parallel)
+            if reason:
+                raise InputError(
+                    f"teacher {ref} cannot run tensor-parallel: {reason}; "
+                    + _overrides_hint("teacher_placement", "zero3_offload")
+                )
     methods = plan.inputs.get("config", {}).get("methods", [])
     if s.teacher_placement != "replicated" and any(m.get("name") == "theseus" for m in methods):
         raise InputError(
             "theseus moves teacher layers into the student, which needs a replicated teacher; "
             + _overrides_hint("teacher_placement", "replicated")
+        )
+    if s.teacher_placement == "tensor_parallel" and any(m.get("name") == "diito" for m in methods):
+        raise InputError(
+            "diito records the teacher's layer states per micro-batch, which a tensor-parallel teacher runs "
+            "for its whole group; " + _overrides_hint("teacher_placement", "replicated")
         )
     dtype = plan.inputs.get("config", {}).get("training", {}).get("dtype", "bfloat16")
     if dtype == "float16" and not cuda:
@@ -364,12 +379,19 @@ class Engines:
 
 
 def place_teacher(
-    teacher: Any, cfg: dict[str, Any] | None, placement: str, *, device: Any
+    teacher: Any, cfg: dict[str, Any] | None, placement: str, *, device: Any, dtype: Any = None
 ) -> tuple[Any, Any]:
-    """(module to call, ZeRO-3 engine or None): replicated on the device, or held by a ZeRO-3 inference
-    engine (no optimizer) with the plan's teacher config (`zero3`, `zero3_offload`)."""
+    """(module to call, engine or None): replicated on the device, held by a ZeRO-3 inference engine (no
+    optimizer) with the plan's teacher config (`zero3`, `zero3_offload`), or split over a tensor-parallel
+    group (`tensor_parallel`, `gkd.runtime.tensor_parallel`; in the training dtype `dtype`)."""
     if placement == "replicated" or cfg is None:
         return teacher.to(device), None
+    if placement == "tensor_parallel":
+        from gkd.runtime.tensor_parallel import place_tensor_parallel
+
+        return place_tensor_parallel(
+            teacher.to(device), tp=int(cfg["tensor_parallel"]["tp_size"]), dtype=dtype
+        )
     import deepspeed
 
     t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=dict(cfg))
@@ -404,7 +426,9 @@ def make_engines(models: Models, plan: Plan, *, device: Any) -> Engines:
         if plan.strategy.teacher_placement == "offline":
             teachers.append(teacher)  # a stand-in: its outputs come from the offline pass
             continue
-        module, t_engine = place_teacher(teacher, cfg, plan.strategy.teacher_placement, device=device)
+        module, t_engine = place_teacher(
+            teacher, cfg, plan.strategy.teacher_placement, device=device, dtype=training_dtype(plan)
+        )
         teachers.append(module)
         if t_engine is not None:
             teacher_engines.append(t_engine)

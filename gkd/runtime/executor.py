@@ -124,11 +124,12 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
     config = apply_flags(config, gpus=processes)
     ov = config.overrides
     note = ""
-    if ov.tensor_parallel is None and ov.teacher_placement != "tensor_parallel":
-        # This runtime does not run tensor-parallel teachers yet: plan among the placements it runs, so a
-        # config always gets the best plan `gkd run` can execute (a pinned one is refused with the fix).
+    reason = _tensor_parallel_blocker(config)
+    if reason and ov.tensor_parallel is None and ov.teacher_placement != "tensor_parallel":
+        # Plan among the placements this runtime can run for these teachers, so a config always gets the
+        # best plan `gkd run` executes (a pinned tensor-parallel teacher is refused with the fix).
         config = dataclasses.replace(config, overrides=dataclasses.replace(ov, tensor_parallel=1))
-        note = "; tensor-parallel teachers left out, `gkd run` does not run them yet"
+        note = f"; tensor-parallel teachers left out: {reason}"
     echo(f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}{note}).")
     plan = make_plan(config)
     if not plan.fits:
@@ -138,6 +139,22 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
             f"{human_bytes(plan.budget_bytes)}; `{command}` lists the smallest changes that fit"
         )
     return plan
+
+
+def _tensor_parallel_blocker(config: Any) -> str | None:
+    """Why none of the tensor-parallel degrees the planner may pick can run these teachers, or None."""
+    from gkd.planner.specs import load_spec
+    from gkd.runtime.tensor_parallel import unsupported_reason
+
+    local = config.hardware.local_gpus
+    for ref in config.teachers:
+        spec = load_spec(ref)
+        for tp in range(2, local + 1):
+            if local % tp == 0 and spec.heads % tp == 0:
+                reason = unsupported_reason(spec.model_type, spec.kv_heads, tp)
+                if reason:
+                    return f"{spec.name}: {reason}"
+    return None
 
 
 def _check_out(out: Path) -> None:

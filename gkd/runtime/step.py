@@ -99,14 +99,19 @@ class StepRunner:
     ) -> dict[str, Tensor]:
         """One student forward (with gradients) capturing `names` (see `capture_taps` for `after_layer`;
         `consumed` names taps it may drop once read)."""
-        return _run(
+        return run_captured(
             self.student, names, self.model_inputs(), "student", after_layer=after_layer, consumed=consumed
         )
 
     def run_teacher(self, index: int, names: Iterable[str]) -> dict[str, Tensor]:
         """One forward of teacher `index` under no_grad capturing `names`."""
         with torch.no_grad():
-            return _run(self.teachers[index], names, self.model_inputs(), f"teacher {index}")
+            teacher = self.teachers[index]
+            if hasattr(
+                teacher, "run_taps"
+            ):  # split over a tensor-parallel group (gkd.runtime.tensor_parallel)
+                return teacher.run_taps(names, self.model_inputs())
+            return run_captured(teacher, names, self.model_inputs(), f"teacher {index}")
 
     def heads(self) -> dict[str, Any]:
         """LM-head weights for fused-linear loss terms."""
@@ -126,7 +131,7 @@ class StepRunner:
             mask=self.mask,
             step=self.step,
             total_steps=self.total_steps,
-            heads=self.heads(),
+            heads=self.heads() if self.resolved.fused_linear else None,
             aux={"batch": extras} if extras else None,
         )
 
@@ -142,10 +147,10 @@ class StepRunner:
         extras = {k: self.batch[k] for k in LOSS_BATCH_KEYS if k in self.batch}
         if extras:
             aux = {**(aux or {}), "batch": extras}
-        heads = self.heads()
+        heads = self.heads() if self.resolved.fused_linear else {}
         # A ZeRO-3 teacher's head is partitioned outside its forward; the student's is an external parameter
         # of the engine's module (`gkd.runtime.engines.make_engines`), gathered for its forward and backward.
-        teacher_heads = heads["teachers"] if self.resolved.fused_linear else []
+        teacher_heads = heads.get("teachers", [])
         with _gathered(teacher_heads):
             return self.loss_module(
                 student_taps,
@@ -186,7 +191,7 @@ def _gathered(weights: Iterable[Tensor | None]) -> Iterator[None]:
         yield
 
 
-def _run(
+def run_captured(
     model: nn.Module,
     names: Iterable[str],
     inputs: dict[str, Any],

@@ -96,20 +96,6 @@ def test_recompute_marks_and_rejects() -> None:
         apply_recompute(student, (5,))
 
 
-@pytest.mark.parametrize(
-    ("strategy", "expected"),
-    [
-        ({"teacher_placement": "tensor_parallel"}, "teacher_placement: zero3_offload"),
-    ],
-)
-def test_unsupported_strategies_are_input_errors(
-    tiny_plan: Plan, strategy: dict[str, Any], expected: str
-) -> None:
-    check_supported(tiny_plan, cuda=False)
-    with pytest.raises(InputError, match=expected):
-        check_supported(_with(tiny_plan, **strategy), cuda=False)
-
-
 def test_float16_needs_cuda(tiny_plan: Plan) -> None:
     inputs = {**tiny_plan.inputs, "config": {**tiny_plan.inputs["config"]}}
     inputs["config"]["training"] = {**inputs["config"]["training"], "dtype": "float16"}
@@ -215,8 +201,8 @@ def test_an_offline_pass_that_cannot_fit_on_disk_is_refused(tiny_plan: Plan, tmp
 def test_a_config_is_planned_among_the_placements_the_runtime_runs(
     monkeypatch: pytest.MonkeyPatch, tiny_plan: Plan, tmp_path: Path
 ) -> None:
-    """`gkd run CONFIG` leaves tensor-parallel teachers out of the search (it does not run them yet), unless
-    the config pins them, which is then refused with the fix."""
+    """`gkd run CONFIG` leaves tensor-parallel teachers out of the search when it cannot run them (GPT-2:
+    AutoTP cannot split it), unless the config pins them, which is then refused with the fix."""
     import json
 
     import gkd.planner.pipeline as pipeline
@@ -224,15 +210,30 @@ def test_a_config_is_planned_among_the_placements_the_runtime_runs(
 
     seen = []
     monkeypatch.setattr(pipeline, "plan", lambda config: seen.append(config) or tiny_plan)
-    config = {**tiny_plan.inputs["config"], "overrides": {}}
     path = tmp_path / "job.json"
-    path.write_text(json.dumps(config))
     lines: list[str] = []
-    load_or_plan(str(path), processes=2, echo=lines.append)
-    assert seen[-1].overrides.tensor_parallel == 1 and "tensor-parallel teachers left out" in lines[0]
-    path.write_text(json.dumps({**config, "overrides": {"teacher_placement": "tensor_parallel"}}))
-    load_or_plan(str(path), processes=2, echo=lines.append)
-    assert (
-        seen[-1].overrides.tensor_parallel is None
-        and seen[-1].overrides.teacher_placement == "tensor_parallel"
-    )
+
+    def planned(teacher: str, overrides: dict[str, Any]) -> Any:
+        config = {**tiny_plan.inputs["config"], "teachers": [teacher], "overrides": overrides}
+        path.write_text(json.dumps(config))
+        load_or_plan(str(path), processes=2, echo=lines.append)
+        return seen[-1].overrides
+
+    assert planned("tiny-llama-teacher", {}).tensor_parallel is None
+    assert "left out" not in lines[-1]
+    assert planned("tiny-gpt2-teacher", {}).tensor_parallel == 1
+    assert "tensor-parallel teachers left out: tiny-gpt2-teacher: DeepSpeed" in lines[-1]
+    pinned = planned("tiny-gpt2-teacher", {"teacher_placement": "tensor_parallel"})
+    assert pinned.tensor_parallel is None and pinned.teacher_placement == "tensor_parallel"
+
+
+def test_a_tensor_parallel_teacher_that_cannot_be_split_is_refused(tiny_plan: Plan) -> None:
+    check_supported(_with(tiny_plan, teacher_placement="tensor_parallel", tensor_parallel=2), cuda=False)
+    config = {**tiny_plan.inputs["config"], "teachers": ["tiny-gpt2-teacher"]}
+    gpt2 = dataclasses.replace(tiny_plan, inputs={**tiny_plan.inputs, "config": config})
+    with pytest.raises(InputError, match="cannot run tensor-parallel: DeepSpeed's automatic"):
+        check_supported(_with(gpt2, teacher_placement="tensor_parallel", tensor_parallel=2), cuda=False)
+    diito = {**tiny_plan.inputs["config"], "methods": [{"name": "diito"}]}
+    plan = dataclasses.replace(tiny_plan, inputs={**tiny_plan.inputs, "config": diito})
+    with pytest.raises(InputError, match="diito records"):
+        check_supported(_with(plan, teacher_placement="tensor_parallel", tensor_parallel=2), cuda=False)
