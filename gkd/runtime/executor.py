@@ -20,9 +20,11 @@ micro-batches and all ranks), tokens, tokens/s and peak memory (CUDA: max_memory
 process's peak resident set size), the largest over the ranks. At the end the student is saved in Hugging
 Face format in OUT/student (ZeRO-3 partitions gathered first), next to OUT/plan.json and OUT/run.json.
 
-What this slice does not do (stated in docs/run.md):
-- The schedule's order of operations is not replayed op by op; the plan's placement, ZeRO stage, offload,
-  recompute layers, micro-batch and accumulation are what is executed.
+What the plan decides is what runs: the teacher placement (replicated, ZeRO-3, ZeRO-3 offloaded, tensor
+parallel, or an offline top-k pass run before the student engine exists), the student's ZeRO stage and
+offload, the recompute layers, where tap losses run (layerwise or at the end), the logit-loss path, the
+micro-batch and the accumulation. Not done (docs/run.md): the schedule's order of operations is not replayed
+op by op; inside a step the order is `distill_step`'s.
 
 Checkpoints: with `--save-every N`, every N steps each rank writes its part of a DeepSpeed checkpoint
 (OUT/checkpoints/step-N, with the `latest` pointer) and its random-number state. `--resume --out OUT`
