@@ -237,3 +237,18 @@ def test_a_tensor_parallel_teacher_that_cannot_be_split_is_refused(tiny_plan: Pl
     plan = dataclasses.replace(tiny_plan, inputs={**tiny_plan.inputs, "config": diito})
     with pytest.raises(InputError, match="diito records"):
         check_supported(_with(plan, teacher_placement="tensor_parallel", tensor_parallel=2), cuda=False)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [None, *sorted(str(p) for p in (Path(__file__).parents[2] / "configs" / "reference").glob("*.yaml"))],
+)
+def test_every_reference_plan_is_one_the_runtime_executes(path: str | None) -> None:
+    """The planner's choice for the headline job and every reference config (layerwise tap losses, the
+    fused-linear loss under ZeRO-3, an offline teacher) is executed as planned, not refused."""
+    from gkd.config import default_config, load_config
+    from gkd.planner.pipeline import plan as make_plan
+
+    plan = make_plan(default_config() if path is None else load_config(path))
+    assert plan.fits
+    check_supported(plan, cuda=True)
