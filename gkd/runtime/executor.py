@@ -602,6 +602,14 @@ def _offline_pass(
             print(f"Offline teacher pass: top-{k} log-probs of {records} micro-batches per rank", flush=True)
         placement = plan.strategy.offline_teacher_placement or "replicated"
         size = 0
+        every = max(1, records // 10)
+
+        def progress(done: int, teacher: int) -> None:
+            # A teacher pass over the whole run can take long: rank 0 reports every tenth of it.
+            if rank == 0 and (done % every == 0 or done == records):
+                seconds = time.perf_counter() - start
+                print(f"  teacher {teacher}: {done}/{records} micro-batches, {seconds:.0f} s", flush=True)
+
         for i, (teacher, s) in enumerate(zip(models.teachers, served, strict=True)):
             module, t_engine = place_teacher(teacher, plan.deepspeed["teachers"][i], placement, device=device)
             size += write_pass(
@@ -614,6 +622,7 @@ def _offline_pass(
                 rank=rank,
                 index=i,
                 device=device,
+                progress=lambda done, i=i: progress(done, i),
             )
             if t_engine is not None:
                 t_engine.destroy()

@@ -29,7 +29,7 @@ Design choices:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,10 @@ def write_pass(
     rank: int,
     index: int,
     device: torch.device,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Run `teacher` on the next `records` micro-batches of `stream` and store their top-k; returns bytes."""
+    """Run `teacher` on the next `records` micro-batches of `stream` and store their top-k; returns bytes.
+    `progress(done)` is called after each micro-batch."""
     folder.mkdir(parents=True, exist_ok=True)
     idx_path, lp_path, marker = _paths(folder, rank, index)
     marker.unlink(missing_ok=True)
@@ -138,6 +140,8 @@ def write_pass(
         # bfloat16 has no numpy dtype: its bits are stored as int16 and viewed back on reading.
         logprobs[r] = target.logprobs.to(torch.bfloat16).view(torch.int16).cpu().numpy()
         del logits, taps, target
+        if progress is not None:
+            progress(r + 1)
     if indices is None or logprobs is None:
         raise InputError("the offline teacher pass has no micro-batches to run (steps must be at least 1)")
     indices.flush()
