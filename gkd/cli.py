@@ -191,6 +191,25 @@ def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str)
     help="Write a DeepSpeed checkpoint every N steps (0: none).",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option(
+    "--eval-data",
+    type=click.Path(),
+    help="Held-out text (.txt, .jsonl or a datasets folder): the student's own loss on it, at the end.",
+)
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also evaluate every N steps (needs --eval-data).",
+)
+@click.option(
+    "--eval-batches",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Micro-batches per process in one evaluation.",
+)
 @_user_errors
 def run(
     target: str | None,
@@ -201,6 +220,9 @@ def run(
     seed: int | None,
     save_every: int,
     resume: bool,
+    eval_data: str | None,
+    eval_every: int,
+    eval_batches: int,
 ) -> None:
     """Train: run a plan (or plan CONFIG for this machine first) on DeepSpeed and save the student.
 
@@ -219,6 +241,9 @@ def run(
             seed=seed,
             resume=resume,
             save_every=save_every,
+            eval_data=eval_data,
+            eval_every=eval_every,
+            eval_batches=eval_batches,
         )
     except InputError:
         raise

@@ -197,6 +197,23 @@ def _load_pretrained(ref: str, spec: Any, attention: str) -> Any:
         raise InputError(f"cannot load the weights in {ref}: {first}") from None
 
 
+def cast_model(model: Any, dtype: Any) -> Any:
+    """`model` in the training dtype as `from_pretrained(dtype=...)` gives it: parameters and saved buffers
+    cast, non-persistent floating buffers (RoPE's inverse frequencies) kept in their own precision. A plain
+    `.to(bfloat16)` would round the rotary frequencies, and so every position, to 8 bits of mantissa: the
+    run's models would differ from what the saved student loads as."""
+    kept = [
+        (module, name, buffer)
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and buffer.is_floating_point() and name in module._non_persistent_buffers_set
+    ]
+    model = model.to(dtype)
+    for module, name, buffer in kept:
+        module._buffers[name] = buffer
+    return model
+
+
 def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
     """The student, teachers and loss module with fixed-seed weights in the plan's training dtype (see the
     module docstring); every rank, and a single-process reference, builds the same weights."""
@@ -223,19 +240,19 @@ def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
     resolved = resolver.at(0)
     # Each model from its own seed, so adding a teacher does not change the student's initial weights.
     if has_weights(config["student"]):
-        student = _load_pretrained(config["student"], s_spec, attention).to(dtype)
+        student = cast_model(_load_pretrained(config["student"], s_spec, attention), dtype)
     else:
         torch.manual_seed(seed)
         student = build_model(s_spec, device="cpu", attn_implementation=attention, dtype=torch.float32)
-        student = student.to(dtype)
+        student = cast_model(student, dtype)
     teachers, pretrained = [], []
     for i, (ref, spec) in enumerate(zip(teacher_refs, t_specs, strict=True)):
         if has_weights(ref):
-            teacher = _load_pretrained(ref, spec, attention).to(dtype)
+            teacher = cast_model(_load_pretrained(ref, spec, attention), dtype)
         else:
             torch.manual_seed(seed + 1 + i)
             teacher = build_model(spec, device="cpu", attn_implementation=attention, dtype=torch.float32)
-            teacher = teacher.to(dtype)
+            teacher = cast_model(teacher, dtype)
         teachers.append(teacher.eval().requires_grad_(False))
         pretrained.append(has_weights(ref))
     torch.manual_seed(seed + 1000)

@@ -78,6 +78,9 @@ class RunSettings:
     save_every: int = 0  # a DeepSpeed checkpoint every this many steps (0: none)
     start_step: int = 0  # steps already done (resume from the checkpoint `resume_tag`)
     resume_tag: str = ""
+    eval_data: str | None = None  # held-out text: the student's own loss on it (None: no evaluation)
+    eval_every: int = 0  # evaluate every this many steps (0: at the end only)
+    eval_batches: int = 8  # micro-batches per rank in one evaluation
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,6 +210,9 @@ def run_job(
     seed: int | None = None,
     resume: bool = False,
     save_every: int = 0,
+    eval_data: str | None = None,
+    eval_every: int = 0,
+    eval_batches: int = 8,
     echo: Any = click.echo,
 ) -> Path:
     """The body of `gkd run` (see the module docstring); returns OUT."""
@@ -219,6 +225,14 @@ def run_job(
         raise InputError(f"--processes must be at least 1, got {world}")
     if save_every < 0:
         raise InputError(f"--save-every must be 0 (no checkpoints) or more, got {save_every}")
+    if eval_every < 0 or eval_batches < 1:
+        raise InputError("--eval-every must be 0 or more and --eval-batches at least 1")
+    if eval_every and eval_data is None:
+        raise InputError("--eval-every needs held-out text to evaluate on: give --eval-data PATH")
+    if eval_data is not None and not Path(eval_data).exists():
+        raise InputError(
+            f"eval data {eval_data} does not exist; give a .txt or .jsonl file or a dataset folder"
+        )
     if resume:
         return _resume_job(
             target,
@@ -243,6 +257,8 @@ def run_job(
     if total < 1:
         raise InputError(f"--steps must be at least 1, got {total}")
     _check_data(plan, data, world, seed)
+    if eval_data is not None:
+        _check_data(plan, eval_data, world, seed)
     _check_offline_disk(plan, out_path, steps=total, world=world)
 
     notes = []
@@ -267,6 +283,9 @@ def run_job(
         log_every=max(1, total // 10),
         notes=tuple(notes),
         save_every=save_every,
+        eval_data=eval_data,
+        eval_every=eval_every,
+        eval_batches=eval_batches,
     )
     try:
         (tmp / "plan.json").write_text(plan.to_json())
@@ -307,6 +326,9 @@ def _write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int,
         "seed": settings.seed,
         "data": settings.data,
         "save_every": settings.save_every,
+        "eval_data": settings.eval_data,
+        "eval_every": settings.eval_every,
+        "eval_batches": settings.eval_batches,
         "strategy": plan.strategy.describe(),
         "recomputed_layers": list(plan.strategy.recompute_layers),
         "tap_loss_executed": plan.strategy.tap_loss,
@@ -362,6 +384,9 @@ def _resume_job(
         save_every=save_every or int(previous["save_every"]),
         start_step=start,
         resume_tag=tag,
+        eval_data=previous.get("eval_data"),
+        eval_every=int(previous.get("eval_every", 0)),
+        eval_batches=int(previous.get("eval_batches", 8)),
     )
     echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
     _write_run_json(out_path, settings, plan, processes, completed=start)
@@ -396,6 +421,7 @@ class _Progress:
     def __init__(self, total: int, every: int, enabled: bool) -> None:
         self.total, self.every, self.bar = total, every, None
         self.enabled = enabled
+        self.last_eval = ""  # the latest evaluation, kept on the bar
         if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -418,9 +444,12 @@ class _Progress:
         if not self.enabled:
             return
         info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
+        if "eval_loss" in row:
+            self.last_eval = f"  eval {row['eval_loss']:.4f}"
+            info += self.last_eval
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=info)
-        elif row["step"] % self.every == 0 or row["step"] == self.total:
+            self.bar.update(self.task, advance=1, info=info + ("" if "eval_loss" in row else self.last_eval))
+        elif row["step"] % self.every == 0 or row["step"] == self.total or "eval_loss" in row:
             print(
                 f"step {row['step']}/{self.total}  {info}  peak {human_bytes(row['peak_memory_bytes'])}",
                 flush=True,
@@ -448,9 +477,9 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
     tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
 
-    def data_stream() -> Any:
+    def data_stream(source: str | None = settings.data) -> Any:
         return batches(
-            settings.data,
+            source,
             tokenizer,
             seq_len=int(config["training"]["seq_len"]),
             micro_batch=plan.strategy.micro_batch,
@@ -522,6 +551,11 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             }
             if not math.isfinite(row["loss"]):
                 raise RuntimeError(f"the loss is {row['loss']} at step {step + 1}")
+            last = step + 1 == settings.steps
+            due = settings.eval_every and (step + 1) % settings.eval_every == 0
+            if settings.eval_data is not None and (last or due):
+                held_out = data_stream(settings.eval_data)  # the same micro-batches at every evaluation
+                row["eval_loss"] = evaluate(engine, module.student, held_out, settings.eval_batches, device)
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -542,6 +576,31 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             shutil.rmtree(out / TOPK_DIR, ignore_errors=True)
     if rank == 0:
         _write_run_json(out, settings, plan, world, completed=settings.steps)
+
+
+def evaluate(engine: Any, student: Any, stream: Any, n: int, device: Any) -> float:
+    """The student's own loss (its LM or MLM cross-entropy on the batch's labels) on the next `n`
+    micro-batches of `stream`, averaged over them and all ranks; in eval mode and without gradients."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    total = torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(n):
+            batch = next(stream)
+            inputs = {
+                "input_ids": batch["input_ids"].to(device),
+                "attention_mask": batch["attention_mask"].long().to(device),
+                "labels": batch["labels"].to(device),
+            }
+            if getattr(student.config, "use_cache", False):
+                inputs["use_cache"] = False
+            total += float(student(**inputs).loss.float())
+    engine.train()
+    total = total.to(device)
+    dist.all_reduce(total)
+    return total.item() / (n * dist.get_world_size())
 
 
 def _check_offline_disk(plan: Plan, out: Path, *, steps: int, world: int) -> None:

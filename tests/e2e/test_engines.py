@@ -252,3 +252,21 @@ def test_every_reference_plan_is_one_the_runtime_executes(path: str | None) -> N
     plan = make_plan(default_config() if path is None else load_config(path))
     assert plan.fits
     check_supported(plan, cuda=True)
+
+
+def test_models_are_cast_as_from_pretrained_casts_them(tiny_plan: Plan, tmp_path: Path) -> None:
+    """Parameters in the training dtype, RoPE's inverse frequencies (non-persistent buffers) kept in float32:
+    the run's student computes what its saved copy computes once loaded."""
+    from transformers import AutoModelForCausalLM
+
+    models = build_models(tiny_plan, seed=7, total_steps=4)
+    student = models.student.eval()
+    buffers = dict(student.named_buffers())
+    assert buffers["model.rotary_emb.inv_freq"].dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in student.parameters())
+    student.save_pretrained(str(tmp_path / "s"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s")).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded(input_ids=ids).logits
+        torch.testing.assert_close(student(input_ids=ids).logits, expected, rtol=0, atol=0)

@@ -103,6 +103,36 @@ def _stored(
     return [dict.fromkeys(served.names, target)]
 
 
+def _own_loss(out: Path, plan: Plan, source: str, *, batches_per_rank: int, world: int = 2) -> float:
+    """The saved student's own loss on each rank's first micro-batches of `source`, averaged."""
+    from transformers import AutoModelForCausalLM
+
+    config = plan.inputs["config"]
+    models = build_models(plan, seed=SEED, total_steps=STEPS)
+    tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
+    student = AutoModelForCausalLM.from_pretrained(str(out / "student")).eval()
+    losses = []
+    for rank in range(world):
+        stream = batches(
+            source,
+            tokenizer,
+            seq_len=config["training"]["seq_len"],
+            micro_batch=plan.strategy.micro_batch,
+            objective="causal",
+            rank=rank,
+            world=world,
+            seed=SEED,
+        )
+        for _ in range(batches_per_rank):
+            b = next(stream)
+            with torch.no_grad():
+                out_ = student(
+                    input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(), labels=b["labels"]
+                )
+            losses.append(float(out_.loss.float()))
+    return sum(losses) / len(losses)
+
+
 def _check_run(out: Path, plan: Plan, corpus: str, auto: Any) -> None:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -146,8 +176,17 @@ def test_zero2_student_replicated_teacher(models_dir: Path, tmp_path: Path, job_
     overrides = {"student_zero_stage": 2, "teacher_placement": "replicated", "tap_loss": "end"}
     config = job_config(models_dir, "llama", overrides)
     plan, path = _plan_file(tmp_path / "plan.json", config)
-    out, corpus = _train(path, models_dir, tmp_path, save_every=4)
+    held_out = models_dir / "corpus.txt"
+    out, corpus = _train(
+        path, models_dir, tmp_path, save_every=4, eval_data=str(held_out), eval_every=4, eval_batches=2
+    )
     _check_run(out, plan, corpus, AutoModelForCausalLM)
+    # Evaluation at steps 4 and 8: the last equals the saved student's own loss on the same micro-batches.
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
+    assert rows[-1]["eval_loss"] == pytest.approx(
+        _own_loss(out, plan, str(held_out), batches_per_rank=2), rel=1e-5
+    )
 
     # Resume: pretend the run stopped after its checkpoint at step 4 (what `latest` says after such a stop).
     # The resumed steps must repeat the original ones exactly: same weights, optimizer state and data.
@@ -164,6 +203,7 @@ def test_zero2_student_replicated_teacher(models_dir: Path, tmp_path: Path, job_
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["terms"] == pytest.approx(
             a["terms"], rel=1e-6
         )
+        assert b.get("eval_loss") == pytest.approx(a.get("eval_loss"), rel=1e-6)
     again = AutoModelForCausalLM.from_pretrained(str(out / "student")).state_dict()
     assert all(torch.equal(again[k], final[k]) for k in final)
 
@@ -263,6 +303,15 @@ def test_tensor_parallel_teacher(models_dir: Path, tmp_path: Path, job_config: A
     assert plan.strategy.teacher_placement == "tensor_parallel" and plan.strategy.tensor_parallel == 2
     out, corpus = _train(path, models_dir, tmp_path)
     _check_run(out, plan, corpus, AutoModelForCausalLM)
+
+
+def test_bad_eval_options(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
+    _, path = _plan_file(tmp_path / "plan.json", job_config(models_dir, "llama", {}))
+    out = tmp_path / "out"
+    _one_line_exit(["run", str(path), "--out", str(out), "--eval-every", "2"], 2, "give --eval-data PATH")
+    args = ["run", str(path), "--out", str(out), "--eval-data", str(tmp_path / "held.txt")]
+    _one_line_exit(args, 2, "held.txt does not exist")
+    assert not out.exists()
 
 
 def test_does_not_fit_exits_1(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
