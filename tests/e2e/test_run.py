@@ -259,6 +259,8 @@ def test_bert_mlm(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
 
     overrides = {"student_zero_stage": 1, "teacher_placement": "replicated", "tap_loss": "layerwise"}
     config = job_config(models_dir, "bert", overrides)
+    # hidden_mse's projection (32 -> 64) is a loss extra whose gradient the layerwise term hands over early.
+    config["methods"].append({"name": "hidden_mse"})
     plan, path = _plan_file(tmp_path / "plan.json", config)
     out, corpus = _train(path, models_dir, tmp_path)
     _check_run(out, plan, corpus, AutoModelForMaskedLM)
