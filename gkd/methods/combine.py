@@ -493,7 +493,8 @@ def resolve(
         raise InputError("theseus module replacement takes exactly one teacher; remove the other teachers")
 
     # A stored top-k teacher pass can replace the live teacher when the teachers are only asked for logits (or
-    # already for stored top-k entries, the `topk` kind, which never needs a live teacher forward).
+    # already for stored top-k entries, the `topk` kind, which never needs a live teacher forward) and every
+    # loss on those logits computes exactly from a top-k, at one temperature (`_reads_topk`).
     teacher_logits_only = all(t and t <= {"logits", "topk"} for t in teacher_taps)
     options_of = {m.name: m.options for m in resolved}
     offline_terms = [t for t in terms if any(x.startswith("t") and x.endswith(":logits") for x in t.taps)]

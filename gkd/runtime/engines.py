@@ -26,7 +26,8 @@ Design choices:
   hold the layer's outputs as usual. Other layers are untouched; this is per layer, not all-or-nothing.
 - Weights: a model given as a checkpoint folder with weights is loaded with `from_pretrained`; a preset or a
   bare config.json is randomly initialised with the run's seed; both are then cast to the plan's training
-  dtype. Distilling from a random teacher only exercises the machinery; the run says so.
+  dtype as `from_pretrained` casts (`cast_model`: non-persistent buffers such as RoPE's frequencies stay
+  float32). Distilling from a random teacher only exercises the machinery; the run says so.
 - Offline teachers run before the student engine exists (`gkd.runtime.offline`); the engine's module then
   holds stand-ins and reads the stored top-k per micro-batch (`DistillModule.stored`).
 - Tensor-parallel teachers are split by DeepSpeed's automatic tensor parallelism over groups of consecutive

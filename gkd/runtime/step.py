@@ -107,9 +107,8 @@ class StepRunner:
         """One forward of teacher `index` under no_grad capturing `names`."""
         with torch.no_grad():
             teacher = self.teachers[index]
-            if hasattr(
-                teacher, "run_taps"
-            ):  # split over a tensor-parallel group (gkd.runtime.tensor_parallel)
+            # A teacher split over a tensor-parallel group runs its own forward (gkd.runtime.tensor_parallel).
+            if hasattr(teacher, "run_taps"):
                 return teacher.run_taps(names, self.model_inputs())
             return run_captured(teacher, names, self.model_inputs(), f"teacher {index}")
 
