@@ -190,6 +190,13 @@ def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str)
     show_default=True,
     help="Write a DeepSpeed checkpoint every N steps (0: none).",
 )
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Keep only the N newest checkpoints (0: all).",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option(
     "--eval-data",
@@ -219,6 +226,7 @@ def run(
     processes: int | None,
     seed: int | None,
     save_every: int,
+    keep_last: int,
     resume: bool,
     eval_data: str | None,
     eval_every: int,
@@ -241,6 +249,7 @@ def run(
             seed=seed,
             resume=resume,
             save_every=save_every,
+            keep_last=keep_last,
             eval_data=eval_data,
             eval_every=eval_every,
             eval_batches=eval_batches,

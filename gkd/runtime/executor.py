@@ -76,6 +76,7 @@ class RunSettings:
     log_every: int
     notes: tuple[str, ...] = ()
     save_every: int = 0  # a DeepSpeed checkpoint every this many steps (0: none)
+    keep_last: int = 0  # keep only this many of the newest checkpoints (0: all)
     start_step: int = 0  # steps already done (resume from the checkpoint `resume_tag`)
     resume_tag: str = ""
     eval_data: str | None = None  # held-out text: the student's own loss on it (None: no evaluation)
@@ -210,6 +211,7 @@ def run_job(
     seed: int | None = None,
     resume: bool = False,
     save_every: int = 0,
+    keep_last: int = 0,
     eval_data: str | None = None,
     eval_every: int = 0,
     eval_batches: int = 8,
@@ -225,6 +227,10 @@ def run_job(
         raise InputError(f"--processes must be at least 1, got {world}")
     if save_every < 0:
         raise InputError(f"--save-every must be 0 (no checkpoints) or more, got {save_every}")
+    if keep_last < 0:
+        raise InputError(f"--keep-last must be 0 (keep every checkpoint) or more, got {keep_last}")
+    if keep_last and not save_every and not resume:
+        raise InputError("--keep-last limits the checkpoints of --save-every N; give --save-every too")
     if eval_every < 0 or eval_batches < 1:
         raise InputError("--eval-every must be 0 or more and --eval-batches at least 1")
     if eval_every and eval_data is None:
@@ -242,6 +248,7 @@ def run_job(
             processes=world,
             seed=seed,
             save_every=save_every,
+            keep_last=keep_last,
             echo=echo,
         )
     seed = 0 if seed is None else seed
@@ -283,6 +290,7 @@ def run_job(
         log_every=max(1, total // 10),
         notes=tuple(notes),
         save_every=save_every,
+        keep_last=keep_last,
         eval_data=eval_data,
         eval_every=eval_every,
         eval_batches=eval_batches,
@@ -326,6 +334,7 @@ def _write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int,
         "seed": settings.seed,
         "data": settings.data,
         "save_every": settings.save_every,
+        "keep_last": settings.keep_last,
         "eval_data": settings.eval_data,
         "eval_every": settings.eval_every,
         "eval_batches": settings.eval_batches,
@@ -346,6 +355,7 @@ def _resume_job(
     processes: int,
     seed: int | None,
     save_every: int,
+    keep_last: int,
     echo: Any,
 ) -> Path:
     """Continue the run in OUT from its latest checkpoint, with its own plan, data and seed."""
@@ -382,6 +392,7 @@ def _resume_job(
         log_every=max(1, total // 10),
         notes=tuple(previous["notes"]),
         save_every=save_every or int(previous["save_every"]),
+        keep_last=keep_last or int(previous.get("keep_last", 0)),
         start_step=start,
         resume_tag=tag,
         eval_data=previous.get("eval_data"),
@@ -562,6 +573,10 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             progress.update(row)
             if settings.save_every and (step + 1) % settings.save_every == 0:
                 save_checkpoint(engine, out / CHECKPOINTS, step + 1, rank=rank)
+                if settings.keep_last:
+                    dist.barrier()  # every rank has written its part before any is removed
+                    if rank == 0:
+                        prune_checkpoints(out / CHECKPOINTS, settings.keep_last)
                 if rank == 0:
                     _write_run_json(out, settings, plan, world, completed=step + 1)
     finally:
@@ -706,6 +721,16 @@ def save_checkpoint(engine: Any, folder: Path, step: int, *, rank: int) -> None:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, folder / tag / f"rng-rank{rank}.pt")
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Remove all but the `keep` newest `step-N` checkpoints (the newest is the one `latest` names)."""
+    tags = sorted(
+        (d for d in folder.iterdir() if d.is_dir() and d.name.startswith("step-")),
+        key=lambda d: int(d.name.removeprefix("step-")),
+    )
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def restore_checkpoint(engine: Any, folder: Path, tag: str, *, rank: int) -> None:

@@ -249,9 +249,12 @@ def test_offline_teacher(models_dir: Path, tmp_path: Path, job_config: Any) -> N
     config["training"]["offline_topk"] = 16
     plan, path = _plan_file(tmp_path / "plan.json", config)
     assert plan.strategy.teacher_placement == "offline" and plan.strategy.loss_path == "topk"
-    out, corpus = _train(path, models_dir, tmp_path)
+    out, corpus = _train(path, models_dir, tmp_path, save_every=2, keep_last=2)
     _check_run(out, plan, corpus, AutoModelForCausalLM)
     assert not (out / "topk").exists()
+    # --keep-last 2: of the checkpoints at steps 2, 4, 6 and 8, the two newest remain.
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step-6", "step-8"] and (out / "checkpoints" / "latest").read_text() == "step-8"
 
 
 def test_bert_mlm(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
@@ -305,6 +308,13 @@ def test_tensor_parallel_teacher(models_dir: Path, tmp_path: Path, job_config: A
     assert plan.strategy.teacher_placement == "tensor_parallel" and plan.strategy.tensor_parallel == 2
     out, corpus = _train(path, models_dir, tmp_path)
     _check_run(out, plan, corpus, AutoModelForCausalLM)
+
+
+def test_keep_last_needs_save_every(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
+    _, path = _plan_file(tmp_path / "plan.json", job_config(models_dir, "llama", {}))
+    out = tmp_path / "out"
+    _one_line_exit(["run", str(path), "--out", str(out), "--keep-last", "2"], 2, "give --save-every too")
+    assert not out.exists()
 
 
 def test_bad_eval_options(models_dir: Path, tmp_path: Path, job_config: Any) -> None:
