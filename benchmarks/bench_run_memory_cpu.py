@@ -11,9 +11,15 @@ The plan's prediction is its peak minus the reserve (CUDA context and fragmentat
 into the static categories (parameters, gradients, optimizer, buffers) and the dynamic ones (activations,
 taps, loss workspace).
 
-This is a probe, not a gate: the plan predicts GPU memory (CUDA attention kernels, a teacher on the device),
-and the CPU differs. It was written in session 4 and its gap on the dynamic part is not explained yet
-(docs: the session note); the GPU check is `benchmarks/device/gpu_run.py`.
+A second table splits the loss: for each loss term, in one process on the same models and micro-batch, the
+peak of the storages its computation creates and what it leaves alive (its saved tensors for the backward),
+against the plan's loss workspace.
+
+This is a probe, not a gate: the plan predicts GPU memory, where the losses run as fused kernels (Triton:
+chunked logits, streamed relation matrices). On the CPU the losses run their torch paths, which materialise
+float32 copies of the (tokens x vocabulary) logits and the (heads x T x T) relation matrices, so the
+forward+backward peak here is well above the plan's dynamic categories, and the second table shows where.
+The GPU check is `benchmarks/device/gpu_run.py`.
 
 Usage: python benchmarks/bench_run_memory_cpu.py [CONFIG ...]
 (each CONFIG is planned for 2 GPUs = the 2 CPU processes; default: benchmarks/configs/run_memory/*.yaml, a
@@ -155,7 +161,55 @@ def main() -> int:
             f"{got['optimizer_step'] / MIB:.1f}",
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
+    for path in sys.argv[1:] or default:
+        print()
+        print(f"{Path(path).name}: loss terms (one process), plan's loss workspace ", end="")
+        config = load_config(path)
+        plan = make_plan(dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, gpus=2)))
+        print(f"{plan.to_dict()['memory'].get('loss_workspace', 0) / MIB:.1f} MiB")
+        print("| term | peak MiB | kept for backward MiB |")
+        print("|---|---|---|")
+        for name, peak, kept in term_peaks(plan):
+            print(f"| {name} | {peak / MIB:.1f} | {kept / MIB:.1f} |", flush=True)
     return 0
+
+
+def term_peaks(plan: Any) -> list[tuple[str, int, int]]:
+    """(term, peak of the storages its computation creates, bytes it leaves alive) on one micro-batch."""
+    from gkd.runtime.data import batches, load_tokenizer
+    from gkd.runtime.engines import build_models
+    from gkd.runtime.step import StepRunner
+
+    config = plan.inputs["config"]
+    models = build_models(plan, seed=0, total_steps=4)
+    resolved = models.resolver.at(0)
+    tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
+    batch = next(
+        batches(
+            None,
+            tokenizer,
+            seq_len=int(config["training"]["seq_len"]),
+            micro_batch=plan.strategy.micro_batch,
+            objective="mlm" if models.student_spec.is_encoder else "causal",
+        )
+    )
+    runner = StepRunner(
+        student=models.student,
+        teachers=models.teachers,
+        loss_module=models.loss,
+        resolved=resolved,
+        batch=batch,
+        total_steps=4,
+    )
+    runner.teacher_taps = [runner.run_teacher(i, names) for i, names in enumerate(resolved.teacher_taps)]
+    taps = runner.run_student(resolved.student_taps)
+    out = []
+    for term in resolved.loss_terms:
+        with StorageTracker() as tracker:
+            value = runner.term(term, taps)
+        out.append((f"{term.method}.{term.name}", tracker.peak, tracker.live))
+        del value
+    return out
 
 
 if __name__ == "__main__":
