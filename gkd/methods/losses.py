@@ -154,14 +154,18 @@ def hard_loss_kind(options: dict[str, Any], *, encoder: bool) -> str:
 
 def task_loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
     """The hard loss: MLM (labels -100 ignored), causal LM (shifted by one), or classification
-    ((B, C) logits, (B,) labels)."""
+    ((B, C) logits, (B,) labels). Token losses run `gkd.kernels.cross_entropy_loss`, which keeps only a
+    gradient in the logits' dtype (not a float32 log-softmax); the causal shift moves the labels, not the
+    logits, so the logits are never copied."""
+    from gkd.kernels import cross_entropy_loss
+
+    vocab = logits.shape[-1]
     if kind == "mlm":
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
-        )
+        return cross_entropy_loss(logits.reshape(-1, vocab), labels.reshape(-1))
     if kind == "causal_lm":
-        shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+        ignored = labels.new_full((*labels.shape[:-1], 1), -100)
+        targets = torch.cat([labels[..., 1:], ignored], dim=-1)  # row t predicts token t + 1; the last none
+        return cross_entropy_loss(logits.reshape(-1, vocab), targets.reshape(-1))
     if kind == "classification":
         return F.cross_entropy(logits.float(), labels)
     raise InputError(f"hard_loss {kind!r} is not mlm, causal_lm, classification or none")
