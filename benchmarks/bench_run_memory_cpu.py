@@ -73,8 +73,16 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        # A view or an in-place result shares an input's storage: not an allocation (and the input may
+        # predate the tracker, whose storage must not be counted as new).
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs or {}))[0]
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        }
         for t in tree_flatten(out)[0]:
-            self._add(t)
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self._add(t)
         return out
 
 

@@ -35,17 +35,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         step = chunk_rows(vocab, logits.device)
         for start in range(0, n_rows, step):
             end = min(start + step, n_rows)
-            x = logits[start:end].to(acc)
+            # One float32 chunk at a time, updated in place: the chunk is the only transient buffer.
+            x = logits[start:end].to(acc, copy=True)
             keep = valid[start:end]
             index = torch.where(keep, target[start:end], 0).unsqueeze(-1)
             lse = torch.logsumexp(x, dim=-1)
             picked = x.gather(-1, index).squeeze(-1)
             total = total + torch.where(keep, lse - picked, 0.0).sum()
             if grad is not None:
-                g = torch.exp(x - lse.unsqueeze(-1))
+                g = x.sub_(lse.unsqueeze(-1)).exp_()  # softmax
                 g.scatter_add_(-1, index, -torch.ones_like(index, dtype=acc))
-                g = torch.where(keep.unsqueeze(-1), g, 0.0) / count
-                grad[start:end] = g.to(grad.dtype)
+                g.mul_(keep.unsqueeze(-1).to(acc) / count)
+                grad[start:end].copy_(g)
+            del x
         if grad is not None:
             ctx.save_for_backward(grad)
         return (total / count).to(acc)
