@@ -226,7 +226,7 @@ def build_workload(
         if plain_hard and (strategy.loss_path != "logits" or not online):
             transient += tokens * s_v * BYTES_BF16  # the hard loss needs materialised logits
         if plain_hard:
-            retained += tokens * s_v * BYTES_BF16  # cross-entropy keeps its log-softmax for backward
+            retained += tokens * s_v * BYTES_BF16  # cross_entropy_loss keeps its gradient (logits dtype)
 
     attention = strategy.attention
     s_taps = set(resolved.student_taps) - {"logits"}
