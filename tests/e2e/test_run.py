@@ -46,6 +46,21 @@ def _plan_file(path: Path, config: dict[str, Any]) -> tuple[Plan, Path]:
     return Plan.from_dict(data), path
 
 
+def _rank_stream(plan: Plan, models: Any, source: str, *, rank: int, world: int) -> Any:
+    """Rank `rank`'s micro-batches of `source`, as the run's workers read them."""
+    config = plan.inputs["config"]
+    return batches(
+        source,
+        load_tokenizer(config["teachers"][0], models.teacher_specs[0]),
+        seq_len=config["training"]["seq_len"],
+        micro_batch=plan.strategy.micro_batch,
+        objective="mlm" if models.student_spec.is_encoder else "causal",
+        rank=rank,
+        world=world,
+        seed=SEED,
+    )
+
+
 def _reference_first_step(plan: Plan, corpus: str, *, world: int) -> tuple[float, set[str]]:
     """The first step's loss (and its term names) computed in one process, without DeepSpeed, without
     recompute and with every tap loss at the end."""
@@ -55,19 +70,9 @@ def _reference_first_step(plan: Plan, corpus: str, *, world: int) -> tuple[float
     resolved = models.resolver.at(0)
     offline = plan.strategy.teacher_placement == "offline"
     config = plan.inputs["config"]
-    tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
     losses, terms = [], set()
     for rank in range(world):
-        stream = batches(
-            corpus,
-            tokenizer,
-            seq_len=config["training"]["seq_len"],
-            micro_batch=plan.strategy.micro_batch,
-            objective="mlm" if models.student_spec.is_encoder else "causal",
-            rank=rank,
-            world=world,
-            seed=SEED,
-        )
+        stream = _rank_stream(plan, models, corpus, rank=rank, world=world)
         for _ in range(plan.strategy.grad_accum):
             batch = next(stream)
             out = distill_step(
@@ -107,22 +112,11 @@ def _own_loss(out: Path, plan: Plan, source: str, *, batches_per_rank: int, worl
     """The saved student's own loss on each rank's first micro-batches of `source`, averaged."""
     from transformers import AutoModelForCausalLM
 
-    config = plan.inputs["config"]
     models = build_models(plan, seed=SEED, total_steps=STEPS)
-    tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
     student = AutoModelForCausalLM.from_pretrained(str(out / "student")).eval()
     losses = []
     for rank in range(world):
-        stream = batches(
-            source,
-            tokenizer,
-            seq_len=config["training"]["seq_len"],
-            micro_batch=plan.strategy.micro_batch,
-            objective="causal",
-            rank=rank,
-            world=world,
-            seed=SEED,
-        )
+        stream = _rank_stream(plan, models, source, rank=rank, world=world)
         for _ in range(batches_per_rank):
             b = next(stream)
             with torch.no_grad():
