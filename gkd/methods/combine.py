@@ -498,11 +498,14 @@ def resolve(
     teacher_logits_only = all(t and t <= {"logits", "topk"} for t in teacher_taps)
     options_of = {m.name: m.options for m in resolved}
     offline_terms = [t for t in terms if any(x.startswith("t") and x.endswith(":logits") for x in t.taps)]
+    # One stored top-k per teacher serves both its logits and its `topk` readers: one temperature for all.
+    stored_readers = [
+        t for t in terms if any(x.startswith("t") and x.endswith((":logits", ":topk")) for x in t.taps)
+    ]
     offline_ok = (
         teacher_logits_only
         and all(_reads_topk(t, options_of[t.method]) for t in offline_terms)
-        # One stored top-k per teacher: every term reading it must use the same temperature.
-        and len({t.temperature for t in offline_terms}) <= 1
+        and len({t.temperature for t in stored_readers}) <= 1
     )
     logit_terms = [t for t in terms if any(x.endswith(":logits") for x in t.taps)]
     fused = fused_linear and bool(logit_terms) and all_decoders and all(t.fused_linear for t in logit_terms)

@@ -17,6 +17,7 @@ every other teacher placement and student sharding, each with the reason it lost
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -119,6 +120,12 @@ def micro_batch_choices(config: Config) -> list[int]:
     return sorted(out)
 
 
+def tensor_parallel_degrees(local_gpus: int, heads: Sequence[int]) -> list[int]:
+    """The tensor-parallel degrees the search considers: above 1, dividing the GPUs of a node and every
+    teacher's head count."""
+    return [tp for tp in range(2, local_gpus + 1) if local_gpus % tp == 0 and all(h % tp == 0 for h in heads)]
+
+
 def candidates(
     config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...], resolved: Any
 ) -> list[Strategy]:
@@ -127,9 +134,8 @@ def candidates(
     per_gpu = config.training.per_gpu_batch(config.hardware.gpus)
     local = config.hardware.local_gpus
     placements: list[tuple[str, int]] = [("replicated", 1), ("zero3", 1), ("zero3_offload", 1)]
-    for tp in range(2, local + 1):
-        if local % tp == 0 and all(t.heads % tp == 0 for t in teachers):
-            placements.append(("tensor_parallel", tp))
+    for tp in tensor_parallel_degrees(local, [t.heads for t in teachers]):
+        placements.append(("tensor_parallel", tp))
     if resolved.offline_ok:
         placements.append(("offline", 1))
         if not resolved.needs_teacher_forward:

@@ -62,9 +62,6 @@ def cpu_ops(plan: Plan) -> tuple[str, ...]:
     return ("ShareMemCommBuilder", *((optimizer,) if adam else ()))
 
 
-# Where this runtime computes the loss terms of intermediate taps: after the student forward.
-
-
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """What a worker needs besides the plan: everything is resolved and validated by the parent."""
@@ -149,17 +146,16 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
 
 def _tensor_parallel_blocker(config: Any) -> str | None:
     """Why none of the tensor-parallel degrees the planner may pick can run these teachers, or None."""
+    from gkd.planner.search import tensor_parallel_degrees
     from gkd.planner.specs import load_spec
     from gkd.runtime.tensor_parallel import unsupported_reason
 
-    local = config.hardware.local_gpus
-    for ref in config.teachers:
-        spec = load_spec(ref)
-        for tp in range(2, local + 1):
-            if local % tp == 0 and spec.heads % tp == 0:
-                reason = unsupported_reason(spec.model_type, spec.kv_heads, tp)
-                if reason:
-                    return f"{spec.name}: {reason}"
+    specs = [load_spec(ref) for ref in config.teachers]
+    for tp in tensor_parallel_degrees(config.hardware.local_gpus, [s.heads for s in specs]):
+        for spec in specs:
+            reason = unsupported_reason(spec.model_type, spec.kv_heads, tp)
+            if reason:
+                return f"{spec.name}: {reason}"
     return None
 
 
@@ -623,10 +619,12 @@ def _check_offline_disk(plan: Plan, out: Path, *, steps: int, world: int) -> Non
     of every rank (`gkd.runtime.offline`): refuse a run whose disk next to OUT cannot hold them."""
     if plan.strategy.teacher_placement != "offline":
         return
+    from gkd.runtime.offline import ENTRY_BYTES
+
     training = plan.inputs["config"]["training"]
     k = int(training.get("offline_topk", 64))
     tokens = steps * plan.strategy.grad_accum * plan.strategy.micro_batch * int(training["seq_len"])
-    need = tokens * k * 6 * world * len(plan.inputs["config"]["teachers"])
+    need = tokens * k * ENTRY_BYTES * world * len(plan.inputs["config"]["teachers"])
     where = out.resolve().parent
     while not where.exists():
         where = where.parent

@@ -43,6 +43,7 @@ from gkd.methods.divergence import TopK, topk_targets
 from gkd.runtime.capture import capture_taps
 
 TOPK_DIR = "topk"
+ENTRY_BYTES = 4 + 2  # one stored top-k entry: an int32 index and a bfloat16 log-prob
 
 
 @dataclass(frozen=True)

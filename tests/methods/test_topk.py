@@ -49,8 +49,11 @@ def test_resolve_reports_offline_teacher():
     assert r.teacher_taps == (frozenset({"topk"}),)
     assert r.offline_ok and not r.needs_teacher_forward and not r.needs_teacher_logits
     assert r.fused_linear and r.student_taps == {"final"}
-    r2 = resolve(["topk_kl", "kd"], teachers, student)  # kd needs the live teacher logits
+    # kd reads the teacher's logits too; one stored top-k serves both only at one temperature.
+    same_t = [{"name": "topk_kl"}, {"name": "kd", "options": {"temperature": 1.0}}]
+    r2 = resolve(same_t, teachers, student)
     assert r2.offline_ok and r2.needs_teacher_forward and r2.teacher_taps == (frozenset({"topk", "logits"}),)
+    assert not resolve(["topk_kl", "kd"], teachers, student).offline_ok  # T = 1 and T = 2
     teachers, student = model_specs("bert")
     r3 = resolve(["topk_kl"], teachers, student)
     assert not r3.fused_linear and r3.student_taps == {"logits"} and not r3.needs_teacher_forward

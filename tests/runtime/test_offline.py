@@ -45,7 +45,7 @@ def test_stored_records_read_back_in_order(tmp_path: Path) -> None:
         index=0,
         device=torch.device("cpu"),
     )
-    assert size == 3 * 2 * 7 * 5 * (4 + 2)
+    assert size == 3 * 2 * 7 * 5 * (4 + 2)  # int32 index + bfloat16 log-prob per entry
     reader = TopKReader(tmp_path, rank=1, index=0, device=torch.device("cpu"))
     for record in (2, 0, 1):  # random access: a resumed run starts in the middle
         b = batches[record]
