@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -132,10 +133,11 @@ def _worker(
 
 
 def _failure(errors: Path, exit_codes: dict[int, int | None]) -> GkdError:
-    """The parent's error for a failed run, by cause: an InputError in any rank; else a rank killed by
-    SIGKILL without a record (most often the out-of-memory killer: its peers then fail on a reset
-    connection, and their records are consequences); else the first rank's own record; else the exit
-    statuses."""
+    """The parent's error for a failed run, by cause: an InputError in any rank; else a rank that died
+    without a record (killed by SIGKILL, most often the out-of-memory killer, or exiting on its own: its
+    peers then fail on a closed connection, and their records are consequences, whichever came first);
+    else the first rank's own record; else the exit statuses. SIGTERM without a record is not a cause: it
+    is how the peers of a failed worker are stopped."""
     records = []
     for path in sorted(errors.glob("rank*.json")):
         try:
@@ -147,13 +149,14 @@ def _failure(errors: Path, exit_codes: dict[int, int | None]) -> GkdError:
         return InputError(records[0]["message"])
     recorded = {r["rank"] for r in records}
     bad = {r: c for r, c in exit_codes.items() if c not in (0, None)}
-    killed = any(c == -9 and r not in recorded for r, c in bad.items())
-    if records and not killed:
+    silent = {r: c for r, c in bad.items() if r not in recorded and c != -signal.SIGTERM}
+    killed = any(c == -signal.SIGKILL for c in silent.values())
+    if records and not silent:
         first = records[0]
         return WorkerFailedError(
             f"worker {first['rank']} failed: {first['message']} (traceback: {first['traceback']})"
         )
-    silent = {r: c for r, c in bad.items() if r not in recorded} or bad
+    silent = silent or bad
     detail = ", ".join(f"rank {r} exit code {c}" for r, c in sorted(silent.items())) or "no exit code"
     hint = "; killed by signal 9, most often out of host memory" if killed else ""
     return WorkerFailedError(

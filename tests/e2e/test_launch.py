@@ -121,3 +121,6 @@ def test_a_killed_rank_outranks_its_peers_consequent_errors(tmp_path: Path) -> N
     assert str(killed).startswith("a worker died without reporting an error (rank 1 exit code -9); killed by")
     crashed = _failure(tmp_path, {0: 1, 1: -15})  # no kill: rank 0's own record is the cause
     assert str(crashed) == "worker 0 failed: RuntimeError: Connection reset by peer (traceback: t)"
+    exited = _failure(tmp_path, {0: 1, 1: 3})  # rank 1 left on its own before rank 0 saw the closed pair
+    expected = "a worker died without reporting an error (rank 1 exit code 3); see its output above"
+    assert str(exited) == expected
