@@ -12,6 +12,9 @@ run.
 
 Design choices:
 - Single node only; this slice has no multi-node launcher.
+- The rendezvous port is found free by the parent and bound by rank 0 a moment later; another process can
+  take it in between (two runs starting at once). Rank 0 then records that, and the parent starts the
+  workers again on another port, up to `PORT_ATTEMPTS` times.
 - torch.multiprocessing, not DeepSpeed's launcher: the parent has validated the inputs and holds the plan, and
   the workers report their errors back through files the parent reads (one JSON file per failed rank), which
   survives any exception type and a worker that dies before it can send anything.
@@ -62,6 +65,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _PortTakenError(RuntimeError):
+    """Another process took the rendezvous port between `free_port()` and rank 0 binding it; the parent
+    starts the workers again on another port."""
+
+
+# Starts of the workers in one `launch`, each on a fresh port, before a taken port is reported as an error.
+PORT_ATTEMPTS = 3
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
@@ -107,7 +119,12 @@ def _worker(
         deepspeed.utils.logger.setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
         with contextlib.redirect_stdout(io.StringIO()):
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+            try:
+                deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+            except Exception as err:
+                if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
+                    raise _PortTakenError(str(err)) from err
+                raise
         fn(local_rank, world, *args)
         import torch.distributed as dist
 
@@ -118,9 +135,10 @@ def _worker(
         code = 2 if isinstance(err, InputError) else 1
         trace = Path(errors) / f"rank{local_rank}.traceback.txt"
         trace.write_text(traceback.format_exc())
+        kind = "input" if code == 2 else "port" if isinstance(err, _PortTakenError) else "error"
         record = {
             "rank": local_rank,
-            "kind": "input" if code == 2 else "error",
+            "kind": kind,
             "message": str(err).strip().splitlines()[0] if code == 2 and str(err).strip() else _one_line(err),
             "traceback": str(trace),
         }
@@ -226,7 +244,6 @@ def launch(
     workers are spawned (CUDA). `cpu_ops`: DeepSpeed ops loaded before forking CPU workers (the default is
     what `deepspeed.init_distributed` needs)."""
     import torch
-    import torch.multiprocessing as mp
 
     if processes < 1:
         raise InputError(f"--processes must be at least 1, got {processes}")
@@ -243,7 +260,34 @@ def launch(
         import deepspeed  # noqa: F401
 
         preload_cpu_ops(cpu_ops)
-    errors = Path(tempfile.mkdtemp(prefix="gkd-run-errors-"))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for attempt in range(PORT_ATTEMPTS):
+        errors = Path(tempfile.mkdtemp(prefix="gkd-run-errors-"))
+        try:
+            _run_workers(fn, args, processes, errors, use_cuda, deadline, timeout_s)
+            shutil.rmtree(errors, ignore_errors=True)  # kept only when a worker failed
+            return
+        except _PortTakenError:
+            shutil.rmtree(errors, ignore_errors=True)
+            if attempt == PORT_ATTEMPTS - 1:
+                raise WorkerFailedError(
+                    f"the workers' rendezvous port was taken by another process {PORT_ATTEMPTS} times in a "
+                    "row; free some local ports or run again"
+                ) from None
+
+
+def _run_workers(
+    fn: Callable[..., None],
+    args: Sequence[Any],
+    processes: int,
+    errors: Path,
+    use_cuda: bool,
+    deadline: float | None,
+    timeout_s: float | None,
+) -> None:
+    """One start of the workers on a fresh port; raises _PortTakenError when the port was taken meanwhile."""
+    import torch.multiprocessing as mp
+
     context = mp.start_processes(
         _worker,
         args=(fn, tuple(args), processes, free_port(), str(errors), use_cuda),
@@ -251,15 +295,15 @@ def launch(
         join=False,
         start_method="spawn" if use_cuda else "fork",
     )
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:
             try:
                 if context.join(timeout=1.0):
-                    shutil.rmtree(errors, ignore_errors=True)  # kept only when a worker failed
                     return
             except mp.ProcessExitedException:
                 # torch has terminated the other workers already.
+                if _port_taken(errors):
+                    raise _PortTakenError() from None
                 exit_codes = {i: p.exitcode for i, p in enumerate(context.processes)}
                 failure = _failure(errors, exit_codes)
                 if "traceback: " not in str(failure):
@@ -274,3 +318,14 @@ def launch(
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def _port_taken(errors: Path) -> bool:
+    """Whether a worker recorded that the rendezvous port was taken (see _PortTakenError)."""
+    for path in errors.glob("rank*.json"):
+        try:
+            if json.loads(path.read_text())["kind"] == "port":
+                return True
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+    return False

@@ -124,3 +124,21 @@ def test_a_killed_rank_outranks_its_peers_consequent_errors(tmp_path: Path) -> N
     exited = _failure(tmp_path, {0: 1, 1: 3})  # rank 1 left on its own before rank 0 saw the closed pair
     expected = "a worker died without reporting an error (rank 1 exit code 3); see its output above"
     assert str(exited) == expected
+
+
+def test_a_taken_port_starts_the_workers_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process binds the rendezvous port between `free_port()` and rank 0: the run starts again
+    on another port instead of failing."""
+    import socket
+
+    from gkd.runtime import launch as launch_module
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        real = launch_module.free_port
+        ports = [taken.getsockname()[1]]
+        monkeypatch.setattr(launch_module, "free_port", lambda: ports.pop() if ports else real())
+        launch(_all_reduce, (str(tmp_path),), processes=2, timeout_s=120)
+    assert not ports
+    assert Path(tmp_path, "rank0").read_text() == "2 3 0 0 2"
