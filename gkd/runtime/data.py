@@ -16,12 +16,15 @@ Design choices:
   tokens; the final partial row is dropped. Documents are encoded without the tokenizer's own special
   tokens (no per-document BOS / CLS) and each one is followed by eos, so document boundaries stay visible to
   the model.
-- The whole source is tokenised once, up front, in memory. That suits the built-in corpus and the small to
-  medium files a distillation run reads here; streaming very large corpora is not modelled.
+- The source is tokenised once, streamed document by document, into a flat file of ids in the cache
+  (gkd.runtime.tokens), keyed by the source's path, size and modification time and the tokenizer's files.
+  Every rank memory-maps that file and reads only the rows of its batches, so a corpus of billions of tokens
+  costs 2 bytes a token on disk and next to nothing in memory, and a second run on it starts at once.
 - Rows are shuffled globally each epoch with a generator seeded from (seed, epoch), then rank r takes rows
   r, r + world, ...: every rank computes the same permutation, so ranks see disjoint rows that together cover
   the epoch, and a different split each epoch. A rank's batches are cut from the endless concatenation of its
-  epochs, so no row is ever dropped at an epoch boundary.
+  epochs, so no row is ever dropped at an epoch boundary. A permutation holds 8 bytes per row (a corpus of
+  10^10 tokens in rows of 2048: 40 MB per rank).
 - MLM masking follows BERT (Devlin et al. 2019, section 3.1): 15% of positions are chosen, of those 80% become
   the mask id, 10% a random non-special id and 10% stay unchanged; labels hold the original id at chosen
   positions and -100 elsewhere. Special tokens (the eos separators) are never chosen, as in transformers'
@@ -34,15 +37,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from gkd.errors import InputError
 from gkd.models import ModelSpec, preset_names
+from gkd.runtime.tokens import TokenFile, file_identity, stored_tokens
 
 OBJECTIVES = ("causal", "mlm")
 
@@ -59,6 +64,17 @@ _TOKENIZER_FILES = (
     "spiece.model",
     "vocab.txt",
     "vocab.json",
+)
+
+# The files a transformers tokenizer reads: their content identifies what it encodes to.
+_TOKENIZER_IDENTITY_FILES = frozenset(
+    (
+        *_TOKENIZER_FILES,
+        "merges.txt",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "sentencepiece.bpe.model",
+    )
 )
 
 _SOURCE_FORMS = 'a .txt file, a .jsonl file with a "text" field per line, or a datasets.save_to_disk folder'
@@ -84,6 +100,12 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def identity(self) -> str:
+        """What determines the ids this tokenizer gives (its kind, files and separators), as text."""
+        ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255. Pad, bos, eos and mask are the ASCII control codes NUL, SOH, STX and ETX
@@ -99,10 +121,16 @@ class ByteTokenizer:
     eos_id = 2
     mask_id = 3
     vocab_size = 256
-    _SPECIALS = frozenset((0, 1, 2, 3))
+    _SPECIALS = bytes((0, 1, 2, 3))
 
     def encode(self, text: str) -> list[int]:
-        return [b for b in text.encode("utf-8") if b not in self._SPECIALS]
+        return list(text.encode("utf-8").translate(None, self._SPECIALS))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def identity(self) -> str:
+        return f"bytes eos={self.eos_id}"
 
     def decode(self, ids: list[int]) -> str:
         """The text of the byte ids; special ids are skipped, broken UTF-8 becomes U+FFFD."""
@@ -116,8 +144,9 @@ class HFTokenizer:
     (Llama) pad with eos, as is usual for them; packed rows never need padding anyway.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, folder: Path | None = None) -> None:
         self.tokenizer = tokenizer
+        self.folder = folder
         self.bos_id: int | None = _first_id(tokenizer.bos_token_id, tokenizer.cls_token_id)
         self.eos_id: int | None = _first_id(tokenizer.eos_token_id, tokenizer.sep_token_id)
         self.mask_id: int | None = _first_id(tokenizer.mask_token_id)
@@ -128,6 +157,20 @@ class HFTokenizer:
         # verbose=False: a long document is longer than the model's context, which is fine because it is
         # packed into rows afterwards; transformers would warn about it otherwise.
         return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One call for the batch: a fast (Rust) tokenizer encodes it on all cores.
+        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def identity(self) -> str:
+        files = []
+        if self.folder is not None:
+            for path in sorted(self.folder.iterdir()):
+                if path.is_file() and path.name in _TOKENIZER_IDENTITY_FILES:
+                    files.append(f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+        where = " ".join(files) or str(self.tokenizer.name_or_path)
+        return f"hf {type(self.tokenizer).__name__} eos={self.eos_id} n={self.vocab_size} {where}"
 
 
 def _first_id(*ids: int | None) -> int | None:
@@ -163,7 +206,7 @@ def load_tokenizer(ref: str, spec: ModelSpec) -> Tokenizer:
             f"cannot load the tokenizer in {folder}: {err.__class__.__name__}: {detail}; "
             "check its tokenizer files or remove them to use the built-in byte tokenizer"
         ) from None
-    tokenizer = HFTokenizer(hf)
+    tokenizer = HFTokenizer(hf, folder)
     if tokenizer.vocab_size > spec.vocab:
         raise InputError(
             f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but model {spec.name} has a "
@@ -190,31 +233,57 @@ def _tokenizer_folder(ref: str) -> Path | None:
 
 def read_documents(source: str | None) -> list[str]:
     """The documents of a data source (None: the built-in corpus), in file order."""
+    return [text for text, _ in _source(source)[2]()]
+
+
+def _source(source: str | None) -> tuple[str, int, Callable[[], Iterator[tuple[str, int]]]]:
+    """(identity, total progress units, documents) of a data source. The identity changes when the source
+    is edited; documents() streams (text, progress units) pairs, the units being bytes read (rows for a
+    dataset folder), and raises InputError at the first bad document."""
     if source is None:
         text = resources.files("gkd").joinpath("data/corpus.txt").read_text(encoding="utf-8")
-        return _text_documents(text)
+        identity = f"builtin {hashlib.sha256(text.encode()).hexdigest()}"
+        lines = _text_documents(text)
+        return identity, len(lines), lambda: ((line, 1) for line in lines)
     path = Path(source).expanduser()
     if path.is_dir():
-        return _folder_documents(path)
+        return _folder_source(path)
     if not path.is_file():
         raise InputError(f"data source {source} does not exist; give {_SOURCE_FORMS}")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return _text_documents(_read_text(path))
-    if suffix == ".jsonl":
-        return _jsonl_documents(path)
-    raise InputError(
-        f"data source {source} has an unsupported type {suffix or '(none)'}; give {_SOURCE_FORMS}"
-    )
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
+    if suffix not in (".txt", ".jsonl"):
         raise InputError(
-            f"data source {path} is not UTF-8 text (byte {err.start}); re-encode it as UTF-8"
+            f"data source {source} has an unsupported type {suffix or '(none)'}; give {_SOURCE_FORMS}"
+        )
+    try:
+        identity = f"file {file_identity([path])}"
+    except OSError as err:
+        raise InputError(
+            f"cannot read data source {path}: {err.strerror or err.__class__.__name__}"
         ) from None
+    reader = _text_lines if suffix == ".txt" else _jsonl_lines
+    return identity, path.stat().st_size, lambda: reader(path)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str, int]]:
+    """(line number, text, bytes) of each line of a UTF-8 file; "\r\n" and a lone "\r" end lines too."""
+    number = 0
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise InputError(
+                        f"data source {path} is not UTF-8 text (line {number + 1}, byte {err.start} of it); "
+                        "re-encode it as UTF-8"
+                    ) from None
+                parts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                if parts[-1] == "":
+                    parts.pop()  # the line's own end
+                for i, part in enumerate(parts):
+                    number += 1
+                    yield number, part, len(raw) if i == 0 else 0
     except OSError as err:
         raise InputError(
             f"cannot read data source {path}: {err.strerror or err.__class__.__name__}"
@@ -228,9 +297,15 @@ def _text_documents(text: str) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
-def _jsonl_documents(path: Path) -> list[str]:
-    documents = []
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+def _text_lines(path: Path) -> Iterator[tuple[str, int]]:
+    """One document per non-empty line (a file without newlines is one document)."""
+    for _, text, size in _lines(path):
+        if text.strip():
+            yield text, size
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, int]]:
+    for number, line, size in _lines(path):
         if not line.strip():
             continue
         try:
@@ -242,12 +317,15 @@ def _jsonl_documents(path: Path) -> list[str]:
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise InputError(f'{path} line {number} has no "text" string field; give every line one')
-        documents.append(text)
-    return documents
+        yield text, size
 
 
-def _folder_documents(path: Path) -> list[str]:
-    """The "text" column of a `datasets.save_to_disk` folder (a Dataset, or a DatasetDict's train split)."""
+# Rows read from a dataset folder at once.
+_DATASET_BATCH = 1000
+
+
+def _folder_source(path: Path) -> tuple[str, int, Callable[[], Iterator[tuple[str, int]]]]:
+    """A `datasets.save_to_disk` folder (a Dataset, or a DatasetDict's train split), "text" column."""
     try:
         import datasets
     except ImportError:
@@ -278,28 +356,75 @@ def _folder_documents(path: Path) -> list[str]:
             f'data folder {path} has no "text" column (columns: {", ".join(dataset.column_names)}); '
             'rename the text column to "text"'
         )
-    return [text for text in dataset["text"] if isinstance(text, str) and text]
+
+    def documents() -> Iterator[tuple[str, int]]:
+        for chunk in dataset.iter(batch_size=_DATASET_BATCH):
+            texts = chunk["text"]
+            for i, text in enumerate(texts):
+                if isinstance(text, str) and text:
+                    yield text, len(texts) if i == 0 else 0
+
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return f"folder {file_identity(files)}", len(dataset), documents
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Packing and batches
+# Tokens, packing and batches
 # ----------------------------------------------------------------------------------------------------------
 
 
-def token_stream(documents: list[str], tokenizer: Tokenizer) -> list[int]:
-    """All documents' ids, each document followed by eos when the tokenizer has one."""
-    stream: list[int] = []
-    for document in documents:
-        stream.extend(tokenizer.encode(document))
-        if tokenizer.eos_id is not None:
-            stream.append(tokenizer.eos_id)
-    return stream
+def prepare_tokens(
+    source: str | None, tokenizer: Tokenizer, *, show_progress: bool = False
+) -> tuple[TokenFile, bool]:
+    """The source's ids, each document followed by eos when the tokenizer has one, stored once on disk (see
+    gkd.runtime.tokens); and whether this call tokenised it. `show_progress`: a progress bar on a terminal
+    while a large source is tokenised."""
+    identity, total, documents = _source(source)
+    key = hashlib.sha256(f"{identity}\n{tokenizer.identity()}".encode()).hexdigest()[:32]
+    name = source if source is not None else "the built-in corpus"
+    with _tokenizing_bar(f"Tokenizing {name}", total, show_progress) as advance:
+        return stored_tokens(
+            key,
+            documents,
+            tokenizer.encode_batch,
+            eos_id=tokenizer.eos_id,
+            vocab_size=tokenizer.vocab_size,
+            progress=advance,
+        )
 
 
-def pack(stream: list[int], seq_len: int) -> torch.Tensor:
-    """(rows, seq_len) long: the stream cut into full rows; the final partial row is dropped."""
-    rows = len(stream) // seq_len
-    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+# Sources smaller than this tokenise in about a second: no bar.
+_BAR_MIN_UNITS = 16 << 20
+
+
+class _tokenizing_bar:  # noqa: N801 (used as a context manager, like a function)
+    """A transient rich bar on stderr when `enabled` and the source is large; yields the advance callback."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled and total >= _BAR_MIN_UNITS:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn(label),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self) -> Callable[[int], None] | None:
+        if self.bar is None:
+            return None
+        self.bar.start()
+        return lambda units: self.bar.advance(self.task, units)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def batches(
@@ -316,8 +441,8 @@ def batches(
     """An endless iterator of micro-batches for one rank: "input_ids" and "labels" (micro_batch, seq_len)
     long, "attention_mask" (micro_batch, seq_len) bool. objective: "causal" (decoders) or "mlm" (encoders).
 
-    The source is read and packed before this returns, so a bad source raises InputError here, not at the
-    first `next`.
+    The source is tokenised (or its stored ids found) before this returns, so a bad source raises InputError
+    here, not at the first `next`.
     """
     _check_args(seq_len=seq_len, micro_batch=micro_batch, objective=objective, rank=rank, world=world)
     if objective == "mlm" and tokenizer.mask_id is None:
@@ -325,15 +450,17 @@ def batches(
             "the mlm objective needs a tokenizer with a mask token and this one has none; "
             "use the encoder's own tokenizer folder"
         )
-    rows = pack(token_stream(read_documents(source), tokenizer), seq_len)
+    stored, _ = prepare_tokens(source, tokenizer)
+    count = stored.tokens // seq_len  # the final partial row is dropped
     needed = world * micro_batch
-    if rows.shape[0] < needed:
+    if count < needed:
         name = source if source is not None else "the built-in corpus"
         raise InputError(
-            f"data source {name} gives {rows.shape[0]} rows of {seq_len} tokens but {world} rank(s) x "
+            f"data source {name} gives {count} rows of {seq_len} tokens but {world} rank(s) x "
             f"micro_batch {micro_batch} need {needed} rows, at least {needed * seq_len} tokens; "
             "use more data or lower seq_len / micro_batch"
         )
+    rows = stored.ids()[: count * seq_len].reshape(count, seq_len)
     return _generate(
         rows, tokenizer, micro_batch=micro_batch, objective=objective, rank=rank, world=world, seed=seed
     )
@@ -350,7 +477,7 @@ def _check_args(*, seq_len: int, micro_batch: int, objective: str, rank: int, wo
 
 
 def _generate(
-    rows: torch.Tensor,
+    rows: np.ndarray,
     tokenizer: Tokenizer,
     *,
     micro_batch: int,
@@ -361,16 +488,17 @@ def _generate(
 ) -> Iterator[dict[str, torch.Tensor]]:
     special = _special_ids(tokenizer)
     ordinary = _ordinary_ids(tokenizer.vocab_size, special) if objective == "mlm" else None
-    pending: list[torch.Tensor] = []  # this rank's rows not yet batched, across an epoch boundary
+    pending = torch.zeros(0, dtype=torch.long)  # this rank's row numbers not yet batched, across epochs
     epoch = 0
     index = 0
     while True:
         order = torch.randperm(rows.shape[0], generator=_generator(seed, epoch))
-        pending.extend(rows[order[rank::world]].unbind(0))
+        pending = torch.cat([pending, order[rank::world]])
         epoch += 1
-        while len(pending) >= micro_batch:
-            input_ids = torch.stack(pending[:micro_batch])
-            del pending[:micro_batch]
+        full = len(pending) // micro_batch * micro_batch
+        for start in range(0, full, micro_batch):
+            # Only this batch's rows are read from the stored ids.
+            input_ids = torch.from_numpy(rows[pending[start : start + micro_batch].numpy()].astype(np.int64))
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
             if objective == "causal":
                 yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.clone()}
@@ -385,6 +513,7 @@ def _generate(
                 )
                 yield {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
             index += 1
+        pending = pending[full:]
 
 
 def mask_tokens(

@@ -170,10 +170,11 @@ def _check_out(out: Path) -> None:
         raise InputError(f"cannot write in {parent}; choose a writable --out")
 
 
-def _check_data(plan: Plan, data: str | None, processes: int, seed: int) -> None:
-    """Open the data source and tokenizer as the workers will, so bad data fails before any process starts."""
+def _check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: Any = click.echo) -> None:
+    """Open the data source and tokenizer as the workers will, so bad data fails before any process starts;
+    a source not seen before is tokenised here, once, for all of them (see gkd.runtime.tokens)."""
     from gkd.planner.specs import load_spec
-    from gkd.runtime.data import batches, load_tokenizer
+    from gkd.runtime.data import batches, load_tokenizer, prepare_tokens
 
     config = plan.inputs["config"]
     t_ref, s_ref = config["teachers"][0], config["student"]
@@ -185,6 +186,12 @@ def _check_data(plan: Plan, data: str | None, processes: int, seed: int) -> None
                 f"the tokenizer has {tokenizer.vocab_size} tokens but {spec.name} has a vocabulary of "
                 f"{spec.vocab}; distil models that share the teacher's tokenizer"
             )
+    stored, built = prepare_tokens(data, tokenizer, show_progress=True)
+    if built and data is not None:
+        echo(
+            f"Tokenized {data}: {stored.documents:,} documents, {stored.tokens:,} tokens "
+            f"(stored in {stored.path})"
+        )
     batches(
         data,
         tokenizer,
@@ -259,9 +266,9 @@ def run_job(
     total = steps if steps is not None else int(plan.inputs["config"]["training"]["steps"])
     if total < 1:
         raise InputError(f"--steps must be at least 1, got {total}")
-    _check_data(plan, data, world, seed)
+    _check_data(plan, data, world, seed, echo)
     if eval_data is not None:
-        _check_data(plan, eval_data, world, seed)
+        _check_data(plan, eval_data, world, seed, echo)
     _check_offline_disk(plan, out_path, steps=total, world=world)
 
     notes = []
@@ -376,6 +383,10 @@ def _resume_job(
     total = steps if steps is not None else int(previous["steps"])
     if total <= start:
         raise InputError(f"the run in {out} is at step {start} already; give --steps larger than {start}")
+    # The sources may have moved or changed since; and their stored ids may have been removed.
+    _check_data(plan, previous["data"], processes, int(previous["seed"]), echo)
+    if previous.get("eval_data") is not None:
+        _check_data(plan, previous["eval_data"], processes, int(previous["seed"]), echo)
     # Rows logged after the checkpoint are done again.
     log = out_path / "log.jsonl"
     rows = log.read_text().splitlines() if log.is_file() else []

@@ -11,6 +11,7 @@ import json
 import sys
 import types
 from collections import Counter
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -22,12 +23,28 @@ from gkd.models import ModelSpec, resolve_model, spec_from_config
 from gkd.runtime.data import (
     ByteTokenizer,
     HFTokenizer,
+    Tokenizer,
     batches,
     load_tokenizer,
-    pack,
+    prepare_tokens,
     read_documents,
-    token_stream,
 )
+
+
+def token_stream(documents: list[str], tokenizer: Tokenizer) -> list[int]:
+    """The reference: all documents' ids, one at a time, each followed by eos."""
+    stream: list[int] = []
+    for document in documents:
+        stream.extend(tokenizer.encode(document))
+        if tokenizer.eos_id is not None:
+            stream.append(tokenizer.eos_id)
+    return stream
+
+
+def pack(stream: list[int], seq_len: int) -> torch.Tensor:
+    """The reference: the stream cut into full rows, the final partial row dropped."""
+    rows = len(stream) // seq_len
+    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
 
 
 def _spec(preset: str, vocab: int) -> ModelSpec:
@@ -188,8 +205,13 @@ def test_folder_with_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             self.columns = columns
             self.column_names = list(columns)
 
-        def __getitem__(self, key: str) -> list[object]:
-            return self.columns[key]
+        def __len__(self) -> int:
+            return len(next(iter(self.columns.values())))
+
+        def iter(self, batch_size: int) -> Iterator[dict[str, list[object]]]:
+            rows = len(self)
+            for start in range(0, rows, batch_size):
+                yield {k: v[start : start + batch_size] for k, v in self.columns.items()}
 
     loaded: list[str] = []
 
@@ -435,3 +457,19 @@ def test_mlm_with_folder_tokenizer_separates_with_sep(tmp_path: Path, bert512: M
     specials = torch.tensor([vocab[s] for s in ("[UNK]", "[PAD]", "[CLS]", "[SEP]")])
     chosen = batch["labels"] != -100
     assert not bool(torch.isin(batch["labels"][chosen], specials).any())
+
+
+def test_a_folder_tokenizer_stores_its_own_ids(
+    tmp_path: Path, llama512: ModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same source under another tokenizer is another stored entry, and the batched encode gives the
+    ids of each document encoded alone."""
+    monkeypatch.setenv("GKD_CACHE_DIR", str(tmp_path / "cache"))
+    _save_word_tokenizer(tmp_path / "model")
+    word = load_tokenizer(str(tmp_path / "model"), llama512)
+    documents = ["the teacher knows more", "memory is scarce", "the student learns from the teacher"] * 700
+    source = _write(tmp_path / "docs.txt", "\n".join(documents) + "\n")
+    by_bytes, _ = prepare_tokens(source, ByteTokenizer())
+    by_words, built = prepare_tokens(source, word)
+    assert built and by_words.path != by_bytes.path
+    assert by_words.ids().tolist() == token_stream(documents, word)

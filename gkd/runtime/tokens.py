@@ -1,0 +1,147 @@
+"""The tokenized form of a data source: written once to disk, then memory-mapped by every rank.
+
+`stored_tokens(key, ...)` returns the `TokenFile` stored under `key` in `token_dir()` (the planner's cache
+folder, `GKD_CACHE_DIR` or ~/.cache/gkd, below `tokens/`), building it first when it is not there: the
+documents are encoded in batches (a transformers tokenizer encodes a batch on all cores) and their ids,
+each document followed by eos, are appended to a flat file of uint16 ids (uint32 for vocabularies over
+65,536). `TokenFile.ids()` maps that file read-only.
+
+Why on disk rather than in memory: a distillation corpus is often billions of tokens. Held as Python ints
+they take about 36 bytes each, and every rank would tokenize the whole source again at every start. Stored
+once, they take 2 or 4 bytes each on disk and nothing in memory until a batch reads its rows, they are
+shared by all ranks through the page cache, and a second run on the same source starts at once.
+
+The key is the caller's (gkd.runtime.data hashes the source's path, size and modification time, and the
+tokenizer's files), so an edited source or another tokenizer makes a new entry. An entry is written to a
+temporary file and renamed, its metadata last, so a reader never sees half of one; a run interrupted while
+tokenizing leaves nothing behind. Entries are not evicted: remove the `tokens` folder to reclaim the space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+
+from gkd.errors import InputError
+from gkd.planner.cache import cache_dir
+
+# Documents handed to the tokenizer at once: large enough for a batched (multi-threaded) encode, small enough
+# that the batch's ids stay a few MiB.
+BATCH_DOCUMENTS = 1024
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A stored token sequence: `tokens` ids of `dtype` in `path`, from `documents` documents."""
+
+    path: Path
+    tokens: int
+    documents: int
+    dtype: str
+
+    def ids(self) -> np.ndarray:
+        """The ids, memory-mapped read-only (an empty array for an empty source)."""
+        if self.tokens == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.tokens,))
+
+
+def token_dir() -> Path:
+    return cache_dir() / "tokens"
+
+
+def id_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned type that holds every id below `vocab_size`."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def stored_tokens(
+    key: str,
+    documents: Callable[[], Iterator[tuple[str, int]]],
+    encode_batch: Callable[[list[str]], list[list[int]]],
+    *,
+    eos_id: int | None,
+    vocab_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[TokenFile, bool]:
+    """The token file stored under `key`, and whether it was built by this call.
+
+    `documents()` yields (text, units of progress it stands for, e.g. the bytes read); `progress(units)` is
+    called as the documents are consumed. Raises InputError when the folder cannot be written.
+    """
+    found = _lookup(key)
+    if found is not None:
+        return found, False
+    folder = token_dir()
+    dtype = id_dtype(vocab_size)
+    partial = folder / f"{key}.bin.partial-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tokens = count = 0
+        with open(partial, "wb") as f:
+            stream = documents()
+            while batch := list(islice(stream, BATCH_DOCUMENTS)):
+                texts = [text for text, _ in batch]
+                encoded = encode_batch(texts)
+                tail = [] if eos_id is None else [eos_id]
+                flat = np.fromiter(chain.from_iterable(ids + tail for ids in encoded), dtype=np.int64)
+                if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+                    bad = int(flat.max() if flat.max() >= vocab_size else flat.min())
+                    raise InputError(
+                        f"the tokenizer produced id {bad}, outside its {vocab_size} tokens; check its files"
+                    )
+                flat.astype(dtype).tofile(f)
+                tokens += int(flat.size)
+                count += len(batch)
+                if progress is not None:
+                    progress(sum(units for _, units in batch))
+        entry = TokenFile(path=folder / f"{key}.bin", tokens=tokens, documents=count, dtype=dtype)
+        partial.replace(entry.path)
+        meta = folder / f"{key}.json.partial-{os.getpid()}"
+        meta.write_text(json.dumps({"tokens": tokens, "documents": count, "dtype": dtype}))
+        meta.replace(folder / f"{key}.json")
+    except OSError as err:
+        raise InputError(
+            f"cannot store the tokenized data in {folder}: {err.strerror or err.__class__.__name__}; free "
+            "space there or set GKD_CACHE_DIR to a writable folder with room"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):  # absent once renamed; unreachable when the folder is not one
+            partial.unlink(missing_ok=True)
+    return entry, True
+
+
+def _lookup(key: str) -> TokenFile | None:
+    """The complete entry under `key`, or None (absent, or damaged: then it is built again)."""
+    folder = token_dir()
+    try:
+        meta = json.loads((folder / f"{key}.json").read_text())
+        entry = TokenFile(
+            path=folder / f"{key}.bin",
+            tokens=int(meta["tokens"]),
+            documents=int(meta["documents"]),
+            dtype=str(meta["dtype"]),
+        )
+        if entry.dtype not in ("uint16", "uint32"):
+            return None
+        if entry.path.stat().st_size != entry.tokens * np.dtype(entry.dtype).itemsize:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return entry
+
+
+def file_identity(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+    """(resolved path, size, modification time in ns) of each file: what changes when a file is edited."""
+    identity = []
+    for path in paths:
+        stat = path.stat()
+        identity.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+    return identity
