@@ -126,6 +126,21 @@ def tensor_parallel_degrees(local_gpus: int, heads: Sequence[int]) -> list[int]:
     return [tp for tp in range(2, local_gpus + 1) if local_gpus % tp == 0 and all(h % tp == 0 for h in heads)]
 
 
+def _offline_refusal(resolved: Any) -> str:
+    """Why these methods cannot run against an offline teacher's stored top-k, and what would."""
+    # "final" stands for the logits where a fused-linear loss takes the final hidden state instead.
+    if not all(t and t <= {"logits", "topk", "final"} for t in resolved.teacher_taps):
+        return (
+            "the offline teacher stores only logits, and these methods read the teacher's intermediate "
+            "tensors; drop those methods or choose another teacher_placement"
+        )
+    return (
+        "the offline teacher stores the top-k of the teacher's log-probs, and not every loss here can be "
+        "computed from a top-k at one temperature (kd with soft kl or soft_ce, fkl and topk_kl can); use "
+        "those or choose another teacher_placement"
+    )
+
+
 def candidates(
     config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...], resolved: Any
 ) -> list[Strategy]:
@@ -136,6 +151,8 @@ def candidates(
     placements: list[tuple[str, int]] = [("replicated", 1), ("zero3", 1), ("zero3_offload", 1)]
     for tp in tensor_parallel_degrees(local, [t.heads for t in teachers]):
         placements.append(("tensor_parallel", tp))
+    from gkd.errors import InputError
+
     if resolved.offline_ok:
         placements.append(("offline", 1))
         if not resolved.needs_teacher_forward:
@@ -143,11 +160,26 @@ def candidates(
     if ov.teacher_placement is not None:
         placements = [p for p in placements if p[0] == ov.teacher_placement]
         if ov.teacher_placement == "offline" and not placements:
-            from gkd.errors import InputError
-
+            raise InputError(f"overrides.teacher_placement offline: {_offline_refusal(resolved)}")
+    if ov.loss_path is not None:
+        # The offline teacher's loss path is the stored top-k: a pinned logits or fused_linear path rules it
+        # out.
+        if placements == [("offline", 1)]:
             raise InputError(
-                "the offline teacher needs methods whose only teacher tap is logits (e.g. kd); "
-                "drop the intermediate-tap methods or choose another teacher_placement"
+                f"overrides.loss_path {ov.loss_path} needs a live teacher, but these methods read the "
+                "teacher's stored top-k (offline); remove overrides.loss_path"
+            )
+        placements = [p for p in placements if p[0] != "offline"]
+        if ov.loss_path == "fused_linear" and not resolved.fused_linear:
+            readers = [t for t in resolved.loss_terms if any(x.endswith(":logits") for x in t.taps)]
+            names = ", ".join(sorted({f"{t.method}.{t.name}" for t in readers}))
+            why = (
+                f"not every logit term ({names}) can take the final hidden state"
+                if names
+                else "no loss term reads the logits"
+            )
+            raise InputError(
+                f"overrides.loss_path fused_linear: {why}; remove overrides.loss_path or set it to logits"
             )
     if ov.tensor_parallel is not None:
         placements = [p for p in placements if p[0] != "tensor_parallel" or p[1] == ov.tensor_parallel]
@@ -163,8 +195,6 @@ def candidates(
     # Hook ops (Theseus, DIITO, LRC-BERT) run extra student forwards whose losses read taps at the end.
     layerwise_ok = has_tap_terms and not resolved.hook_ops
     if ov.tap_loss == "layerwise" and resolved.hook_ops:
-        from gkd.errors import InputError
-
         ops = ", ".join(resolved.hook_ops)
         raise InputError(
             f"overrides.tap_loss layerwise cannot be used with the hook ops {ops}: their extra forwards need "
@@ -182,7 +212,7 @@ def candidates(
                 if placement == "offline"
                 else (["fused_linear", "logits"] if resolved.fused_linear else ["logits"])
             )
-            if ov.loss_path is not None and placement != "offline":
+            if ov.loss_path is not None:
                 paths = [p for p in paths if p == ov.loss_path]
             for stage, offload in choices:
                 for tap_loss in tap_places:

@@ -257,3 +257,25 @@ def test_hook_ops_keep_tap_losses_at_the_end():
     with pytest.raises(InputError, match="lrc_gradient_perturbation"):
         pinned = config(memory=10**9, overrides=Overrides(tap_loss="layerwise"))
         candidates(pinned, STUDENT, (TEACHER,), methods)
+
+
+def test_a_pinned_loss_path_rules_out_the_offline_teacher():
+    """The offline teacher's loss path is the stored top-k: pinning logits keeps a live teacher (the search
+    chose offline for these methods without the pin)."""
+    cfg = config(memory=10**9, overrides=Overrides(loss_path="logits"))
+    cands = candidates(cfg, STUDENT, (TEACHER,), kd_only())
+    assert cands and all(c.teacher_placement != "offline" and c.loss_path == "logits" for c in cands)
+    assert any(c.teacher_placement == "offline" for c in candidates(config(), STUDENT, (TEACHER,), kd_only()))
+
+
+def test_contradictory_loss_pins_name_the_reason():
+    only_stored = replace(kd_only(), needs_teacher_forward=False)  # e.g. topk_kl alone
+    with pytest.raises(InputError, match="loss_path logits needs a live teacher"):
+        candidates(config(overrides=Overrides(loss_path="logits")), STUDENT, (TEACHER,), only_stored)
+    with pytest.raises(InputError, match=r"not every logit term \(kd.soft\) can take the final hidden state"):
+        candidates(config(overrides=Overrides(loss_path="fused_linear")), STUDENT, (TEACHER,), kd_only())
+    with pytest.raises(InputError, match="these methods read the teacher's intermediate tensors"):
+        candidates(config(overrides=Overrides(teacher_placement="offline")), STUDENT, (TEACHER,), kd_minilm())
+    no_topk = replace(kd_only(), offline_ok=False)  # e.g. jsd: logits only, but not computable from a top-k
+    with pytest.raises(InputError, match="not every loss here can be computed from a top-k"):
+        candidates(config(overrides=Overrides(teacher_placement="offline")), STUDENT, (TEACHER,), no_topk)
