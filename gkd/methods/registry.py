@@ -53,7 +53,7 @@ def get(name: str) -> MethodSpec:
     _load_families()
     spec = _METHODS.get(name)
     if spec is None:
-        near = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.5)
+        near = difflib.get_close_matches(name.lower(), list(_METHODS), n=3, cutoff=0.5)  # "KD" -> kd
         hint = f"did you mean {', '.join(near)}?" if near else "run `gkd methods` for the list"
         raise InputError(f"unknown method {name!r}; {hint}")
     return spec

@@ -42,3 +42,8 @@ def test_unknown_name_exit_2_one_line():
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line]
     assert len(lines) == 1 and "minilmv2" in lines[0]
+
+
+def test_a_name_in_capitals_suggests_the_name():
+    result = CliRunner().invoke(main, ["methods", "KD"])
+    assert result.exit_code == 2 and "did you mean kd" in result.output
