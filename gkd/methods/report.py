@@ -43,6 +43,8 @@ def method_dict(spec: MethodSpec) -> dict[str, Any]:
 
 def example_config(spec: MethodSpec) -> str:
     options = spec.option_defaults()
+    if "assistants" in options and not options["assistants"]:
+        options["assistants"] = ["path/to/assistant"]  # required: an empty default would not run
     entry: dict[str, Any] = {"name": spec.name, "weight": 1.0}
     if options:
         entry["options"] = options

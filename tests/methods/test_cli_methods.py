@@ -47,3 +47,12 @@ def test_unknown_name_exit_2_one_line():
 def test_a_name_in_capitals_suggests_the_name():
     result = CliRunner().invoke(main, ["methods", "KD"])
     assert result.exit_code == 2 and "did you mean kd" in result.output
+
+
+def test_the_takd_example_names_an_assistant():
+    """The example must show the one option takd cannot run without (an empty list is refused)."""
+    import yaml
+
+    result = CliRunner().invoke(main, ["methods", "takd"])
+    example = yaml.safe_load(result.output.split("example config:", 1)[1])
+    assert example["methods"][0]["options"]["assistants"] == ["path/to/assistant"]
