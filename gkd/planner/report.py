@@ -30,6 +30,14 @@ PLACEMENT_WORDS = {
 size = human_bytes
 
 
+def param_count(n: int, digits: int = 1) -> str:
+    """A parameter count the way model names give it: 128.7B, 125.0M, 35.0K."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.{digits}f}{unit}"
+    return str(n)
+
+
 def _layers(ids: tuple[int, ...]) -> str:
     if not ids:
         return "none"
@@ -56,8 +64,9 @@ def render(plan: Plan, *, explain: bool = False) -> str:
     teachers = models.get("teachers", [])
     lines: list[str] = []
     methods = " + ".join(m["name"] for m in cfg.get("methods", []))
-    tnames = ", ".join(f"{t['name']} ({t['params'] / 1e9:.1f}B)" for t in teachers)
-    lines.append(f"gkd plan: {tnames} -> {st.get('name')} ({st.get('params', 0) / 1e9:.2f}B) with {methods}")
+    tnames = ", ".join(f"{t['name']} ({param_count(t['params'])})" for t in teachers)
+    student = f"{st.get('name')} ({param_count(st.get('params', 0), digits=2)})"
+    lines.append(f"gkd plan: {tnames} -> {student} with {methods}")
     gpu = gpu_label(hw.get("gpu_name", ""), plan.budget_bytes)
     lines.append(
         f"  sequence {tr.get('seq_len')}, global batch {tr.get('global_batch')}, {hw.get('gpus')} x "
@@ -167,7 +176,7 @@ def schedule_brief(plan: Plan) -> list[str]:
         losses = [f"{x} (after layer {op.layer})" if op.layer >= 0 else x for op in ops for x in op.losses]
         recomputed = sum(1 for op in ops if op.kind == "student_recompute")
         allocated = max(sum(a.bytes for a in op.allocs) for op in ops)
-        parts = [f"{len(ops)} ops", f"largest allocation {size(allocated)}"]
+        parts = [f"{len(ops)} op" + ("s" if len(ops) != 1 else ""), f"largest allocation {size(allocated)}"]
         if recomputed:
             parts.append(f"{recomputed} layers recomputed")
         if taps:
