@@ -30,6 +30,10 @@ def as_config(value: Any) -> Config:
     raise InputError(f"cannot plan {type(value).__name__}; pass a Config, a config file path or a mapping")
 
 
+# Image formats of `--plot`, chosen by the file name's suffix.
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
 def run_plan(
     config_path: str | None,
     *,
@@ -43,6 +47,10 @@ def run_plan(
     from gkd.planner.pipeline import plan as make_plan
     from gkd.planner.report import render, suggest
 
+    if plot and Path(plot).suffix.lower() not in PLOT_FORMATS:
+        raise InputError(
+            f"--plot {plot}: give a file name ending in {', '.join(PLOT_FORMATS)}; it sets the image format"
+        )
     config = load_config(config_path) if config_path else default_config()
     config = apply_flags(config, methods=methods, **flags)
     if explain and not as_json:

@@ -1,4 +1,4 @@
-"""`gkd plan --plot timeline.png`: predicted memory per GPU over one micro-step of the schedule.
+"""`gkd plan --plot timeline.png` (.svg, .pdf): predicted memory per GPU over one micro-step of the schedule.
 
 A stacked area per memory category (the same replay as `gkd.planner.schedule.simulate`, kept per category),
 the budget as a line, and the peak marked. matplotlib with the Agg backend (no display needed), imported
@@ -73,5 +73,5 @@ def plot_timeline(plan: Plan, path: str | Path) -> None:
     top = max([plan.budget_bytes, *totals]) / GiB
     ax.set_ylim(0, top * 1.18)  # room for the peak label under the title
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    fig.savefig(path, format=Path(path).suffix.lower().lstrip(".") or "png")
     plt.close(fig)
