@@ -187,6 +187,12 @@ def run_check(baseline: str, configs: tuple[str, ...], *, update: bool, toleranc
             f"{', '.join(missing)} not in the baseline {baseline}; "
             f"add with {_command(baseline, *missing, '--update')}"
         )
+    gone = [k for k in keys if k not in given and k != DEFAULT_KEY and not (base_dir / k).is_file()]
+    if gone:
+        raise InputError(
+            f"the baseline {baseline} records configs that are gone: {', '.join(gone)}; restore them or "
+            f"remove their entries from {baseline}"
+        )
     regressions = 0
     click.echo(f"{'config':<48} {'fits':<11} {'peak/GPU':<26} {'host':<26} {'step s':<14} verdict")
     for key in keys:

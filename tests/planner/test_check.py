@@ -104,6 +104,12 @@ def test_update_without_configs_refreshes_every_record(folder: Path) -> None:
         ),
         ('{"version": 1, "entries": {}}', ["--baseline", "bad.json", "--tolerance", "lots"], "--tolerance"),
         ('{"version": 1, "entries": {}}', ["--baseline", "bad.json", "--update"], "name the configs"),
+        (
+            '{"version": 1, "entries": {"gone.yaml": {"fits": true, "peak_bytes": 1, "host_bytes": 1, '
+            '"step_seconds": 1.0, "strategy": "s"}}}',
+            ["--baseline", "bad.json"],
+            "records configs that are gone: gone.yaml",
+        ),
     ],
 )
 def test_bad_input_exit_2_one_line(folder: Path, setup: str | None, args: list[str], fragment: str) -> None:
