@@ -2,6 +2,8 @@
 teachers replicated or in ZeRO-3 inference engines.
 
 `check_supported(plan, cuda=...)` rejects, before any process starts, what this runtime does not execute yet;
+`check_weights(ref, spec)` rejects a checkpoint folder whose weight files are unreadable or belong to another
+model (from the files' headers);
 `build_models(plan, seed=...)` builds the models with a fixed seed (the same weights on every rank and in a
 single-process reference); `make_engines(models, plan)` hands them to DeepSpeed.
 
@@ -183,6 +185,112 @@ def has_weights(ref: str) -> bool:
     """Whether a model reference is a checkpoint folder with weights (loaded), not a config (random)."""
     path = Path(ref).expanduser()
     return path.is_dir() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def check_weights(ref: str, spec: Any) -> None:
+    """Before any worker starts: the weights of the checkpoint folder `ref` must be readable and fit the model
+    its config.json describes (`spec`), else InputError naming the file. Reads the safetensors headers (or a
+    .bin's index through a memory map, onto the meta device), never the tensors, and compares them with the
+    model built on the meta device: a tensor both name must have the same shape, and the files must hold at
+    least one of the model's parameters. Names the model has and the files lack are left to transformers
+    (tied heads, renamed or fused checkpoint keys)."""
+    from gkd.models import build_model
+
+    folder = Path(ref).expanduser()
+    stored = _stored_shapes(folder)
+    model = build_model(spec, device="meta")
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+
+    def bare(name: str) -> str:
+        return name.removeprefix(prefix) if prefix else name
+
+    found = {bare(name): (name, shape, where) for name, (shape, where) in stored.items()}
+    for name, tensor in model.state_dict().items():
+        if bare(name) in found:
+            key, shape, where = found[bare(name)]
+            if shape != tuple(tensor.shape):
+                raise InputError(
+                    f"{where} holds {key} of shape {list(shape)} but {folder / 'config.json'} makes it "
+                    f"{list(tensor.shape)}: the weights belong to another model; put them next to the "
+                    "config.json they were saved with"
+                )
+    params = [name for name, _ in model.named_parameters()]
+    if params and not any(bare(name) in found for name in params):
+        example = next(iter(stored), "nothing")
+        raise InputError(
+            f"the weights in {folder} hold none of the tensors of the {spec.model_type} model its "
+            f"config.json describes (they hold {example}, it needs {params[0]}): put them next to the "
+            "config.json they were saved with"
+        )
+
+
+def _stored_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """{tensor name: (shape, file)} of the weights in `folder`, as `from_pretrained` picks them (safetensors
+    first), from the files' headers; InputError naming the file that cannot be read."""
+    import json
+
+    def unreadable(path: Path, err: BaseException | str) -> InputError:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return InputError(
+            f"cannot read the weights file {path}: {text}; it is damaged or not a weights file: save or "
+            "download it again"
+        )
+
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        files = []
+        if (folder / single).is_file():
+            files = [folder / single]
+        elif (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise unreadable(folder / index, err) from None
+            files = [folder / name for name in names]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise InputError(
+                    f"{folder / index} lists the weights file {missing[0]}, which is not in {folder}; "
+                    "copy every shard of the checkpoint"
+                )
+        if not files:
+            continue
+        shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+        for path in files:
+            shapes.update({k: (v, path) for k, v in _file_shapes(path, unreadable).items()})
+        return shapes
+    return {}
+
+
+def _file_shapes(path: Path, unreadable: Callable[[Path, Any], InputError]) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of one weights file, from its header (safetensors) or through a memory map onto the
+    meta device (a zip-format .bin); {} for a legacy (pickle) .bin, which cannot be read without loading."""
+    import zipfile
+
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        if not zipfile.is_zipfile(path):
+            with path.open("rb") as f:
+                if f.read(1) != b"\x80":  # a legacy torch.save file is a pickle: checked when it loads
+                    raise unreadable(path, "neither a zip archive nor a pickle")
+            return {}
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except InputError:
+        raise
+    except Exception as err:  # safetensors, torch and zipfile raise many kinds
+        raise unreadable(path, err) from None
+    if not isinstance(state, Mapping):
+        raise unreadable(path, "it holds no state dict")
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
 def _load_pretrained(ref: str, spec: Any, attention: str) -> Any:

@@ -3,8 +3,9 @@
 The parent process (`run_job`) validates everything first: the plan (planned here for the number of processes
 when given a config), what this runtime supports, the data source and tokenizer, the output folder. Only then
 does it start the workers (`gkd.runtime.launch`), which write into a temporary sibling folder that is renamed
-to OUT when every worker has finished; bad input or a run that fails before its first checkpoint leaves no
-OUT behind.
+to OUT when every worker has finished; bad input or a run that fails or is stopped (Ctrl-C, SIGTERM) before
+its first checkpoint leaves no OUT behind, and a finished run whose OUT cannot take it (written to meanwhile)
+is kept in the temporary folder, which the error names.
 
 Each worker (`train_worker`) runs the training loop:
 
@@ -36,20 +37,23 @@ leaves an OUT.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from gkd.errors import DoesNotFitError, InputError
+from gkd.errors import DoesNotFitError, GkdError, InputError
 from gkd.planner.plan import Plan, human_bytes
 from gkd.runtime.launch import WorkerFailedError, default_processes, launch
 
@@ -98,7 +102,7 @@ def _is_plan_file(path: Path) -> bool:
 def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) -> Plan:
     """The plan to run: read from a plan file (its GPU count must be the world size), or planned from a config
     (or the headline job when `target` is None) for `processes` GPUs."""
-    from gkd.config import apply_flags, default_config, load_config
+    from gkd.config import apply_flags, default_config
 
     if target is not None:
         path = Path(target)
@@ -123,7 +127,8 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
             return plan
     from gkd.planner.pipeline import plan as make_plan
 
-    config = load_config(target) if target is not None else default_config()
+    config = _load_run_config(target, processes) if target is not None else default_config()
+    _check_global_batch(config.training.global_batch, processes, target)
     config = apply_flags(config, gpus=processes)
     ov = config.overrides
     note = ""
@@ -144,13 +149,58 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
     return plan
 
 
+# How gkd.config words a global batch that the GPU count does not divide (its fix names `gkd plan`'s flag).
+_BATCH_NOT_DIVISIBLE = "must be divisible by the number of GPUs"
+
+
+def _load_run_config(target: str, processes: int) -> Any:
+    """The config at `target`, for a run whose GPU count is its number of processes: a config whose own
+    hardware.gpus does not divide its global batch is loaded with the run's count instead."""
+    from gkd.config import Config, load_config
+
+    try:
+        return load_config(target)
+    except InputError as err:
+        if _BATCH_NOT_DIVISIBLE not in str(err):
+            raise
+    path = Path(target)
+    text = path.read_text()  # parsed by load_config already
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    hardware = {**(data.get("hardware") or {}), "gpus": processes}
+    try:
+        return Config.from_dict({**data, "hardware": hardware}, base_dir=str(path.parent.resolve()))
+    except InputError as err:
+        if _BATCH_NOT_DIVISIBLE not in str(err):
+            raise
+        batch = int((data.get("training") or {}).get("global_batch", 0))
+        _check_global_batch(batch, processes, target)
+        raise
+
+
+def _check_global_batch(batch: int, processes: int, target: str | None) -> None:
+    """The run's processes must divide the global batch; the fix names the config key, as `gkd run` has no
+    --global-batch flag."""
+    if batch % processes:
+        fewer = max(n for n in range(1, processes) if batch % n == 0)
+        raise InputError(
+            f"training.global_batch ({batch}) of {target or 'the headline job'} must be divisible by this "
+            f"run's {processes} processes; set training.global_batch in the config to a multiple of "
+            f"{processes} (e.g. {batch + processes - batch % processes}) or run with --processes {fewer}"
+        )
+
+
 def _tensor_parallel_blocker(config: Any) -> str | None:
     """Why none of the tensor-parallel degrees the planner may pick can run these teachers, or None."""
     from gkd.planner.search import tensor_parallel_degrees
     from gkd.planner.specs import load_spec
     from gkd.runtime.tensor_parallel import unsupported_reason
 
-    specs = [load_spec(ref) for ref in config.teachers]
+    specs = [load_spec(config.model_path(ref)) for ref in config.teachers]
     for tp in tensor_parallel_degrees(config.hardware.local_gpus, [s.heads for s in specs]):
         for spec in specs:
             reason = unsupported_reason(spec.model_type, spec.kv_heads, tp)
@@ -170,9 +220,10 @@ def _check_out(out: Path) -> None:
         raise InputError(f"cannot write in {parent}; choose a writable --out")
 
 
-def _check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: Any = click.echo) -> None:
+def _check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: Any = click.echo) -> Any:
     """Open the data source and tokenizer as the workers will, so bad data fails before any process starts;
-    a source not seen before is tokenised here, once, for all of them (see gkd.runtime.tokens)."""
+    a source not seen before is tokenised here, once, for all of them (see gkd.runtime.tokens). Returns the
+    source's stored ids (a TokenFile)."""
     from gkd.planner.specs import load_spec
     from gkd.runtime.data import batches, load_tokenizer, prepare_tokens
 
@@ -202,6 +253,96 @@ def _check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: A
         world=processes,
         seed=seed,
     )
+    return stored
+
+
+def _eval_batches_in_one_pass(plan: Plan, stored: Any, world: int) -> int:
+    """The micro-batches per rank that the held-out source holds without repeating a row (the rows of one
+    shuffled pass, split over the ranks; see gkd.runtime.data)."""
+    rows = stored.tokens // int(plan.inputs["config"]["training"]["seq_len"])
+    return max(1, rows // (world * plan.strategy.micro_batch))
+
+
+def _check_weights(plan: Plan) -> None:
+    """The weight files of every model given as a checkpoint folder, checked against its config.json before
+    any worker loads them (headers only; `gkd.runtime.engines.check_weights`)."""
+    from gkd.planner.specs import load_spec
+    from gkd.runtime.engines import check_weights, has_weights
+
+    config = plan.inputs["config"]
+    for ref in dict.fromkeys([*config["teachers"], config["student"]]):
+        if has_weights(ref):
+            check_weights(ref, load_spec(ref))
+
+
+def _tokenizer_note(ref: str) -> str | None:
+    """A note when the teacher whose tokenizer the run reads has weights but no tokenizer files: the data is
+    then encoded with the built-in byte tokenizer, which is not what the teacher was trained with."""
+    from gkd.runtime.data import _TOKENIZER_FILES, _tokenizer_folder
+    from gkd.runtime.engines import has_weights
+
+    if not has_weights(ref) or _tokenizer_folder(ref) is not None:
+        return None
+    return (
+        f"teacher {ref} has weights but no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...): the "
+        "data is encoded with the built-in byte tokenizer, not the teacher's own; copy its tokenizer files "
+        "into that folder"
+    )
+
+
+class OutputKeptError(GkdError):
+    """A run's output could not be moved to OUT: it is kept in the temporary folder (exit code 1)."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason  # why OUT could not take it
+
+
+_TERMINATED = 128 + signal.SIGTERM  # the shell's exit status for a process ended by SIGTERM
+_sigterm_pid: int | None = None  # the process whose SIGTERM handler `_sigterm_raises` installed
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived in the parent (`_sigterm_raises`); a BaseException, like KeyboardInterrupt, so that no
+    `except Exception` stops it before the run's clean-up."""
+
+
+def _reset_sigterm_in_child() -> None:
+    # A forked worker must die of SIGTERM at once, as the launcher's clean-up of its peers expects (a Python
+    # handler runs only between bytecodes, not in a collective); see gkd.runtime.launch.
+    if _sigterm_pid is not None and os.getpid() != _sigterm_pid:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+with contextlib.suppress(AttributeError):  # os.register_at_fork: POSIX only
+    os.register_at_fork(after_in_child=_reset_sigterm_in_child)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the run's temporary folder exists: SIGTERM (`timeout`, `kill`, a scheduler) raises _Terminated in
+    the parent, so the run's clean-up runs as on Ctrl-C; forked workers keep the default action."""
+    global _sigterm_pid
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != _sigterm_pid:  # a child forked before the reset: die as SIGTERM would kill it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    _sigterm_pid = os.getpid()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _sigterm_pid = None
 
 
 def run_job(
@@ -248,7 +389,7 @@ def run_job(
             data=data,
             steps=steps,
             out=out,
-            processes=world,
+            processes=processes,
             seed=seed,
             save_every=save_every,
             keep_last=keep_last,
@@ -266,17 +407,28 @@ def run_job(
     total = steps if steps is not None else int(plan.inputs["config"]["training"]["steps"])
     if total < 1:
         raise InputError(f"--steps must be at least 1, got {total}")
+    _check_weights(plan)
     _check_data(plan, data, world, seed, echo)
+    notes = []
     if eval_data is not None:
-        _check_data(plan, eval_data, world, seed, echo)
+        one_pass = _eval_batches_in_one_pass(plan, _check_data(plan, eval_data, world, seed, echo), world)
+        if eval_batches > one_pass:
+            # More would evaluate the same rows again: no new information, only time.
+            notes.append(
+                f"--eval-batches {eval_batches} is more than the {one_pass} micro-batches per process that "
+                f"{eval_data} holds; each evaluation reads those {one_pass}"
+            )
+            eval_batches = one_pass
     _check_offline_disk(plan, out_path, steps=total, world=world)
 
-    notes = []
     for ref in plan.inputs["config"]["teachers"]:
         if not has_weights(ref):
             notes.append(
                 f"teacher {ref} has no weights (a preset or config.json): it is randomly initialised"
             )
+    tokenizer_note = _tokenizer_note(plan.inputs["config"]["teachers"][0])
+    if tokenizer_note:
+        notes.append(tokenizer_note)
     echo(f"Running: {plan.strategy.describe()}")
     for note in notes:
         echo(f"Note: {note}")
@@ -284,7 +436,6 @@ def run_job(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     settings = RunSettings(
         data=data,
         steps=total,
@@ -299,33 +450,80 @@ def run_job(
         eval_batches=eval_batches,
     )
     try:
-        (tmp / "plan.json").write_text(plan.to_json())
-        _write_run_json(tmp, settings, plan, world, completed=0)
-        launch(train_worker, (plan.to_json(), settings), processes=world, cpu_ops=cpu_ops(plan))
-        _publish(tmp, out_path)
-    except WorkerFailedError as err:
-        if not (tmp / CHECKPOINTS / "latest").is_file():
-            raise
-        # The checkpoints are worth keeping: publish what there is, so that the run can be resumed.
-        _publish(tmp, out_path)
-        raise WorkerFailedError(
-            f"{err}; resume from its last checkpoint with `gkd run --resume --out {out_path}`"
-        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _sigterm_raises():
+            _run_and_publish(tmp, out_path, plan, settings, world)
+    except _Terminated:
+        sys.exit(_TERMINATED)
     echo(
         f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {out_path / 'log.jsonl'}"
     )
     return out_path
 
 
+def _run_and_publish(tmp: Path, out_path: Path, plan: Plan, settings: RunSettings, world: int) -> None:
+    """Run the workers in the temporary folder `tmp` and rename it to OUT. A run that fails or is interrupted
+    (Ctrl-C, SIGTERM) before its first checkpoint leaves nothing; after one, OUT is published so that the run
+    can be resumed. When OUT cannot take the folder (something appeared in it meanwhile), `tmp` is kept and
+    OutputKeptError names it: a finished run's result is never removed."""
+    kept = False
+    try:
+        tmp.mkdir()
+        (tmp / "plan.json").write_text(plan.to_json())
+        _write_run_json(tmp, settings, plan, world, completed=0)
+        launch(train_worker, (plan.to_json(), settings), processes=world, cpu_ops=cpu_ops(plan))
+        try:
+            _publish(tmp, out_path)
+        except OutputKeptError:
+            kept = True
+            raise
+    except (WorkerFailedError, KeyboardInterrupt, _Terminated) as err:
+        if not (tmp / CHECKPOINTS / "latest").is_file():
+            if isinstance(err, _Terminated):  # Ctrl-C prints its own line ("gkd: aborted")
+                click.echo(f"gkd: {_interruption(err)}; the unfinished run was removed", err=True)
+            raise
+        # The checkpoints are worth keeping: publish what there is, so that the run can be resumed.
+        what = str(err) if isinstance(err, WorkerFailedError) else _interruption(err)
+        try:
+            _publish(tmp, out_path)
+        except OutputKeptError as failed:
+            kept = True
+            raise OutputKeptError(
+                f"{what}; {failed.reason}, so its checkpoints are kept in {tmp}: resume with "
+                f"`gkd run --resume --out {tmp}`"
+            ) from None
+        resume = f"resume from its last checkpoint with `gkd run --resume --out {out_path}`"
+        if isinstance(err, WorkerFailedError):
+            raise WorkerFailedError(f"{err}; {resume}") from None
+        click.echo(f"gkd: {what}; {resume}", err=True)
+        raise
+    finally:
+        if not kept:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _interruption(err: BaseException) -> str:
+    return "stopped by SIGTERM" if isinstance(err, _Terminated) else "interrupted"
+
+
 CHECKPOINTS = "checkpoints"
 
 
 def _publish(tmp: Path, out_path: Path) -> None:
-    if out_path.exists():
-        out_path.rmdir()  # checked empty before the run
-    tmp.rename(out_path)
+    """Rename the run's folder to OUT, which was checked empty (or absent) before the run: rename(2) replaces
+    an empty folder in one step. Raises OutputKeptError, `tmp` untouched, when OUT cannot take it: something
+    was written into OUT during the run, or OUT cannot be replaced."""
+    try:
+        tmp.rename(out_path)
+    except OSError as err:
+        if out_path.is_dir() and any(out_path.iterdir()):
+            reason = f"{out_path} was written to during the run and is not empty"
+        else:
+            reason = f"{out_path} cannot be replaced ({err.strerror or err})"
+        raise OutputKeptError(
+            f"the run finished, but {reason}; its output is kept in {tmp}: move it where you want it "
+            f"(e.g. `mv {tmp} {out_path}` once {out_path} is out of the way)",
+            reason=reason,
+        ) from None
 
 
 def _write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int, *, completed: int) -> None:
@@ -355,7 +553,7 @@ def _resume_job(
     data: str | None,
     steps: int | None,
     out: str | None,
-    processes: int,
+    processes: int | None,
     seed: int | None,
     save_every: int,
     keep_last: int,
@@ -377,7 +575,17 @@ def _resume_job(
         )
     if seed is not None and seed != previous["seed"]:
         raise InputError(f"a resumed run keeps its seed ({previous['seed']}); drop --seed")
+    # DeepSpeed's ZeRO checkpoints are partitioned by rank: a resumed run keeps its number of processes.
+    made_with = int(previous["processes"])
+    if processes is None:
+        processes = made_with
+    elif processes != made_with:
+        raise InputError(
+            f"the run in {out} was made with {made_with} processes and a resumed run cannot change that (its "
+            f"checkpoints are partitioned by rank); run with --processes {made_with} or drop --processes"
+        )
     plan = load_or_plan(str(out_path / "plan.json"), processes=processes, echo=echo)
+    _check_weights(plan)
     tag = latest.read_text().strip()
     start = int(tag.removeprefix("step-"))
     total = steps if steps is not None else int(previous["steps"])
@@ -408,7 +616,12 @@ def _resume_job(
     )
     echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
     _write_run_json(out_path, settings, plan, processes, completed=start)
-    launch(train_worker, (plan.to_json(), settings), processes=processes, cpu_ops=cpu_ops(plan))
+    try:
+        with _sigterm_raises():  # the workers are stopped with the parent; OUT stays as it is, to resume
+            launch(train_worker, (plan.to_json(), settings), processes=processes, cpu_ops=cpu_ops(plan))
+    except _Terminated:
+        click.echo(f"gkd: stopped by SIGTERM; resume again with `gkd run --resume --out {out}`", err=True)
+        sys.exit(_TERMINATED)
     echo(f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {log}")
     return out_path
 
@@ -591,6 +804,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         if log is not None:
             log.close()
     save_student(engines, out / "student", rank=rank, zero_stage=plan.strategy.student_zero_stage)
+    if rank == 0:
+        copy_tokenizer(config["teachers"][0], out / "student")
     if readers:
         readers.clear()  # closes the memory maps before the folder goes
         dist.barrier()
@@ -773,3 +988,53 @@ def save_student(engines: Any, path: Path, *, rank: int, zero_stage: int) -> Non
         if rank == 0:
             state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
             student.save_pretrained(str(path), state_dict=state)
+            _usual_modes(path)
+
+
+def copy_tokenizer(teacher: str, student_dir: Path) -> None:
+    """Copy the tokenizer files of the teacher's folder (the tokenizer the run encoded its data with) next to
+    the saved student, so that `AutoTokenizer.from_pretrained(OUT/student)` works; nothing for the built-in
+    byte tokenizer."""
+    from gkd.runtime.data import _TOKENIZER_FILES, _tokenizer_folder
+
+    folder = _tokenizer_folder(teacher)
+    if folder is None:
+        return
+    names = {*_TOKENIZER_FILES, *TOKENIZER_EXTRA_FILES}
+    for name in sorted(names):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, student_dir / name)
+    _usual_modes(student_dir)
+
+
+# Tokenizer files besides those that mark a tokenizer folder (gkd.runtime.data._TOKENIZER_FILES).
+TOKENIZER_EXTRA_FILES = (
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give the files in `folder` the mode a plain `open` gives under this process's umask: safetensors writes
+    through a private temporary file (mode 0600), which would leave the saved model readable by its owner
+    only."""
+    mask = _umask()
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+
+
+def _umask() -> int:
+    """This process's umask: read from /proc (Linux), else set and restored at once (which is racy with
+    threads that create files, so only the fallback)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
