@@ -63,14 +63,16 @@ def main() -> None:
 @main.command()
 @click.argument("model")
 @click.option(
-    "--seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Sequence length."
+    "--seq-len",
+    type=click.IntRange(min=1),
+    help="Sequence length (default: 2048, or the model's maximum positions when it has fewer).",
 )
 @click.option(
     "--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batch size."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @_user_errors
-def inspect(model: str, seq_len: int, micro_batch: int, as_json: bool) -> None:
+def inspect(model: str, seq_len: int | None, micro_batch: int, as_json: bool) -> None:
     """Describe MODEL (preset name, config.json or checkpoint folder): parameters, activations, taps."""
     from gkd.planner.inspect import run_inspect
 
@@ -90,21 +92,36 @@ def methods(name: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("config", required=False)
+# The numeric flags are read as text and converted by `gkd.config.apply_flags`, so a bad value gets the same
+# message as in a config file (e.g. "hardware.gpus must be at least 1"); the metavars say what they take.
 @click.option(
-    "--teacher", help="Teacher model(s): preset name, config.json or checkpoint folder; comma-separated."
+    "--teacher",
+    metavar="MODEL[,MODEL...]",
+    help="Teacher model(s): preset name, config.json or checkpoint folder; comma-separated.",
 )
-@click.option("--student", help="Student model: preset name, config.json or checkpoint folder.")
-@click.option("--methods", "methods_", help="Distillation methods, comma-separated (e.g. kd,minilmv2).")
-@click.option("--gpus", help="Number of GPUs.")
-@click.option("--gpu-memory", help="Memory per GPU, e.g. 40GiB.")
-@click.option("--host-memory", help="Host memory per node, e.g. 1TiB.")
-@click.option("--seq-len", help="Sequence length.")
-@click.option("--global-batch", help="Global batch size (sequences per step).")
-@click.option("--micro-batch", help="Micro-batch size per GPU, a list (1,2,4) or auto.")
+@click.option(
+    "--student", metavar="MODEL", help="Student model: preset name, config.json or checkpoint folder."
+)
+@click.option(
+    "--methods",
+    "methods_",
+    metavar="NAME[,NAME...]",
+    help="Distillation methods, comma-separated (e.g. kd,minilmv2).",
+)
+@click.option("--gpus", metavar="N", help="Number of GPUs.")
+@click.option("--gpu-memory", metavar="SIZE", help="Memory per GPU, e.g. 40GiB.")
+@click.option("--host-memory", metavar="SIZE", help="Host memory per node, e.g. 1TiB.")
+@click.option("--seq-len", metavar="N", help="Sequence length.")
+@click.option("--global-batch", metavar="N", help="Global batch size (sequences per step).")
+@click.option(
+    "--micro-batch", metavar="N|N,N,...|auto", help="Micro-batch size per GPU, a list (1,2,4) or auto."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON to this file.")
 @click.option(
-    "--plot", type=click.Path(dir_okay=False), help="Write a PNG of predicted memory over the schedule."
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Write predicted memory over the schedule as .png, .svg or .pdf.",
 )
 @click.option("--explain", is_flag=True, help="Print the resolved config as JSON and each planner pass.")
 @_user_errors
@@ -135,6 +152,7 @@ def plan(
 @click.argument("configs", nargs=-1)
 @click.option(
     "--baseline",
+    metavar="FILE",
     default="gkd-baseline.json",
     show_default=True,
     help="The baseline file: what each config's plan predicted.",
@@ -146,6 +164,7 @@ def plan(
 )
 @click.option(
     "--tolerance",
+    metavar="N%|FRACTION",
     default="1%",
     show_default=True,
     help="Memory growth allowed before it counts as a regression (e.g. 1% or 0.01).",
@@ -181,7 +200,10 @@ def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str)
     help="Worker processes (default: one per CUDA device, else 2 on the CPU).",
 )
 @click.option(
-    "--seed", type=int, help="Seed of weights and data order (default 0; a resumed run keeps its own)."
+    "--seed",
+    # torch.manual_seed takes a 64-bit seed; the runtime also seeds with seed + 1000.
+    type=click.IntRange(min=0, max=2**63 - 1),
+    help="Seed of weights and data order, 0 to 2**63-1 (default 0; a resumed run keeps its own).",
 )
 @click.option(
     "--save-every",

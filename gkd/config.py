@@ -20,6 +20,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -61,6 +62,13 @@ STUDENT_OFFLOADS = ("none", "optimizer", "optimizer+parameters")
 TAP_LOSS_PLACES = ("layerwise", "end")
 LOSS_PATHS = ("fused_linear", "logits")
 OPTIMIZERS = {"adamw": 8, "adam": 8, "sgd": 4}  # optimizer state bytes per parameter (fp32 moments)
+# The optimizers a run can train with, by the DeepSpeed optimizer type the plan's student config names.
+# DeepSpeed builds "Adam" and "AdamW" itself (deepspeed/runtime/config.py DEEPSPEED_OPTIMIZERS, matched
+# case-blind); any other name is looked up as torch.optim.<name>, which "Sgd" is not, and ZeRO-Offload refuses
+# torch optimizers. OPTIMIZERS above still sizes sgd's state for the memory model.
+TRAINING_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
+# Names for hardware.interconnect. Only a label: the cost model reads hardware.interconnect_bandwidth.
+INTERCONNECTS = ("nvlink", "pcie", "infiniband", "ethernet")
 DTYPES = ("bfloat16", "float16")
 
 
@@ -94,6 +102,8 @@ def parse_bytes(value: Any, what: str) -> int:
 def _positive(value: Any, what: str, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"{what} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise InputError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
@@ -183,6 +193,10 @@ class HardwareConfig:
         _positive(self.fragmentation, "hardware.fragmentation", allow_zero=True)
         if self.fragmentation >= 1:
             raise InputError(f"hardware.fragmentation is a fraction (0-1), got {self.fragmentation}")
+        if not isinstance(self.interconnect, str) or self.interconnect not in INTERCONNECTS:
+            raise InputError(
+                f"hardware.interconnect {self.interconnect!r} is not one of {', '.join(INTERCONNECTS)}"
+            )
 
     @property
     def nodes(self) -> int:
@@ -217,7 +231,8 @@ class TrainingConfig:
 
     micro_batch: the per-GPU micro-batch sizes the search may pick from; empty means auto (every power of two
     that divides the per-GPU batch, and the per-GPU batch itself). steps and offline_topk size the disk an
-    offline teacher pass needs.
+    offline teacher pass needs. optimizer, lr and weight_decay go into the student's DeepSpeed optimizer
+    config (`gkd.planner.pipeline`); "adam" keeps Adam's L2 weight decay, "adamw" decouples it.
     """
 
     seq_len: int = 512
@@ -225,6 +240,8 @@ class TrainingConfig:
     micro_batch: tuple[int, ...] = ()
     dtype: str = "bfloat16"
     optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
     steps: int = 1000
     offline_topk: int = 64
 
@@ -239,10 +256,19 @@ class TrainingConfig:
             raise InputError(
                 f"training.dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}"
             )
-        if self.optimizer not in OPTIMIZERS:
+        if not isinstance(self.optimizer, str):
             raise InputError(
-                f"training.optimizer {self.optimizer!r} is not supported; use {', '.join(OPTIMIZERS)}"
+                f"training.optimizer must be a name ({', '.join(TRAINING_OPTIMIZERS)}), got "
+                f"{self.optimizer!r}; set the learning rate and weight decay with training.lr and "
+                "training.weight_decay"
             )
+        if self.optimizer not in TRAINING_OPTIMIZERS:
+            raise InputError(
+                f"training.optimizer {self.optimizer!r} is not supported; use one of "
+                f"{', '.join(TRAINING_OPTIMIZERS)}"
+            )
+        _positive(self.lr, "training.lr")
+        _positive(self.weight_decay, "training.weight_decay", allow_zero=True)
         _int(self.steps, "training.steps")
         _int(self.offline_topk, "training.offline_topk")
 
@@ -314,13 +340,17 @@ class Config:
     base_dir: str = ""  # folder of the config file; model paths are relative to it
 
     def __post_init__(self) -> None:
-        if not self.teachers or not all(isinstance(t, str) and t for t in self.teachers):
+        bad = [t for t in self.teachers if not isinstance(t, str) or not t]
+        if not self.teachers or bad:
+            got = f", got {bad[0]!r}" if bad else ""
             raise InputError(
-                "teacher must be a preset name, a config.json or a checkpoint folder (--teacher)"
+                "teacher must be a preset name, a config.json or a checkpoint folder, written as a string "
+                f"(several: a list of strings; --teacher){got}"
             )
         if not isinstance(self.student, str) or not self.student:
             raise InputError(
-                "student must be a preset name, a config.json or a checkpoint folder (--student)"
+                "student must be a preset name, a config.json or a checkpoint folder, written as a string "
+                f"(--student), got {self.student!r}"
             )
         if not self.methods:
             raise InputError("no methods given; add at least one, e.g. methods: [{name: kd}] or --methods kd")
@@ -333,11 +363,15 @@ class Config:
             )
 
     def model_path(self, ref: str) -> str:
-        """A model reference as given, or resolved against the config's folder when it names a file there."""
-        if self.base_dir and not Path(ref).is_absolute():
-            candidate = Path(self.base_dir) / ref
-            if candidate.exists():
-                return str(candidate)
+        """A model reference as the runtime must open it: a local path made absolute (resolved against the
+        config's folder first, then the current folder), so that a plan file runs from any folder; anything
+        else (a preset name) as given."""
+        path = Path(ref).expanduser()
+        if path.is_absolute():
+            return ref
+        for folder in (self.base_dir, "."):
+            if folder and (Path(folder) / path).exists():
+                return str((Path(folder) / path).resolve())
         return ref
 
     def to_dict(self) -> dict[str, Any]:
@@ -447,7 +481,8 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
     kwargs: dict[str, Any] = {"base_dir": base_dir}
     teachers = data.get("teachers", data.get("teacher"))
     if teachers is not None:
-        kwargs["teachers"] = (teachers,) if isinstance(teachers, str) else tuple(teachers)
+        # A lone non-string (teacher: 5) becomes a one-item tuple, which Config then refuses by its type.
+        kwargs["teachers"] = tuple(teachers) if isinstance(teachers, list | tuple) else (teachers,)
     if "student" in data:
         kwargs["student"] = data["student"]
     if "methods" in data:
@@ -502,6 +537,14 @@ def _flag_int(value: Any, flag: str) -> int:
         raise InputError(f"{flag} must be a whole number, got {value!r}") from None
 
 
+def _flag_model(ref: str) -> str:
+    """A model given on the command line: a path there is relative to the current folder (not to the
+    config's), so an existing one is made absolute here; a preset name stays as it is."""
+    ref = ref.strip()
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else ref
+
+
 def apply_flags(config: Config, **flags: Any) -> Config:
     """The config with command-line flags applied (None means the flag was not given)."""
     for key, flag in (("gpus", "--gpus"), ("seq_len", "--seq-len"), ("global_batch", "--global-batch")):
@@ -509,10 +552,10 @@ def apply_flags(config: Config, **flags: Any) -> Config:
             flags[key] = _flag_int(flags[key], flag)
     out = config
     if flags.get("teacher"):
-        teachers = tuple(t.strip() for t in str(flags["teacher"]).split(",") if t.strip())
+        teachers = tuple(_flag_model(t) for t in str(flags["teacher"]).split(",") if t.strip())
         out = replace(out, teachers=teachers)
     if flags.get("student"):
-        out = replace(out, student=flags["student"])
+        out = replace(out, student=_flag_model(flags["student"]))
     if flags.get("methods"):
         out = replace(out, methods=_methods(flags["methods"]))
     hw: dict[str, Any] = {}

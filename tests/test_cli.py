@@ -17,6 +17,9 @@ from gkd.cli import main
         (["nosuch"], "nosuch"),
         (["plan", "--bogus"], "--bogus"),
         (["methods", "kd", "extra"], "extra"),
+        # A seed beyond 64 bits failed in a worker ("Overflow when unpacking long long").
+        (["run", "no-such-config.yaml", "--seed", "99999999999999999999"], "--seed"),
+        (["run", "no-such-config.yaml", "--seed", "-1"], "--seed"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2(args: list[str], expected: str) -> None:
@@ -34,3 +37,11 @@ def test_help_and_version_exit_0() -> None:
     assert runner.invoke(main, ["plan", "--help"]).exit_code == 0
     version = runner.invoke(main, ["--version"])
     assert version.exit_code == 0 and "version" in version.output
+
+
+def test_plan_help_names_what_each_flag_takes() -> None:
+    """The flags read as text (so config validation words their errors) show a metavar, not TEXT."""
+    out = CliRunner().invoke(main, ["plan", "--help"]).output
+    assert "TEXT" not in out
+    for flag in ("--gpus N", "--seq-len N", "--global-batch N", "--gpu-memory SIZE", "--micro-batch N|"):
+        assert flag in out, flag

@@ -138,3 +138,15 @@ def test_second_inspect_comes_from_the_cache_without_torch(tmp_path: Path) -> No
     assert second.returncode == 0, second.stderr
     assert second.stderr.strip() == "False"  # answered from the cache: no torch import
     assert json.loads(second.stdout) == json.loads(first.stdout)
+
+
+def test_default_sequence_fits_the_model() -> None:
+    """Without --seq-len: 2048, or the model's positions when it has fewer (tiny-bert-student has 512);
+    a model with 2048 or more positions keeps 2048."""
+    from gkd.models import resolve_model
+
+    for name in ("tiny-bert-student", "llama-2-7b"):
+        code, out, err = invoke(name, "--json")
+        assert code == 0, err
+        assert json.loads(out)["seq_len"] == min(2048, resolve_model(name).max_positions)
+    assert resolve_model("llama-2-7b").max_positions > 2048  # so that case checks the 2048 cap

@@ -52,6 +52,11 @@ COMMON_OPTIONS = {
     "teacher_weights": "per-teacher weights for methods with weighted aggregation (one number per teacher)",
 }
 
+# The kinds of the generic soft loss (the `soft` option), as `gkd.methods.losses.soft` and
+# `gkd.methods.multi_teacher.sample_soft` compute them; resolve refuses any other, so a plan never holds a job
+# whose loss fails at its first step.
+SOFT_LOSSES = ("kl", "soft_ce", "mse")
+
 # constraint -> (ModelSpec field, what it is, the plural for "methods that work across ...")
 _CONSTRAINT_FIELD = {
     "equal_hidden": ("hidden", "hidden size", "hidden sizes"),
@@ -147,12 +152,75 @@ def _norm_entry(entry: Any) -> tuple[str, float, dict[str, Any]]:
             f"method entry {entry['name']!r} has unknown keys {sorted(unknown)}; use name/weight/options"
         )
     weight = entry.get("weight", 1.0)
-    if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
-        raise InputError(f"method {entry['name']!r}: weight must be a number >= 0, got {weight!r}")
+    if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
+        raise InputError(f"method {entry['name']!r}: weight must be a finite number >= 0, got {weight!r}")
     options = entry.get("options") or {}
     if not isinstance(options, Mapping):
         raise InputError(f"method {entry['name']!r}: options must be a mapping, got {options!r}")
     return str(entry["name"]), float(weight), dict(options)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _bad_option(spec: MethodSpec, key: str, value: Any, expected: str) -> InputError:
+    return InputError(
+        f"method {spec.name!r}: option {key} must be {expected}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _check_option_types(spec: MethodSpec, options: Mapping[str, Any]) -> None:
+    """Refuse option values of the wrong type or range, so that resolving (and so `gkd plan`) rejects what a
+    run would fail on later. An option whose default is a bool, a whole number or a float takes a value of
+    that type (a float option takes any finite number); `temperature` is a finite number > 0, `soft` one of
+    SOFT_LOSSES, `teacher_weights` finite numbers >= 0. The other string and list options have their own rules
+    (layer_map, stage, hard_loss, cls and the divisor options elsewhere in `_check_options`; takd's lists in
+    `gkd.methods.assistant`; string modes such as `causal`, which also takes a bool, in their loss)."""
+    defaults = {o.name: o for o in spec.options}
+    for key, value in options.items():
+        if key == "temperature":
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise _bad_option(spec, key, value, "a finite number > 0")
+            continue
+        if key == "teacher_weights":
+            if isinstance(value, list | tuple) and not all(
+                _is_number(w) and math.isfinite(w) and w >= 0 for w in value
+            ):
+                raise _bad_option(spec, key, value, "a list of finite numbers >= 0, one per teacher")
+            continue
+        if key == "soft":
+            if value not in SOFT_LOSSES:
+                raise _bad_option(spec, key, value, f"one of {', '.join(SOFT_LOSSES)}")
+            continue
+        option = defaults.get(key)
+        if option is None or option.divides:
+            continue
+        default = option.default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise _bad_option(spec, key, value, "true or false")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _bad_option(spec, key, value, "a whole number")
+        elif isinstance(default, float) and (not _is_number(value) or not math.isfinite(value)):
+            raise _bad_option(spec, key, value, "a finite number")
+
+
+def _check_term_weights(spec: MethodSpec, options: dict[str, Any]) -> None:
+    """Each term's weight (a fixed weight or one read from an option, e.g. soft_rate or 1 - alpha) must be a
+    finite number >= 0: a negative weight would maximise the loss it weighs."""
+    for term in spec.terms:
+        if not term.weight_option:
+            continue  # a fixed weight, set by the method's spec, not by the user
+        weight = term_weight(term, options)
+        if not math.isfinite(weight) or weight < 0:
+            option = term.weight_option.removeprefix("1-")
+            expected = "<= 1" if term.weight_option.startswith("1-") else ">= 0"
+            raise InputError(
+                f"method {spec.name!r}: option {option} = {options.get(option)!r} gives term {term.name!r} "
+                f"the weight {weight}; set {option} {expected} so that the weight is finite and >= 0"
+            )
 
 
 def _methods_without(constraint: str) -> str:
@@ -229,7 +297,9 @@ def _check_options(
         raise InputError(
             f"method {spec.name!r}: unknown options {sorted(unknown)}; allowed: {', '.join(allowed)}"
         )
+    _check_option_types(spec, options)
     merged = {**known, **options}
+    _check_term_weights(spec, merged)
     weights = merged.get("teacher_weights")
     if weights is not None and (
         not isinstance(weights, list | tuple) or len(weights) != n_teachers or spec.aggregation != "weighted"
@@ -392,7 +462,12 @@ def resolve(
             hard_kinds[name] = options.get("hard_loss", "auto")
 
         # Concrete layer pairs per tap and teacher.
-        override = parse_rule(options["layer_map"]) if options.get("layer_map") is not None else None
+        override = None
+        if options.get("layer_map") is not None:
+            try:
+                override = parse_rule(options["layer_map"])
+            except InputError as err:
+                raise InputError(f"method {name!r}: layer_map: {err}") from None
         spec_pairs: dict[str, tuple[tuple[Pair, ...], ...]] = {}
         kinds = {tap.name: tap.kind for tap in spec.taps}
         for tap in spec.taps:

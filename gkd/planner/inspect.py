@@ -51,8 +51,13 @@ def inspect_data(spec: ModelSpec, *, seq_len: int, micro_batch: int) -> dict[str
     }
 
 
-def run_inspect(model: str, *, seq_len: int, micro_batch: int, as_json: bool) -> None:
-    """Resolve `model` (preset, config.json or checkpoint folder) and print its report.
+# `gkd inspect`'s sequence length when none is given, unless the model has fewer positions.
+DEFAULT_SEQ_LEN = 2048
+
+
+def run_inspect(model: str, *, seq_len: int | None, micro_batch: int, as_json: bool) -> None:
+    """Resolve `model` (preset, config.json or checkpoint folder) and print its report; `seq_len` None is
+    DEFAULT_SEQ_LEN, or the model's maximum positions when it has fewer (GPT-2 and BERT have 1024 and 512).
 
     The report is cached on disk with the planner's facts (`GKD_CACHE_DIR`), keyed by the model's config,
     the sizes and the sources that compute it, so inspecting a model again needs no torch."""
@@ -62,6 +67,8 @@ def run_inspect(model: str, *, seq_len: int, micro_batch: int, as_json: bool) ->
     from gkd.status import status
 
     spec = load_spec(model)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, spec.max_positions)
     key = {"spec": spec.to_dict(), "hf": spec.hf_config, "micro_batch": micro_batch, "seq_len": seq_len}
 
     def compute() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gkd.config import Config
+from gkd.config import TRAINING_OPTIMIZERS, Config, TrainingConfig
 from gkd.errors import GkdError, InputError
 from gkd.planner.facts import ModelFacts, model_facts
 from gkd.planner.plan import PLAN_VERSION, Alternative, PassRecord, Plan
@@ -216,6 +216,16 @@ def _facts_summary(f: ModelFacts) -> dict[str, Any]:
     }
 
 
+def _optimizer_config(tr: TrainingConfig) -> dict[str, Any]:
+    """The student's DeepSpeed optimizer: the type DeepSpeed builds for `training.optimizer` (the config
+    accepts only those), with the learning rate and weight decay. DeepSpeed runs its "Adam" type as AdamW
+    unless adam_w_mode is false, so "adam" sets it: weight decay is then Adam's L2 term, as the name says."""
+    params: dict[str, Any] = {"lr": tr.lr, "weight_decay": tr.weight_decay}
+    if tr.optimizer == "adam":
+        params["adam_w_mode"] = False
+    return {"type": TRAINING_OPTIMIZERS[tr.optimizer], "params": params}
+
+
 def deepspeed_configs(
     config: Config, result: Evaluated, t_facts: tuple[ModelFacts, ...], trainable: int
 ) -> dict[str, Any]:
@@ -252,10 +262,7 @@ def deepspeed_configs(
         "gradient_accumulation_steps": s.grad_accum,
         dtype_key: {"enabled": True},
         "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW" if tr.optimizer == "adamw" else tr.optimizer.capitalize(),
-            "params": {"lr": 1e-4, "weight_decay": 0.0},
-        },
+        "optimizer": _optimizer_config(tr),
         "gradient_clipping": 1.0,
     }
     placement = s.offline_teacher_placement if s.teacher_placement == "offline" else s.teacher_placement

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from method_checks import check_combination, model_specs, run_formula
+from method_checks import check_combination, model_specs, run_formula, truncated_teacher_specs
 
 from gkd.errors import InputError
 from gkd.methods import get, names, resolve
@@ -157,3 +157,90 @@ def test_stage_fields_reach_resolved_methods():
         "student+extras",
         True,
     )
+
+
+@pytest.mark.parametrize(
+    "entry, models, match",
+    [
+        # A bad value is refused at resolve time (so `gkd plan` exits 2), naming method, option, value, type.
+        (
+            {"name": "kd", "options": {"temperature": "hot"}},
+            "one",
+            "method 'kd': option temperature must be a finite number > 0, got 'hot' \\(str\\)",
+        ),
+        ({"name": "kd", "options": {"temperature": -1}}, "one", "'kd': option temperature must be .* > 0"),
+        ({"name": "kd", "options": {"temperature": 0}}, "one", "'kd': option temperature"),
+        ({"name": "kd", "options": {"temperature": float("nan")}}, "one", "'kd': option temperature"),
+        ({"name": "kd", "options": {"temperature": True}}, "one", "'kd': option temperature"),
+        (
+            {"name": "kd", "options": {"soft": "bogus"}},
+            "one",
+            "'kd': option soft must be one of kl, soft_ce, mse",
+        ),
+        ({"name": "kd", "weight": float("nan")}, "one", "'kd': weight must be a finite number >= 0"),
+        ({"name": "kd", "weight": float("inf")}, "one", "'kd': weight must be a finite number >= 0"),
+        (
+            {"name": "kd", "options": {"soft_rate": "x"}},
+            "one",
+            "'kd': option soft_rate must be a finite number",
+        ),
+        ({"name": "kd", "options": {"soft_rate": float("inf")}}, "one", "'kd': option soft_rate"),
+        (
+            {"name": "kd", "options": {"hard_rate": -1}},
+            "one",
+            "'kd': option hard_rate = -1 .* set hard_rate >= 0",
+        ),
+        (
+            {"name": "pkd", "options": {"alpha": 1.5}},
+            "truncated",
+            "'pkd': option alpha = 1.5 .* set alpha <= 1",
+        ),
+        (
+            {"name": "annealing_kd", "options": {"max_temperature": 2.5}},
+            "one",
+            "'annealing_kd': option max_temperature must be a whole number, got 2.5 \\(float\\)",
+        ),
+        (
+            {"name": "fkl", "options": {"t2_scale": "yes"}},
+            "one",
+            "'fkl': option t2_scale must be true or false",
+        ),
+        (
+            {"name": "fkl", "options": {"teacher_weights": [1.0, float("nan")]}},
+            "two",
+            "'fkl': option teacher_weights must be a list of finite numbers >= 0",
+        ),
+        ({"name": "fkl", "options": {"teacher_weights": [1.0, -1]}}, "two", "'fkl': option teacher_weights"),
+        ({"name": "kd", "options": {"layer_map": 5}}, "one", "method 'kd': layer_map: layer rule must be"),
+    ],
+)
+def test_option_types_and_ranges_refused_at_resolve(entry, models, match):
+    teachers, student = {
+        "one": lambda: model_specs("llama"),
+        "two": lambda: model_specs("llama", teachers=2),
+        "truncated": lambda: truncated_teacher_specs("llama"),
+    }[models]()
+    with pytest.raises(InputError, match=match) as err:
+        resolve([entry], teachers, student)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "kd", "options": {"temperature": 2, "soft": "mse", "soft_rate": 1, "hard_rate": 0}},
+        {"name": "annealing_kd", "options": {"max_temperature": 3}},
+        {"name": "fkl", "options": {"t2_scale": True}},
+    ],
+)
+def test_well_typed_options_still_resolve(entry):
+    teachers, student = model_specs("llama")
+    assert resolve([entry], teachers, student).loss_terms
+
+
+def test_soft_kinds_match_the_runtime():
+    """resolve accepts exactly the soft kinds the runtime's soft losses compute."""
+    from gkd.methods.combine import SOFT_LOSSES
+    from gkd.methods.multi_teacher import _DIVERGENCE
+
+    assert set(SOFT_LOSSES) == set(_DIVERGENCE)

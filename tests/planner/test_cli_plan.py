@@ -117,6 +117,53 @@ def test_bad_input_exits_2_with_one_line(cfg, args, fragment):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.parametrize(
+    "old,new,fragment",
+    [
+        (
+            "methods: [kd, minilmv2]",
+            "methods: [{name: kd, options: {temperature: hot}}]",
+            "'kd': option temperature",
+        ),
+        (
+            "methods: [kd, minilmv2]",
+            "methods: [{name: kd, options: {temperature: -1}}]",
+            "'kd': option temperature",
+        ),
+        ("methods: [kd, minilmv2]", "methods: [{name: kd, options: {soft: bogus}}]", "'kd': option soft"),
+        ("methods: [kd, minilmv2]", "methods: [{name: kd, weight: .nan}]", "'kd' weight must be a finite"),
+        ("teacher: tiny-llama-teacher", "teacher: 5", "teacher must be"),
+        ("global_batch: 4}", "global_batch: 4, optimizer: {name: adamw, lr: -1}}", "training.optimizer"),
+        ("global_batch: 4}", "global_batch: 4, optimizer: sgd}", "adamw, adam"),
+        ("global_batch: 4}", "global_batch: 4, lr: -1}", "training.lr"),
+        ("cuda_context: 0}", "cuda_context: 0, interconnect: carrier_pigeon}", "hardware.interconnect"),
+    ],
+)
+def test_bad_config_values_exit_2_at_plan_time(cfg, tmp_path, old, new, fragment):
+    """Values a run would fail on are refused by `gkd plan` (and `gkd check --update`) as one line, exit 2."""
+    path = tmp_path / "bad.yaml"
+    assert old in TINY
+    path.write_text(TINY.replace(old, new))
+    checked = CliRunner().invoke(
+        main, ["check", str(path), "--update", "--baseline", str(tmp_path / "b.json")]
+    )
+    for r in (run(path), checked):
+        assert r.exit_code == 2, r.output
+        errors = [line for line in r.output.splitlines() if line.startswith("gkd: error:")]
+        assert len(errors) == 1 and fragment in errors[0], r.output
+        assert "Traceback" not in r.output
+
+
+def test_lr_and_weight_decay_reach_the_plan(cfg, tmp_path):
+    path, out = tmp_path / "lr.yaml", tmp_path / "plan.json"
+    path.write_text(TINY.replace("global_batch: 4}", "global_batch: 4, lr: 3.0e-5, weight_decay: 0.01}"))
+    r = run(path, "-o", out)
+    assert r.exit_code == 0, r.output
+    plan = Plan.from_json(out.read_text())
+    assert plan.deepspeed["student"]["optimizer"]["params"] == {"lr": 3e-5, "weight_decay": 0.01}
+    assert plan.inputs["config"]["training"]["lr"] == 3e-5
+
+
 def test_missing_config_file_exits_2(tmp_path):
     r = run(tmp_path / "nope.yaml")
     assert r.exit_code == 2 and "does not exist" in r.output

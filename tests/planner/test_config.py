@@ -145,6 +145,24 @@ def test_gpu_label_follows_the_memory(tmp_path):
         ({"overrides": {"tensor_parallel": 3}}, "divide"),
         ({"deepspeed": {"reduce_bucket_size": 0}}, "reduce_bucket_size"),
         ("just a string", "mapping"),
+        # Model references must be strings (`teacher: 5` was a TypeError).
+        ({"teacher": 5}, "teacher must be a preset name"),
+        ({"teacher": {"name": "x"}}, "teacher must be a preset name"),
+        ({"teachers": ["glm-130b", 7]}, "got 7"),
+        ({"student": 5}, "student must be a preset name"),
+        # training.optimizer is a name the runtime's DeepSpeed config can build (a mapping was a TypeError,
+        # sgd planned but every run failed); lr and weight decay are their own keys.
+        ({"training": {"optimizer": {"name": "adamw", "lr": -1}}}, "training.lr and training.weight_decay"),
+        ({"training": {"optimizer": "sgd"}}, "use one of adamw, adam"),
+        ({"training": {"lr": -1}}, "training.lr must be > 0"),
+        ({"training": {"lr": 0}}, "training.lr must be > 0"),
+        ({"training": {"lr": float("inf")}}, "training.lr must be a finite number"),
+        ({"training": {"lr": "fast"}}, "training.lr must be a number"),
+        ({"training": {"weight_decay": -0.1}}, "training.weight_decay must be >= 0"),
+        ({"training": {"weight_decay": float("nan")}}, "training.weight_decay must be a finite number"),
+        ({"hardware": {"interconnect": "carrier_pigeon"}}, "nvlink, pcie, infiniband, ethernet"),
+        ({"methods": [{"name": "kd", "weight": float("nan")}]}, "'kd' weight must be a finite number"),
+        ({"methods": [{"name": "kd", "weight": float("inf")}]}, "'kd' weight must be a finite number"),
     ],
 )
 def test_bad_input_is_one_line_input_error(data, fragment):
@@ -182,3 +200,19 @@ def test_model_paths_resolve_against_the_config_folder(tmp_path):
     c = load_config(tmp_path / "c.yaml")
     assert c.model_path(c.student) == str(tmp_path / "student.json")
     assert c.model_path("glm-130b") == "glm-130b"
+
+
+def test_lr_and_weight_decay_default_and_round_trip():
+    assert (Config().training.lr, Config().training.weight_decay) == (1e-4, 0.0)
+    c = Config.from_dict({"training": {"optimizer": "adam", "lr": 3e-5, "weight_decay": 0.01}})
+    assert (c.training.optimizer, c.training.lr, c.training.weight_decay) == ("adam", 3e-5, 0.01)
+    data = json.loads(c.to_json())
+    assert (data["training"]["lr"], data["training"]["weight_decay"]) == (3e-5, 0.01)
+    assert Config.from_dict(data) == c
+
+
+@pytest.mark.parametrize("interconnect", ["nvlink", "pcie", "infiniband", "ethernet"])
+def test_known_interconnects_are_accepted(interconnect):
+    assert (
+        Config.from_dict({"hardware": {"interconnect": interconnect}}).hardware.interconnect == interconnect
+    )
