@@ -42,6 +42,10 @@ class _OneLineErrors(click.Group):
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as done:
             sys.exit(done.exit_code)
+        except click.exceptions.NoArgsIsHelpError as err:
+            # `gkd` alone asks for the overview, which is help, not an error.
+            click.echo(err.ctx.get_help() if err.ctx else self.get_help(click.Context(self)))
+            sys.exit(0)
         except click.Abort:
             click.echo("gkd: aborted", err=True)
             sys.exit(1)

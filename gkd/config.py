@@ -525,6 +525,11 @@ def load_config(path: str | Path) -> Config:
     except Exception as err:  # yaml.YAMLError and its subclasses
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"config {p.name} is not valid YAML: {first}") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise InputError(
+            f"{path} is not a config: its top level is a {type(data).__name__}, not a mapping with teacher, "
+            "student, methods, hardware, training"
+        )
     return _config_from_mapping(data or {}, base_dir=str(p.parent.resolve()))
 
 

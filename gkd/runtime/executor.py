@@ -107,9 +107,8 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
     if target is not None:
         path = Path(target)
         if not path.is_file():
-            raise InputError(
-                f"{target} does not exist; give a config (YAML or JSON) or a plan from `gkd plan -o`"
-            )
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise InputError(f"{target} {what}; give a config (YAML or JSON) or a plan from `gkd plan -o`")
         if _is_plan_file(path):
             plan = Plan.from_json(path.read_text())
             gpus = int(plan.inputs.get("config", {}).get("hardware", {}).get("gpus", 0))
@@ -210,7 +209,9 @@ def _tensor_parallel_blocker(config: Any) -> str | None:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; name a new or empty folder")
+    if out.exists() and any(out.iterdir()):
         raise InputError(f"output folder {out} exists and is not empty; choose another --out or remove it")
     # The folders above OUT are created as needed: the nearest one that exists must be writable.
     parent = out.absolute().parent
