@@ -274,6 +274,12 @@ def launch(
                     f"the workers' rendezvous port was taken by another process {PORT_ATTEMPTS} times in a "
                     "row; free some local ports or run again"
                 ) from None
+        except BaseException as err:
+            # The folder stays only when an error message points into it: never after an interruption
+            # (Ctrl-C, SIGTERM: not an Exception), nor when it is empty.
+            if not isinstance(err, Exception) or (errors.is_dir() and not any(errors.iterdir())):
+                shutil.rmtree(errors, ignore_errors=True)
+            raise
 
 
 def _run_workers(

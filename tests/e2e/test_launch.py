@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,27 @@ def test_a_taken_port_starts_the_workers_again(tmp_path: Path, monkeypatch: pyte
         launch(_all_reduce, (str(tmp_path),), processes=2, timeout_s=120)
     assert not ports
     assert Path(tmp_path, "rank0").read_text() == "2 3 0 0 2"
+
+
+def _interrupted(rank: int, world: int) -> None:
+    raise KeyboardInterrupt  # what Ctrl-C raises in every worker of the process group
+
+
+def test_an_interrupted_run_leaves_no_error_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the error folders are made here
+    with pytest.raises(WorkerFailedError):
+        launch(_interrupted, processes=2, timeout_s=120)
+    kept = list(tmp_path.glob("gkd-run-errors-*"))
+    assert kept and all((k / "rank0.traceback.txt").is_file() for k in kept)  # a failure points into it
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C in the parent while the workers run
+
+    for k in kept:
+        shutil.rmtree(k)
+    from gkd.runtime import launch as launch_module
+
+    monkeypatch.setattr(launch_module, "_run_workers", stop)
+    with pytest.raises(KeyboardInterrupt):
+        launch(_all_reduce, (str(tmp_path),), processes=2, timeout_s=120)
+    assert not list(tmp_path.glob("gkd-run-errors-*"))
