@@ -319,6 +319,11 @@ class Overrides:
             raise InputError(
                 "offload needs ZeRO stage 1, 2 or 3; raise student_zero_stage or drop the offload"
             )
+        if (self.tensor_parallel or 1) > 1 and self.teacher_placement not in (None, "tensor_parallel"):
+            raise InputError(
+                f"overrides.tensor_parallel {self.tensor_parallel} splits the teacher, but "
+                f"overrides.teacher_placement is {self.teacher_placement}; drop one of them"
+            )
 
 
 def _choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
@@ -355,6 +360,12 @@ class Config:
         if not self.methods:
             raise InputError("no methods given; add at least one, e.g. methods: [{name: kd}] or --methods kd")
         self.training.per_gpu_batch(self.hardware.gpus)
+        pinned, sizes = self.overrides.micro_batch, self.training.micro_batch
+        if pinned is not None and sizes and pinned not in sizes:
+            raise InputError(
+                f"overrides.micro_batch {pinned} is not among training.micro_batch "
+                f"{', '.join(map(str, sizes))}; drop one of them"
+            )
         tp = self.overrides.tensor_parallel
         if tp is not None and self.hardware.local_gpus % tp:
             raise InputError(

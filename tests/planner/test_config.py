@@ -163,6 +163,14 @@ def test_gpu_label_follows_the_memory(tmp_path):
         ({"hardware": {"interconnect": "carrier_pigeon"}}, "nvlink, pcie, infiniband, ethernet"),
         ({"methods": [{"name": "kd", "weight": float("nan")}]}, "'kd' weight must be a finite number"),
         ({"methods": [{"name": "kd", "weight": float("inf")}]}, "'kd' weight must be a finite number"),
+        (
+            {"overrides": {"tensor_parallel": 2, "teacher_placement": "replicated"}},
+            "overrides.tensor_parallel 2 splits the teacher, but overrides.teacher_placement is replicated",
+        ),
+        (
+            {"training": {"micro_batch": 2}, "overrides": {"micro_batch": 4}},
+            "overrides.micro_batch 4 is not among training.micro_batch 2",
+        ),
     ],
 )
 def test_bad_input_is_one_line_input_error(data, fragment):
