@@ -58,6 +58,13 @@ from gkd.planner.plan import Plan, human_bytes
 from gkd.runtime.launch import WorkerFailedError, default_processes, launch
 
 
+def _starting(world: int) -> str:
+    import torch
+
+    where = "one per CUDA device" if torch.cuda.is_available() else "on the CPU with gloo"
+    return f"Starting {world} worker processes ({where})"
+
+
 def cpu_ops(plan: Plan) -> tuple[str, ...]:
     """The DeepSpeed CPU ops a run's workers load: the shared-memory collectives, and the optimizer's kernel
     (CPU Adam where the optimizer is offloaded, else fused Adam); loaded once before the workers fork."""
@@ -450,6 +457,7 @@ def run_job(
         eval_every=eval_every,
         eval_batches=eval_batches,
     )
+    echo(_starting(world))
     try:
         with _sigterm_raises():
             _run_and_publish(tmp, out_path, plan, settings, world)
@@ -617,6 +625,7 @@ def _resume_job(
     )
     echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
     _write_run_json(out_path, settings, plan, processes, completed=start)
+    echo(_starting(processes))
     try:
         with _sigterm_raises():  # the workers are stopped with the parent; OUT stays as it is, to resume
             launch(train_worker, (plan.to_json(), settings), processes=processes, cpu_ops=cpu_ops(plan))
@@ -645,6 +654,20 @@ def peak_memory_bytes(device: Any) -> tuple[int, str]:
 def term_names(resolved: Any) -> list[str]:
     """The names of the loss terms a resolved method set reports, in order."""
     return [f"{t.method}.{t.name}" for t in resolved.loss_terms]
+
+
+class _Phases:
+    """One line per phase of a worker's start (rank 0 only), each saying how long the previous one took: a
+    large teacher can take minutes to load, and the run must not look stuck meanwhile."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.since = time.perf_counter()
+
+    def start(self, what: str) -> None:
+        now = time.perf_counter()
+        if self.enabled:
+            print(f"[{now - self.since:5.1f} s] {what}", flush=True)
 
 
 class _Progress:
@@ -706,6 +729,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     plan = Plan.from_json(plan_json)
     config = plan.inputs["config"]
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    phase = _Phases(enabled=rank == 0)
+    phase.start(f"loading the models ({', '.join(config['teachers'])} -> {config['student']})")
     models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
     tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
 
@@ -726,7 +751,9 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     readers: list[Any] = []
     if plan.strategy.teacher_placement == "offline":
         # Before the student engine exists: the pass and training never hold both (as the plan has it).
+        phase.start("the offline teacher pass")
         readers = _offline_pass(models, plan, settings, data_stream, rank=rank, world=world, device=device)
+    phase.start("setting up the DeepSpeed engines")
     engines = make_engines(models, plan, device=device)
     engine, module = engines.student, engines.module
     module.tap_loss = plan.strategy.tap_loss  # layerwise: tap terms run (and free teacher taps) mid-forward
@@ -737,6 +764,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         for _ in range(settings.start_step * accum):  # the data stream is deterministic: skip what was done
             next(stream)
     log = (out / "log.jsonl").open("a") if rank == 0 else None
+    phase.start("training")
     progress = _Progress(settings.steps, settings.log_every, enabled=rank == 0)
     progress.skip(settings.start_step)
     engine.train()

@@ -349,6 +349,10 @@ def test_tiny_config_trains_from_the_command_line(tmp_path: Path) -> None:
     proc = _gkd("run", str(root / "configs" / "tiny.yaml"), "--steps", "2", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Done: 2 steps" in proc.stdout
+    # The start is not silent: each phase of rank 0 has its line, before the first step's.
+    lines = ["Starting 2 worker", "] loading the models", "] setting up the Deep", "] training", "step 1/"]
+    at = [proc.stdout.find(line) for line in lines]
+    assert -1 not in at and at == sorted(at), proc.stdout
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert (out / "student" / "config.json").is_file()
