@@ -343,6 +343,9 @@ class Config:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     overrides: Overrides = field(default_factory=Overrides)
     base_dir: str = ""  # folder of the config file; model paths are relative to it
+    # Of teacher, student and methods, those a config file left out (their defaults are the headline job's,
+    # which a user's file almost never means); planning refuses them unless a flag gave them meanwhile.
+    unset: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.teachers if not isinstance(t, str) or not t]
@@ -393,6 +396,7 @@ class Config:
         rl = self.overrides.recompute_layers
         out["overrides"]["recompute_layers"] = None if rl is None else list(rl)
         out.pop("base_dir")
+        out.pop("unset")
         return out
 
     @classmethod
@@ -489,6 +493,8 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         raise InputError(
             f"config has unknown keys {sorted(unknown)}; known keys: {', '.join(sorted(allowed))}"
         )
+    if "teacher" in data and "teachers" in data:
+        raise InputError("the config gives both teacher and teachers; keep one (teachers for several)")
     kwargs: dict[str, Any] = {"base_dir": base_dir}
     teachers = data.get("teachers", data.get("teacher"))
     if teachers is not None:
@@ -541,7 +547,10 @@ def load_config(path: str | Path) -> Config:
             f"{path} is not a config: its top level is a {type(data).__name__}, not a mapping with teacher, "
             "student, methods, hardware, training"
         )
-    return _config_from_mapping(data or {}, base_dir=str(p.parent.resolve()))
+    data = data or {}
+    config = _config_from_mapping(data, base_dir=str(p.parent.resolve()))
+    given = {"teacher" if key == "teachers" else key for key in data}
+    return replace(config, unset=tuple(k for k in ("teacher", "student", "methods") if k not in given))
 
 
 def _flag_int(value: Any, flag: str) -> int:
@@ -569,11 +578,15 @@ def apply_flags(config: Config, **flags: Any) -> Config:
     out = config
     if flags.get("teacher"):
         teachers = tuple(_flag_model(t) for t in str(flags["teacher"]).split(",") if t.strip())
-        out = replace(out, teachers=teachers)
+        out = replace(out, teachers=teachers, unset=tuple(k for k in out.unset if k != "teacher"))
     if flags.get("student"):
-        out = replace(out, student=_flag_model(flags["student"]))
+        out = replace(
+            out, student=_flag_model(flags["student"]), unset=tuple(k for k in out.unset if k != "student")
+        )
     if flags.get("methods"):
-        out = replace(out, methods=_methods(flags["methods"]))
+        out = replace(
+            out, methods=_methods(flags["methods"]), unset=tuple(k for k in out.unset if k != "methods")
+        )
     hw: dict[str, Any] = {}
     if flags.get("gpus") is not None:
         hw["gpus"] = flags["gpus"]
@@ -600,6 +613,7 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         deepspeed=out.deepspeed,
         overrides=out.overrides,
         base_dir=out.base_dir,
+        unset=out.unset,
     )
 
 

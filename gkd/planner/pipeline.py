@@ -149,6 +149,11 @@ def load_methods(config: Config, teachers: list[Any], student: Any) -> MethodsVi
 
 def plan(config: Config) -> Plan:
     """Plan one distillation job (see the module docstring)."""
+    if config.unset:
+        raise InputError(
+            f"the config does not name its {', '.join(config.unset)}; add them (e.g. teacher: "
+            "tiny-llama-teacher, student: tiny-llama-student, methods: [kd])"
+        )
     runner = PassRunner()
     specs = runner.run(
         "frontend",
