@@ -33,3 +33,16 @@ def test_a_folder_as_config_and_a_file_as_out(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["run", tiny, "--out", str(taken)])
     assert result.exit_code == 2 and f"--out {taken} is a file" in result.output
     assert taken.read_text() == "x"
+
+
+def test_a_damaged_plan_is_named_a_plan(tmp_path: Path) -> None:
+    import json
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    plan = tmp_path / "plan.json"
+    assert CliRunner().invoke(main, ["plan", tiny, "--gpus", "2", "-o", str(plan)]).exit_code == 0
+    data = json.loads(plan.read_text())
+    del data["schedule"]
+    plan.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["run", str(plan), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "not a gkd plan: keys ['schedule'] are missing" in result.output

@@ -103,7 +103,12 @@ def _is_plan_file(path: Path) -> bool:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and "strategy" in data and "schedule" in data
+    # Any key only a plan has makes it one (a damaged plan then gets the plan reader's message, not the
+    # config reader's list of unknown keys).
+    return isinstance(data, dict) and bool(_PLAN_ONLY_KEYS & set(data))
+
+
+_PLAN_ONLY_KEYS = frozenset({"strategy", "schedule", "inputs", "alternatives", "provenance", "peak_bytes"})
 
 
 def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) -> Plan:
