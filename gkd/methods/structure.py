@@ -514,9 +514,11 @@ MGSKD = register(
         options=(
             OptionSpec(
                 name="relation_heads",
-                default=64,
-                doc="relation heads R (must divide both hidden sizes)",
+                default="auto",
+                doc="relation heads R; must divide both hidden sizes (auto: 64 as in the reference "
+                "implementation where it divides them, else their largest common divisor up to 64)",
                 divides=("hidden",),
+                preferred=(64,),
             ),
             OptionSpec(name="k1", default=20, doc="anchor positions of the triplet angles"),
             OptionSpec(name="k2", default=20, doc="neighbours per anchor of the triplet angles"),

@@ -73,6 +73,14 @@ def test_relation_heads_auto_divides_every_width():
     assert _relation_heads("bert-base", "configs/tinybert-4.json") == 24  # gcd(768, 312) = 24
 
 
+def test_mgskd_relation_heads_auto_keeps_the_reference_64_and_fits_small_widths():
+    """mgskd's auto: 64 (the reference MGSKDLoss default) where it divides both hidden sizes, else their
+    largest common divisor up to 64, so the default also runs on small models (tiny presets: 64 and 32)."""
+    assert _relation_heads("bert-base", "bert-base", method="mgskd") == 64  # 768
+    assert _relation_heads("bert-base", "configs/tinybert-4.json", method="mgskd") == 24  # gcd(768, 312)
+    assert _relation_heads("tiny-bert-teacher", "tiny-bert-student", method="mgskd") == 32  # gcd(64, 32)
+
+
 def test_relation_heads_that_do_not_divide_a_width_are_rejected_when_resolving():
     import pytest
 
@@ -82,5 +90,5 @@ def test_relation_heads_that_do_not_divide_a_width_are_rejected_when_resolving()
         _relation_heads("glm-130b", "glm-10b-icetk", {"relation_heads": 48})
     assert "\n" not in str(e.value)
     with pytest.raises(InputError, match=r"'mgskd': relation_heads 64 must divide the widths 768, 312"):
-        _relation_heads("bert-base", "configs/tinybert-4.json", method="mgskd")
+        _relation_heads("bert-base", "configs/tinybert-4.json", {"relation_heads": 64}, "mgskd")
     assert _relation_heads("bert-base", "configs/tinybert-4.json", {"relation_heads": 12}, "mgskd") == 12
