@@ -79,6 +79,8 @@ def parse_bytes(value: Any, what: str) -> int:
         raise InputError(f"{what} must be a size such as 40GiB, got {value!r}")
     if isinstance(value, int | float):
         number, unit = float(value), ""
+        if not math.isfinite(number):
+            raise InputError(f"{what} must be a size such as 40GiB, got {value!r}")
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
         if not match:
@@ -431,6 +433,9 @@ def _section(cls: type, data: Any, what: str, renames: Mapping[str, str] | None 
         if target not in allowed:
             known = sorted(allowed | set(renames or {}))
             raise InputError(f"{what} has no setting {key!r}; known settings: {', '.join(known)}")
+        if target in kwargs:
+            # gpu_memory and gpu_memory_bytes (the name plans store) both given: neither may win silently.
+            raise InputError(f"{what} gives {key!r} twice, under two names; keep one")
         if target.endswith("_bytes"):
             value = parse_bytes(value, f"{what}.{key}")
         kwargs[target] = value
@@ -512,6 +517,8 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         training["micro_batch"] = _micro_batch(training["micro_batch"])
     kwargs["training"] = _section(TrainingConfig, training, "training")
     kwargs["deepspeed"] = _section(DeepSpeedSettings, data.get("deepspeed"), "deepspeed")
+    if not isinstance(data.get("overrides") or {}, Mapping):
+        raise InputError("overrides must be a mapping of settings, e.g. overrides: {student_zero_stage: 3}")
     overrides = dict(data.get("overrides") or {})
     if overrides.get("recompute_layers") is not None:
         rl = overrides["recompute_layers"]
@@ -524,8 +531,9 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
     return Config(**kwargs)
 
 
-def load_config(path: str | Path) -> Config:
-    """A Config from a YAML or JSON file."""
+def load_config(path: str | Path, *, gpus: Any = None, global_batch: Any = None) -> Config:
+    """A Config from a YAML or JSON file. `gpus` and `global_batch` (flag values) replace the file's before
+    it is checked, since the file's global batch need only divide the GPU count the job really has."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"config file {str(path)!r} does not exist; give a YAML or JSON file or no argument")
@@ -548,6 +556,14 @@ def load_config(path: str | Path) -> Config:
             "student, methods, hardware, training"
         )
     data = data or {}
+    if isinstance(data, Mapping) and (gpus is not None or global_batch is not None):
+        data = dict(data)
+        for section, key, value, flag in (
+            ("hardware", "gpus", gpus, "--gpus"),
+            ("training", "global_batch", global_batch, "--global-batch"),
+        ):
+            if value is not None and isinstance(data.get(section) or {}, Mapping):
+                data[section] = {**(data.get(section) or {}), key: _flag_int(value, flag)}
     config = _config_from_mapping(data, base_dir=str(p.parent.resolve()))
     given = {"teacher" if key == "teachers" else key for key in data}
     return replace(config, unset=tuple(k for k in ("teacher", "student", "methods") if k not in given))

@@ -51,7 +51,10 @@ def run_plan(
         raise InputError(
             f"--plot {plot}: give a file name ending in {', '.join(PLOT_FORMATS)}; it sets the image format"
         )
-    config = load_config(config_path) if config_path else default_config()
+    if config_path:
+        config = load_config(config_path, gpus=flags.get("gpus"), global_batch=flags.get("global_batch"))
+    else:
+        config = default_config()
     config = apply_flags(config, methods=methods, **flags)
     if explain and not as_json:
         click.echo("Resolved config:")

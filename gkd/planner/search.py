@@ -376,10 +376,21 @@ def search(
     if not cands:
         from gkd.errors import InputError
 
-        raise InputError(
-            "the overrides leave no strategy to plan (e.g. a micro-batch that does not divide the "
-            "per-GPU batch); relax them"
-        )
+        per_gpu = config.training.per_gpu_batch(config.hardware.gpus)
+        sizes = micro_batch_choices(config)
+        if not any(per_gpu % mb == 0 for mb in sizes):
+            where = (
+                "overrides.micro_batch"
+                if config.overrides.micro_batch is not None
+                else "training.micro_batch"
+            )
+            fits = [mb for mb in range(1, per_gpu + 1) if per_gpu % mb == 0]
+            raise InputError(
+                f"{where} {', '.join(map(str, sizes))} does not divide the per-GPU batch {per_gpu} "
+                f"(global batch {config.training.global_batch} / {config.hardware.gpus} GPUs); use one of "
+                f"{', '.join(map(str, fits))}"
+            )
+        raise InputError("the overrides leave no strategy to plan; relax them")
     hw = config.hardware
     done: dict[tuple[Any, ...], Evaluated] = {}
 

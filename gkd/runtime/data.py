@@ -271,6 +271,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str, int]]:
     try:
         with open(path, "rb") as f:
             for raw in f:
+                if number == 0:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as some editors write
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:

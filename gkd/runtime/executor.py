@@ -90,6 +90,7 @@ class RunSettings:
     eval_data: str | None = None  # held-out text: the student's own loss on it (None: no evaluation)
     eval_every: int = 0  # evaluate every this many steps (0: at the end only)
     eval_batches: int = 8  # micro-batches per rank in one evaluation
+    data_tokens: str = ""  # the stored ids' file name: it changes when the data or its tokenizer does
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,31 +166,16 @@ _BATCH_NOT_DIVISIBLE = "must be divisible by the number of GPUs"
 
 
 def _load_run_config(target: str, processes: int) -> Any:
-    """The config at `target`, for a run whose GPU count is its number of processes: a config whose own
-    hardware.gpus does not divide its global batch is loaded with the run's count instead."""
-    from gkd.config import Config, load_config
+    """The config at `target`, for a run whose GPU count is its number of processes (the file's own
+    hardware.gpus need not divide its global batch); the fix for a global batch the processes do not divide
+    names the config key, as `gkd run` has no --global-batch flag."""
+    from gkd.config import load_config
 
     try:
-        return load_config(target)
+        return load_config(target, gpus=processes)
     except InputError as err:
-        if _BATCH_NOT_DIVISIBLE not in str(err):
-            raise
-    path = Path(target)
-    text = path.read_text()  # parsed by load_config already
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
-    hardware = {**(data.get("hardware") or {}), "gpus": processes}
-    try:
-        return Config.from_dict({**data, "hardware": hardware}, base_dir=str(path.parent.resolve()))
-    except InputError as err:
-        if _BATCH_NOT_DIVISIBLE not in str(err):
-            raise
-        batch = int((data.get("training") or {}).get("global_batch", 0))
-        _check_global_batch(batch, processes, target)
+        if _BATCH_NOT_DIVISIBLE in str(err):
+            _check_global_batch(load_config(target, gpus=1).training.global_batch, processes, target)
         raise
 
 
@@ -349,16 +335,27 @@ def _sigterm_raises() -> Iterator[None]:
             return
         raise _Terminated()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous, previous_pid = signal.signal(signal.SIGTERM, handler), _sigterm_pid
     _sigterm_pid = os.getpid()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _sigterm_pid = None
+        _sigterm_pid = previous_pid  # an enclosing _sigterm_raises (run_job's) stays in force
 
 
-def run_job(
+def run_job(target: str | None, **kwargs: Any) -> Path:
+    """The body of `gkd run` (see the module docstring); returns OUT. SIGTERM at any point (while the data
+    is tokenized, too) runs the same clean-up as Ctrl-C and exits with 143."""
+    try:
+        with _sigterm_raises():
+            return _run_job(target, **kwargs)
+    except _Terminated:
+        click.echo("gkd: stopped by SIGTERM", err=True)
+        sys.exit(_TERMINATED)
+
+
+def _run_job(
     target: str | None,
     *,
     data: str | None = None,
@@ -374,7 +371,6 @@ def run_job(
     eval_batches: int = 8,
     echo: Any = click.echo,
 ) -> Path:
-    """The body of `gkd run` (see the module docstring); returns OUT."""
     import torch
 
     from gkd.runtime.engines import available_host_memory, check_host_memory, check_supported, has_weights
@@ -396,6 +392,11 @@ def run_job(
         raise InputError(
             f"eval data {eval_data} does not exist; give a .txt or .jsonl file or a dataset folder"
         )
+    if resume and (eval_data is not None or eval_every):
+        raise InputError("a resumed run keeps its own evaluation settings; drop --eval-data / --eval-every")
+    # Stored absolute in run.json, so that a resume from another folder reads the same files.
+    data = str(Path(data).resolve()) if data is not None and not resume else data
+    eval_data = str(Path(eval_data).resolve()) if eval_data is not None else None
     if resume:
         return _resume_job(
             target,
@@ -421,8 +422,10 @@ def run_job(
     if total < 1:
         raise InputError(f"--steps must be at least 1, got {total}")
     _check_weights(plan)
-    _check_data(plan, data, world, seed, echo)
+    data_tokens = _check_data(plan, data, world, seed, echo).path.name
     notes = []
+    if eval_data is not None and data is not None and Path(eval_data).resolve() == Path(data).resolve():
+        notes.append(f"--eval-data is the training data ({data}): eval_loss then measures training text")
     if eval_data is not None:
         one_pass = _eval_batches_in_one_pass(plan, _check_data(plan, eval_data, world, seed, echo), world)
         if eval_batches > one_pass:
@@ -461,6 +464,7 @@ def run_job(
         eval_data=eval_data,
         eval_every=eval_every,
         eval_batches=eval_batches,
+        data_tokens=data_tokens,
     )
     echo(_starting(world))
     try:
@@ -553,6 +557,7 @@ def _write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int,
         "eval_data": settings.eval_data,
         "eval_every": settings.eval_every,
         "eval_batches": settings.eval_batches,
+        "data_tokens": settings.data_tokens,
         "strategy": plan.strategy.describe(),
         "recomputed_layers": list(plan.strategy.recompute_layers),
         "tap_loss_executed": plan.strategy.tap_loss,
@@ -582,7 +587,13 @@ def _resume_job(
     latest = out_path / CHECKPOINTS / "latest"
     if not (out_path / "run.json").is_file() or not latest.is_file():
         raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
-    previous = json.loads((out_path / "run.json").read_text())
+    try:
+        previous = json.loads((out_path / "run.json").read_text())
+        previous["data"], previous["seed"], previous["steps"], previous["notes"]  # noqa: B018 (keys checked)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise InputError(
+            f"{out_path / 'run.json'} is damaged (it records how the run started); a resume needs it whole"
+        ) from None
     if data is not None and data != previous["data"]:
         raise InputError(
             f"a resumed run reads its own data ({previous['data'] or 'the built-in corpus'}); drop --data"
@@ -606,7 +617,13 @@ def _resume_job(
     if total <= start:
         raise InputError(f"the run in {out} is at step {start} already; give --steps larger than {start}")
     # The sources may have moved or changed since; and their stored ids may have been removed.
-    _check_data(plan, previous["data"], processes, int(previous["seed"]), echo)
+    stored = _check_data(plan, previous["data"], processes, int(previous["seed"]), echo)
+    if previous.get("data_tokens") and previous["data_tokens"] != stored.path.name:
+        # The resume replays the data stream to skip what was trained on: other data would make that wrong.
+        raise InputError(
+            f"the data {previous['data'] or 'the built-in corpus'} changed since the run started (its size, "
+            "modification time or tokenizer); restore it, or start a new run from the student saved so far"
+        )
     if previous.get("eval_data") is not None:
         _check_data(plan, previous["eval_data"], processes, int(previous["seed"]), echo)
     # Rows logged after the checkpoint are done again.
@@ -627,6 +644,7 @@ def _resume_job(
         eval_data=previous.get("eval_data"),
         eval_every=int(previous.get("eval_every", 0)),
         eval_batches=int(previous.get("eval_batches", 8)),
+        data_tokens=stored.path.name,
     )
     echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
     _write_run_json(out_path, settings, plan, processes, completed=start)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 
 from gkd.cli import main
 from gkd.config import Config
+from gkd.errors import InputError
 from gkd.planner.pipeline import plan as make_plan
 from gkd.planner.plan import Plan
 from gkd.runtime.data import batches, load_tokenizer
@@ -200,6 +202,21 @@ def test_zero2_student_replicated_teacher(models_dir: Path, tmp_path: Path, job_
         assert b.get("eval_loss") == pytest.approx(a.get("eval_loss"), rel=1e-6)
     again = AutoModelForCausalLM.from_pretrained(str(out / "student")).state_dict()
     assert all(torch.equal(again[k], final[k]) for k in final)
+
+    # A resume replays the data stream: data edited since the start is refused, not silently trained on.
+    assert json.loads((out / "run.json").read_text())["data"] == str(Path(corpus).resolve())
+    stat = os.stat(corpus)
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # what an edit changes
+    try:
+        with pytest.raises(InputError, match="changed since the run started"):
+            run_job(None, out=str(out), steps=STEPS + 2, processes=2, resume=True, echo=lambda _: None)
+    finally:
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(InputError, match="keeps its own evaluation settings"):
+        run_job(None, out=str(out), resume=True, eval_data=corpus, echo=lambda _: None)
+    (out / "run.json").write_text("{")
+    with pytest.raises(InputError, match="run.json is damaged"):
+        run_job(None, out=str(out), steps=STEPS + 2, processes=2, resume=True, echo=lambda _: None)
 
 
 def test_zero3_student_offloaded_teacher_and_recompute(

@@ -163,6 +163,10 @@ def test_gpu_label_follows_the_memory(tmp_path):
         ({"hardware": {"interconnect": "carrier_pigeon"}}, "nvlink, pcie, infiniband, ethernet"),
         ({"methods": [{"name": "kd", "weight": float("nan")}]}, "'kd' weight must be a finite number"),
         ({"methods": [{"name": "kd", "weight": float("inf")}]}, "'kd' weight must be a finite number"),
+        ({"hardware": {"gpu_memory": float("nan")}}, "hardware.gpu_memory must be a size"),
+        ({"hardware": {"host_memory": float("inf")}}, "hardware.host_memory must be a size"),
+        ({"overrides": [1]}, "overrides must be a mapping"),
+        ({"hardware": {"gpu_memory": "8GiB", "gpu_memory_bytes": 1000}}, "twice, under two names"),
         (
             {"overrides": {"tensor_parallel": 2, "teacher_placement": "replicated"}},
             "overrides.tensor_parallel 2 splits the teacher, but overrides.teacher_placement is replicated",

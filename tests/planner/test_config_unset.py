@@ -49,3 +49,18 @@ def test_teacher_and_teachers_together_are_refused(tmp_path: Path) -> None:
     path.write_text("teacher: a\nteachers: [b]\nstudent: s\nmethods: [kd]\n")
     with pytest.raises(InputError, match="both teacher and teachers; keep one"):
         load_config(path)
+
+
+def test_gpus_flag_applies_before_the_files_batch_is_checked(tmp_path: Path) -> None:
+    """The file leaves hardware.gpus at 8, which does not divide its global batch of 4; --gpus 2 does."""
+    path = tmp_path / "small.yaml"
+    path.write_text(
+        "teacher: tiny-llama-teacher\nstudent: tiny-llama-student\nmethods: [kd]\n"
+        "training: {seq_len: 64, global_batch: 4}\n"
+    )
+    code, out = _plan(str(path), "--gpus", "2")
+    assert code == 0, out
+    code, out = _plan(str(path), "--gpus", "3")
+    assert code == 2 and "must be divisible by the number of GPUs (3)" in out
+    code, out = _plan(str(path), "--gpus", "3", "--global-batch", "6")
+    assert code == 0, out

@@ -279,3 +279,12 @@ def test_contradictory_loss_pins_name_the_reason():
     no_topk = replace(kd_only(), offline_ok=False)  # e.g. jsd: logits only, but not computable from a top-k
     with pytest.raises(InputError, match="not every loss here can be computed from a top-k"):
         candidates(config(overrides=Overrides(teacher_placement="offline")), STUDENT, (TEACHER,), no_topk)
+
+
+def test_a_micro_batch_that_does_not_divide_names_the_sizes_that_do():
+    with pytest.raises(
+        InputError, match=r"training.micro_batch 3 does not divide the per-GPU batch 2 .* 1, 2$"
+    ):
+        search(config(micro=(3,)), STUDENT, (TEACHER,), kd_only())
+    with pytest.raises(InputError, match=r"overrides.micro_batch 3 does not divide the per-GPU batch 2"):
+        search(config(overrides=Overrides(micro_batch=3)), STUDENT, (TEACHER,), kd_only())

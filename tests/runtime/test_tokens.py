@@ -4,6 +4,7 @@ ids as encoding each document alone, rebuilt when the source changes, and nothin
 from __future__ import annotations
 
 import json
+import os
 from itertools import islice
 from pathlib import Path
 
@@ -129,3 +130,42 @@ def test_id_width_follows_the_vocabulary() -> None:
     assert tokens.id_dtype(65536) == "uint16"  # ids 0..65535
     assert tokens.id_dtype(65537) == "uint32"
     assert tokens.id_dtype(128256) == "uint32"
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbffirst\nsecond\n")
+    assert read_documents(str(tmp_path / "bom.txt")) == ["first", "second"]
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a b c"}\n')
+    assert read_documents(str(tmp_path / "bom.jsonl")) == ["a b c"]
+
+
+def test_an_interrupted_tokenization_leaves_no_partial_file(tmp_path: Path, own_cache: Path) -> None:
+    """Ctrl-C or SIGTERM (which `gkd run` turns into an exception) while tokenizing: no partial file stays."""
+
+    def documents():
+        for i in range(3000):
+            if i == 1500:
+                raise KeyboardInterrupt
+            yield f"document {i}", 1
+
+    with pytest.raises(KeyboardInterrupt):
+        tokens.stored_tokens("k", documents, ByteTokenizer().encode_batch, eos_id=2, vocab_size=256)
+    assert list((own_cache / "tokens").iterdir()) == []
+
+
+def test_sigterm_while_preparing_the_data_exits_143(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from gkd.runtime import executor
+
+    def terminated(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the parent tokenizes
+
+    monkeypatch.setattr(executor, "_check_data", terminated)
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        executor.run_job(tiny, out=str(tmp_path / "out"), processes=2, echo=lambda _: None)
+    assert exit_info.value.code == 143
+    assert not (tmp_path / "out").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is gone again
