@@ -589,7 +589,7 @@ def _resume_job(
         raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
     try:
         previous = json.loads((out_path / "run.json").read_text())
-        previous["data"], previous["seed"], previous["steps"], previous["notes"]  # noqa: B018 (keys checked)
+        previous["data"], previous["seed"], previous["steps"]  # noqa: B018 (the keys a resume needs)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise InputError(
             f"{out_path / 'run.json'} is damaged (it records how the run started); a resume needs it whole"
@@ -636,7 +636,7 @@ def _resume_job(
         seed=previous["seed"],
         out=str(out_path),
         log_every=max(1, total // 10),
-        notes=tuple(previous["notes"]),
+        notes=tuple(previous.get("notes", ())),
         save_every=save_every or int(previous["save_every"]),
         keep_last=keep_last or int(previous.get("keep_last", 0)),
         start_step=start,
