@@ -195,6 +195,8 @@ class HardwareConfig:
         _positive(self.fragmentation, "hardware.fragmentation", allow_zero=True)
         if self.fragmentation >= 1:
             raise InputError(f"hardware.fragmentation is a fraction (0-1), got {self.fragmentation}")
+        if not isinstance(self.gpu_name, str):
+            raise InputError(f"hardware.gpu_name must be text, e.g. H100-SXM5-80GB, got {self.gpu_name!r}")
         if not isinstance(self.interconnect, str) or self.interconnect not in INTERCONNECTS:
             raise InputError(
                 f"hardware.interconnect {self.interconnect!r} is not one of {', '.join(INTERCONNECTS)}"
@@ -313,6 +315,11 @@ class Overrides:
         if self.recompute_layers is not None:
             for layer in self.recompute_layers:
                 _int(layer, "overrides.recompute_layers entry", minimum=0)
+            if len(set(self.recompute_layers)) != len(self.recompute_layers):
+                raise InputError(
+                    f"overrides.recompute_layers {list(self.recompute_layers)} names a layer twice; "
+                    "list each layer once"
+                )
         if self.student_offload == "optimizer+parameters" and self.student_zero_stage not in (None, 3):
             raise InputError(
                 "parameter offload needs ZeRO stage 3; set student_zero_stage: 3 or offload optimizer"
@@ -364,6 +371,8 @@ class Config:
             )
         if not self.methods:
             raise InputError("no methods given; add at least one, e.g. methods: [{name: kd}] or --methods kd")
+        if all(m.weight == 0 for m in self.methods):
+            raise InputError("every method has weight 0, so nothing would be learned; give one a weight > 0")
         self.training.per_gpu_batch(self.hardware.gpus)
         pinned, sizes = self.overrides.micro_batch, self.training.micro_batch
         if pinned is not None and sizes and pinned not in sizes:

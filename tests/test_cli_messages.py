@@ -46,3 +46,9 @@ def test_a_damaged_plan_is_named_a_plan(tmp_path: Path) -> None:
     plan.write_text(json.dumps(data))
     result = CliRunner().invoke(main, ["run", str(plan), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "not a gkd plan: keys ['schedule'] are missing" in result.output
+
+
+def test_an_empty_out_is_refused(tmp_path: Path) -> None:
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    result = CliRunner().invoke(main, ["run", tiny, "--out", ""])
+    assert result.exit_code == 2 and "--out is empty" in result.output

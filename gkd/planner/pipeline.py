@@ -166,6 +166,12 @@ def plan(config: Config) -> Plan:
     teachers, student = specs
     threshold = config.deepspeed.stage3_param_persistence_threshold
     seq = config.training.seq_len
+    topk, smallest = config.training.offline_topk, min(t.vocab for t in teachers)
+    if topk > smallest:
+        raise InputError(
+            f"frontend: training.offline_topk {topk} exceeds the teacher's vocabulary of {smallest}; use "
+            f"{smallest} or less"
+        )
     for spec in [*teachers, student]:
         if spec.max_positions and seq > spec.max_positions:
             raise InputError(

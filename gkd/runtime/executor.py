@@ -410,6 +410,8 @@ def _run_job(
             echo=echo,
         )
     seed = 0 if seed is None else seed
+    if out is not None and not out.strip():
+        raise InputError("--out is empty; name the output folder, or leave --out out for runs/run-<time>")
     out_path = Path(out) if out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     _check_out(out_path)
     if data is not None and not Path(data).exists():

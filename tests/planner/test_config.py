@@ -166,6 +166,9 @@ def test_gpu_label_follows_the_memory(tmp_path):
         ({"hardware": {"gpu_memory": float("nan")}}, "hardware.gpu_memory must be a size"),
         ({"hardware": {"host_memory": float("inf")}}, "hardware.host_memory must be a size"),
         ({"overrides": [1]}, "overrides must be a mapping"),
+        ({"overrides": {"recompute_layers": [0, 0]}}, "names a layer twice"),
+        ({"hardware": {"gpu_name": 5}}, "hardware.gpu_name must be text"),
+        ({"methods": [{"name": "kd", "weight": 0}]}, "every method has weight 0"),
         ({"hardware": {"gpu_memory": "8GiB", "gpu_memory_bytes": 1000}}, "twice, under two names"),
         (
             {"overrides": {"tensor_parallel": 2, "teacher_placement": "replicated"}},

@@ -64,3 +64,13 @@ def test_gpus_flag_applies_before_the_files_batch_is_checked(tmp_path: Path) -> 
     assert code == 2 and "must be divisible by the number of GPUs (3)" in out
     code, out = _plan(str(path), "--gpus", "3", "--global-batch", "6")
     assert code == 0, out
+
+
+def test_offline_topk_beyond_the_vocabulary_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "topk.yaml"
+    path.write_text(
+        "teacher: tiny-llama-teacher\nstudent: tiny-llama-student\nmethods: [kd]\n"
+        "hardware: {gpus: 2}\ntraining: {seq_len: 64, global_batch: 8, offline_topk: 100000}\n"
+    )
+    code, out = _plan(str(path))
+    assert code == 2 and "training.offline_topk 100000 exceeds the teacher's vocabulary of 256" in out
