@@ -229,6 +229,15 @@ class DeepSpeedSettings:
             raise InputError("deepspeed.reduce_bucket_size must be > 0 (DeepSpeed's default is 500000000)")
 
 
+class GlobalBatchError(InputError):
+    """training.global_batch is not divisible by the GPU count; `batch` is the global batch, so that a caller
+    with other flags than `gkd plan` (`gkd run`) can word its own fix."""
+
+    def __init__(self, batch: int, message: str) -> None:
+        super().__init__(message)
+        self.batch = batch
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
     """Sequence length, batch, precision and optimizer.
@@ -278,10 +287,11 @@ class TrainingConfig:
 
     def per_gpu_batch(self, gpus: int) -> int:
         if self.global_batch % gpus:
-            raise InputError(
+            raise GlobalBatchError(
+                self.global_batch,
                 f"training.global_batch ({self.global_batch}) must be divisible by the number of GPUs "
                 f"({gpus}); "
-                f"try --global-batch {max(gpus, self.global_batch - self.global_batch % gpus)}"
+                f"try --global-batch {max(gpus, self.global_batch - self.global_batch % gpus)}",
             )
         return self.global_batch // gpus
 

@@ -35,6 +35,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -384,7 +385,8 @@ def prepare_tokens(
     identity, total, documents = _source(source)
     key = hashlib.sha256(f"{identity}\n{tokenizer.identity()}".encode()).hexdigest()[:32]
     name = source if source is not None else "the built-in corpus"
-    with _tokenizing_bar(f"Tokenizing {name}", total, show_progress) as advance:
+    large = source is not None and (Path(source).expanduser().is_dir() or total >= _BAR_MIN_BYTES)
+    with _tokenizing_bar(f"Tokenizing {name}", total, show_progress and large) as advance:
         return stored_tokens(
             key,
             documents,
@@ -395,38 +397,24 @@ def prepare_tokens(
         )
 
 
-# Sources smaller than this tokenise in about a second: no bar.
-_BAR_MIN_UNITS = 16 << 20
+# Files smaller than this tokenise in about a second: no bar. (A dataset folder counts rows, not bytes: it
+# always gets one.)
+_BAR_MIN_BYTES = 16 << 20
 
 
-class _tokenizing_bar:  # noqa: N801 (used as a context manager, like a function)
-    """A transient rich bar on stderr when `enabled` and the source is large; yields the advance callback."""
+@contextlib.contextmanager
+def _tokenizing_bar(label: str, total: int, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    """A transient rich bar on stderr while the block runs, when `enabled`; yields its advance callback."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.bar: Any = None
-        if enabled and total >= _BAR_MIN_UNITS:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn(label),
-                BarColumn(),
-                TextColumn("{task.percentage:>3.0f}%"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self.task = self.bar.add_task(label, total=total)
-
-    def __enter__(self) -> Callable[[int], None] | None:
-        if self.bar is None:
-            return None
-        self.bar.start()
-        return lambda units: self.bar.advance(self.task, units)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    columns = (TextColumn(label), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda units: bar.advance(task, units)
 
 
 def batches(

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,7 +47,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,21 +162,16 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
     return plan
 
 
-# How gkd.config words a global batch that the GPU count does not divide (its fix names `gkd plan`'s flag).
-_BATCH_NOT_DIVISIBLE = "must be divisible by the number of GPUs"
-
-
 def _load_run_config(target: str, processes: int) -> Any:
     """The config at `target`, for a run whose GPU count is its number of processes (the file's own
     hardware.gpus need not divide its global batch); the fix for a global batch the processes do not divide
     names the config key, as `gkd run` has no --global-batch flag."""
-    from gkd.config import load_config
+    from gkd.config import GlobalBatchError, load_config
 
     try:
         return load_config(target, gpus=processes)
-    except InputError as err:
-        if _BATCH_NOT_DIVISIBLE in str(err):
-            _check_global_batch(load_config(target, gpus=1).training.global_batch, processes, target)
+    except GlobalBatchError as err:
+        _check_global_batch(err.batch, processes, target)
         raise
 
 
@@ -344,18 +340,24 @@ def _sigterm_raises() -> Iterator[None]:
         _sigterm_pid = previous_pid  # an enclosing _sigterm_raises (run_job's) stays in force
 
 
-def run_job(target: str | None, **kwargs: Any) -> Path:
-    """The body of `gkd run` (see the module docstring); returns OUT. SIGTERM at any point (while the data
-    is tokenized, too) runs the same clean-up as Ctrl-C and exits with 143."""
-    try:
-        with _sigterm_raises():
-            return _run_job(target, **kwargs)
-    except _Terminated:
-        click.echo("gkd: stopped by SIGTERM", err=True)
-        sys.exit(_TERMINATED)
+def _stops_on_sigterm(fn: Callable[..., Path]) -> Callable[..., Path]:
+    """SIGTERM at any point of `fn` (while the data is tokenized, too) runs the same clean-up as Ctrl-C and
+    exits with 143 after one line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Path:
+        try:
+            with _sigterm_raises():
+                return fn(*args, **kwargs)
+        except _Terminated:
+            click.echo("gkd: stopped by SIGTERM", err=True)
+            sys.exit(_TERMINATED)
+
+    return wrapper
 
 
-def _run_job(
+@_stops_on_sigterm
+def run_job(
     target: str | None,
     *,
     data: str | None = None,
@@ -371,6 +373,7 @@ def _run_job(
     eval_batches: int = 8,
     echo: Any = click.echo,
 ) -> Path:
+    """The body of `gkd run` (see the module docstring); returns OUT."""
     import torch
 
     from gkd.runtime.engines import available_host_memory, check_host_memory, check_supported, has_weights
