@@ -1,7 +1,7 @@
 """The offline teacher pass (`"teacher_placement": "offline"`): the teachers' top-k log-probs for every
 micro-batch of the run, written once before training and read back per micro-batch instead of running them.
 
-Usage (one rank of `gkd.runtime.executor.train_worker`):
+Usage (one rank of `gkd.runtime.worker.train_worker`):
     served = stored_taps(resolved)                    # per teacher: tap names, temperature
     write_pass(teacher, served[0], stream, records=steps * accum, k=64, folder=OUT/topk, rank=r, index=0)
     reader = TopKReader(OUT/topk, rank=r, index=0)

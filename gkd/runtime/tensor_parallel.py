@@ -2,7 +2,7 @@
 over groups of `tp` consecutive ranks by DeepSpeed's automatic tensor parallelism, each group running one
 copy on the micro-batches of all its ranks.
 
-Usage (one rank of `gkd.runtime.executor.train_worker`, every rank in the same order):
+Usage (one rank of `gkd.runtime.worker.train_worker`, every rank in the same order):
     teacher = place_tensor_parallel(model, tp=2, dtype=torch.bfloat16)   # a TensorParallelTeacher
     taps = teacher.run_taps({"logits", "q[3]"}, inputs)                  # this rank's rows, whole heads
 

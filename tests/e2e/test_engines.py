@@ -189,13 +189,13 @@ def test_cpu_run_refuses_models_that_cannot_fit_in_host_memory(tiny_plan):
 
 
 def test_an_offline_pass_that_cannot_fit_on_disk_is_refused(tiny_plan: Plan, tmp_path: Path) -> None:
-    from gkd.runtime.executor import _check_offline_disk
+    from gkd.runtime.checks import check_offline_disk
 
     offline = _with(tiny_plan, teacher_placement="offline")
-    _check_offline_disk(offline, tmp_path / "out", steps=4, world=2)  # a few KiB
-    _check_offline_disk(tiny_plan, tmp_path / "out", steps=10**15, world=2)  # a live teacher stores nothing
+    check_offline_disk(offline, tmp_path / "out", steps=4, world=2)  # a few KiB
+    check_offline_disk(tiny_plan, tmp_path / "out", steps=10**15, world=2)  # a live teacher stores nothing
     with pytest.raises(InputError, match="offline_topk or --steps"):
-        _check_offline_disk(offline, tmp_path / "a" / "b" / "out", steps=10**15, world=2)
+        check_offline_disk(offline, tmp_path / "a" / "b" / "out", steps=10**15, world=2)
 
 
 def test_a_config_is_planned_among_the_placements_the_runtime_runs(
@@ -206,7 +206,7 @@ def test_a_config_is_planned_among_the_placements_the_runtime_runs(
     import json
 
     import gkd.planner.pipeline as pipeline
-    from gkd.runtime.executor import load_or_plan
+    from gkd.runtime.checks import load_or_plan
 
     seen = []
     monkeypatch.setattr(pipeline, "plan", lambda config: seen.append(config) or tiny_plan)

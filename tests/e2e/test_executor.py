@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import gkd.runtime.checks as checks
 import gkd.runtime.executor as executor
 from gkd.config import Config
 from gkd.errors import InputError
@@ -76,4 +77,4 @@ def test_out_must_be_new_and_plans_must_match(plan_file: Path, tmp_path: Path) -
     with pytest.raises(InputError, match="exists and is not empty"):
         _run(plan_file, taken)
     with pytest.raises(InputError, match="made for 2 GPUs but this run has 4 processes"):
-        executor.load_or_plan(str(plan_file), processes=4, echo=lambda _: None)
+        checks.load_or_plan(str(plan_file), processes=4, echo=lambda _: None)

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import gkd.runtime.executor as executor
+import gkd.runtime.signals as signals
 from gkd.cli import main
 from gkd.config import Config
 from gkd.planner.pipeline import plan as make_plan
@@ -237,7 +238,7 @@ def test_sigterm_after_a_checkpoint_publishes_out_to_resume(
 
 
 def test_a_forked_worker_keeps_the_default_sigterm_action() -> None:
-    with executor._sigterm_raises():
+    with signals.sigterm_raises():
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
         pid = os.fork()
         if pid == 0:  # the child: as a worker forked by the launcher

@@ -11,7 +11,7 @@ import pytest
 from gkd.config import apply_flags, default_config, load_config
 from gkd.models import resolve_model
 from gkd.planner.pipeline import plan
-from gkd.runtime.executor import _tensor_parallel_blocker
+from gkd.runtime.checks import tensor_parallel_blocker
 
 
 def _model_files(folder: Path) -> None:
@@ -34,7 +34,7 @@ def test_config_relative_paths_run_from_another_folder(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     config = apply_flags(load_config(str(job)), gpus=2)
-    assert _tensor_parallel_blocker(config) is None  # opened the teacher through the config's folder
+    assert tensor_parallel_blocker(config) is None  # opened the teacher through the config's folder
     stored = plan(config).inputs["config"]
     assert stored["teachers"] == [str(tmp_path / "job" / "teacher.json")]
     assert stored["student"] == str(tmp_path / "job" / "student.json")

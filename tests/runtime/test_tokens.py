@@ -161,7 +161,7 @@ def test_sigterm_while_preparing_the_data_exits_143(tmp_path: Path, monkeypatch:
     def terminated(*args: object, **kwargs: object) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the parent tokenizes
 
-    monkeypatch.setattr(executor, "_check_data", terminated)
+    monkeypatch.setattr(executor, "check_data", terminated)
     tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,227 @@
+"""What `gkd run`'s parent checks before any worker starts: the plan (read, or made for this run's processes),
+the output folder, the data and tokenizer (tokenised here, once, for all workers), the weight files, the
+offline pass's disk. Each failure is an InputError (exit 2, one line) or DoesNotFitError (exit 1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gkd.errors import DoesNotFitError, InputError
+from gkd.planner.plan import Plan, human_bytes
+
+
+def _is_plan_file(path: Path) -> bool:
+    if path.suffix != ".json":
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    # Any key only a plan has makes it one (a damaged plan then gets the plan reader's message, not the
+    # config reader's list of unknown keys).
+    return isinstance(data, dict) and bool(_PLAN_ONLY_KEYS & set(data))
+
+
+_PLAN_ONLY_KEYS = frozenset({"strategy", "schedule", "inputs", "alternatives", "provenance", "peak_bytes"})
+
+
+def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) -> Plan:
+    """The plan to run: read from a plan file (its GPU count must be the world size), or planned from a config
+    (or the headline job when `target` is None) for `processes` GPUs."""
+    from gkd.config import apply_flags, default_config
+
+    if target is not None:
+        path = Path(target)
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise InputError(f"{target} {what}; give a config (YAML or JSON) or a plan from `gkd plan -o`")
+        if _is_plan_file(path):
+            plan = Plan.from_json(path.read_text())
+            gpus = int(plan.inputs.get("config", {}).get("hardware", {}).get("gpus", 0))
+            if gpus != processes:
+                raise InputError(
+                    f"the plan {target} was made for {gpus} GPUs but this run has {processes} processes; "
+                    f"re-plan with `gkd plan CONFIG --gpus {processes} -o plan.json` or run with "
+                    f"--processes {gpus}"
+                )
+            if not plan.fits:
+                raise DoesNotFitError(
+                    f"the plan {target} does not fit: peak {human_bytes(plan.peak_bytes)} per GPU exceeds "
+                    f"{human_bytes(plan.budget_bytes)}; `gkd plan` lists the smallest changes that fit"
+                )
+            return plan
+    from gkd.planner.pipeline import plan as make_plan
+
+    config = _load_run_config(target, processes) if target is not None else default_config()
+    _check_global_batch(config.training.global_batch, processes, target)
+    config = apply_flags(config, gpus=processes)
+    ov = config.overrides
+    note = ""
+    reason = tensor_parallel_blocker(config)
+    if reason and ov.tensor_parallel is None and ov.teacher_placement != "tensor_parallel":
+        # Plan among the placements this runtime can run for these teachers, so a config always gets the
+        # best plan `gkd run` executes (a pinned tensor-parallel teacher is refused with the fix).
+        config = dataclasses.replace(config, overrides=dataclasses.replace(ov, tensor_parallel=1))
+        note = f"; tensor-parallel teachers left out: {reason}"
+    echo(f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}{note}).")
+    plan = make_plan(config)
+    if not plan.fits:
+        command = " ".join(["gkd plan", *([target] if target else []), f"--gpus {processes}"])
+        raise DoesNotFitError(
+            f"the job does not fit: peak {human_bytes(plan.peak_bytes)} per GPU exceeds "
+            f"{human_bytes(plan.budget_bytes)}; `{command}` lists the smallest changes that fit"
+        )
+    return plan
+
+
+def _load_run_config(target: str, processes: int) -> Any:
+    """The config at `target`, for a run whose GPU count is its number of processes (the file's own
+    hardware.gpus need not divide its global batch); the fix for a global batch the processes do not divide
+    names the config key, as `gkd run` has no --global-batch flag."""
+    from gkd.config import GlobalBatchError, load_config
+
+    try:
+        return load_config(target, gpus=processes)
+    except GlobalBatchError as err:
+        _check_global_batch(err.batch, processes, target)
+        raise
+
+
+def _check_global_batch(batch: int, processes: int, target: str | None) -> None:
+    """The run's processes must divide the global batch; the fix names the config key, as `gkd run` has no
+    --global-batch flag."""
+    if batch % processes:
+        fewer = max(n for n in range(1, processes) if batch % n == 0)
+        raise InputError(
+            f"training.global_batch ({batch}) of {target or 'the headline job'} must be divisible by this "
+            f"run's {processes} processes; set training.global_batch in the config to a multiple of "
+            f"{processes} (e.g. {batch + processes - batch % processes}) or run with --processes {fewer}"
+        )
+
+
+def tensor_parallel_blocker(config: Any) -> str | None:
+    """Why none of the tensor-parallel degrees the planner may pick can run these teachers, or None."""
+    from gkd.planner.search import tensor_parallel_degrees
+    from gkd.planner.specs import load_spec
+    from gkd.runtime.tensor_parallel import unsupported_reason
+
+    specs = [load_spec(config.model_path(ref)) for ref in config.teachers]
+    for tp in tensor_parallel_degrees(config.hardware.local_gpus, [s.heads for s in specs]):
+        for spec in specs:
+            reason = unsupported_reason(spec.model_type, spec.kv_heads, tp)
+            if reason:
+                return f"{spec.name}: {reason}"
+    return None
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; name a new or empty folder")
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"output folder {out} exists and is not empty; choose another --out or remove it")
+    # The folders above OUT are created as needed: the nearest one that exists must be writable.
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write in {parent}; choose a writable --out")
+
+
+def check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: Any = click.echo) -> Any:
+    """Open the data source and tokenizer as the workers will, so bad data fails before any process starts;
+    a source not seen before is tokenised here, once, for all of them (see gkd.runtime.tokens). Returns the
+    source's stored ids (a TokenFile)."""
+    from gkd.planner.specs import load_spec
+    from gkd.runtime.data import batches, load_tokenizer, prepare_tokens
+
+    config = plan.inputs["config"]
+    t_ref, s_ref = config["teachers"][0], config["student"]
+    t_spec, s_spec = load_spec(t_ref), load_spec(s_ref)
+    tokenizer = load_tokenizer(t_ref, t_spec)
+    for spec in (s_spec, *(load_spec(r) for r in config["teachers"])):
+        if tokenizer.vocab_size > spec.vocab:
+            raise InputError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but {spec.name} has a vocabulary of "
+                f"{spec.vocab}; distil models that share the teacher's tokenizer"
+            )
+    stored, built = prepare_tokens(data, tokenizer, show_progress=True)
+    if built and data is not None:
+        echo(
+            f"Tokenized {data}: {stored.documents:,} documents, {stored.tokens:,} tokens "
+            f"(stored in {stored.path})"
+        )
+    batches(
+        data,
+        tokenizer,
+        seq_len=int(config["training"]["seq_len"]),
+        micro_batch=plan.strategy.micro_batch,
+        objective="mlm" if s_spec.is_encoder else "causal",
+        rank=0,
+        world=processes,
+        seed=seed,
+    )
+    return stored
+
+
+def eval_batches_in_one_pass(plan: Plan, stored: Any, world: int) -> int:
+    """The micro-batches per rank that the held-out source holds without repeating a row (the rows of one
+    shuffled pass, split over the ranks; see gkd.runtime.data)."""
+    rows = stored.tokens // int(plan.inputs["config"]["training"]["seq_len"])
+    return max(1, rows // (world * plan.strategy.micro_batch))
+
+
+def check_weight_files(plan: Plan) -> None:
+    """The weight files of every model given as a checkpoint folder, checked against its config.json before
+    any worker loads them (headers only; `gkd.runtime.engines.check_weights`)."""
+    from gkd.planner.specs import load_spec
+    from gkd.runtime.engines import check_weights, has_weights
+
+    config = plan.inputs["config"]
+    for ref in dict.fromkeys([*config["teachers"], config["student"]]):
+        if has_weights(ref):
+            check_weights(ref, load_spec(ref))
+
+
+def tokenizer_note(ref: str) -> str | None:
+    """A note when the teacher whose tokenizer the run reads has weights but no tokenizer files: the data is
+    then encoded with the built-in byte tokenizer, which is not what the teacher was trained with."""
+    from gkd.runtime.data import _TOKENIZER_FILES, _tokenizer_folder
+    from gkd.runtime.engines import has_weights
+
+    if not has_weights(ref) or _tokenizer_folder(ref) is not None:
+        return None
+    return (
+        f"teacher {ref} has weights but no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...): the "
+        "data is encoded with the built-in byte tokenizer, not the teacher's own; copy its tokenizer files "
+        "into that folder"
+    )
+
+
+def check_offline_disk(plan: Plan, out: Path, *, steps: int, world: int) -> None:
+    """An offline teacher pass stores k int32 indices and k bfloat16 log-probs per token of every micro-batch
+    of every rank (`gkd.runtime.offline`): refuse a run whose disk next to OUT cannot hold them."""
+    if plan.strategy.teacher_placement != "offline":
+        return
+    from gkd.runtime.offline import ENTRY_BYTES
+
+    training = plan.inputs["config"]["training"]
+    k = int(training.get("offline_topk", 64))
+    tokens = steps * plan.strategy.grad_accum * plan.strategy.micro_batch * int(training["seq_len"])
+    need = tokens * k * ENTRY_BYTES * world * len(plan.inputs["config"]["teachers"])
+    where = out.resolve().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise InputError(
+            f"the offline teacher pass stores {human_bytes(need)} of top-k log-probs under OUT, but {where} "
+            f"has {human_bytes(free)} free; free some disk, lower training.offline_topk or --steps, or "
+            "choose a live teacher placement"
+        )

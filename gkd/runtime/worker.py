@@ -1,0 +1,318 @@
+"""One rank of `gkd run` (`train_worker`): builds and places the models, runs the offline teacher pass
+when the plan has one, then the training loop (see gkd.runtime.executor), evaluation, checkpoints and the
+final save."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gkd.planner.plan import Plan, human_bytes
+from gkd.runtime.checkpoints import CHECKPOINTS, prune_checkpoints, restore_checkpoint, save_checkpoint
+from gkd.runtime.save import copy_tokenizer, save_student
+from gkd.runtime.settings import RunSettings, write_run_json
+
+
+def peak_memory_bytes(device: Any) -> tuple[int, str]:
+    """This process's peak memory and what it measures: CUDA max_memory_allocated, or the peak RSS on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss"
+
+
+def term_names(resolved: Any) -> list[str]:
+    """The names of the loss terms a resolved method set reports, in order."""
+    return [f"{t.method}.{t.name}" for t in resolved.loss_terms]
+
+
+class _Phases:
+    """One line per phase of a worker's start (rank 0 only), each saying how long the previous one took: a
+    large teacher can take minutes to load, and the run must not look stuck meanwhile."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.since = time.perf_counter()
+
+    def start(self, what: str) -> None:
+        now = time.perf_counter()
+        if self.enabled:
+            print(f"[{now - self.since:5.1f} s] {what}", flush=True)
+
+
+class _Progress:
+    """A rich progress bar on a terminal, else one line every `every` steps (rank 0 only)."""
+
+    def __init__(self, total: int, every: int, enabled: bool) -> None:
+        self.total, self.every, self.bar = total, every, None
+        self.enabled = enabled
+        self.last_eval = ""  # the latest evaluation, kept on the bar
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("run", total=total, info="")
+
+    def skip(self, steps: int) -> None:
+        """Count steps done before a resume."""
+        if self.bar is not None and steps:
+            self.bar.update(self.task, advance=steps)
+
+    def update(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
+        if "eval_loss" in row:
+            self.last_eval = f"  eval {row['eval_loss']:.4f}"
+            info += self.last_eval
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info + ("" if "eval_loss" in row else self.last_eval))
+        elif row["step"] % self.every == 0 or row["step"] == self.total or "eval_loss" in row:
+            print(
+                f"step {row['step']}/{self.total}  {info}  peak {human_bytes(row['peak_memory_bytes'])}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -> None:
+    """One rank of the run (see the module docstring)."""
+    import torch
+    import torch.distributed as dist
+    from transformers.utils import logging as hf_logging
+
+    from gkd.runtime.data import batches, load_tokenizer
+    from gkd.runtime.engines import build_models, make_engines
+    from gkd.runtime.offline import TOPK_DIR, stored_taps
+
+    hf_logging.disable_progress_bar()  # the save's shard bar; the run prints its own progress
+    plan = Plan.from_json(plan_json)
+    config = plan.inputs["config"]
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    phase = _Phases(enabled=rank == 0)
+    phase.start(f"loading the models ({', '.join(config['teachers'])} -> {config['student']})")
+    models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
+    tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
+
+    def data_stream(source: str | None = settings.data) -> Any:
+        return batches(
+            source,
+            tokenizer,
+            seq_len=int(config["training"]["seq_len"]),
+            micro_batch=plan.strategy.micro_batch,
+            objective="mlm" if models.student_spec.is_encoder else "causal",
+            rank=rank,
+            world=world,
+            seed=settings.seed,
+        )
+
+    out = Path(settings.out)
+    accum = plan.strategy.grad_accum
+    readers: list[Any] = []
+    if plan.strategy.teacher_placement == "offline":
+        # Before the student engine exists: the pass and training never hold both (as the plan has it).
+        phase.start("the offline teacher pass")
+        readers = _offline_pass(models, plan, settings, data_stream, rank=rank, world=world, device=device)
+    phase.start("setting up the DeepSpeed engines")
+    engines = make_engines(models, plan, device=device)
+    engine, module = engines.student, engines.module
+    module.tap_loss = plan.strategy.tap_loss  # layerwise: tap terms run (and free teacher taps) mid-forward
+    served = stored_taps(models.resolver.at(0)) if readers else []
+    stream = data_stream()
+    if settings.resume_tag:
+        restore_checkpoint(engine, out / CHECKPOINTS, settings.resume_tag, rank=rank)
+        for _ in range(settings.start_step * accum):  # the data stream is deterministic: skip what was done
+            next(stream)
+    log = (out / "log.jsonl").open("a") if rank == 0 else None
+    phase.start("training")
+    progress = _Progress(settings.steps, settings.log_every, enabled=rank == 0)
+    progress.skip(settings.start_step)
+    engine.train()
+    try:
+        for step in range(settings.start_step, settings.steps):
+            resolved = models.resolver.at(step)
+            names = term_names(resolved)
+            start = time.perf_counter()
+            # Sums over this rank's micro-batches: total loss, each term, tokens.
+            sums = torch.zeros(2 + len(names), dtype=torch.float64)
+            for micro in range(accum):
+                batch = {k: v.to(device) for k, v in next(stream).items()}
+                module.resolved, module.step, module.total_steps = resolved, step, settings.steps
+                if readers:  # this micro-batch's record of the offline teacher pass
+                    record = step * accum + micro
+                    module.stored = [
+                        dict.fromkeys(s.names, r.read(record)) for s, r in zip(served, readers, strict=True)
+                    ]
+                total, terms = engine(batch)
+                engine.backward(total)
+                engine.step()
+                sums[0] += float(total.detach().float())
+                for j, name in enumerate(names):
+                    if name in terms:
+                        sums[1 + j] += float(terms[name].detach().float())
+                sums[-1] += float(batch["attention_mask"].sum())
+            sums = sums.to(device)  # nccl reduces device tensors only
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+            seconds = time.perf_counter() - start
+            peak, source = peak_memory_bytes(device)
+            peak_t = torch.tensor([peak], dtype=torch.int64, device=device)
+            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+            n = world * accum
+            row = {
+                "step": step + 1,
+                "loss": sums[0].item() / n,
+                "terms": {name: sums[1 + j].item() / n for j, name in enumerate(names)},
+                "tokens": int(sums[-1].item()),
+                "seconds": round(seconds, 4),
+                "tokens_per_s": round(sums[-1].item() / seconds, 1),
+                "peak_memory_bytes": int(peak_t.item()),
+                "memory_source": source,
+            }
+            if not math.isfinite(row["loss"]):
+                raise RuntimeError(f"the loss is {row['loss']} at step {step + 1}")
+            last = step + 1 == settings.steps
+            due = settings.eval_every and (step + 1) % settings.eval_every == 0
+            if settings.eval_data is not None and (last or due):
+                held_out = data_stream(settings.eval_data)  # the same micro-batches at every evaluation
+                row["eval_loss"] = evaluate(engine, module.student, held_out, settings.eval_batches, device)
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            progress.update(row)
+            if settings.save_every and (step + 1) % settings.save_every == 0:
+                save_checkpoint(engine, out / CHECKPOINTS, step + 1, rank=rank)
+                if settings.keep_last:
+                    dist.barrier()  # every rank has written its part before any is removed
+                    if rank == 0:
+                        prune_checkpoints(out / CHECKPOINTS, settings.keep_last)
+                if rank == 0:
+                    write_run_json(out, settings, plan, world, completed=step + 1)
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+    save_student(engines, out / "student", rank=rank, zero_stage=plan.strategy.student_zero_stage)
+    if rank == 0:
+        copy_tokenizer(config["teachers"][0], out / "student")
+    if readers:
+        readers.clear()  # closes the memory maps before the folder goes
+        dist.barrier()
+        if rank == 0:  # the stored top-k is only needed to resume, and this run is done
+            shutil.rmtree(out / TOPK_DIR, ignore_errors=True)
+    if rank == 0:
+        write_run_json(out, settings, plan, world, completed=settings.steps)
+
+
+def evaluate(engine: Any, student: Any, stream: Any, n: int, device: Any) -> float:
+    """The student's own loss (its LM or MLM cross-entropy on the batch's labels) on the next `n`
+    micro-batches of `stream`, averaged over them and all ranks; in eval mode and without gradients."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    total = torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(n):
+            batch = next(stream)
+            inputs = {
+                "input_ids": batch["input_ids"].to(device),
+                "attention_mask": batch["attention_mask"].long().to(device),
+                "labels": batch["labels"].to(device),
+            }
+            if getattr(student.config, "use_cache", False):
+                inputs["use_cache"] = False
+            total += float(student(**inputs).loss.float())
+    engine.train()
+    total = total.to(device)
+    dist.all_reduce(total)
+    return total.item() / (n * dist.get_world_size())
+
+
+def _offline_pass(
+    models: Any, plan: Plan, settings: RunSettings, data_stream: Any, *, rank: int, world: int, device: Any
+) -> list[Any]:
+    """Run the offline teacher pass of this rank (or find it done, for a resumed run), free the teachers and
+    return one top-k reader per teacher (see `gkd.runtime.offline`)."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from gkd.runtime.engines import place_teacher
+    from gkd.runtime.offline import (
+        TOPK_DIR,
+        OfflineTeacher,
+        TopKReader,
+        pass_is_done,
+        stored_taps,
+        write_pass,
+    )
+
+    folder = Path(settings.out) / TOPK_DIR
+    served = stored_taps(models.resolver.at(0))
+    k = int(plan.inputs["config"]["training"].get("offline_topk", 64))
+    records = settings.steps * plan.strategy.grad_accum
+    done = all(
+        pass_is_done(folder, rank=rank, index=i, records=records, k=k, temperature=s.temperature)
+        for i, s in enumerate(served)
+    )
+    # Every rank redoes the pass unless all are done: a ZeRO-3 teacher's forward is a collective.
+    flag = torch.tensor([1 if done else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not int(flag.item()):
+        start = time.perf_counter()
+        if rank == 0:
+            print(f"Offline teacher pass: top-{k} log-probs of {records} micro-batches per rank", flush=True)
+        placement = plan.strategy.offline_teacher_placement or "replicated"
+        size = 0
+        every = max(1, records // 10)
+
+        def progress(done: int, teacher: int) -> None:
+            # A teacher pass over the whole run can take long: rank 0 reports every tenth of it.
+            if rank == 0 and (done % every == 0 or done == records):
+                seconds = time.perf_counter() - start
+                print(f"  teacher {teacher}: {done}/{records} micro-batches, {seconds:.0f} s", flush=True)
+
+        for i, (teacher, s) in enumerate(zip(models.teachers, served, strict=True)):
+            module, t_engine = place_teacher(teacher, plan.deepspeed["teachers"][i], placement, device=device)
+            size += write_pass(
+                module,
+                s,
+                data_stream(),
+                records=records,
+                k=k,
+                folder=folder,
+                rank=rank,
+                index=i,
+                device=device,
+                progress=lambda done, i=i: progress(done, i),
+            )
+            if t_engine is not None:
+                t_engine.destroy()
+            del module, t_engine
+        dist.barrier()
+        if rank == 0:
+            seconds = time.perf_counter() - start
+            print(f"Offline teacher pass done: {human_bytes(size)} per rank in {seconds:.1f} s", flush=True)
+    models.teachers = [OfflineTeacher() for _ in models.teachers]
+    gc.collect()
+    return [TopKReader(folder, rank=rank, index=i, device=device) for i in range(len(served))]
