@@ -39,6 +39,10 @@ from gkd.config import OPTIMIZERS, DeepSpeedSettings, HardwareConfig
 
 BYTES_BF16 = 2
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor
+# The final save (gkd.runtime.save) writes the student in safetensors shards of at most this many bytes,
+# gathered to rank 0 one module at a time: rank 0's host holds at most one shard (plus the module being
+# gathered), whatever the student's size. The plan's host memory counts this save peak.
+SAVE_SHARD_BYTES = 2 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
