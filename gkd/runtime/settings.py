@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gkd.planner.plan import Plan
 
@@ -30,8 +31,18 @@ class RunSettings:
     data_tokens: str = ""  # the stored ids' file name: it changes when the data or its tokenizer does
 
 
-def write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int, *, completed: int) -> None:
-    """OUT/run.json: how the run was started (what a resume reuses) and how far it got."""
+def write_run_json(
+    folder: Path,
+    settings: RunSettings,
+    plan: Plan,
+    world: int,
+    *,
+    completed: int,
+    memory: dict[str, Any] | None = None,
+) -> None:
+    """OUT/run.json: how the run was started (what a resume reuses), how far it got and, once steps ran, its
+    memory: the plan's predicted device and host peaks against the measured ones, with the error |predicted -
+    measured| / measured (`gkd.runtime.memory.MemoryRecord.summary`)."""
     summary = {
         "steps": settings.steps,
         "completed_steps": completed,
@@ -49,4 +60,6 @@ def write_run_json(folder: Path, settings: RunSettings, plan: Plan, world: int, 
         "tap_loss_executed": plan.strategy.tap_loss,
         "notes": list(settings.notes),
     }
+    if memory is not None:
+        summary["memory"] = memory
     (folder / "run.json").write_text(json.dumps(summary, indent=2))

@@ -13,20 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from gkd.planner.plan import Plan, human_bytes
-from gkd.runtime.checkpoints import CHECKPOINTS, prune_checkpoints, restore_checkpoint, save_checkpoint
+from gkd.runtime.checkpoints import (
+    CHECKPOINTS,
+    maybe_die,
+    prune_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from gkd.runtime.memory import MemoryRecord, StepMemory, host_memory, predicted_device_bytes
 from gkd.runtime.save import copy_tokenizer, save_student
 from gkd.runtime.settings import RunSettings, write_run_json
 
 
-def peak_memory_bytes(device: Any) -> tuple[int, str]:
-    """This process's peak memory and what it measures: CUDA max_memory_allocated, or the peak RSS on CPU."""
+def gather_ints(values: list[int], device: Any) -> list[list[int]]:
+    """Each rank's `values` (as many on every rank) on every rank: [rank 0's, rank 1's, ...]."""
     import torch
+    import torch.distributed as dist
 
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss"
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [[int(v) for v in part.cpu().tolist()] for part in parts]
 
 
 def term_names(resolved: Any) -> list[str]:
@@ -101,12 +108,13 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
 
     from gkd.runtime.data import batches, load_tokenizer
     from gkd.runtime.engines import build_models, make_engines
-    from gkd.runtime.offline import TOPK_DIR, stored_taps
+    from gkd.runtime.offline import TOPK_DIR, OfflineTeacher, stored_taps
 
     hf_logging.disable_progress_bar()  # the save's shard bar; the run prints its own progress
     plan = Plan.from_json(plan_json)
     config = plan.inputs["config"]
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    host_start = host_memory()  # the process before any model: the footprint the plan's host bytes add to
     phase = _Phases(enabled=rank == 0)
     phase.start(f"loading the models ({', '.join(config['teachers'])} -> {config['student']})")
     models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
@@ -127,10 +135,13 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     out = Path(settings.out)
     accum = plan.strategy.grad_accum
     readers: list[Any] = []
-    if plan.strategy.teacher_placement == "offline":
+    if plan.strategy.teacher_placement == "offline" and settings.start_step < settings.steps:
         # Before the student engine exists: the pass and training never hold both (as the plan has it).
         phase.start("the offline teacher pass")
         readers = _offline_pass(models, plan, settings, data_stream, rank=rank, world=world, device=device)
+    elif plan.strategy.teacher_placement == "offline":
+        # A resume that only saves the student (every step done): no step reads the teacher.
+        models.teachers = [OfflineTeacher() for _ in models.teachers]
     phase.start("setting up the DeepSpeed engines")
     engines = make_engines(models, plan, device=device)
     engine, module = engines.student, engines.module
@@ -138,10 +149,19 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     served = stored_taps(models.resolver.at(0)) if readers else []
     stream = data_stream()
     if settings.resume_tag:
-        restore_checkpoint(engine, out / CHECKPOINTS, settings.resume_tag, rank=rank)
-        for _ in range(settings.start_step * accum):  # the data stream is deterministic: skip what was done
+        position = restore_checkpoint(engine, out / CHECKPOINTS, settings.resume_tag, rank=rank)
+        for _ in range(position):  # the data stream is deterministic: skip what was done
             next(stream)
     log = (out / "log.jsonl").open("a") if rank == 0 else None
+    # Measured memory against the plan (gkd.runtime.memory): from here on, per step and per rank.
+    meter = StepMemory(device, every=settings.log_every)
+    meter.start()
+    host_load = host_memory()  # the models built, placed (and restored)
+    pss = gather_ints([host_start.pss if host_start else 0, host_load.pss if host_load else 0], device)
+    start_pss, load_pss = [r[0] for r in pss], [r[1] for r in pss]
+    record = MemoryRecord(
+        plan, start_pss=start_pss, load_pss=load_pss, cpu=device.type == "cpu", source=meter.source
+    )
     phase.start("training")
     progress = _Progress(settings.steps, settings.log_every, enabled=rank == 0)
     progress.skip(settings.start_step)
@@ -153,6 +173,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             start = time.perf_counter()
             # Sums over this rank's micro-batches: total loss, each term, tokens.
             sums = torch.zeros(2 + len(names), dtype=torch.float64)
+            meter.begin(step, last=step + 1 == settings.steps)
             for micro in range(accum):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
                 module.resolved, module.step, module.total_steps = resolved, step, settings.steps
@@ -169,13 +190,20 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
                     if name in terms:
                         sums[1 + j] += float(terms[name].detach().float())
                 sums[-1] += float(batch["attention_mask"].sum())
+            meter.end()
             sums = sums.to(device)  # nccl reduces device tensors only
             dist.all_reduce(sums)
             sums = sums.cpu()
             seconds = time.perf_counter() - start
-            peak, source = peak_memory_bytes(device)
-            peak_t = torch.tensor([peak], dtype=torch.int64, device=device)
-            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+            host = host_memory()
+            figures = meter.row()
+            per_rank = gather_ints(
+                [*figures.values(), host.pss if host else 0, host.uss if host else 0], device
+            )
+            memory = {"predicted_device_bytes": predicted_device_bytes(plan)}
+            for i, key in enumerate([*figures, "host_pss_bytes", "host_uss_bytes"]):
+                memory[key] = [r[i] for r in per_rank]
+            record.add(memory["device_peak_bytes"], memory["host_pss_bytes"])
             n = world * accum
             row = {
                 "step": step + 1,
@@ -184,8 +212,9 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
                 "tokens": int(sums[-1].item()),
                 "seconds": round(seconds, 4),
                 "tokens_per_s": round(sums[-1].item() / seconds, 1),
-                "peak_memory_bytes": int(peak_t.item()),
-                "memory_source": source,
+                "peak_memory_bytes": max(memory["device_peak_bytes"]),
+                "memory_source": meter.source,
+                "memory": memory,
             }
             if not math.isfinite(row["loss"]):
                 raise RuntimeError(f"the loss is {row['loss']} at step {step + 1}")
@@ -199,27 +228,41 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
                 log.flush()
             progress.update(row)
             if settings.save_every and (step + 1) % settings.save_every == 0:
-                save_checkpoint(engine, out / CHECKPOINTS, step + 1, rank=rank)
-                if settings.keep_last:
-                    dist.barrier()  # every rank has written its part before any is removed
-                    if rank == 0:
-                        prune_checkpoints(out / CHECKPOINTS, settings.keep_last)
-                if rank == 0:
-                    write_run_json(out, settings, plan, world, completed=step + 1)
+                # Complete or absent, whatever moment a rank dies at (gkd.runtime.checkpoints); every rank
+                # has passed its last barrier when it returns.
+                save_checkpoint(
+                    engine,
+                    out / CHECKPOINTS,
+                    step + 1,
+                    rank=rank,
+                    world=world,
+                    micro_batches=(step + 1) * accum,
+                )
+                if settings.keep_last and rank == 0:
+                    prune_checkpoints(out / CHECKPOINTS, settings.keep_last)
+                if rank == 0 and step + 1 < settings.steps:  # completed_steps = steps: the student is saved
+                    write_run_json(out, settings, plan, world, completed=step + 1, memory=record.summary())
     finally:
         progress.close()
         if log is not None:
             log.close()
+    # The end of a run, in an order that no kill can turn into a done run without its student: the student
+    # (and its tokenizer), then run.json's completed_steps, which is what makes the run done (a resume of a
+    # run that is not done loads its last checkpoint and saves again), then what only a resume needed.
+    maybe_die("student", settings.steps, rank)
     save_student(engines, out / "student", rank=rank, zero_stage=plan.strategy.student_zero_stage)
     if rank == 0:
         copy_tokenizer(config["teachers"][0], out / "student")
-    if readers:
-        readers.clear()  # closes the memory maps before the folder goes
-        dist.barrier()
-        if rank == 0:  # the stored top-k is only needed to resume, and this run is done
-            shutil.rmtree(out / TOPK_DIR, ignore_errors=True)
+    maybe_die("student-written", settings.steps, rank)
+    readers.clear()  # closes the memory maps before the folder goes
+    dist.barrier()  # every rank's part of the save is done
     if rank == 0:
-        write_run_json(out, settings, plan, world, completed=settings.steps)
+        # (A resume that only saves the student ran no step to measure.)
+        summary = record.summary() if record.steps else None
+        write_run_json(out, settings, plan, world, completed=settings.steps, memory=summary)
+    if rank == 0 and plan.strategy.teacher_placement == "offline":
+        # The stored top-k is only needed to resume, and this run is done.
+        shutil.rmtree(out / TOPK_DIR, ignore_errors=True)
 
 
 def evaluate(engine: Any, student: Any, stream: Any, n: int, device: Any) -> float:
