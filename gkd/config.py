@@ -19,6 +19,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from gkd.errors import InputError
+from gkd.errors import InputError, shown
 
 GiB = 1 << 30
 DEFAULT_GPU_NAME = "A100-SXM4-40GB"
@@ -57,6 +58,12 @@ _UNITS = {
     "tib": 1 << 40,
 }
 
+# The largest whole number a setting may take: exact as a float and far beyond any real count, so that
+# arithmetic on settings stays finite (a 5,000-digit integer is refused where it enters, not deep inside).
+MAX_INT = 2**53
+# The largest size in bytes (1 EiB), for the same reason.
+MAX_BYTES = 1 << 60
+
 TEACHER_PLACEMENTS = ("replicated", "zero3", "zero3_offload", "tensor_parallel", "offline")
 STUDENT_OFFLOADS = ("none", "optimizer", "optimizer+parameters")
 TAP_LOSS_PLACES = ("layerwise", "end")
@@ -76,18 +83,18 @@ def parse_bytes(value: Any, what: str) -> int:
     """Bytes from an int, a float, or a string with a unit ("40GiB", "40GB", "512MiB"); bare small numbers
     are GiB."""
     if isinstance(value, bool):
-        raise InputError(f"{what} must be a size such as 40GiB, got {value!r}")
+        raise InputError(f"{what} must be a size such as 40GiB, got {shown(value)}")
     if isinstance(value, int | float):
         number, unit = float(value), ""
         if not math.isfinite(number):
-            raise InputError(f"{what} must be a size such as 40GiB, got {value!r}")
+            raise InputError(f"{what} must be a size such as 40GiB, got {shown(value)}")
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
         if not match:
-            raise InputError(f"{what} {value!r} is not a size; write it like 40GiB, 40GB or 512MiB")
+            raise InputError(f"{what} {shown(value)} is not a size; write it like 40GiB, 40GB or 512MiB")
         number, unit = float(match.group(1)), match.group(2).lower()
     else:
-        raise InputError(f"{what} must be a size such as 40GiB, got {value!r}")
+        raise InputError(f"{what} must be a size such as 40GiB, got {shown(value)}")
     if unit == "":
         scale = GiB if number < MiB else 1
     elif unit in _UNITS:
@@ -95,26 +102,34 @@ def parse_bytes(value: Any, what: str) -> int:
     elif unit + "b" in _UNITS:  # "40G" -> GB, "40Gi" -> GiB
         scale = _UNITS[unit + "b"]
     else:
-        raise InputError(f"{what} {value!r} has an unknown unit {unit!r}; use B, MiB, GiB, TiB, MB, GB or TB")
+        raise InputError(
+            f"{what} {shown(value)} has an unknown unit {shown(unit)}; use B, MiB, GiB, TiB, MB, GB or TB"
+        )
     if number < 0:
-        raise InputError(f"{what} must not be negative, got {value!r}")
+        raise InputError(f"{what} must not be negative, got {shown(value)}")
+    if not math.isfinite(number * scale) or number * scale > MAX_BYTES:
+        raise InputError(f"{what} {shown(value)} is larger than any machine's memory; write it like 40GiB")
     return int(number * scale)
 
 
 def _positive(value: Any, what: str, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InputError(f"{what} must be a number, got {value!r}")
+        raise InputError(f"{what} must be a number, got {shown(value)}")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise InputError(f"{what} must be at most {MAX_INT}, got {shown(value)}")
     if not math.isfinite(value):
-        raise InputError(f"{what} must be a finite number, got {value!r}")
+        raise InputError(f"{what} must be a finite number, got {shown(value)}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise InputError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise InputError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {shown(value)}")
 
 
-def _int(value: Any, what: str, *, minimum: int = 1) -> None:
+def _int(value: Any, what: str, *, minimum: int = 1, maximum: int = MAX_INT) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{what} must be a whole number, got {value!r}")
+        raise InputError(f"{what} must be a whole number, got {shown(value)}")
     if value < minimum:
-        raise InputError(f"{what} must be at least {minimum}, got {value}")
+        raise InputError(f"{what} must be at least {minimum}, got {shown(value)}")
+    if value > maximum:
+        raise InputError(f"{what} must be at most {maximum}, got {shown(value)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,10 +143,10 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise InputError("each method needs a name, e.g. methods: [{name: kd}] (see `gkd methods`)")
-        _positive(self.weight, f"method {self.name!r} weight", allow_zero=True)
+        _positive(self.weight, f"method {shown(self.name)} weight", allow_zero=True)
         if not isinstance(self.options, dict):
             raise InputError(
-                f"method {self.name!r} options must be a mapping, e.g. options: {{temperature: 2}}"
+                f"method {shown(self.name)} options must be a mapping, e.g. options: {{temperature: 2}}"
             )
 
     def to_entry(self) -> dict[str, Any]:
@@ -196,10 +211,12 @@ class HardwareConfig:
         if self.fragmentation >= 1:
             raise InputError(f"hardware.fragmentation is a fraction (0-1), got {self.fragmentation}")
         if not isinstance(self.gpu_name, str):
-            raise InputError(f"hardware.gpu_name must be text, e.g. H100-SXM5-80GB, got {self.gpu_name!r}")
+            raise InputError(
+                f"hardware.gpu_name must be text, e.g. H100-SXM5-80GB, got {shown(self.gpu_name)}"
+            )
         if not isinstance(self.interconnect, str) or self.interconnect not in INTERCONNECTS:
             raise InputError(
-                f"hardware.interconnect {self.interconnect!r} is not one of {', '.join(INTERCONNECTS)}"
+                f"hardware.interconnect {shown(self.interconnect)} is not one of {', '.join(INTERCONNECTS)}"
             )
 
     @property
@@ -267,17 +284,17 @@ class TrainingConfig:
             _int(mb, "training.micro_batch")
         if self.dtype not in DTYPES:
             raise InputError(
-                f"training.dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}"
+                f"training.dtype {shown(self.dtype)} is not supported; use one of {', '.join(DTYPES)}"
             )
         if not isinstance(self.optimizer, str):
             raise InputError(
                 f"training.optimizer must be a name ({', '.join(TRAINING_OPTIMIZERS)}), got "
-                f"{self.optimizer!r}; set the learning rate and weight decay with training.lr and "
+                f"{shown(self.optimizer)}; set the learning rate and weight decay with training.lr and "
                 "training.weight_decay"
             )
         if self.optimizer not in TRAINING_OPTIMIZERS:
             raise InputError(
-                f"training.optimizer {self.optimizer!r} is not supported; use one of "
+                f"training.optimizer {shown(self.optimizer)} is not supported; use one of "
                 f"{', '.join(TRAINING_OPTIMIZERS)}"
             )
         _positive(self.lr, "training.lr")
@@ -312,7 +329,7 @@ class Overrides:
     def __post_init__(self) -> None:
         if self.student_zero_stage is not None and self.student_zero_stage not in (0, 1, 2, 3):
             raise InputError(
-                f"overrides.student_zero_stage must be 0, 1, 2 or 3, got {self.student_zero_stage!r}"
+                f"overrides.student_zero_stage must be 0, 1, 2 or 3, got {shown(self.student_zero_stage)}"
             )
         _choice(self.student_offload, STUDENT_OFFLOADS, "overrides.student_offload")
         _choice(self.teacher_placement, TEACHER_PLACEMENTS, "overrides.teacher_placement")
@@ -345,9 +362,29 @@ class Overrides:
             )
 
 
+# The longest path and file name the file systems gkd runs on take (Linux PATH_MAX and NAME_MAX, in bytes).
+_PATH_MAX = 4096
+_NAME_MAX = 255
+
+
+def _check_model_ref(ref: str, what: str) -> None:
+    """A model reference must be something a file system could hold (a preset name is a short one), so that
+    looking it up reports an unknown model instead of failing in the file system."""
+    if "\0" in ref:
+        raise InputError(f"{what} {shown(ref)} holds a NUL character; give a preset name or a path")
+    parts = Path(ref).parts
+    if len(ref.encode("utf-8", "surrogatepass")) > _PATH_MAX or any(
+        len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX for part in parts
+    ):
+        raise InputError(
+            f"{what} {shown(ref)} is too long to be a preset name or a path (a path holds at most "
+            f"{_PATH_MAX} bytes, each name in it {_NAME_MAX}); give a preset name, config.json or folder"
+        )
+
+
 def _choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
     if value is not None and value not in allowed:
-        raise InputError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+        raise InputError(f"{what} {shown(value)} is not one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,7 +406,7 @@ class Config:
     def __post_init__(self) -> None:
         bad = [t for t in self.teachers if not isinstance(t, str) or not t]
         if not self.teachers or bad:
-            got = f", got {bad[0]!r}" if bad else ""
+            got = f", got {shown(bad[0])}" if bad else ""
             raise InputError(
                 "teacher must be a preset name, a config.json or a checkpoint folder, written as a string "
                 f"(several: a list of strings; --teacher){got}"
@@ -377,8 +414,11 @@ class Config:
         if not isinstance(self.student, str) or not self.student:
             raise InputError(
                 "student must be a preset name, a config.json or a checkpoint folder, written as a string "
-                f"(--student), got {self.student!r}"
+                f"(--student), got {shown(self.student)}"
             )
+        for ref in self.teachers:
+            _check_model_ref(ref, "teacher")
+        _check_model_ref(self.student, "student")
         if not self.methods:
             raise InputError("no methods given; add at least one, e.g. methods: [{name: kd}] or --methods kd")
         if all(m.weight == 0 for m in self.methods):
@@ -451,10 +491,10 @@ def _section(cls: type, data: Any, what: str, renames: Mapping[str, str] | None 
         target = (renames or {}).get(key, key)
         if target not in allowed:
             known = sorted(allowed | set(renames or {}))
-            raise InputError(f"{what} has no setting {key!r}; known settings: {', '.join(known)}")
+            raise InputError(f"{what} has no setting {shown(key)}; known settings: {', '.join(known)}")
         if target in kwargs:
             # gpu_memory and gpu_memory_bytes (the name plans store) both given: neither may win silently.
-            raise InputError(f"{what} gives {key!r} twice, under two names; keep one")
+            raise InputError(f"{what} gives {shown(key)} twice, under two names; keep one")
         if target.endswith("_bytes"):
             value = parse_bytes(value, f"{what}.{key}")
         kwargs[target] = value
@@ -470,10 +510,12 @@ def _micro_batch(value: Any) -> tuple[int, ...]:
         try:
             return tuple(int(x) for x in value.split(",") if x.strip())
         except ValueError:
-            raise InputError(f"micro_batch {value!r} must be 'auto', a size, or a list like 1,2,4") from None
+            raise InputError(
+                f"micro_batch {shown(value)} must be 'auto', a size, or a list like 1,2,4"
+            ) from None
     if isinstance(value, list | tuple):
         return tuple(value)
-    raise InputError(f"micro_batch {value!r} must be 'auto', a size, or a list like [1, 2, 4]")
+    raise InputError(f"micro_batch {shown(value)} must be 'auto', a size, or a list like [1, 2, 4]")
 
 
 def _methods(value: Any) -> tuple[MethodConfig, ...]:
@@ -494,17 +536,22 @@ def _methods(value: Any) -> tuple[MethodConfig, ...]:
                     f"method entry has unknown keys {sorted(unknown)}; use name, weight and options"
                 )
             if "name" not in entry:
-                raise InputError(f"method entry {dict(entry)!r} needs a name, e.g. {{name: kd, weight: 1.0}}")
+                raise InputError(
+                    f"method entry {shown(dict(entry))} needs a name, e.g. {{name: kd, weight: 1.0}}"
+                )
             options = entry.get("options") or {}
             if not isinstance(options, Mapping):
                 raise InputError(
-                    f"method {entry['name']!r} options must be a mapping, e.g. options: {{temperature: 2}}"
+                    f"method {shown(entry['name'])} options must be a mapping, e.g. options: "
+                    "{temperature: 2}"
                 )
             out.append(
                 MethodConfig(name=entry["name"], weight=entry.get("weight", 1.0), options=dict(options))
             )
         else:
-            raise InputError(f"method entry {entry!r} must be a name or a mapping with name/weight/options")
+            raise InputError(
+                f"method entry {shown(entry)} must be a name or a mapping with name/weight/options"
+            )
     return tuple(out)
 
 
@@ -528,16 +575,18 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         kwargs["student"] = data["student"]
     if "methods" in data:
         kwargs["methods"] = _methods(data["methods"])
+    for section in ("hardware", "training", "deepspeed", "overrides"):
+        if data.get(section) is not None and not isinstance(data[section], Mapping):
+            raise InputError(
+                f"{section} must be a mapping of settings (e.g. {section}: {{...}}), got "
+                f"{type(data[section]).__name__} {shown(data[section], 40)}"
+            )
     kwargs["hardware"] = _section(HardwareConfig, data.get("hardware"), "hardware", _HARDWARE_SIZES)
     training = dict(data.get("training") or {})
-    if not isinstance(data.get("training") or {}, Mapping):
-        raise InputError("training must be a mapping of settings")
     if "micro_batch" in training:
         training["micro_batch"] = _micro_batch(training["micro_batch"])
     kwargs["training"] = _section(TrainingConfig, training, "training")
     kwargs["deepspeed"] = _section(DeepSpeedSettings, data.get("deepspeed"), "deepspeed")
-    if not isinstance(data.get("overrides") or {}, Mapping):
-        raise InputError("overrides must be a mapping of settings, e.g. overrides: {student_zero_stage: 3}")
     overrides = dict(data.get("overrides") or {})
     if overrides.get("recompute_layers") is not None:
         rl = overrides["recompute_layers"]
@@ -554,21 +603,7 @@ def load_config(path: str | Path, *, gpus: Any = None, global_batch: Any = None)
     """A Config from a YAML or JSON file. `gpus` and `global_batch` (flag values) replace the file's before
     it is checked, since the file's global batch need only divide the GPU count the job really has."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"config file {str(path)!r} does not exist; give a YAML or JSON file or no argument")
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as err:
-        raise InputError(f"config {p.name} is not valid JSON: {err}") from None
-    except Exception as err:  # yaml.YAMLError and its subclasses
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"config {p.name} is not valid YAML: {first}") from None
+    data = _read_config_file(p, str(path))
     if data is not None and not isinstance(data, Mapping):
         raise InputError(
             f"{path} is not a config: its top level is a {type(data).__name__}, not a mapping with teacher, "
@@ -588,13 +623,176 @@ def load_config(path: str | Path, *, gpus: Any = None, global_batch: Any = None)
     return replace(config, unset=tuple(k for k in ("teacher", "student", "methods") if k not in given))
 
 
+# A config is a page of settings; a larger file is not one (and is not read whole into memory).
+MAX_CONFIG_BYTES = 1 << 20
+# Values a config file may expand to (aliases counted once per use) and how deeply it may nest: a real config
+# has about a hundred values, six levels deep. The bounds refuse a YAML "billion laughs" (a few hundred
+# bytes of nested aliases that expand to 10^9 values) before anything walks or prints it.
+MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_DEPTH = 32
+
+
+def _read_config_file(p: Path, name: str) -> Any:
+    """The parsed content of a YAML or JSON config file, or an InputError that says what is wrong."""
+    try:
+        if not p.exists():
+            raise InputError(
+                f"config file {shown(name)} does not exist; give a YAML or JSON file or no argument"
+            )
+        if not p.is_file():
+            raise InputError(f"config {shown(name)} is not a regular file; give a YAML or JSON file")
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise InputError(f"cannot read config {shown(name)}: {err.strerror or type(err).__name__}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InputError(
+            f"config {p.name} is larger than {MAX_CONFIG_BYTES >> 20} MiB, which no config is; give the "
+            "YAML or JSON file of the job's settings"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"config {p.name} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    if p.suffix == ".json":
+        try:
+            data = json.loads(text, parse_int=lambda digits: _json_int(digits, p.name))
+        except InputError:
+            raise
+        except RecursionError:
+            raise InputError(f"config {p.name} nests deeper than {MAX_CONFIG_DEPTH} levels") from None
+        except ValueError as err:  # JSONDecodeError, and integers past Python's digit limit
+            raise InputError(f"config {p.name} is not valid JSON: {_first_line(err)}") from None
+        _check_json_shape(data, p.name)
+        return data
+
+    try:
+        loader = _config_loader()(text)
+        loader.config_name = p.name
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except InputError:
+        raise
+    except RecursionError:
+        raise InputError(f"config {p.name} nests deeper than {MAX_CONFIG_DEPTH} levels") from None
+    except Exception as err:  # yaml.YAMLError and its subclasses, ValueError of an oversized integer
+        raise InputError(f"config {p.name} is not valid YAML: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return shown(text.splitlines()[0], 200).strip("'\"") if text else type(err).__name__
+
+
+@functools.cache
+def _config_loader() -> type:
+    """PyYAML's SafeLoader, measuring each document before constructing it: its values counted with every
+    alias expanded, and its depth (both bounded; see MAX_CONFIG_VALUES). Made on first use, so that importing
+    gkd.config does not import yaml."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        config_name = "config"
+
+        def compose_document(self) -> Any:
+            node = super().compose_document()
+            _check_yaml_shape(node, self.config_name)
+            return node
+
+        def construct_bounded_int(self, node: Any) -> int:
+            digits = sum(ch.isdigit() for ch in str(node.value))
+            if digits > _MAX_DIGITS:
+                raise _huge_number(self.config_name, node.start_mark.line + 1, digits)
+            return int(self.construct_yaml_int(node))
+
+    ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_bounded_int)
+    return ConfigLoader
+
+
+# Digits of the longest integer a config may hold (every setting is below MAX_INT, which has 16).
+_MAX_DIGITS = 100
+
+
+def _huge_number(name: str, line: int | None, digits: int) -> InputError:
+    where = f" line {line}" if line is not None else ""
+    return InputError(
+        f"config {name}{where} holds a number of {digits} digits, beyond every setting's range; fix the value"
+    )
+
+
+def _json_int(text: str, name: str) -> int:
+    if len(text) > _MAX_DIGITS:
+        raise _huge_number(name, None, len(text.lstrip("-")))
+    return int(text)
+
+
+def _check_yaml_shape(root: Any, name: str) -> None:
+    """Refuse a composed YAML document that expands to more than MAX_CONFIG_VALUES values, nests deeper
+    than MAX_CONFIG_DEPTH, or holds an alias inside its own anchor. Shared nodes (aliases) are measured once
+    and counted at every use, so the walk costs the size of the file, not of its expansion."""
+    import yaml
+
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values when expanded, depth)
+    open_nodes: set[int] = set()
+
+    def measure(node: Any) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise InputError(f"config {name} has a YAML alias inside its own anchor; write the value out")
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        open_nodes.add(key)
+        count, depth = 1, 0
+        for child in children:
+            c, d = measure(child)
+            count, depth = count + c, max(depth, d)
+            if count > MAX_CONFIG_VALUES or depth + 1 > MAX_CONFIG_DEPTH:
+                break
+        open_nodes.discard(key)
+        sizes[key] = (count, depth + 1)
+        if count > MAX_CONFIG_VALUES:
+            raise InputError(
+                f"config {name} expands to more than {MAX_CONFIG_VALUES:,} values (its YAML aliases repeat "
+                "values many times over); write the settings out without nested aliases"
+            )
+        if depth + 1 > MAX_CONFIG_DEPTH:
+            raise InputError(f"config {name} nests deeper than {MAX_CONFIG_DEPTH} levels")
+        return sizes[key]
+
+    if root is not None:
+        measure(root)
+
+
+def _check_json_shape(data: Any, name: str) -> None:
+    """Refuse parsed JSON deeper than MAX_CONFIG_DEPTH (JSON has no aliases: its size is the file's)."""
+    level: list[Any] = [data]
+    for _ in range(MAX_CONFIG_DEPTH):
+        level = [
+            child
+            for value in level
+            if isinstance(value, dict | list)
+            for child in (value.values() if isinstance(value, dict) else value)
+        ]
+        if not level:
+            return
+    raise InputError(f"config {name} nests deeper than {MAX_CONFIG_DEPTH} levels")
+
+
 def _flag_int(value: Any, flag: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     try:
         return int(str(value).strip())
     except ValueError:
-        raise InputError(f"{flag} must be a whole number, got {value!r}") from None
+        raise InputError(f"{flag} must be a whole number, got {shown(value)}") from None
 
 
 def _flag_model(ref: str) -> str:

@@ -62,12 +62,7 @@ def run_plan(
         click.echo("")
     result = make_plan(config)
     if output:
-        try:
-            Path(output).write_text(result.to_json())
-        except OSError as err:
-            raise InputError(
-                f"cannot write the plan to {output}: {err.strerror}; choose a writable path"
-            ) from None
+        result.write(output)  # atomically: a full disk leaves the old file whole
     if plot:
         from gkd.planner.plot import plot_timeline
 

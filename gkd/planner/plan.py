@@ -18,11 +18,37 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from gkd.config import STUDENT_OFFLOADS, TAP_LOSS_PLACES, TEACHER_PLACEMENTS
+from gkd.errors import InputError, shown
+
 PLAN_VERSION = 1
+
+
+OP_KINDS = (
+    "teacher_forward",
+    "student_forward",
+    "tap_loss",
+    "logit_loss",
+    "student_recompute",
+    "student_backward",
+    "gather",
+    "optimizer_step",
+    "offline_teacher_pass",
+    "load_topk",
+)
+PHASES = ("micro", "step", "offline")
+PLAN_LOSS_PATHS = ("fused_linear", "logits", "topk")
+ATTENTIONS = ("sdpa", "eager")
+# Counts and sizes in a plan: anything larger is not one gkd wrote (2^62 bytes is 4 EiB).
+_PLAN_MAX = 1 << 62
 
 
 def human_bytes(n: float) -> str:
@@ -78,8 +104,9 @@ class TensorAlloc:
         return {"name": self.name, "bytes": self.bytes, "category": self.category}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorAlloc:
-        return cls(name=d["name"], bytes=int(d["bytes"]), category=d["category"])
+    def from_dict(cls, d: Any, where: str = "alloc") -> TensorAlloc:
+        f = Fields(d, where)
+        return cls(name=f.text("name"), bytes=f.count("bytes"), category=f.choice("category", CATEGORIES))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,18 +160,19 @@ class Op:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Op:
+    def from_dict(cls, d: Any, where: str = "op") -> Op:
+        f = Fields(d, where)
         return cls(
-            name=d["name"],
-            kind=d["kind"],
-            model=d["model"],
-            layer=int(d["layer"]),
-            phase=d["phase"],
-            recompute=bool(d["recompute"]),
-            taps=tuple(d["taps"]),
-            losses=tuple(d["losses"]),
-            allocs=tuple(TensorAlloc.from_dict(a) for a in d["allocs"]),
-            frees=tuple(d["frees"]),
+            name=f.text("name"),
+            kind=f.choice("kind", OP_KINDS),
+            model=f.text("model"),
+            layer=f.count("layer", minimum=-1),
+            phase=f.choice("phase", PHASES),
+            recompute=f.flag("recompute"),
+            taps=f.texts("taps"),
+            losses=f.texts("losses"),
+            allocs=tuple(TensorAlloc.from_dict(a, w) for a, w in f.items("allocs")),
+            frees=f.texts("frees"),
         )
 
 
@@ -166,11 +194,12 @@ class Schedule:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Schedule:
+    def from_dict(cls, d: Any, where: str = "schedule") -> Schedule:
+        f = Fields(d, where)
         return cls(
-            grad_accum=int(d["grad_accum"]),
-            ops=tuple(Op.from_dict(o) for o in d["ops"]),
-            static=tuple(TensorAlloc.from_dict(a) for a in d["static"]),
+            grad_accum=f.count("grad_accum", minimum=1),
+            ops=tuple(Op.from_dict(o, w) for o, w in f.items("ops")),
+            static=tuple(TensorAlloc.from_dict(a, w) for a, w in f.items("static")),
         )
 
 
@@ -194,9 +223,14 @@ class TapCost:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TapCost:
+    def from_dict(cls, d: Any, where: str = "tap") -> TapCost:
+        f = Fields(d, where)
         return cls(
-            method=d["method"], model=d["model"], tap=d["tap"], bytes=int(d["bytes"]), freed=d["freed"]
+            method=f.text("method"),
+            model=f.text("model"),
+            tap=f.text("tap"),
+            bytes=f.count("bytes"),
+            freed=f.text("freed"),
         )
 
 
@@ -259,20 +293,29 @@ class Strategy:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Strategy:
+    def from_dict(cls, d: Any, where: str = "strategy") -> Strategy:
+        """The strategy, each field's type and range checked (InputError naming the field): a plan file is
+        data from outside, and these choices select what the runtime executes."""
+        f = Fields(d, where)
+        layers = [(f.whole(x, w), w) for x, w in f.items("recompute_layers")]
+        for layer, w in layers:
+            if layer < 0:
+                raise f.bad(w, "a layer index >= 0", layer)
+        if len({x for x, _ in layers}) != len(layers):
+            raise f.bad(f.where_of("recompute_layers"), "a list of distinct layers", [x for x, _ in layers])
         return cls(
-            student_zero_stage=int(d["student_zero_stage"]),
-            student_offload=d["student_offload"],
-            teacher_placement=d["teacher_placement"],
-            tensor_parallel=int(d["tensor_parallel"]),
-            offline_teacher_placement=d["offline_teacher_placement"],
-            micro_batch=int(d["micro_batch"]),
-            grad_accum=int(d["grad_accum"]),
-            recompute_layers=tuple(int(x) for x in d["recompute_layers"]),
-            tap_loss=d["tap_loss"],
-            loss_path=d["loss_path"],
-            attention=d["attention"],
-            taps=tuple(TapCost.from_dict(t) for t in d["taps"]),
+            student_zero_stage=f.count("student_zero_stage", maximum=3),
+            student_offload=f.choice("student_offload", STUDENT_OFFLOADS),
+            teacher_placement=f.choice("teacher_placement", TEACHER_PLACEMENTS),
+            tensor_parallel=f.count("tensor_parallel", minimum=1),
+            offline_teacher_placement=f.choice("offline_teacher_placement", ("", *TEACHER_PLACEMENTS)),
+            micro_batch=f.count("micro_batch", minimum=1),
+            grad_accum=f.count("grad_accum", minimum=1),
+            recompute_layers=tuple(x for x, _ in layers),
+            tap_loss=f.choice("tap_loss", TAP_LOSS_PLACES),
+            loss_path=f.choice("loss_path", PLAN_LOSS_PATHS),
+            attention=f.choice("attention", ATTENTIONS),
+            taps=tuple(TapCost.from_dict(t, w) for t, w in f.items("taps")),
         )
 
 
@@ -296,13 +339,14 @@ class Alternative:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Alternative:
+    def from_dict(cls, d: Any, where: str = "alternative") -> Alternative:
+        f = Fields(d, where)
         return cls(
-            strategy=Strategy.from_dict(d["strategy"]),
-            peak_bytes=int(d["peak_bytes"]),
-            fits=bool(d["fits"]),
-            step_time_s=float(d["step_time_s"]),
-            reason=d["reason"],
+            strategy=Strategy.from_dict(f.get("strategy"), f.where_of("strategy")),
+            peak_bytes=f.count("peak_bytes"),
+            fits=f.flag("fits"),
+            step_time_s=f.number("step_time_s"),
+            reason=f.text("reason"),
         )
 
 
@@ -318,8 +362,10 @@ class PassRecord:
         return {"name": self.name, "seconds": self.seconds, "summary": self.summary}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PassRecord:
-        return cls(name=d["name"], seconds=float(d["seconds"]), summary=d.get("summary", ""))
+    def from_dict(cls, d: Any, where: str = "pass") -> PassRecord:
+        f = Fields(d, where)
+        summary = f.text("summary") if "summary" in f.d else ""
+        return cls(name=f.text("name"), seconds=f.number("seconds"), summary=summary)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,32 +412,44 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
+    def from_dict(cls, d: Any) -> Plan:
+        """The plan in `d` (parsed JSON), every field's type and range checked: InputError naming the first
+        bad field. What the fields must agree with (the inputs, the DeepSpeed configs gkd generates) is
+        checked where the plan is run (gkd.runtime.checks)."""
+        if not isinstance(d, dict):
+            raise InputError(
+                f"not a gkd plan: its top level is a {type(d).__name__}; write plans with `gkd plan -o`"
+            )
         missing = [k for k in PLAN_KEYS if k not in d]
         if missing:
-            from gkd.errors import InputError
-
             raise InputError(f"not a gkd plan: keys {missing} are missing; write plans with `gkd plan -o`")
-        if d["version"] != PLAN_VERSION:
-            from gkd.errors import InputError
-
+        if d["version"] != PLAN_VERSION or isinstance(d["version"], bool):
             raise InputError(
-                f"plan version {d['version']} is not {PLAN_VERSION}; re-run `gkd plan -o` to refresh it"
+                f"plan version {shown(d['version'])} is not {PLAN_VERSION}; re-run `gkd plan -o` to refresh "
+                "it"
             )
+        f = Fields(d, "")
+        memory = f.mapping("memory")
+        if set(memory) != set(CATEGORIES):
+            raise f.bad("memory", f"an object with exactly the keys {', '.join(CATEGORIES)}", sorted(memory))
+        sizes = {k: Fields(memory, "memory").count(k) for k in CATEGORIES}
+        peak = f.count("peak_bytes")
+        if sum(sizes.values()) != peak:
+            raise f.bad("peak_bytes", f"the sum of memory's categories ({sum(sizes.values())})", peak)
         return cls(
-            version=int(d["version"]),
-            inputs=d["inputs"],
-            fits=bool(d["fits"]),
-            budget_bytes=int(d["budget_bytes"]),
-            peak_bytes=int(d["peak_bytes"]),
-            memory={k: int(v) for k, v in d["memory"].items()},
-            host_bytes=int(d["host_bytes"]),
-            strategy=Strategy.from_dict(d["strategy"]),
-            schedule=Schedule.from_dict(d["schedule"]),
-            deepspeed=d["deepspeed"],
-            estimates=d["estimates"],
-            alternatives=tuple(Alternative.from_dict(a) for a in d["alternatives"]),
-            provenance=tuple(PassRecord.from_dict(p) for p in d["provenance"]),
+            version=PLAN_VERSION,
+            inputs=f.mapping("inputs"),
+            fits=f.flag("fits"),
+            budget_bytes=f.count("budget_bytes"),
+            peak_bytes=peak,
+            memory=sizes,
+            host_bytes=f.count("host_bytes"),
+            strategy=Strategy.from_dict(f.get("strategy"), "strategy"),
+            schedule=Schedule.from_dict(f.get("schedule"), "schedule"),
+            deepspeed=f.mapping("deepspeed"),
+            estimates=f.mapping("estimates"),
+            alternatives=tuple(Alternative.from_dict(a, w) for a, w in f.items("alternatives")),
+            provenance=tuple(PassRecord.from_dict(p, w) for p, w in f.items("provenance")),
         )
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -401,10 +459,124 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
-            from gkd.errors import InputError
-
+        except RecursionError:
             raise InputError(
-                f"plan is not valid JSON ({err}); write plans with `gkd plan -o plan.json`"
+                "plan nests too deeply to be one; write plans with `gkd plan -o plan.json`"
+            ) from None
+        except ValueError as err:  # JSONDecodeError, and integers past Python's digit limit
+            detail = shown(str(err).splitlines()[0] if str(err) else type(err).__name__, 160).strip("'\"")
+            raise InputError(
+                f"plan is not valid JSON ({detail}); write plans with `gkd plan -o plan.json`"
             ) from None
         return cls.from_dict(data)
+
+    def write(self, path: str | Path) -> None:
+        """Write the plan's JSON to `path` atomically (see `write_atomically`)."""
+        write_atomically(Path(path), self.to_json(), "the plan")
+
+
+def write_atomically(path: Path, text: str, what: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, flushed to disk and renamed over
+    `path`: a reader (or a later run) sees the old file or the whole new one, never a truncated one, and a
+    full disk leaves the old file as it was. Raises InputError naming the failure (e.g. "no space left on
+    device")."""
+    data = text.encode("utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = (err.strerror or type(err).__name__).lower()
+        raise InputError(
+            f"cannot write {what} to {path}: {reason}; free space there or choose another path"
+        ) from None
+
+
+class Fields:
+    """One JSON object of a plan, read field by field with its type and range checked; `where` is the
+    object's path in the plan ("strategy", "schedule.ops[3]"), so that a message names the bad field."""
+
+    def __init__(self, d: Any, where: str) -> None:
+        if not isinstance(d, dict):
+            raise self.bad(where, "a JSON object", d)
+        self.d: dict[str, Any] = d
+        self.where = where
+
+    def where_of(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    @staticmethod
+    def bad(where: str, expected: str, value: Any) -> InputError:
+        return InputError(
+            f"plan field {where or 'top level'} must be {expected}, got {shown(value)}; re-plan with "
+            "`gkd plan CONFIG -o plan.json` rather than editing a plan"
+        )
+
+    def get(self, key: str) -> Any:
+        if key not in self.d:
+            raise InputError(
+                f"plan field {self.where_of(key)} is missing; re-plan with `gkd plan CONFIG -o plan.json`"
+            )
+        return self.d[key]
+
+    def whole(self, value: Any, where: str, minimum: int = 0, maximum: int = _PLAN_MAX) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise self.bad(where, f"a whole number from {minimum} to {maximum}", value)
+        return value
+
+    def count(self, key: str, *, minimum: int = 0, maximum: int = _PLAN_MAX) -> int:
+        return self.whole(self.get(key), self.where_of(key), minimum, maximum)
+
+    def number(self, key: str) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self.bad(self.where_of(key), "a finite number", value)
+        return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self.get(key)
+        if not isinstance(value, bool):
+            raise self.bad(self.where_of(key), "true or false", value)
+        return value
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        if not isinstance(value, str):
+            raise self.bad(self.where_of(key), "a string", value)
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        value = self.get(key)
+        if not isinstance(value, str) or value not in allowed:
+            raise self.bad(self.where_of(key), "one of " + ", ".join(repr(a) for a in allowed), value)
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.get(key)
+        if not isinstance(value, dict):
+            raise self.bad(self.where_of(key), "a JSON object", value)
+        return value
+
+    def items(self, key: str) -> list[tuple[Any, str]]:
+        """The items of a list field, each with its path ("schedule.ops[3]")."""
+        value = self.get(key)
+        if not isinstance(value, list):
+            raise self.bad(self.where_of(key), "a list", value)
+        return [(item, f"{self.where_of(key)}[{i}]") for i, item in enumerate(value)]
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        out = []
+        for item, where in self.items(key):
+            if not isinstance(item, str):
+                raise self.bad(where, "a string", item)
+            out.append(item)
+        return tuple(out)
