@@ -31,8 +31,11 @@ from gkd.config import Config
 from gkd.planner.facts import ModelFacts
 from gkd.planner.memory import (
     BYTES_BF16,
+    HostMemory,
+    ModelLoad,
     deepspeed_buffers,
     effective_deepspeed,
+    host_memory,
     student_model_states,
     teacher_residency,
 )
@@ -111,7 +114,8 @@ def _activity(
 class WorkloadInfo:
     """Byproducts of building a workload that the plan reports."""
 
-    host_bytes: int
+    host_bytes: int  # host.peak
+    host: HostMemory
     disk_bytes: int
     tap_costs: tuple[TapCost, ...]
     topk_bytes: int
@@ -126,7 +130,8 @@ def resident_tensors(
     strategy: Strategy,
 ) -> tuple[tuple[TensorAlloc, ...], int]:
     """What stays on each GPU for the whole step (student model states, DeepSpeed buffers, online teachers'
-    weights) and the host bytes per node that goes with it. Cheap: the search screens candidates with it."""
+    weights) and the host bytes per node that goes with it (the largest of the steady state, the load and the
+    final save: `host_parts`). Cheap: the search screens candidates with it."""
     hw, tr = config.hardware, config.training
     placement = strategy.teacher_placement
     online = placement != "offline"
@@ -153,7 +158,6 @@ def resident_tensors(
             ),
         ),
     ]
-    host = states.host_bytes
     for ti, t in enumerate(teachers):
         r = teacher_residency(
             params=t.params,
@@ -171,8 +175,83 @@ def resident_tensors(
             )
             if r.buffers:
                 static.append(TensorAlloc(name=f"teacher{ti}.prefetch", bytes=r.buffers, category="buffers"))
-            host += r.host_bytes
-    return tuple(static), host
+    host = host_parts(config=config, student=student, teachers=teachers, resolved=resolved, strategy=strategy)
+    return tuple(static), host.peak
+
+
+# The runtime's way of building each model (gkd.runtime.engines.build_models, gkd.runtime.loading).
+_LOAD_HOW = {
+    "replicated": "device",
+    "zero3": "partitioned",
+    "zero3_offload": "partitioned",
+    "tensor_parallel": "host",
+}
+
+
+def host_parts(
+    *,
+    config: Config,
+    student: ModelFacts,
+    teachers: tuple[ModelFacts, ...],
+    resolved: Any,
+    strategy: Strategy,
+) -> HostMemory:
+    """Host bytes per node (gkd.planner.memory.host_memory): the steady state (offloaded student states,
+    host-resident teacher partitions; during an offline teacher pass the teacher's instead, which the pass
+    frees before training), the load of the student then each teacher as the runtime builds them, and the
+    final save."""
+    hw, tr = config.hardware, config.training
+    trainable = student.params + resolved.num_extra_parameters
+    states = student_model_states(
+        params=trainable,
+        largest_module=student.largest_module,
+        gpus=hw.gpus,
+        gpus_per_node=hw.local_gpus,
+        stage=strategy.student_zero_stage,
+        offload=strategy.student_offload,
+        optimizer=tr.optimizer,
+    )
+    offline = strategy.teacher_placement == "offline"
+    # An offline teacher is built (as its pass places it) with the others, before the pass.
+    placement = (
+        (strategy.offline_teacher_placement or "replicated") if offline else strategy.teacher_placement
+    )
+    loads = [
+        ModelLoad(
+            params=student.params,
+            largest_module=student.largest_module,
+            how="partitioned" if strategy.student_zero_stage == 3 else "device",
+        )
+    ]
+    steady = states.host_bytes
+    for t in teachers:
+        r = teacher_residency(
+            params=t.params,
+            largest_module=t.largest_module,
+            persistent_params=t.persistent_params,
+            placement=placement,
+            gpus=hw.gpus,
+            gpus_per_node=hw.local_gpus,
+            tensor_parallel=strategy.tensor_parallel,
+            ds=effective_deepspeed(config.deepspeed, t.params),
+        )
+        loads.append(
+            ModelLoad(
+                params=t.params,
+                largest_module=t.largest_module,
+                how=_LOAD_HOW[placement],
+                resident=r.host_bytes,
+            )
+        )
+        steady = max(steady, r.host_bytes) if offline else steady + r.host_bytes
+    return host_memory(
+        steady=steady,
+        loads=tuple(loads),
+        student_params=student.params,
+        student_largest_module=student.largest_module,
+        gpus=hw.gpus,
+        gpus_per_node=hw.local_gpus,
+    )
 
 
 def build_workload(
@@ -288,8 +367,6 @@ def build_workload(
                     category="loss_workspace",
                 ),
             ]
-            if strategy.offline_teacher_placement == "zero3_offload":
-                host = max(host, r.host_bytes)
         offline_allocs = tuple(allocs)
 
     workload = Workload(
@@ -303,8 +380,13 @@ def build_workload(
         offline_allocs=offline_allocs,
         topk_bytes=topk_bytes,
     )
+    parts = host_parts(
+        config=config, student=student, teachers=teachers, resolved=resolved, strategy=strategy
+    )
+    assert parts.peak == host
     info = WorkloadInfo(
         host_bytes=host,
+        host=parts,
         disk_bytes=disk,
         topk_bytes=topk_bytes,
         tap_costs=_tap_costs(resolved, s_act, t_acts, strategy, online, topk_bytes),

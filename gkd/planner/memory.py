@@ -196,3 +196,77 @@ def offline_disk_bytes(*, tokens: int, topk: int) -> int:
     """Disk for stored teacher top-k outputs: per token k bf16 log-probs, k int32 indices, and one fp32 tail
     log-mass (the probability the top-k leaves out)."""
     return tokens * (topk * (BYTES_BF16 + 4) + 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host memory per node: the steady state, the load and the final save
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelLoad:
+    """How one model is built and filled (`gkd.runtime.loading`), in the order the runtime builds them
+    (the student, then each teacher).
+
+    how: "partitioned" (under zero.Init, each rank filling its own slice: ZeRO-3 student, zero3 and
+    zero3_offload teachers), "device" (built on meta and filled tensor by tensor onto the GPU: ZeRO-0/1/2
+    student, replicated teacher), "host" (whole on the host of each rank: a tensor-parallel teacher, which
+    AutoTP splits from a whole model) or "none" (not built: an offline teacher during training).
+    resident: host bytes per node the model keeps once loaded (a zero3_offload teacher's partitions; 0 else).
+    """
+
+    params: int
+    largest_module: int
+    how: str
+    resident: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostMemory:
+    """Host bytes per node: `steady` for the whole run, `load` the peak while building the models, `save`
+    the peak of the final save on rank 0's node. The plan's host memory is the largest of the three."""
+
+    steady: int
+    load: int
+    save: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.steady, self.load, self.save)
+
+
+def load_staging_bytes(m: ModelLoad, *, gpus: int, gpus_per_node: int) -> int:
+    """Host bytes per node that loading model `m` holds on top of what it keeps (weights in the 16-bit
+    training dtype, the checkpoint stored in it): per rank, a partitioned model stages at most its slice of
+    one tensor (a module is never larger than the largest one: L/N elements), a model filled onto the device
+    one whole tensor (at most L elements), and a host-built one the whole model."""
+    local = min(gpus, gpus_per_node)
+    per_rank = {
+        "partitioned": -(-m.largest_module // gpus),
+        "device": m.largest_module,
+        "host": m.params,
+        "none": 0,
+    }[m.how]
+    return local * per_rank * BYTES_BF16
+
+
+def host_memory(
+    *,
+    steady: int,
+    loads: tuple[ModelLoad, ...],
+    student_params: int,
+    student_largest_module: int,
+    gpus: int,
+    gpus_per_node: int,
+) -> HostMemory:
+    """Host bytes per node (see HostMemory). `steady`: the run's host bytes (offloaded student states and
+    teachers' host-resident partitions). Load: the models are built one after another, each keeping its
+    `resident` bytes, so the peak is the largest of (what the models built so far keep + the staging of the
+    one being filled). Save: the steady state plus rank 0's shard of the student (SAVE_SHARD_BYTES at most)
+    and the module being gathered into it."""
+    load = kept = 0
+    for m in loads:
+        kept += m.resident
+        load = max(load, kept + load_staging_bytes(m, gpus=gpus, gpus_per_node=gpus_per_node))
+    shard = min(student_params * BYTES_BF16, SAVE_SHARD_BYTES)
+    save = steady + shard + student_largest_module * BYTES_BF16
+    return HostMemory(steady=steady, load=load, save=save)

@@ -293,43 +293,48 @@ def _file_shapes(path: Path, unreadable: Callable[[Path, Any], InputError]) -> d
     return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
-def _load_pretrained(ref: str, spec: Any, attention: str) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+def _this_device() -> Any:
+    """This worker's device: its CUDA device (`gkd.runtime.launch` sets it), else the CPU."""
+    import torch
 
-    auto = AutoModelForMaskedLM if spec.is_encoder else AutoModelForCausalLM
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def _build(
+    ref: str,
+    spec: Any,
+    *,
+    seed: int,
+    dtype: Any,
+    attention: str,
+    device: Any,
+    partitioned: bool,
+    ds_config: dict[str, Any] | None,
+) -> Any:
+    """One model as the plan places it (see the module docstring and `gkd.runtime.loading`)."""
+    from gkd.runtime.loading import build_partitioned, build_whole
+
+    weights = ref if has_weights(ref) else None
     if spec.family == "bloom":
-        attention = "eager"
-    try:
-        return auto.from_pretrained(ref, attn_implementation=attention, local_files_only=True)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"cannot load the weights in {ref}: {first}") from None
-
-
-def cast_model(model: Any, dtype: Any) -> Any:
-    """`model` in the training dtype as `from_pretrained(dtype=...)` gives it: parameters and saved buffers
-    cast, non-persistent floating buffers (RoPE's inverse frequencies) kept in their own precision. A plain
-    `.to(bfloat16)` would round the rotary frequencies, and so every position, to 8 bits of mantissa: the
-    run's models would differ from what the saved student loads as."""
-    kept = [
-        (module, name, buffer)
-        for module in model.modules()
-        for name, buffer in module._buffers.items()
-        if buffer is not None and buffer.is_floating_point() and name in module._non_persistent_buffers_set
-    ]
-    model = model.to(dtype)
-    for module, name, buffer in kept:
-        module._buffers[name] = buffer
-    return model
+        attention = "eager"  # BLOOM computes attention in its own code
+    if partitioned and ds_config is not None:
+        return build_partitioned(
+            spec, ds_config, weights=weights, seed=seed, attention=attention, dtype=dtype
+        )
+    return build_whole(spec, weights=weights, seed=seed, attention=attention, dtype=dtype, device=device)
 
 
 def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
     """The student, teachers and loss module with fixed-seed weights in the plan's training dtype (see the
     module docstring); every rank, and a single-process reference, builds the same weights."""
     import torch
+    import torch.distributed as dist
 
     from gkd.methods import DistillLoss
-    from gkd.models import build_model
     from gkd.planner.specs import load_spec
 
     config = plan.inputs["config"]
@@ -347,21 +352,37 @@ def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
         fused_linear=plan.strategy.loss_path in ("fused_linear", "topk"),
     )
     resolved = resolver.at(0)
+    placed = dist.is_initialized()
+    device = _this_device() if placed else torch.device("cpu")
     # Each model from its own seed, so adding a teacher does not change the student's initial weights.
-    if has_weights(config["student"]):
-        student = cast_model(_load_pretrained(config["student"], s_spec, attention), dtype)
-    else:
-        torch.manual_seed(seed)
-        student = build_model(s_spec, device="cpu", attn_implementation=attention, dtype=torch.float32)
-        student = cast_model(student, dtype)
+    stage3 = plan.strategy.student_zero_stage == 3
+    student = _build(
+        config["student"],
+        s_spec,
+        seed=seed,
+        dtype=dtype,
+        attention=attention,
+        device=device,
+        partitioned=placed and stage3,
+        ds_config=plan.deepspeed.get("student"),
+    )
+    placement = plan.strategy.teacher_placement
+    if placement == "offline":
+        placement = plan.strategy.offline_teacher_placement or "replicated"
     teachers, pretrained = [], []
     for i, (ref, spec) in enumerate(zip(teacher_refs, t_specs, strict=True)):
-        if has_weights(ref):
-            teacher = cast_model(_load_pretrained(ref, spec, attention), dtype)
-        else:
-            torch.manual_seed(seed + 1 + i)
-            teacher = build_model(spec, device="cpu", attn_implementation=attention, dtype=torch.float32)
-            teacher = cast_model(teacher, dtype)
+        cfg = plan.deepspeed["teachers"][i] if i < len(plan.deepspeed.get("teachers", [])) else None
+        teacher = _build(
+            ref,
+            spec,
+            seed=seed + 1 + i,
+            dtype=dtype,
+            attention=attention,
+            # A tensor-parallel teacher is split by AutoTP from a whole model on the host.
+            device=torch.device("cpu") if placement == "tensor_parallel" else device,
+            partitioned=placed and placement in ("zero3", "zero3_offload") and cfg is not None,
+            ds_config=cfg,
+        )
         teachers.append(teacher.eval().requires_grad_(False))
         pretrained.append(has_weights(ref))
     torch.manual_seed(seed + 1000)
