@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from gkd.errors import InputError
-from gkd.planner.memory import BYTES_BF16
 from gkd.planner.plan import Plan, human_bytes
 
 WEIGHT_FILES = (
@@ -105,22 +104,38 @@ def available_host_memory() -> int | None:
     return None
 
 
-def check_host_memory(plan: Plan, *, world: int, available: int | None) -> None:
-    """On the CPU every worker builds each model whole before DeepSpeed partitions it: refuse a job whose
-    weights alone cannot fit in this machine's memory, instead of letting the workers be killed."""
+def host_memory_needed(plan: Plan, *, world: int, cuda: bool) -> tuple[int, str]:
+    """(bytes, what they are) of host memory this machine needs for `plan` run by `world` local workers:
+    the plan's host memory per node (the largest of its steady state, its load and its final save, see
+    `gkd.planner.memory.host_memory`), and on the CPU each worker's device peak as well, since there the
+    device is the host."""
+    need, what = plan.host_bytes, f"the plan's host memory {human_bytes(plan.host_bytes)} per node"
+    if not cuda:
+        need += world * plan.peak_bytes
+        what += (
+            f" + {world} workers x its device peak {human_bytes(plan.peak_bytes)} (on the CPU, host memory)"
+        )
+    return need, what
+
+
+def check_host_memory(plan: Plan, *, world: int, available: int | None, cuda: bool) -> None:
+    """Refuse, before any worker starts, a job that needs more host memory than this machine has available
+    (`host_memory_needed`), instead of letting the workers be killed; no check where it cannot be read."""
     if available is None:
         return
-    models = plan.inputs.get("models", {})
-    entries = [*models.get("teachers", []), models.get("student", {})]
-    params = sum(int(m.get("params", 0)) for m in entries)
-    need = world * params * BYTES_BF16  # training dtypes are all 16-bit (gkd.config.DTYPES)
+    need, what = host_memory_needed(plan, world=world, cuda=cuda)
     if need > available:
-        names = ", ".join(f"{m['name']} ({int(m['params']) / 1e9:.2f}B)" for m in entries if "name" in m)
+        names = ", ".join(f"{m['name']} ({int(m['params']) / 1e9:.2f}B)" for m in _model_entries(plan))
         raise InputError(
-            f"on the CPU each of the {world} workers builds {names} whole: {human_bytes(need)} of weights "
-            f"alone, but this machine has {human_bytes(available)} of memory available; run small models "
-            "here (e.g. the tiny presets, see docs/run.md) or run on GPUs"
+            f"{names} need {human_bytes(need)} of host memory here ({what}), but this machine has "
+            f"{human_bytes(available)} of memory available; run smaller models (e.g. the tiny presets, see "
+            "docs/run.md) or on a machine with more memory"
         )
+
+
+def _model_entries(plan: Plan) -> list[dict[str, Any]]:
+    models = plan.inputs.get("models", {})
+    return [m for m in (*models.get("teachers", []), models.get("student", {})) if "name" in m]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -153,8 +153,8 @@ def run_job(
         raise InputError(f"data source {data} does not exist; give a .txt or .jsonl file or a dataset folder")
     plan = load_or_plan(target, processes=world, echo=echo)
     check_supported(plan, cuda=torch.cuda.is_available())
-    if not torch.cuda.is_available():
-        check_host_memory(plan, world=world, available=available_host_memory())
+    # On GPUs too: the plan's host memory (load, steady state and save) against what this machine has.
+    check_host_memory(plan, world=world, available=available_host_memory(), cuda=torch.cuda.is_available())
     total = steps if steps is not None else int(plan.inputs["config"]["training"]["steps"])
     if total < 1:
         raise InputError(f"--steps must be at least 1, got {total}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from gkd.runtime.engines import (
     check_host_memory,
     check_supported,
     distill_module,
+    host_memory_needed,
     recomputed_layers,
 )
 from gkd.runtime.step import distill_step
@@ -178,14 +180,19 @@ def test_checkpoint_folders_are_loaded_not_initialised(tiny_plan: Plan, tmp_path
         assert torch.equal(loaded[key], value), key
 
 
-def test_cpu_run_refuses_models_that_cannot_fit_in_host_memory(tiny_plan):
+def test_a_run_refuses_a_plan_whose_host_memory_this_machine_lacks(tiny_plan):
+    """The plan's host memory (load, steady state and save) is checked on GPUs too; on the CPU each worker's
+    device peak is host memory as well."""
     plan = make_plan(Config())  # the headline job: GLM-130B -> GLM-10B
-    expected = r"2 workers builds glm-130b \(128.69B\), glm-10b-icetk .* 22.00 GiB"
-    with pytest.raises(InputError, match=expected) as e:
-        check_host_memory(plan, world=2, available=22 << 30)
-    assert "\n" not in str(e.value)
-    check_host_memory(tiny_plan, world=2, available=22 << 30)  # tiny models fit
-    check_host_memory(plan, world=2, available=None)  # unknown: no check
+    assert host_memory_needed(plan, world=2, cuda=True) == (plan.host_bytes, ANY)
+    assert host_memory_needed(plan, world=2, cuda=False)[0] == plan.host_bytes + 2 * plan.peak_bytes
+    for cuda in (True, False):
+        with pytest.raises(InputError, match=r"glm-130b \(128.69B\), glm-10b-icetk .* 22.00 GiB") as e:
+            check_host_memory(plan, world=2, available=22 << 30, cuda=cuda)
+        assert "\n" not in str(e.value)
+    check_host_memory(plan, world=2, available=plan.host_bytes, cuda=True)  # exactly enough
+    check_host_memory(tiny_plan, world=2, available=22 << 30, cuda=False)  # tiny models fit
+    check_host_memory(plan, world=2, available=None, cuda=False)  # unknown: no check
 
 
 def test_an_offline_pass_that_cannot_fit_on_disk_is_refused(tiny_plan: Plan, tmp_path: Path) -> None:
