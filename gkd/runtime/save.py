@@ -7,9 +7,9 @@ Design choices:
   forward), rank 0 copies it to host memory and the others drop it; otherwise rank 0 copies its own
   parameters one by one.
   The host copies go into the current safetensors shard, written (and fsynced) once the next tensor would
-  take it past `SAVE_SHARD_BYTES`, the size the planner counts. So a save holds, beyond the training state,
-  one gathered parameter per rank and at most one shard (or one tensor, when a tensor alone is larger) on
-  rank 0's host.
+  take it past `SAVE_SHARD_BYTES`, the size the planner counts (a tensor larger than that is a shard of its
+  own, as in `save_pretrained`). So a save holds, beyond the training state, one gathered parameter per rank
+  and, on rank 0's host, at most one shard's worth of copies (plus that tensor, when one alone is larger).
 - The files are what `save_pretrained` writes: the same tensor names (tied weights saved once, under the name
   transformers keeps: `saved_tensors`), `model.safetensors` or `model-0000i-of-0000n.safetensors` shards with
   `model.safetensors.index.json`, `config.json` with the dtype and architecture, and `generation_config.json`
@@ -113,25 +113,29 @@ class HFWriter:
         return self
 
     def add(self, name: str, tensor: Any) -> None:
-        """One tensor (on the host, contiguous) under `name`; writes the pending shard first when this tensor
-        would take it past the shard size."""
+        """One tensor (on the host) under `name`. As `save_pretrained` shards: a tensor larger than the shard
+        size is a shard of its own, written at once; otherwise the pending shard is written first when this
+        tensor would take it past the shard size."""
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
         self._total_bytes += nbytes
         if id(self._state.get(name)) in self._parameter_ids:
             self._parameters += tensor.numel()
+        if nbytes > self.shard_bytes:
+            self._write({name: tensor.contiguous()})
+            return
+        if self._pending and self._pending_bytes + nbytes > self.shard_bytes:
+            self._write(self._pending)
+            self._pending, self._pending_bytes = {}, 0
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
 
-    def _flush(self) -> None:
+    def _write(self, tensors: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
         shard = self.partial / f"shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(shard), metadata={"format": "pt"})
+        save_file(tensors, str(shard), metadata={"format": "pt"})
         _fsync(shard)
-        self._shards.append((shard, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._shards.append((shard, list(tensors)))
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         if kind is not None:
@@ -145,7 +149,8 @@ class HFWriter:
 
     def _finish(self) -> None:
         if self._pending or not self._shards:
-            self._flush()
+            self._write(self._pending)
+            self._pending, self._pending_bytes = {}, 0
         count = len(self._shards)
         if count == 1:
             os.replace(self._shards[0][0], self.partial / "model.safetensors")
