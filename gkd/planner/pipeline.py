@@ -339,6 +339,9 @@ def emit(
         "candidates": result.considered,
         "replayed": result.evaluated,
     }
+    if best.info is not None:  # the host memory's parts; host_bytes is the largest (gkd.planner.memory)
+        h = best.info.host
+        estimates["host_parts_bytes"] = {"steady": h.steady, "load": h.load, "save": h.save}
     if best.strategy.teacher_placement == "offline":
         flops = config.hardware.peak_flops * config.hardware.flops_efficiency
         from gkd.planner.cost import ModelShape, forward_flops

@@ -79,6 +79,12 @@ def render(plan: Plan, *, explain: bool = False) -> str:
         f"(at {plan.estimates.get('peak_op')}); host memory {size(plan.host_bytes)} per node; "
         f"disk {size(plan.estimates.get('disk_bytes', 0))}"
     )
+    parts = plan.estimates.get("host_parts_bytes")
+    if parts:  # what host_bytes is the largest of (gkd.planner.memory.host_memory)
+        lines.append(
+            f"  host memory per node: {size(parts['load'])} loading the models, {size(parts['steady'])} "
+            f"training, {size(parts['save'])} saving the student"
+        )
     lines.append("")
     lines.append("Memory on the most loaded GPU at its peak (all GPUs are symmetric):")
     lines.append(f"  {'category':<16}{'bytes':>12}{'share':>8}")
