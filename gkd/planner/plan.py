@@ -301,8 +301,6 @@ class Strategy:
         for layer, w in layers:
             if layer < 0:
                 raise f.bad(w, "a layer index >= 0", layer)
-        if len({x for x, _ in layers}) != len(layers):
-            raise f.bad(f.where_of("recompute_layers"), "a list of distinct layers", [x for x, _ in layers])
         return cls(
             student_zero_stage=f.count("student_zero_stage", maximum=3),
             student_offload=f.choice("student_offload", STUDENT_OFFLOADS),
@@ -530,7 +528,8 @@ class Fields:
 
     def whole(self, value: Any, where: str, minimum: int = 0, maximum: int = _PLAN_MAX) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            raise self.bad(where, f"a whole number from {minimum} to {maximum}", value)
+            span = f">= {minimum}" if maximum == _PLAN_MAX else f"from {minimum} to {maximum}"
+            raise self.bad(where, f"a whole number {span}", value)
         return value
 
     def count(self, key: str, *, minimum: int = 0, maximum: int = _PLAN_MAX) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from gkd.errors import DoesNotFitError, InputError
+from gkd.errors import DoesNotFitError, InputError, shown
 from gkd.planner.plan import Plan, human_bytes
 
 
@@ -43,8 +43,8 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
             what = "is a folder" if path.is_dir() else "does not exist"
             raise InputError(f"{target} {what}; give a config (YAML or JSON) or a plan from `gkd plan -o`")
         if _is_plan_file(path):
-            plan = Plan.from_json(path.read_text())
-            gpus = int(plan.inputs.get("config", {}).get("hardware", {}).get("gpus", 0))
+            plan = read_plan(path)
+            gpus = int(plan.inputs["config"]["hardware"]["gpus"])
             if gpus != processes:
                 raise InputError(
                     f"the plan {target} was made for {gpus} GPUs but this run has {processes} processes; "
@@ -62,6 +62,8 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
     config = _load_run_config(target, processes) if target is not None else default_config()
     _check_global_batch(config.training.global_batch, processes, target)
     config = apply_flags(config, gpus=processes)
+    if not _cuda():  # CPU processes: the plan counts the CPU code paths (gkd.config.HardwareConfig.device)
+        config = dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device="cpu"))
     ov = config.overrides
     note = ""
     reason = tensor_parallel_blocker(config)
@@ -79,6 +81,151 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
             f"{human_bytes(plan.budget_bytes)}; `{command}` lists the smallest changes that fit"
         )
     return plan
+
+
+def read_plan(path: Path) -> Plan:
+    """The plan in the file at `path`, checked as data from outside before anything runs it: every field's
+    type and range (`Plan.from_dict`), its inputs as a config, its strategy against those inputs, and its
+    DeepSpeed configs against the ones gkd generates for them (`check_plan`). InputError names the field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"plan {path} is not UTF-8 text (byte {err.start}); write plans with `gkd plan -o`"
+        ) from None
+    except OSError as err:
+        raise InputError(f"cannot read the plan {path}: {err.strerror or type(err).__name__}") from None
+    try:
+        plan = Plan.from_json(text)
+        check_plan(plan)
+    except InputError as err:
+        raise InputError(f"plan {path}: {err}") from None
+    return plan
+
+
+def check_plan(plan: Plan) -> None:
+    """Refuse a plan whose fields disagree with each other or with what gkd would generate from its inputs:
+    the runtime executes the strategy and passes the DeepSpeed configs to deepspeed.initialize as they stand,
+    so an edited plan could otherwise train nothing (grad_accum -3), run another placement than it names, or
+    give DeepSpeed settings that write files anywhere (flops_profiler.output_file)."""
+    from gkd.config import Config
+    from gkd.planner.pipeline import deepspeed_configs, load_methods
+    from gkd.planner.specs import load_spec
+
+    data = plan.inputs.get("config")
+    if not isinstance(data, dict):
+        raise InputError("plan field inputs.config must be the resolved config; re-plan with `gkd plan -o`")
+    try:
+        config = Config.from_dict(data)
+    except InputError as err:
+        raise InputError(f"inputs.config: {err}") from None
+    s, tr, gpus = plan.strategy, config.training, config.hardware.gpus
+    if s.micro_batch * s.grad_accum * gpus != tr.global_batch:
+        raise InputError(
+            f"plan field strategy.micro_batch ({s.micro_batch}) x strategy.grad_accum ({s.grad_accum}) x "
+            f"{gpus} GPUs is {s.micro_batch * s.grad_accum * gpus}, not the training.global_batch "
+            f"{tr.global_batch} of its inputs; re-plan with `gkd plan CONFIG -o plan.json`"
+        )
+    if plan.schedule.grad_accum != s.grad_accum:
+        raise InputError(
+            f"plan field schedule.grad_accum ({plan.schedule.grad_accum}) is not strategy.grad_accum "
+            f"({s.grad_accum}); re-plan with `gkd plan CONFIG -o plan.json`"
+        )
+    _check_strategy_choices(s, config.hardware.local_gpus)
+    teachers = [load_spec(config.model_path(t)) for t in config.teachers]
+    student = load_spec(config.model_path(config.student))
+    bad_layers = [x for x in s.recompute_layers if x >= student.layers]
+    if bad_layers:
+        raise InputError(
+            f"plan field strategy.recompute_layers names layer {bad_layers[0]}, but the student "
+            f"{student.name} has {student.layers} layers; re-plan with `gkd plan CONFIG -o plan.json`"
+        )
+    methods = load_methods(config, teachers, student)  # the method options, checked as planning checks them
+    from gkd.planner.facts import model_facts
+
+    threshold, seq = config.deepspeed.stage3_param_persistence_threshold, tr.seq_len
+    t_facts = tuple(model_facts(t, seq_len=seq, persistence_threshold=threshold) for t in teachers)
+    trainable = model_facts(student, seq_len=seq, persistence_threshold=threshold).params
+    chosen = dataclasses.replace(_Chosen(), strategy=s)
+    expected = json.loads(
+        json.dumps(deepspeed_configs(config, chosen, t_facts, trainable + methods.num_extra_parameters))  # type: ignore[arg-type]
+    )
+    where = _first_difference(plan.deepspeed, expected, "deepspeed")
+    if where is not None:
+        raise InputError(
+            f"plan field {where} is not what gkd generates for the plan's strategy and inputs; DeepSpeed "
+            "settings come from the config (deepspeed:, training:): set them there and re-plan with "
+            "`gkd plan CONFIG -o plan.json`"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chosen:
+    """The one part of a search result that `deepspeed_configs` reads: the chosen strategy."""
+
+    strategy: Any = None
+
+
+def _check_strategy_choices(s: Any, local_gpus: int) -> None:
+    """The strategy's choices must be ones the planner could make together."""
+
+    def refuse(field: str, why: str) -> InputError:
+        return InputError(f"plan field strategy.{field} {why}; re-plan with `gkd plan CONFIG -o plan.json`")
+
+    if s.teacher_placement == "tensor_parallel":
+        if local_gpus % s.tensor_parallel:
+            raise refuse(
+                "tensor_parallel", f"({s.tensor_parallel}) must divide the {local_gpus} GPUs of a node"
+            )
+    elif s.tensor_parallel != 1:
+        raise refuse(
+            "tensor_parallel", f"is {s.tensor_parallel}, but the teacher placement is {s.teacher_placement}"
+        )
+    if len(set(s.recompute_layers)) != len(s.recompute_layers):
+        raise refuse("recompute_layers", "names a layer twice")
+    if s.student_offload == "optimizer+parameters" and s.student_zero_stage != 3:
+        raise refuse("student_offload", "optimizer+parameters needs student_zero_stage 3")
+    if s.student_offload != "none" and s.student_zero_stage == 0:
+        raise refuse("student_offload", f"{s.student_offload} needs a student_zero_stage of 1, 2 or 3")
+    if (s.teacher_placement == "offline") != (s.offline_teacher_placement not in ("", "offline")):
+        raise refuse(
+            "offline_teacher_placement",
+            f"{shown(s.offline_teacher_placement)} does not go with the teacher placement "
+            f"{s.teacher_placement}",
+        )
+
+
+def _first_difference(got: Any, expected: Any, where: str) -> str | None:
+    """The path of the first place where `got` differs from `expected` (types compared too: true is not 1),
+    or None when they are equal."""
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            return where
+        for key in got:
+            if key not in expected:
+                return f"{where}.{key}"
+        for key, value in expected.items():
+            if key not in got:
+                return f"{where}.{key}"
+            found = _first_difference(got[key], value, f"{where}.{key}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(expected, list):
+        if not isinstance(got, list) or len(got) != len(expected):
+            return where
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            found = _first_difference(a, b, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if type(got) is type(expected) and got == expected else where
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _load_run_config(target: str, processes: int) -> Any:

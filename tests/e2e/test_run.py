@@ -40,10 +40,10 @@ LR = 3e-3
 
 
 def _plan_file(path: Path, config: dict[str, Any]) -> tuple[Plan, Path]:
-    plan = make_plan(Config.from_dict(config))
+    # The learning rate is a config setting (a plan's DeepSpeed section must be what gkd generates).
+    plan = make_plan(Config.from_dict({**config, "training": {**config["training"], "lr": LR}}))
     assert plan.fits
     data = plan.to_dict()
-    data["deepspeed"]["student"]["optimizer"]["params"]["lr"] = LR
     path.write_text(json.dumps(data))
     return Plan.from_dict(data), path
 
