@@ -227,13 +227,21 @@ def _facts_summary(f: ModelFacts) -> dict[str, Any]:
     }
 
 
-def _optimizer_config(tr: TrainingConfig) -> dict[str, Any]:
+def _optimizer_config(tr: TrainingConfig, *, offloaded: bool) -> dict[str, Any]:
     """The student's DeepSpeed optimizer: the type DeepSpeed builds for `training.optimizer` (the config
     accepts only those), with the learning rate and weight decay. DeepSpeed runs its "Adam" type as AdamW
-    unless adam_w_mode is false, so "adam" sets it: weight decay is then Adam's L2 term, as the name says."""
+    unless adam_w_mode is false, so "adam" sets it: weight decay is then Adam's L2 term, as the name says.
+
+    Adam and AdamW run as torch's own optimizer (`torch_adam`) unless the optimizer is offloaded, where
+    DeepSpeed's CPU Adam kernel is what makes the offloaded step fast. torch's needs no op to be compiled
+    (DeepSpeed's fused Adam is a JIT build on a machine's first run), and a resumed run
+    repeats it exactly: DeepSpeed's fused Adam on the CPU did not (its state after some steps differs once
+    reloaded)."""
     params: dict[str, Any] = {"lr": tr.lr, "weight_decay": tr.weight_decay}
     if tr.optimizer == "adam":
         params["adam_w_mode"] = False
+    if tr.optimizer in ("adam", "adamw") and not offloaded:
+        params["torch_adam"] = True
     return {"type": TRAINING_OPTIMIZERS[tr.optimizer], "params": params}
 
 
@@ -273,7 +281,7 @@ def deepspeed_configs(
         "gradient_accumulation_steps": s.grad_accum,
         dtype_key: {"enabled": True},
         "zero_optimization": zero,
-        "optimizer": _optimizer_config(tr),
+        "optimizer": _optimizer_config(tr, offloaded=s.student_offload != "none"),
         "gradient_clipping": 1.0,
     }
     placement = s.offline_teacher_placement if s.teacher_placement == "offline" else s.teacher_placement

@@ -1,48 +1,289 @@
-"""DeepSpeed checkpoints of a run (OUT/checkpoints/step-N with the `latest` pointer) and each rank's
-random-number state: written every `--save-every` steps, read by `--resume`."""
+"""Checkpoints of a run (OUT/checkpoints/step-N with gkd's `latest` pointer): written every `--save-every`
+steps, read by `--resume`.
+
+A checkpoint is complete or it is not used. Every rank writes its part (DeepSpeed's model, optimizer and
+ZeRO partition files, and gkd's `rng-rankR.pt`: the rank's random-number state and data position) and
+flushes it to disk; after a barrier, rank 0 writes `step-N/complete` (every file of the checkpoint with its
+size) and only then moves `latest` to step-N, atomically (a temporary file, fsync, os.replace). DeepSpeed's
+own `latest` is not written (save_latest=False): it would point at step-N before the other ranks' files
+exist. A worker killed at any moment therefore leaves `latest` on a complete checkpoint (or no `latest`), and
+`resumable` checks that anyway: a checkpoint whose marker or files are missing or cut short is passed over
+for the newest complete one, with a note.
+
+`check_loadable` reads every .pt file of the checkpoint a resume will load with torch's weights-only
+unpickler (tensors, containers and an allow-list of the few DeepSpeed classes its checkpoints hold), in the
+parent, before any worker starts: DeepSpeed itself loads them with `weights_only=False`, and a pickle can
+run any code, so a checkpoint folder from elsewhere must never reach it unchecked.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gkd.errors import InputError
+from gkd.errors import GkdError, InputError
 
 CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "complete"  # the marker of a complete checkpoint, written last
+_TAG = re.compile(r"step-([0-9]{1,12})")
+
+# Fault injection for tests and benchmarks/fault_injection.py: "RANK:STEP:POINT" makes rank RANK leave with
+# os._exit(9) (as a SIGKILL would) at POINT of the checkpoint of step STEP (see `_maybe_die`).
+FAULT_ENV = "GKD_TEST_KILL_AT"
+FAULT_POINTS = (
+    "start",  # before anything of step-N is written
+    "deepspeed-file",  # after DeepSpeed wrote its first file of step-N (the others not yet)
+    "deepspeed",  # after DeepSpeed's save (every rank's DeepSpeed files)
+    "rng",  # after this rank's rng-rankR.pt
+    "flushed",  # after the barrier that follows every rank's flush
+    "marker",  # after `complete`, before `latest` moves
+    "latest",  # after `latest` moved
+    "student",  # the final save: before the student is written (STEP is the run's last step)
+    "student-written",  # the final save: the student written, run.json not yet updated
+)
 
 
-def save_checkpoint(engine: Any, folder: Path, step: int, *, rank: int) -> None:
-    """A DeepSpeed checkpoint tagged "step-N" (model, optimizer and ZeRO partitions of every rank, and the
-    `latest` pointer), plus each rank's random-number state, which DeepSpeed does not keep."""
+class CheckpointWriteError(GkdError):
+    """A checkpoint could not be written (the disk is full, a write failed): one line, exit code 1."""
+
+
+def tag_of(step: int) -> str:
+    return f"step-{step}"
+
+
+def step_of(tag: str) -> int | None:
+    """The step of a tag "step-N", or None for anything else."""
+    match = _TAG.fullmatch(tag)
+    return int(match.group(1)) if match else None
+
+
+def _maybe_die(point: str, step: int, rank: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec == f"{rank}:{step}:{point}":
+        os._exit(9)
+
+
+def maybe_die(point: str, step: int, rank: int) -> None:
+    """The fault-injection hook (FAULT_ENV) for points outside `save_checkpoint` (the final save)."""
+    _maybe_die(point, step, rank)
+
+
+@contextlib.contextmanager
+def _write_errors(what: str) -> Iterator[None]:
+    """One line for a failed write instead of torch's or DeepSpeed's traceback: a full disk makes torch.save
+    report "unexpected pos 128 vs 0", which names neither the disk nor the file."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointWriteError(f"no space left on the device while writing {what}") from None
+        raise CheckpointWriteError(f"cannot write {what}: {err.strerror or err}") from None
+    except RuntimeError as err:
+        text = str(err)
+        if "unexpected pos" in text or "PytorchStreamWriter failed" in text or "file write failed" in text:
+            raise CheckpointWriteError(
+                f"cannot write {what} (most often the disk is full): {text.splitlines()[0]}"
+            ) from None
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before, whatever moment the process dies at."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def save_checkpoint(
+    engine: Any, folder: Path, step: int, *, rank: int, world: int, micro_batches: int
+) -> None:
+    """Checkpoint `step-N` of every rank (see the module docstring); a collective: every rank calls it.
+    `micro_batches`: how many micro-batches of the data stream this rank has read (its data position)."""
     import torch
+    import torch.distributed as dist
 
-    tag = f"step-{step}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step})
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, folder / tag / f"rng-rank{rank}.pt")
+    tag = tag_of(step)
+    where = folder / tag
+    _maybe_die("start", step, rank)
+    if rank == 0 and (where / COMPLETE).exists():
+        # A re-save of this step (a resume from an earlier checkpoint): the old files are overwritten, so the
+        # marker goes first. DeepSpeed's save starts with a barrier: no rank writes before this is done.
+        (where / COMPLETE).unlink()
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec == f"{rank}:{step}:deepspeed-file":
+        save = engine.checkpoint_engine.save
+
+        def save_then_die(state_dict: Any, path: str) -> None:
+            save(state_dict, path)
+            os._exit(9)
+
+        engine.checkpoint_engine.save = save_then_die
+    with _write_errors(f"checkpoint {where}"):
+        engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step}, save_latest=False)
+        _maybe_die("deepspeed", step, rank)
+        state = {"cpu": torch.get_rng_state(), "step": step, "micro_batches": micro_batches}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        torch.save(state, where / f"rng-rank{rank}.pt")
+        _maybe_die("rng", step, rank)
+        # Each rank flushes its share of the files (any rank's: fsync works on any file), so that a crash
+        # of the machine after `latest` moved cannot leave it on files still in the page cache.
+        dist.barrier()
+        files = sorted(p for p in where.iterdir() if p.is_file() and p.name != COMPLETE)
+        for path in files[rank::world]:
+            _fsync(path)
+        dist.barrier()
+        _maybe_die("flushed", step, rank)
+        if rank == 0:
+            sizes = {p.name: p.stat().st_size for p in files}
+            write_atomically(where / COMPLETE, json.dumps({"step": step, "world": world, "files": sizes}))
+            _maybe_die("marker", step, rank)
+            write_atomically(folder / LATEST, tag)
+            _maybe_die("latest", step, rank)
+    dist.barrier()  # no rank goes on (and prunes, or saves the student) before `latest` moved
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Remove all but the `keep` newest `step-N` checkpoints (the newest is the one `latest` names)."""
+    """Remove all but the `keep` newest complete checkpoints (the newest is the one `latest` names), and
+    every incomplete one older than those."""
     tags = sorted(
-        (d for d in folder.iterdir() if d.is_dir() and d.name.startswith("step-")),
-        key=lambda d: int(d.name.removeprefix("step-")),
+        (d for d in folder.iterdir() if d.is_dir() and step_of(d.name) is not None),
+        key=lambda d: step_of(d.name) or 0,
     )
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    complete = [d for d in tags if (d / COMPLETE).is_file()]
+    if len(complete) <= keep:
+        return
+    oldest_kept = step_of(complete[-keep].name) or 0
+    for old in tags:
+        if (step_of(old.name) or 0) < oldest_kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def restore_checkpoint(engine: Any, folder: Path, tag: str, *, rank: int) -> None:
-    """Load what `save_checkpoint` wrote (after the models were built, which reseeds the generators)."""
+def incomplete_reason(where: Path, world: int) -> str:
+    """Why the checkpoint folder `where` cannot be resumed from ("" when it is complete): its marker or one
+    of the files the marker lists is missing or has another size, or it was made by another world size."""
+    if not where.is_dir():
+        return "it does not exist"
+    try:
+        marker = json.loads((where / COMPLETE).read_text())
+        files = marker["files"]
+        made_with = int(marker["world"])
+        if not isinstance(files, dict):
+            raise TypeError
+    except FileNotFoundError:
+        return "its writing was interrupted (no `complete` marker)"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return "its `complete` marker is damaged"
+    if made_with != world:
+        return f"it was written by {made_with} processes, not {world}"
+    for name, size in sorted(files.items()):
+        path = where / str(name)
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not the {size} written"
+    missing = [f"rng-rank{r}.pt" for r in range(world) if f"rng-rank{r}.pt" not in files]
+    if missing:
+        return f"{missing[0]} is missing"
+    return ""
+
+
+def resumable(folder: Path, world: int) -> tuple[str, str]:
+    """(tag, note): the checkpoint a resume reads, `latest` when it is complete, else the newest complete
+    one, with a one-line note saying why; InputError when there is none."""
+    latest = folder / LATEST
+    try:
+        pointed = latest.read_text().strip() if latest.exists() else ""
+    except (OSError, UnicodeDecodeError):
+        pointed = "?"
+    if latest.exists() and step_of(pointed) is None:
+        shown = pointed if len(pointed) <= 40 else pointed[:37] + "..."
+        problem = f"{latest} names no checkpoint ({shown!r}, not step-N)"
+    elif latest.exists():
+        reason = incomplete_reason(folder / pointed, world)
+        if not reason:
+            return pointed, ""
+        problem = f"checkpoint {pointed} cannot be resumed from: {reason}"
+    else:
+        problem = f"{latest} is missing"
+    candidates = (
+        sorted(
+            (d for d in folder.iterdir() if d.is_dir() and step_of(d.name) is not None),
+            key=lambda d: step_of(d.name) or 0,
+            reverse=True,
+        )
+        if folder.is_dir()
+        else []
+    )
+    for d in candidates:
+        if d.name != pointed and not incomplete_reason(d, world):
+            return d.name, f"{problem}; resuming from {d.name}, the newest complete checkpoint"
+    raise InputError(
+        f"{problem}, and {folder} holds no other complete checkpoint; start the run again without --resume"
+    )
+
+
+def safe_globals() -> list[Any]:
+    """The classes DeepSpeed's checkpoints hold besides tensors and containers (found by saving checkpoints
+    of every ZeRO stage): loss scalers, the ZeRO stage enum, the fragment addresses of ZeRO partitions."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_loadable(where: Path) -> None:
+    """Read every .pt file in `where` with the weights-only unpickler; InputError naming the first file that
+    holds anything else (a pickle that would run code when DeepSpeed loads it), before any worker starts."""
+    import pickle
+
+    import torch
+
+    allowed = safe_globals()
+    for path in sorted(where.rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(
+                f"{path} is not a checkpoint file gkd loads: it holds more than tensors and DeepSpeed's "
+                f"checkpoint data ({first[:120]}); loading it could run code, so the resume stops. Resume "
+                "only from checkpoints gkd wrote"
+            ) from None
+
+
+def restore_checkpoint(engine: Any, folder: Path, tag: str, *, rank: int) -> int:
+    """Load what `save_checkpoint` wrote (after the models were built, which reseeds the generators); returns
+    this rank's data position (micro-batches read before the checkpoint)."""
     import torch
 
     path, _ = engine.load_checkpoint(str(folder), tag=tag)
     if path is None:
         raise InputError(f"cannot load checkpoint {tag} from {folder}; it is incomplete or from another run")
-    rng = torch.load(folder / tag / f"rng-rank{rank}.pt")
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
+    state = torch.load(folder / tag / f"rng-rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    return int(state["micro_batches"])

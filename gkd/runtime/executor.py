@@ -28,20 +28,31 @@ micro-batch and the accumulation. Not done (docs/run.md): the schedule's order o
 op by op; inside a step the order is `distill_step`'s.
 
 Checkpoints: with `--save-every N`, every N steps each rank writes its part of a DeepSpeed checkpoint
-(OUT/checkpoints/step-N, with the `latest` pointer) and its random-number state. `--resume --out OUT`
-continues from the latest one with the run's own plan, data and seed: the data stream is deterministic, so it
-skips the micro-batches already done, and log rows after the checkpoint are written again. When a worker
-fails after a checkpoint was written, OUT is published anyway so that it can be resumed; bad input never
-leaves an OUT.
+(OUT/checkpoints/step-N) and its random-number state and data position; the `latest` pointer moves only when
+every rank's part is on disk (gkd.runtime.checkpoints). `--resume --out OUT` continues from the latest
+complete one with the run's own plan, data and seed: the data stream is deterministic, so it skips the
+micro-batches already done, and log rows after the checkpoint are written again. A run whose steps are all
+done but whose student was not saved (stopped in between) is finished by `--resume`: it loads the last
+checkpoint and saves. When a worker fails after a checkpoint was written, OUT is published anyway so that it
+can be resumed; bad input never leaves an OUT.
+
+One run at a time per OUT: the parent holds a lock (`.OUT.lock`, fcntl.flock) next to OUT for the whole run.
+The temporary folder is `.OUT.partial-PID-RANDOM`; one left by a parent that was killed (SIGKILL: no clean-up
+runs) and holds checkpoints is found by `--resume --out OUT`, and a new run over it is refused unless
+`--discard-partial` is given.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +60,7 @@ import click
 
 from gkd.errors import GkdError, InputError
 from gkd.planner.plan import Plan
-from gkd.runtime.checkpoints import CHECKPOINTS
+from gkd.runtime.checkpoints import CHECKPOINTS, LATEST, check_loadable, resumable, step_of
 from gkd.runtime.checks import (
     check_data,
     check_offline_disk,
@@ -73,11 +84,85 @@ def _starting(world: int) -> str:
 
 
 def cpu_ops(plan: Plan) -> tuple[str, ...]:
-    """The DeepSpeed CPU ops a run's workers load: the shared-memory collectives, and the optimizer's kernel
-    (CPU Adam where the optimizer is offloaded, else fused Adam); loaded once before the workers fork."""
-    adam = plan.inputs.get("config", {}).get("training", {}).get("optimizer", "adamw") in ("adam", "adamw")
-    optimizer = "CPUAdamBuilder" if plan.strategy.student_offload != "none" else "FusedAdamBuilder"
-    return ("ShareMemCommBuilder", *((optimizer,) if adam else ()))
+    """The DeepSpeed CPU ops a run's workers load, once before they fork (each a JIT build the first time):
+    CPU Adam where the student's optimizer is offloaded and DeepSpeed runs its own kernel; none otherwise,
+    since the plan has DeepSpeed run torch's AdamW (`torch_adam`, gkd.planner.pipeline._optimizer_config)
+    and the workers use gloo's collectives without DeepSpeed's shared-memory op (gkd.runtime.launch)."""
+    optimizer = plan.deepspeed.get("student", {}).get("optimizer", {})
+    name = str(optimizer.get("type", "")).lower()
+    torch_adam = bool(optimizer.get("params", {}).get("torch_adam", False))
+    if name in ("adam", "adamw") and not torch_adam and plan.strategy.student_offload != "none":
+        return ("CPUAdamBuilder",)
+    if name in ("adam", "adamw") and not torch_adam:
+        return ("FusedAdamBuilder",)  # a plan written before torch_adam
+    return ()
+
+
+# The bytes `.NAME.partial-PID-RANDOM` adds to OUT's name (a PID has at most 7 digits), and the limit of a
+# file name on Linux file systems.
+_PARTIAL_EXTRA = len(".") + len(".partial-") + 7 + 1 + 8
+_NAME_MAX = 255
+
+
+def _partial_name(out_path: Path) -> Path:
+    """The temporary folder of a new run: unique even where a PID repeats (a later run after a killed one)."""
+    return out_path.parent / f".{out_path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _check_out_name(out_path: Path) -> None:
+    size = len(os.fsencode(out_path.name))
+    if size + _PARTIAL_EXTRA > _NAME_MAX:
+        raise InputError(
+            f"--out's folder name is {size} bytes long; the run's temporary folder beside it "
+            f"(.NAME.partial-PID-RANDOM) must fit the {_NAME_MAX}-byte limit of a file name, so use a name "
+            f"of at most {_NAME_MAX - _PARTIAL_EXTRA} bytes"
+        )
+
+
+def _strays(out_path: Path) -> list[Path]:
+    """Temporary folders of earlier runs of OUT: `.OUT.partial-*` beside it."""
+    parent = out_path.parent if str(out_path.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    prefix = f".{out_path.name}.partial-"
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir())
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return (folder / CHECKPOINTS / LATEST).is_file()
+
+
+@contextlib.contextmanager
+def _out_lock(out_path: Path) -> Iterator[None]:
+    """Hold `.OUT.lock` (fcntl.flock) beside OUT: one run at a time per OUT. Refused at once, in one line,
+    while another run holds it. The file is removed on release; a lock file whose name was removed or
+    replaced meanwhile is not the lock, so it is taken again (another run removed it on its release)."""
+    lock = (out_path.parent if str(out_path.parent) else Path(".")) / f".{out_path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(
+                f"another gkd run is using {out_path} (it holds the lock {lock}); wait for it to finish or "
+                "stop it, or use another --out"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
 
 
 class OutputKeptError(GkdError):
@@ -103,6 +188,7 @@ def run_job(
     eval_data: str | None = None,
     eval_every: int = 0,
     eval_batches: int = 8,
+    discard_partial: bool = False,
     echo: Any = click.echo,
 ) -> Path:
     """The body of `gkd run` (see the module docstring); returns OUT."""
@@ -132,6 +218,10 @@ def run_job(
     # Stored absolute in run.json, so that a resume from another folder reads the same files.
     data = str(Path(data).resolve()) if data is not None and not resume else data
     eval_data = str(Path(eval_data).resolve()) if eval_data is not None else None
+    if resume and discard_partial:
+        raise InputError(
+            "--discard-partial starts a run over; it cannot go with --resume, which continues one"
+        )
     if resume:
         return _resume_job(
             target,
@@ -148,6 +238,13 @@ def run_job(
     if out is not None and not out.strip():
         raise InputError("--out is empty; name the output folder, or leave --out out for runs/run-<time>")
     out_path = Path(out) if out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    _check_out_name(out_path)
+    kept = [p for p in _strays(out_path) if _has_checkpoint(p)]
+    if kept and not discard_partial:
+        raise InputError(
+            f"{kept[0]} holds the checkpoints of an interrupted run of {out_path}: continue it with "
+            f"`gkd run --resume --out {out_path}`, or start over with --discard-partial (which removes it)"
+        )
     check_out(out_path)
     if data is not None and not Path(data).exists():
         raise InputError(f"data source {data} does not exist; give a .txt or .jsonl file or a dataset folder")
@@ -187,8 +284,7 @@ def run_job(
         echo(f"Note: {note}")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _partial_name(out_path)
     settings = RunSettings(
         data=data,
         steps=total,
@@ -203,12 +299,20 @@ def run_job(
         eval_batches=eval_batches,
         data_tokens=data_tokens,
     )
-    echo(_starting(world))
-    try:
-        with sigterm_raises():
-            _run_and_publish(tmp, out_path, plan, settings, world)
-    except Terminated:
-        sys.exit(TERMINATED_EXIT)
+    with _out_lock(out_path):
+        # Under the lock no other run of OUT is alive: what is left of earlier ones is removed (those with
+        # checkpoints only when --discard-partial said so, above), and OUT is checked again.
+        for stray in _strays(out_path):
+            if not _has_checkpoint(stray) or discard_partial:
+                echo(f"Note: removing {stray}, left by an interrupted run of {out_path}")
+                shutil.rmtree(stray, ignore_errors=True)
+        check_out(out_path)
+        echo(_starting(world))
+        try:
+            with sigterm_raises():
+                _run_and_publish(tmp, out_path, plan, settings, world)
+        except Terminated:
+            sys.exit(TERMINATED_EXIT)
     echo(
         f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {out_path / 'log.jsonl'}"
     )
@@ -286,14 +390,109 @@ def _resume_job(
     keep_last: int,
     echo: Any,
 ) -> Path:
-    """Continue the run in OUT from its latest checkpoint, with its own plan, data and seed."""
+    """Continue the run in OUT from its latest complete checkpoint, with its own plan, data and seed; or
+    finish a run whose steps are done but whose student was not saved."""
     if out is None:
         raise InputError("--resume continues the run in --out; name that folder with --out")
     if target is not None:
         raise InputError(f"--resume continues the plan saved in {out}; drop {target} from the command")
     out_path = Path(out)
-    latest = out_path / CHECKPOINTS / "latest"
-    if not (out_path / "run.json").is_file() or not latest.is_file():
+    with _out_lock(out_path):
+        if not _has_checkpoint(out_path) and not _is_done(out_path):
+            _adopt_stray(out_path, echo)
+        return _resume_locked(
+            out_path,
+            data=data,
+            steps=steps,
+            processes=processes,
+            seed=seed,
+            save_every=save_every,
+            keep_last=keep_last,
+            echo=echo,
+        )
+
+
+def _adopt_stray(out_path: Path, echo: Any) -> None:
+    """OUT holds no checkpoint: the run may be in a temporary folder its parent left when it was killed
+    (SIGKILL runs no clean-up). Move that folder to OUT, where the resume continues it."""
+    found = [p for p in _strays(out_path) if _has_checkpoint(p)]
+    if not found:
+        return  # the caller says that there is nothing to resume
+    if len(found) > 1:
+        names = ", ".join(str(p) for p in found)
+        raise InputError(
+            f"{out_path} holds no checkpoint, and several interrupted runs of it do ({names}); resume one "
+            f"with `gkd run --resume --out FOLDER`, or remove the others"
+        )
+    [stray] = found
+    if out_path.is_dir() and any(out_path.iterdir()):
+        raise InputError(
+            f"{out_path} holds no checkpoint but the interrupted run in {stray} does, and {out_path} is not "
+            f"empty; resume that one with `gkd run --resume --out {stray}`"
+        )
+    try:
+        stray.rename(out_path)
+    except OSError as err:
+        raise InputError(
+            f"cannot move {stray} to {out_path} ({err.strerror or err}); resume it where it is "
+            f"with `gkd run --resume --out {stray}`"
+        ) from None
+    echo(f"Found the interrupted run of {out_path} in {stray}; moved it to {out_path}")
+
+
+def _completed(run: dict[str, Any]) -> bool:
+    """Whether run.json says that every step is done and the student saved (the last thing a run writes)."""
+    try:
+        return int(run.get("completed_steps", 0)) >= int(run["steps"])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _is_done(out_path: Path) -> bool:
+    try:
+        run = json.loads((out_path / "run.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(run, dict) and _completed(run) and (out_path / "student").is_dir()
+
+
+def _kept_log_rows(log: Path, start: int) -> list[str]:
+    """The rows of log.jsonl up to step `start` (those after it are done again). A last row cut short (the
+    run was killed while writing it) is dropped; a damaged row before it is an InputError."""
+    try:
+        lines = log.read_text().splitlines() if log.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        raise InputError(f"{log} cannot be read as text; restore it or remove it to resume") from None
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if i == len(lines) - 1:
+                break  # written when the run was stopped
+            raise InputError(
+                f"{log} line {i + 1} is damaged (not a log row); restore it or remove the line to resume"
+            ) from None
+        if step <= start:
+            kept.append(line)
+    return kept
+
+
+def _resume_locked(
+    out_path: Path,
+    *,
+    data: str | None,
+    steps: int | None,
+    processes: int | None,
+    seed: int | None,
+    save_every: int,
+    keep_last: int,
+    echo: Any,
+) -> Path:
+    out = str(out_path)
+    folder = out_path / CHECKPOINTS
+    if not (out_path / "run.json").is_file() or not (_has_checkpoint(out_path) or _is_done(out_path)):
         raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
     try:
         previous = json.loads((out_path / "run.json").read_text())
@@ -308,6 +507,14 @@ def _resume_job(
         )
     if seed is not None and seed != previous["seed"]:
         raise InputError(f"a resumed run keeps its seed ({previous['seed']}); drop --seed")
+    total = steps if steps is not None else int(previous["steps"])
+    if _is_done(out_path) and total <= int(previous["steps"]):
+        raise InputError(
+            f"the run in {out} is done ({previous['steps']} steps; the student is in "
+            f"{out_path / 'student'}); give --steps larger than {previous['steps']} to train it further"
+        )
+    if not _has_checkpoint(out_path):
+        raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
     # DeepSpeed's ZeRO checkpoints are partitioned by rank: a resumed run keeps its number of processes.
     made_with = int(previous["processes"])
     if processes is None:
@@ -319,11 +526,14 @@ def _resume_job(
         )
     plan = load_or_plan(str(out_path / "plan.json"), processes=processes, echo=echo)
     check_weight_files(plan)
-    tag = latest.read_text().strip()
-    start = int(tag.removeprefix("step-"))
-    total = steps if steps is not None else int(previous["steps"])
-    if total <= start:
-        raise InputError(f"the run in {out} is at step {start} already; give --steps larger than {start}")
+    tag, note = resumable(folder, processes)
+    if note:
+        echo(f"Note: {note}")
+    start = step_of(tag) or 0
+    if total < start:
+        raise InputError(f"the run in {out} is at step {start} already; give --steps of at least {start}")
+    # DeepSpeed loads its files with pickle's full power: only data may reach it.
+    check_loadable(folder / tag)
     # The sources may have moved or changed since; and their stored ids may have been removed.
     stored = check_data(plan, previous["data"], processes, int(previous["seed"]), echo)
     if previous.get("data_tokens") and previous["data_tokens"] != stored.path.name:
@@ -336,8 +546,7 @@ def _resume_job(
         check_data(plan, previous["eval_data"], processes, int(previous["seed"]), echo)
     # Rows logged after the checkpoint are done again.
     log = out_path / "log.jsonl"
-    rows = log.read_text().splitlines() if log.is_file() else []
-    log.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start))
+    rows = _kept_log_rows(log, start)
     settings = RunSettings(
         data=previous["data"],
         steps=total,
@@ -354,8 +563,20 @@ def _resume_job(
         eval_batches=int(previous.get("eval_batches", 8)),
         data_tokens=stored.path.name,
     )
-    echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
-    write_run_json(out_path, settings, plan, processes, completed=start)
+    if start == total:
+        echo(
+            f"Resuming at step {start} of {total}: every step is done; loading step {start} to save the "
+            "student"
+        )
+    else:
+        echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
+    log.write_text("".join(r + "\n" for r in rows))
+    # The run is not done: a student folder is from fewer steps (or cut short), and is saved again.
+    for old in (out_path / "student", out_path / "student.partial"):
+        if old.is_dir():
+            shutil.rmtree(old)
+    # completed_steps reaches `steps` only once the student is saved (what makes a run done).
+    write_run_json(out_path, settings, plan, processes, completed=min(start, total - 1))
     echo(_starting(processes))
     try:
         with sigterm_raises():  # the workers are stopped with the parent; OUT stays as it is, to resume

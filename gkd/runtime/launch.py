@@ -20,9 +20,12 @@ Design choices:
   survives any exception type and a worker that dies before it can send anything.
 - On the CPU the workers are forked: the parent has imported torch, transformers and DeepSpeed already, and
   importing them again in each worker would take longer than a short run. The parent also loads the
-  DeepSpeed ops the workers use (`cpu_ops`: its shared-memory collectives, the optimizer's kernel) before
-  forking, so the workers inherit them loaded. Loading a JIT op takes a file lock in the torch extensions
-  folder; a process killed while holding it (a peer's failure, Ctrl-C) leaves the lock behind, and torch
+  DeepSpeed ops the workers use (`cpu_ops`) before forking, so the workers inherit them loaded; with the
+  plans gkd writes there is none unless the student's optimizer is offloaded (DeepSpeed's CPU Adam), so a
+  first run compiles nothing. DeepSpeed's shared-memory collective op is not built either: gloo's
+  collectives serve (the op is only a fast path of DeepSpeed's `inference_all_reduce`, which falls back to
+  torch's all_reduce without it). Loading a JIT op takes a file lock in the torch extensions folder; a
+  process killed while holding it (a peer's failure, Ctrl-C) leaves the lock behind, and torch
   would make every later run wait for it forever. So the parent waits for a lock itself, at most until the
   lock is `STALE_LOCK_S` old (a build takes about a minute), then removes it with a note. Each forked worker
   runs with `cores // processes` intra-op threads (at least 1), so the workers do not oversubscribe the
@@ -237,12 +240,11 @@ def launch(
     *,
     processes: int,
     timeout_s: float | None = None,
-    cpu_ops: Sequence[str] = ("ShareMemCommBuilder",),
+    cpu_ops: Sequence[str] = (),
 ) -> None:
     """Run `fn(rank, world, *args)` in `processes` workers (see the module docstring); returns when all
     succeeded, raises InputError or WorkerFailedError otherwise. `fn` and `args` must be picklable when the
-    workers are spawned (CUDA). `cpu_ops`: DeepSpeed ops loaded before forking CPU workers (the default is
-    what `deepspeed.init_distributed` needs)."""
+    workers are spawned (CUDA). `cpu_ops`: DeepSpeed ops loaded before forking CPU workers."""
     import torch
 
     if processes < 1:
@@ -257,8 +259,10 @@ def launch(
         # Imported once here, so that the forked workers share it instead of importing it each; naming the
         # CPU accelerator spares DeepSpeed its detection and the warning it prints about it.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed  # noqa: F401
+        import deepspeed.comm.torch
 
+        # No shared-memory op (see the module docstring): DeepSpeed's process group then uses gloo alone.
+        deepspeed.comm.torch.build_shm_op = lambda: None
         preload_cpu_ops(cpu_ops)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     for attempt in range(PORT_ATTEMPTS):

@@ -160,7 +160,8 @@ def test_lr_and_weight_decay_reach_the_plan(cfg, tmp_path):
     r = run(path, "-o", out)
     assert r.exit_code == 0, r.output
     plan = Plan.from_json(out.read_text())
-    assert plan.deepspeed["student"]["optimizer"]["params"] == {"lr": 3e-5, "weight_decay": 0.01}
+    params = plan.deepspeed["student"]["optimizer"]["params"]
+    assert params == {"lr": 3e-5, "weight_decay": 0.01, "torch_adam": True}
     assert plan.inputs["config"]["training"]["lr"] == 3e-5
 
 

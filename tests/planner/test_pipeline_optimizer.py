@@ -31,9 +31,15 @@ def _plan(training: TrainingConfig) -> tuple[Config, Plan]:
 @pytest.mark.parametrize(
     "optimizer,expected",
     [
-        ("adamw", {"type": "AdamW", "params": {"lr": 3e-5, "weight_decay": 0.01}}),
+        ("adamw", {"type": "AdamW", "params": {"lr": 3e-5, "weight_decay": 0.01, "torch_adam": True}}),
         # DeepSpeed runs its "Adam" type as AdamW unless adam_w_mode is false.
-        ("adam", {"type": "Adam", "params": {"lr": 3e-5, "weight_decay": 0.01, "adam_w_mode": False}}),
+        (
+            "adam",
+            {
+                "type": "Adam",
+                "params": {"lr": 3e-5, "weight_decay": 0.01, "adam_w_mode": False, "torch_adam": True},
+            },
+        ),
     ],
 )
 def test_optimizer_lr_and_weight_decay_reach_the_deepspeed_config(optimizer, expected):
@@ -50,8 +56,18 @@ def test_default_optimizer_config_is_unchanged():
     _, plan = _plan(TrainingConfig(seq_len=32, global_batch=8))
     assert plan.deepspeed["student"]["optimizer"] == {
         "type": "AdamW",
-        "params": {"lr": 1e-4, "weight_decay": 0.0},
+        "params": {"lr": 1e-4, "weight_decay": 0.0, "torch_adam": True},
     }
+
+
+def test_an_offloaded_optimizer_keeps_deepspeeds_cpu_adam():
+    """torch's Adam (no op to compile, exact on resume) unless the optimizer is offloaded, where DeepSpeed's
+    CPU Adam kernel is the point of the offload."""
+    from gkd.planner.pipeline import _optimizer_config
+
+    tr = TrainingConfig(seq_len=32, global_batch=8)
+    assert _optimizer_config(tr, offloaded=False)["params"]["torch_adam"] is True
+    assert "torch_adam" not in _optimizer_config(tr, offloaded=True)["params"]
 
 
 def test_every_accepted_optimizer_is_one_deepspeed_builds():
