@@ -225,6 +225,11 @@ def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str)
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option(
+    "--discard-partial",
+    is_flag=True,
+    help="Remove the checkpoints an interrupted run of --out left in .OUT.partial-* and start over.",
+)
+@click.option(
     "--eval-data",
     type=click.Path(),
     help="Held-out text (.txt, .jsonl or a datasets folder): the student's own loss on it, at the end.",
@@ -254,6 +259,7 @@ def run(
     save_every: int,
     keep_last: int,
     resume: bool,
+    discard_partial: bool,
     eval_data: str | None,
     eval_every: int,
     eval_batches: int,
@@ -274,6 +280,7 @@ def run(
             processes=processes,
             seed=seed,
             resume=resume,
+            discard_partial=discard_partial,
             save_every=save_every,
             keep_last=keep_last,
             eval_data=eval_data,
