@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from gkd.errors import InputError
+from gkd.errors import InputError, shown
 from gkd.models import ModelSpec, preset_names
 from gkd.runtime.tokens import TokenFile, file_identity, stored_tokens
 
@@ -247,10 +248,18 @@ def _source(source: str | None) -> tuple[str, int, Callable[[], Iterator[tuple[s
         lines = _text_documents(text)
         return identity, len(lines), lambda: ((line, 1) for line in lines)
     path = Path(source).expanduser()
-    if path.is_dir():
-        return _folder_source(path)
-    if not path.is_file():
-        raise InputError(f"data source {source} does not exist; give {_SOURCE_FORMS}")
+    try:
+        if path.is_dir():
+            return _folder_source(path)
+        exists, regular = path.exists(), path.is_file()
+    except OSError as err:  # a name too long for the file system, a folder that cannot be searched
+        raise InputError(
+            f"cannot read data source {shown(source)}: {err.strerror or type(err).__name__}"
+        ) from None
+    if not exists:
+        raise InputError(f"data source {shown(source)} does not exist; give {_SOURCE_FORMS}")
+    if not regular:  # a FIFO or a device: neither has an end to tokenise up to
+        raise InputError(f"data source {shown(source)} is not a regular file; give {_SOURCE_FORMS}")
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise InputError(
@@ -266,12 +275,42 @@ def _source(source: str | None) -> tuple[str, int, Callable[[], Iterator[tuple[s
     return identity, path.stat().st_size, lambda: reader(path)
 
 
+# The most bytes one document (a line of a .txt or .jsonl file) may hold, unless GKD_MAX_DOCUMENT_BYTES says
+# otherwise. Tokenising a document holds its ids as Python ints (8 bytes a token and more), so a document of
+# L bytes costs the parent about 20 x L while it is encoded: 64 MiB keeps that near a GiB. Real documents
+# (a book is a few MiB) are far below it; a larger "line" is almost always a file without line breaks.
+DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20
+
+
+def max_document_bytes() -> int:
+    """The document size limit: GKD_MAX_DOCUMENT_BYTES (a size such as 256MiB), else 64 MiB."""
+    from gkd.config import parse_bytes
+
+    value = os.environ.get("GKD_MAX_DOCUMENT_BYTES", "").strip()
+    if not value:
+        return DEFAULT_MAX_DOCUMENT_BYTES
+    limit = parse_bytes(value, "GKD_MAX_DOCUMENT_BYTES")
+    if limit < 1:
+        raise InputError("GKD_MAX_DOCUMENT_BYTES must be a size > 0 such as 256MiB")
+    return limit
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str, int]]:
-    """(line number, text, bytes) of each line of a UTF-8 file; "\r\n" and a lone "\r" end lines too."""
+    """(line number, text, bytes) of each line of a UTF-8 file; "\r\n" and a lone "\r" end lines too.
+    A line is read at most `max_document_bytes()` at a time: a longer one is refused, never held whole."""
+    from gkd.planner.plan import human_bytes
+
     number = 0
+    limit = max_document_bytes()
     try:
         with open(path, "rb") as f:
-            for raw in f:
+            while raw := f.readline(limit + 1):
+                if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+                    raise InputError(
+                        f"{path} line {number + 1} is longer than {human_bytes(limit)}, the most one "
+                        "document may hold (GKD_MAX_DOCUMENT_BYTES); split the text into lines (one document "
+                        "each) or raise the limit"
+                    )
                 if number == 0:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as some editors write
                 try:
@@ -312,15 +351,34 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[str, int]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_int=_json_int)
         except json.JSONDecodeError as err:
             raise InputError(
                 f"{path} line {number} is not valid JSON ({err.msg}); write one object per line"
             ) from None
+        except RecursionError:
+            raise InputError(
+                f"{path} line {number} nests its JSON too deeply to read; keep each line a flat object "
+                'with a "text" field'
+            ) from None
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise InputError(f'{path} line {number} has no "text" string field; give every line one')
+        if "\\u" in line:  # only an escape can give a lone surrogate: the line itself is valid UTF-8
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InputError(
+                    f"{path} line {number}: its text holds a lone surrogate ({shown(text[err.start])}, "
+                    "from a broken \\u escape), which is not a character; fix or drop that escape"
+                ) from None
         yield text, size
+
+
+def _json_int(digits: str) -> int | float:
+    """A JSON integer; one past Python's digit limit for int() (4,300) is kept as a float: only the "text"
+    field of a line is read, so other fields need not be exact."""
+    return int(digits) if len(digits) <= 4000 else float(digits)
 
 
 # Rows read from a dataset folder at once.

@@ -13,8 +13,11 @@ shared by all ranks through the page cache, and a second run on the same source 
 
 The key is the caller's (gkd.runtime.data hashes the source's path, size and modification time, and the
 tokenizer's files), so an edited source or another tokenizer makes a new entry. An entry is written to a
-temporary file and renamed, its metadata last, so a reader never sees half of one; a run interrupted while
-tokenizing leaves nothing behind. Entries are not evicted: remove the `tokens` folder to reclaim the space.
+temporary file and renamed, its metadata last, so a reader never sees half of one. A run that fails while
+tokenizing removes its temporary file; one killed outright (SIGKILL, a lost machine) cannot, so each build
+first removes the temporary files of runs that are gone: those of this machine whose process has ended, and
+any not written to for a day (a shared cache folder's other machines). Entries are not evicted: remove the
+`tokens` folder to reclaim the space.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +38,12 @@ from gkd.errors import InputError
 from gkd.planner.cache import cache_dir
 
 # Documents handed to the tokenizer at once: large enough for a batched (multi-threaded) encode, small enough
-# that the batch's ids stay a few MiB.
+# that the batch's ids stay a few MiB. A batch also ends once it holds BATCH_CHARS characters, so that a
+# source of long documents does not hold 1,024 of them (and their ids) at once.
 BATCH_DOCUMENTS = 1024
+BATCH_CHARS = 8 << 20
+# A temporary file not written to for this long belongs to a run that is gone, whichever machine ran it.
+STALE_PARTIAL_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -81,17 +90,18 @@ def stored_tokens(
         return found, False
     folder = token_dir()
     dtype = id_dtype(vocab_size)
-    partial = folder / f"{key}.bin.partial-{os.getpid()}"
+    partial = folder / f"{key}.bin{_partial_suffix()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(folder)
         tokens = count = 0
         with open(partial, "wb") as f:
-            stream = documents()
-            while batch := list(islice(stream, BATCH_DOCUMENTS)):
+            for batch in _batches(documents()):
                 texts = [text for text, _ in batch]
                 encoded = encode_batch(texts)
                 tail = [] if eos_id is None else [eos_id]
-                flat = np.fromiter(chain.from_iterable(ids + tail for ids in encoded), dtype=np.int64)
+                # chain, not ids + tail: a long document's list of ids is not copied.
+                flat = np.fromiter(chain.from_iterable(chain(ids, tail) for ids in encoded), dtype=np.int64)
                 if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
                     bad = int(flat.max() if flat.max() >= vocab_size else flat.min())
                     raise InputError(
@@ -104,7 +114,7 @@ def stored_tokens(
                     progress(sum(units for _, units in batch))
         entry = TokenFile(path=folder / f"{key}.bin", tokens=tokens, documents=count, dtype=dtype)
         partial.replace(entry.path)
-        meta = folder / f"{key}.json.partial-{os.getpid()}"
+        meta = folder / f"{key}.json{_partial_suffix()}"
         meta.write_text(json.dumps({"tokens": tokens, "documents": count, "dtype": dtype}))
         meta.replace(folder / f"{key}.json")
     except OSError as err:
@@ -116,6 +126,54 @@ def stored_tokens(
         with contextlib.suppress(OSError):  # absent once renamed; unreachable when the folder is not one
             partial.unlink(missing_ok=True)
     return entry, True
+
+
+def _batches(stream: Iterator[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
+    """The documents in batches of at most BATCH_DOCUMENTS documents and (past the first) BATCH_CHARS
+    characters."""
+    batch: list[tuple[str, int]] = []
+    chars = 0
+    for item in stream:
+        if batch and (len(batch) == BATCH_DOCUMENTS or chars + len(item[0]) > BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(item)
+        chars += len(item[0])
+    if batch:
+        yield batch
+
+
+def _partial_suffix() -> str:
+    """The suffix of this process's temporary files: its machine and process id, so that a later run can tell
+    whether the process that wrote one is gone."""
+    return f".partial-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_partials(folder: Path) -> None:
+    """Remove the temporary files of runs that are gone: this machine's whose process has ended (and files
+    named by process id alone, as older versions wrote them), and any not written to for STALE_PARTIAL_S."""
+    host = socket.gethostname()
+    now = time.time()
+    for path in folder.glob("*.partial-*"):
+        owner = path.name.rsplit(".partial-", 1)[1]
+        writer, _, pid = owner.rpartition("-")
+        try:
+            ours = writer in ("", host) and pid.isdigit()
+            gone = (ours and not _alive(int(pid))) or now - path.stat().st_mtime > STALE_PARTIAL_S
+            if gone:
+                path.unlink()
+        except OSError:
+            continue  # removed meanwhile by another run, or not ours to remove
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _lookup(key: str) -> TokenFile | None:
