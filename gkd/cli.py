@@ -1,4 +1,4 @@
-"""The `gkd` command line: plan, run, check, inspect, methods.
+"""The `gkd` command line: plan, run, export, check, inspect, methods.
 
 Each command is a thin wrapper: it parses flags, calls the library, and prints. Errors the user can fix
 (`gkd.errors.InputError`) become one line on stderr and exit code 2; a job that does not fit exits with 1.
@@ -292,6 +292,26 @@ def run(
     except GkdError as err:  # does not fit, or a worker failed
         click.echo(f"gkd: error: {err}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("source", metavar="RUN_OR_CHECKPOINT")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Folder for the Hugging Face student; must not exist, or be empty.",
+)
+@_user_errors
+def export(source: str, out: str) -> None:
+    """Turn a `gkd run --save-every` checkpoint into a Hugging Face folder that `from_pretrained` loads.
+
+    RUN_OR_CHECKPOINT: a run folder (its newest complete checkpoint) or one of its checkpoints/step-N folders.
+    Exit code 2 for anything that is not a complete checkpoint of a gkd run.
+    """
+    from gkd.runtime.export import run_export
+
+    run_export(source, out, echo=click.echo)
 
 
 def entry() -> None:
