@@ -3,8 +3,10 @@
 An entry lives at `cache_dir()/KIND/[NAME-]KEY.json`. KEY hashes the inputs with a fingerprint of the gkd
 sources that compute the value (`source_fingerprint`, from their content) and the installed torch and
 transformers versions, so a change to that code or an upgrade makes a new entry instead of reading a stale
-one. Entries are written to a temporary file and renamed, so a reader never sees half of one. A corrupt,
-partial or unreadable entry is computed again, and an unwritable folder only costs speed.
+one. Entries are written to a temporary file and renamed, so a reader never sees half of one. Each entry of
+the user's cache carries a checksum of its value (`{"sum": ..., "value": ...}`): an entry that is corrupt,
+partial, unreadable, edited by hand or written without one (older versions) is computed again rather than
+trusted, since the planner would otherwise fail on whatever it holds; an unwritable folder only costs speed.
 
 Behind the user's cache sits the pack (`PACK_DIR`, shipped inside the package; see gkd.planner.pack): the
 same entries, precomputed for every preset and reference model by `python -m gkd.planner.pack`. Because keys
@@ -77,12 +79,38 @@ def entry_path(kind: str, key_data: Any, sources: tuple[str, ...], *, name: str 
     return Path(kind) / f"{prefix}{key}.json"
 
 
-def _read(path: Path, valid: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+def _read(path: Path, valid: Callable[[dict[str, Any]], bool], *, signed: bool) -> dict[str, Any] | None:
+    """The entry at `path`, or None when it is absent, unreadable, truncated, not `valid`, or (`signed`: the
+    user's cache) not carrying the checksum of its value."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None  # absent, unreadable or truncated
-    return value if isinstance(value, dict) and valid(value) else None
+    if signed:
+        if not isinstance(entry, dict) or set(entry) != {"sum", "value"}:
+            return None
+        if entry["sum"] != _checksum(_canonical(entry["value"])):
+            return None
+        entry = entry["value"]
+    return entry if isinstance(entry, dict) and valid(entry) else None
+
+
+def stored_value(path: Path) -> dict[str, Any]:
+    """The value of the user's cache entry at `path` (what `gkd.planner.pack` ships); ValueError when the
+    entry is damaged."""
+    found = _read(path, lambda _: True, signed=True)
+    if found is None:
+        raise ValueError(f"cache entry {path} is damaged")
+    return found
+
+
+def _canonical(value: Any) -> str:
+    """The value as the JSON text its checksum is taken of (keys sorted: the same after a round trip)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def cached(
@@ -104,16 +132,17 @@ def cached(
         return compute()
     relative = entry_path(kind, key_data, sources, name=name)
     path = cache_dir() / relative
-    found = _read(path, valid)
+    found = _read(path, valid, signed=True)
     if found is None and not os.environ.get("GKD_NO_PACK"):
-        found = _read(PACK_DIR / relative, valid)
+        found = _read(PACK_DIR / relative, valid, signed=False)  # shipped with gkd, read-only
     if found is not None:
         return found
     value = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(value, default=str))
+        text = _canonical(value)
+        tmp.write_text(f'{{"sum": "{_checksum(text)}", "value": {text}}}')
         tmp.replace(path)
     except OSError:
         pass  # an unwritable cache folder costs only speed, never correctness

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gkd.planner.cache import PACK_DIR, entry_path, tool_versions
+from gkd.planner.cache import PACK_DIR, entry_path, stored_value, tool_versions
 
 _ROOT = Path(__file__).resolve().parent.parent.parent
 REFERENCE_CONFIGS = _ROOT / "configs" / "reference"
@@ -109,7 +109,8 @@ def build(out: Path = PACK_DIR) -> dict[str, Any]:
             shutil.rmtree(out)
         for relative in entries:
             (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(scratch / relative, out / relative)
+            # The pack holds plain values: the checksum guards the user's cache, the pack ships read-only.
+            (out / relative).write_text(json.dumps(stored_value(scratch / relative)))
         manifest = {"versions": tool_versions(), "entries": dict(sorted(entries.items()))}
         (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
         return manifest
