@@ -21,7 +21,7 @@ from gkd.runtime.checkpoints import (
     save_checkpoint,
 )
 from gkd.runtime.memory import MemoryRecord, StepMemory, host_memory, predicted_device_bytes
-from gkd.runtime.save import copy_tokenizer, save_student
+from gkd.runtime.save import save_student
 from gkd.runtime.settings import RunSettings, write_run_json
 
 
@@ -250,9 +250,13 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     # (and its tokenizer), then run.json's completed_steps, which is what makes the run done (a resume of a
     # run that is not done loads its last checkpoint and saves again), then what only a resume needed.
     maybe_die("student", settings.steps, rank)
-    save_student(engines, out / "student", rank=rank, zero_stage=plan.strategy.student_zero_stage)
-    if rank == 0:
-        copy_tokenizer(config["teachers"][0], out / "student")
+    save_student(
+        engines,
+        out / "student",
+        rank=rank,
+        zero_stage=plan.strategy.student_zero_stage,
+        tokenizer_from=config["teachers"][0],  # copied in before the folder appears
+    )
     maybe_die("student-written", settings.steps, rank)
     readers.clear()  # closes the memory maps before the folder goes
     dist.barrier()  # every rank's part of the save is done
