@@ -31,6 +31,8 @@ Design choices:
   `base_model_prefix` (as `check_weights` does); tied parameters are one parameter, filled once. A parameter
   no file holds is an InputError (transformers would initialise it randomly; a run should not silently
   train from partly random weights). Keys the model lacks are ignored, as `from_pretrained` ignores them.
+- zero.Init's broadcast of each new parameter from rank 0 is skipped (`_no_broadcast_at_init`): every value
+  is written afterwards, and receiving it would commit each module's whole tensors on the other ranks.
 - Non-persistent buffers (RoPE's inverse frequencies) are computed when the model is built, in float32, as
   `from_pretrained` leaves them; under `zero.Init` torch.arange keeps its dtype for the same reason
   (transformers' `prevent_arange_dtype_change`).
@@ -475,6 +477,28 @@ def build_whole(spec: Any, *, weights: str | None, seed: int, attention: str, dt
     return model.to(device)  # the buffers (parameters are there already)
 
 
+@contextlib.contextmanager
+def _no_broadcast_at_init() -> Iterator[None]:
+    """zero.Init broadcasts each new parameter from rank 0 before partitioning it, so that every rank starts
+    from rank 0's random values (`Init._zero_init_param`). Here every value is written afterwards (from the
+    checkpoint or the seeded init, the same on every rank), so the broadcast only costs a pass of the whole
+    model through the network, and on the receiving ranks it writes, and so commits to memory, each module's
+    whole uninitialised tensors: skipped while our models are built."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    original = Init._zero_init_param
+
+    def partition_only(self: Any, param: Any) -> None:
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+    Init._zero_init_param = partition_only  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Init._zero_init_param = original  # type: ignore[method-assign]
+
+
 def build_partitioned(
     spec: Any,
     ds_config: dict[str, Any],
@@ -495,6 +519,7 @@ def build_partitioned(
     with (
         hf_init.no_init_weights(),
         prevent_arange_dtype_change(),
+        _no_broadcast_at_init(),
         deepspeed.zero.Init(config_dict_or_path=dict(ds_config), dtype=dtype),
     ):
         model = build_model(spec, device="cpu", attn_implementation=attention, dtype=dtype)
