@@ -282,7 +282,7 @@ def _stored_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
 
 def _file_shapes(path: Path, unreadable: Callable[[Path, Any], InputError]) -> dict[str, tuple[int, ...]]:
     """The tensor shapes of one weights file, from its header (safetensors) or through a memory map onto the
-    meta device (a zip-format .bin); {} for a legacy (pickle) .bin, which cannot be read without loading."""
+    meta device (a zip-format .bin; a legacy pickle .bin is read through once)."""
     import zipfile
 
     import torch
@@ -295,10 +295,12 @@ def _file_shapes(path: Path, unreadable: Callable[[Path, Any], InputError]) -> d
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         if not zipfile.is_zipfile(path):
             with path.open("rb") as f:
-                if f.read(1) != b"\x80":  # a legacy torch.save file is a pickle: checked when it loads
+                if f.read(1) != b"\x80":  # a legacy torch.save file is a pickle
                     raise unreadable(path, "neither a zip archive nor a pickle")
-            return {}
-        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            # A legacy file cannot be memory-mapped: it is read once, its tensors placed on the meta device.
+            state = torch.load(path, map_location="meta", weights_only=True)
+        else:
+            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
     except InputError:
         raise
     except Exception as err:  # safetensors, torch and zipfile raise many kinds
