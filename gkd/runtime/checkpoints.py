@@ -76,10 +76,18 @@ def maybe_die(point: str, step: int, rank: int) -> None:
     _maybe_die(point, step, rank)
 
 
+def _free_bytes(where: Path) -> int | None:
+    for folder in (where, *where.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free
+    return None
+
+
 @contextlib.contextmanager
-def _write_errors(what: str) -> Iterator[None]:
-    """One line for a failed write instead of torch's or DeepSpeed's traceback: a full disk makes torch.save
-    report "unexpected pos 128 vs 0", which names neither the disk nor the file."""
+def write_errors(what: str, where: Path) -> Iterator[None]:
+    """One line for a failed write of `what` (in the folder `where`) instead of torch's or DeepSpeed's
+    traceback: a full disk makes torch.save report "unexpected pos 128 vs 0", which names neither the disk
+    nor the file."""
     try:
         yield
     except OSError as err:
@@ -89,8 +97,11 @@ def _write_errors(what: str) -> Iterator[None]:
     except RuntimeError as err:
         text = str(err)
         if "unexpected pos" in text or "PytorchStreamWriter failed" in text or "file write failed" in text:
+            free = _free_bytes(where)
+            room = f"{free / 2**20:.0f} MiB free there now" if free is not None else "free space unknown"
             raise CheckpointWriteError(
-                f"cannot write {what} (most often the disk is full): {text.splitlines()[0]}"
+                f"cannot write {what}: the write failed part-way, most often because the disk is full "
+                f"({room}); free some space first"
             ) from None
         raise
 
@@ -135,10 +146,11 @@ def save_checkpoint(
 
         def save_then_die(state_dict: Any, path: str) -> None:
             save(state_dict, path)
+            os.truncate(path, os.path.getsize(path) // 2)  # as if killed while the file was written
             os._exit(9)
 
         engine.checkpoint_engine.save = save_then_die
-    with _write_errors(f"checkpoint {where}"):
+    with write_errors(f"checkpoint {where}", folder):
         engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step}, save_latest=False)
         _maybe_die("deepspeed", step, rank)
         state = {"cpu": torch.get_rng_state(), "step": step, "micro_batches": micro_batches}
@@ -209,14 +221,16 @@ def incomplete_reason(where: Path, world: int) -> str:
 
 
 def resumable(folder: Path, world: int) -> tuple[str, str]:
-    """(tag, note): the checkpoint a resume reads, `latest` when it is complete, else the newest complete
-    one, with a one-line note saying why; InputError when there is none."""
+    """(tag, note): the checkpoint a resume reads, `latest` when it is complete, else the complete one before
+    it (the newest complete one when `latest` names none), with a one-line note saying why; InputError when
+    there is none."""
     latest = folder / LATEST
     try:
         pointed = latest.read_text().strip() if latest.exists() else ""
     except (OSError, UnicodeDecodeError):
         pointed = "?"
-    if latest.exists() and step_of(pointed) is None:
+    before = step_of(pointed)
+    if latest.exists() and before is None:
         shown = pointed if len(pointed) <= 40 else pointed[:37] + "..."
         problem = f"{latest} names no checkpoint ({shown!r}, not step-N)"
     elif latest.exists():
@@ -226,20 +240,17 @@ def resumable(folder: Path, world: int) -> tuple[str, str]:
         problem = f"checkpoint {pointed} cannot be resumed from: {reason}"
     else:
         problem = f"{latest} is missing"
-    candidates = (
-        sorted(
-            (d for d in folder.iterdir() if d.is_dir() and step_of(d.name) is not None),
-            key=lambda d: step_of(d.name) or 0,
-            reverse=True,
-        )
-        if folder.is_dir()
-        else []
+    steps = sorted(
+        (n for d in (folder.iterdir() if folder.is_dir() else ()) if d.is_dir() and (n := step_of(d.name))),
+        reverse=True,
     )
-    for d in candidates:
-        if d.name != pointed and not incomplete_reason(d, world):
-            return d.name, f"{problem}; resuming from {d.name}, the newest complete checkpoint"
+    for step in steps:
+        if (before is None or step < before) and not incomplete_reason(folder / tag_of(step), world):
+            newest = "the newest complete checkpoint" + ("" if before is None else " before it")
+            return tag_of(step), f"{problem}; resuming from {tag_of(step)}, {newest}"
     raise InputError(
-        f"{problem}, and {folder} holds no other complete checkpoint; start the run again without --resume"
+        f"{problem}, and {folder} holds no complete checkpoint before it; start the run again without "
+        "--resume"
     )
 
 

@@ -7,15 +7,25 @@ resumes copies of it."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 
-from gkd.runtime.executor import run_job
+import gkd.runtime.executor as executor
+from gkd.cli import main
+from gkd.errors import InputError
+from gkd.runtime.checkpoints import CheckpointWriteError, incomplete_reason, resumable, write_errors
+from gkd.runtime.executor import _kept_log_rows, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +33,14 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
 # What a resume must repeat exactly; seconds, tokens/s and memory are measurements, not results.
 MEASURED = ("seconds", "tokens_per_s", "peak_memory_bytes", "memory", "memory_source")
+
+
+def _one_line(result: Any, code: int, expected: str) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gkd: error: ") and expected in lines[0], lines
+    assert "Traceback" not in result.output
+    return lines[0]
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -80,3 +98,204 @@ def test_resume_from_every_checkpoint_is_bit_identical(reference: Path, tmp_path
             differ.append(step)
         shutil.rmtree(out)
     assert not differ, f"resumed from these checkpoints, the run differs from the uninterrupted one: {differ}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A checkpoint is complete or it is not used
+
+
+def _damage(out: Path, step: int, how: str) -> None:
+    where = out / "checkpoints" / f"step-{step}"
+    if how == "no marker":
+        (where / "complete").unlink()
+    elif how == "no rank file":
+        (where / "rng-rank1.pt").unlink()
+    elif how == "cut short":
+        [optim] = sorted(where.glob("*rank_1*optim_states.pt"))
+        os.truncate(optim, optim.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("how", ["no marker", "no rank file", "cut short"])
+def test_resumable_passes_over_an_incomplete_checkpoint(reference: Path, tmp_path: Path, how: str) -> None:
+    out = _copy_at(reference, tmp_path, 6)
+    _damage(out, 6, how)
+    tag, note = resumable(out / "checkpoints", 2)
+    assert tag == "step-5" and "step-6 cannot be resumed from" in note and "resuming from step-5" in note
+    assert incomplete_reason(out / "checkpoints" / "step-5", 4) == "it was written by 2 processes, not 4"
+
+
+@pytest.mark.parametrize("latest", ["step-abc", "", "step-99"])
+def test_an_odd_latest_is_passed_over_or_one_line(reference: Path, tmp_path: Path, latest: str) -> None:
+    out = _copy_at(reference, tmp_path, 4)
+    (out / "checkpoints" / "latest").write_text(latest)
+    tag, note = resumable(out / "checkpoints", 2)
+    assert tag == "step-12" and "resuming from step-12" in note
+    for step in range(1, STEPS + 1):  # no complete checkpoint left: one line, exit 2
+        (out / "checkpoints" / f"step-{step}" / "complete").unlink()
+    result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
+    _one_line(result, 2, "holds no complete checkpoint before it")
+
+
+def test_a_resume_from_an_incomplete_latest_uses_the_one_before(reference: Path, tmp_path: Path) -> None:
+    """A worker killed while rank 1 wrote checkpoint 6 (and `latest` already on it, as DeepSpeed's own pointer
+    left it): the resume says so in one line, continues from step 5, and ends as the uninterrupted run."""
+    out = _copy_at(reference, tmp_path, 6)
+    _damage(out, 6, "cut short")
+    (out / "checkpoints" / "step-6" / "complete").unlink()
+    said: list[str] = []
+    run_job(None, out=str(out), resume=True, echo=said.append)
+    assert [s for s in said if s.startswith("Note: ")] == [
+        "Note: checkpoint step-6 cannot be resumed from: its writing was interrupted (no `complete` marker); "
+        "resuming from step-5, the newest complete checkpoint before it"
+    ]
+    assert _rows(out) == _rows(reference)
+    again, weights = _weights(out), _weights(reference)
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+    assert (out / "checkpoints" / "step-6" / "complete").is_file()  # written again, whole
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Only data is loaded from a checkpoint
+
+
+class _Payload:
+    """What a hostile checkpoint holds: unpickling it runs `touch CANARY`."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = canary
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.canary}",))
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "rng-rank0.pt"])
+def test_a_checkpoint_that_would_run_code_is_refused(reference: Path, tmp_path: Path, name: str) -> None:
+    out = _copy_at(reference, tmp_path, 3)
+    where = out / "checkpoints" / "step-3"
+    canary = tmp_path / "pwned"
+    state = torch.load(where / name, weights_only=False)
+    state["extra"] = _Payload(canary)
+    torch.save(state, where / name)
+    marker = json.loads((where / "complete").read_text())  # a hostile folder has a matching marker
+    marker["files"][name] = (where / name).stat().st_size
+    (where / "complete").write_text(json.dumps(marker))
+    result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
+    line = _one_line(result, 2, str(where / name))
+    assert "could run code" in line
+    assert not canary.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A finished run ends with its student; resume finishes one that does not
+
+
+def test_a_done_run_is_not_resumed_but_can_be_extended(reference: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", "--resume", "--out", str(reference)])
+    _one_line(result, 2, "is done (12 steps")
+    # Stopped after its last checkpoint, before the student was saved: --steps 13 trains one step more.
+    out = _copy_at(reference, tmp_path, STEPS)
+    run_job(None, out=str(out), resume=True, steps=STEPS + 1, echo=lambda _: None)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 2)) and rows[:STEPS] == _rows(reference)
+    assert json.loads((out / "run.json").read_text())["completed_steps"] == STEPS + 1
+    assert (out / "student" / "config.json").stat().st_size > 0
+
+
+def test_the_log_keeps_its_rows_when_the_last_one_was_cut(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    log.write_text("\n".join(rows) + '\n{"step": 4, "lo')
+    assert _kept_log_rows(log, 2) == rows[:2] and _kept_log_rows(log, 3) == rows
+    log.write_text(rows[0] + "\n{garbage\n" + rows[2] + "\n")
+    with pytest.raises(InputError, match="log.jsonl line 2 is damaged"):
+        _kept_log_rows(log, 3)
+
+
+def test_a_full_disk_is_one_line(tmp_path: Path) -> None:
+    """torch.save on a full device reports "unexpected pos N vs M"; a checkpoint's write says what
+    happened."""
+    full = pytest.raises(CheckpointWriteError, match="most often because the disk is full")
+    with full as caught, write_errors("checkpoint step-3", tmp_path):
+        torch.save({"w": torch.zeros(4096)}, "/dev/full")
+    assert "\n" not in str(caught.value)
+    nospace = pytest.raises(CheckpointWriteError, match="no space left on the device while writing x")
+    with nospace, write_errors("x", tmp_path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Interrupted runs are found, not lost; one run at a time per OUT
+
+
+def _stray(reference: Path, tmp_path: Path, step: int, name: str) -> Path:
+    """The temporary folder a SIGKILLed parent leaves: the run stopped after its checkpoint at `step`."""
+    root = tmp_path / "runs"
+    root.mkdir(exist_ok=True)
+    return Path(shutil.move(_copy_at(reference, tmp_path, step), root / name))
+
+
+def test_a_killed_parents_folder_is_resumed_and_never_started_over(reference: Path, tmp_path: Path) -> None:
+    # The name a run of this very process would have had before (the PID alone): it is not removed.
+    stray = _stray(reference, tmp_path, 9, f".run.partial-{os.getpid()}")
+    out = stray.parent / "run"
+    args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--steps", str(STEPS), "--out", str(out)]
+    line = _one_line(CliRunner().invoke(main, args), 2, str(stray))
+    assert "--resume --out" in line and "--discard-partial" in line
+    assert (stray / "checkpoints" / "step-9" / "complete").is_file() and not out.exists()
+    said: list[str] = []
+    run_job(None, out=str(out), resume=True, echo=said.append)
+    assert f"Found the interrupted run of {out} in {stray}; moved it to {out}" in said
+    assert not stray.exists() and _rows(out) == _rows(reference)
+    again, weights = _weights(out), _weights(reference)
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+def test_temporary_folders_are_unique_and_names_fit(tmp_path: Path) -> None:
+    assert executor._partial_name(tmp_path / "o") != executor._partial_name(tmp_path / "o")
+    name = "x" * 245  # a legal folder name, but not with a suffix
+    args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / name)]
+    _one_line(CliRunner().invoke(main, args), 2, "must fit the 255-byte limit of a file name")
+    assert not any(tmp_path.iterdir())
+
+
+def test_discard_partial_starts_over(reference: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    stray = _stray(reference, tmp_path, 2, ".run.partial-1-00000000")
+    started: list[Any] = []
+
+    def launch(fn: Any, args: Any, *, processes: int, cpu_ops: Any = ()) -> None:
+        started.append(args[1])
+        (Path(args[1].out) / "student").mkdir()
+
+    monkeypatch.setattr(executor, "launch", launch)
+    out = stray.parent / "run"
+    run_job(str(ROOT / "configs" / "tiny.yaml"), out=str(out), discard_partial=True, echo=lambda _: None)
+    assert started and not stray.exists() and (out / "student").is_dir()
+    assert not list(stray.parent.glob(".run.*"))  # no lock file left either
+
+
+def test_two_resumes_of_one_out_the_second_exits_at_once(reference: Path, tmp_path: Path) -> None:
+    out = _copy_at(reference, tmp_path, 9)
+    code = "import sys; from gkd.cli import entry; sys.argv = ['gkd', *sys.argv[1:]]; entry()"
+    first = subprocess.Popen(
+        [sys.executable, "-c", code, "run", "--resume", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lock = tmp_path / ".at-9.lock"
+        deadline = time.monotonic() + 120
+        while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock.exists(), first.communicate()[1][-2000:]
+        start = time.monotonic()
+        result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
+        assert time.monotonic() - start < 10
+        _one_line(result, 2, f"another gkd run is using {out} (it holds the lock {lock})")
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert _rows(out) == _rows(reference) and not lock.exists()
