@@ -131,6 +131,10 @@ def test_what_is_not_a_checkpoint_is_refused(zero2_run: Path, tmp_path: Path) ->
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
     run = _copy_run(zero2_run, tmp_path)
+    plan = json.loads((run / "plan.json").read_text())
+    plan["inputs"]["config"]["student"] = "tiny-llama-teacher"  # a plan edited to name another student
+    (run / "plan.json").write_text(json.dumps(plan))
+    _refused(tmp_path, run, "it is not a checkpoint of this run's student")
     shutil.rmtree(run / "checkpoints")
     _refused(tmp_path, run, "has no checkpoints (it ran without --save-every)")
 
