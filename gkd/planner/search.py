@@ -47,11 +47,12 @@ PLACEMENT_RANK = {"replicated": 0, "tensor_parallel": 1, "offline": 2, "zero3": 
 
 
 def _simplicity(e: Evaluated) -> tuple[int, ...]:
-    """Lower is simpler: less host memory in use, a less sharded teacher, a lower ZeRO stage, no offload,
-    fewer recomputed layers, then the lower peak."""
+    """Lower is simpler: less host memory in use while training (offload; not the brief staging of loading
+    and saving, which is smaller for sharded models), a less sharded teacher, a lower ZeRO stage, no
+    offload, fewer recomputed layers, then the lower peak."""
     s = e.strategy
     return (
-        e.host_bytes,
+        e.info.host.steady if e.info is not None else e.host_bytes,
         PLACEMENT_RANK[s.teacher_placement],
         s.tensor_parallel,
         s.student_zero_stage,
