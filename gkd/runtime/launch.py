@@ -259,10 +259,11 @@ def launch(
         # Imported once here, so that the forked workers share it instead of importing it each; naming the
         # CPU accelerator spares DeepSpeed its detection and the warning it prints about it.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed.comm.torch
+        import importlib
 
         # No shared-memory op (see the module docstring): DeepSpeed's process group then uses gloo alone.
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        # (`deepspeed.comm.torch` as an attribute is torch itself, which deepspeed.comm re-exports.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         preload_cpu_ops(cpu_ops)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     for attempt in range(PORT_ATTEMPTS):
