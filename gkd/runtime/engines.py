@@ -5,7 +5,8 @@ teachers replicated or in ZeRO-3 inference engines.
 `check_weights(ref, spec)` rejects a checkpoint folder whose weight files are unreadable or belong to another
 model (from the files' headers);
 `build_models(plan, seed=...)` builds the models with a fixed seed (the same weights on every rank and in a
-single-process reference); `make_engines(models, plan)` hands them to DeepSpeed.
+single-process reference), each as the plan places it; `make_engines(models, plan)` hands them to DeepSpeed;
+`check_host_memory(plan, ...)` refuses, before any worker starts, a plan whose host memory this machine lacks.
 
 What comes from the plan and nothing else: the student's DeepSpeed config (ZeRO stage, offload, batch sizes,
 gradient accumulation, clipping, optimizer, bf16/fp16), the layers to recompute, the teacher placement and the
@@ -26,10 +27,15 @@ Design choices:
 - Recompute: each layer the plan lists runs its forward under `torch.utils.checkpoint` (non-reentrant), by
   wrapping that layer's `forward`; the layer's module hooks (tap capture) stay outside the checkpoint, so taps
   hold the layer's outputs as usual. Other layers are untouched; this is per layer, not all-or-nothing.
-- Weights: a model given as a checkpoint folder with weights is loaded with `from_pretrained`; a preset or a
-  bare config.json is randomly initialised with the run's seed; both are then cast to the plan's training
-  dtype as `from_pretrained` casts (`cast_model`: non-persistent buffers such as RoPE's frequencies stay
-  float32). Distilling from a random teacher only exercises the machinery; the run says so.
+- Weights (`gkd.runtime.loading`): a checkpoint folder with weights is read tensor by tensor; a preset or a
+  bare config.json is randomly initialised from the run's seed, the same whatever the placement and the
+  number of workers. Inside workers (a process group exists), a ZeRO-3 student and a zero3/zero3_offload
+  teacher are built under `deepspeed.zero.Init` with the plan's DeepSpeed config for them, each rank filling
+  only its own partition; the others are built on the meta device and filled onto the worker's device (a
+  tensor-parallel teacher on the host, whole, for AutoTP to split). Without a process group (a
+  single-process reference) every model is built whole on the CPU, with the same weights. Parameters come in
+  the training dtype, non-persistent buffers (RoPE's frequencies) in float32, as `from_pretrained` gives
+  them. Distilling from a random teacher only exercises the machinery; the run says so.
 - Offline teachers run before the student engine exists (`gkd.runtime.offline`); the engine's module then
   holds stand-ins and reads the stored top-k per micro-batch (`DistillModule.stored`).
 - Tensor-parallel teachers are split by DeepSpeed's automatic tensor parallelism over groups of consecutive
