@@ -307,11 +307,18 @@ def export(source: str, out: str) -> None:
     """Turn a `gkd run --save-every` checkpoint into a Hugging Face folder that `from_pretrained` loads.
 
     RUN_OR_CHECKPOINT: a run folder (its newest complete checkpoint) or one of its checkpoints/step-N folders.
-    Exit code 2 for anything that is not a complete checkpoint of a gkd run.
+    Exit code 2 for anything that is not a complete checkpoint of a gkd run; 1 when writing fails.
     """
+    from gkd.errors import GkdError
     from gkd.runtime.export import run_export
 
-    run_export(source, out, echo=click.echo)
+    try:
+        run_export(source, out, echo=click.echo)
+    except InputError:
+        raise
+    except GkdError as err:  # the folder could not be written
+        click.echo(f"gkd: error: {err}", err=True)
+        sys.exit(1)
 
 
 def entry() -> None:

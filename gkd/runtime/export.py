@@ -20,7 +20,8 @@ Design choices:
   would load them with `weights_only=False`, where a pickle can run any code. Anything else is refused.
 - Nothing half-written: the folder is written next to DIR (`DIR.partial`) and renamed to DIR once complete;
   DIR must not exist or be empty. Bad input (not a checkpoint, an incomplete or damaged one, a run without
-  checkpoints) is an InputError: one line, exit code 2.
+  checkpoints) is an InputError: one line, exit code 2; a write that fails (a full disk) is one line, exit
+  code 1, and leaves nothing either.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gkd.errors import InputError
+from gkd.errors import GkdError, InputError
 from gkd.runtime.checkpoints import CHECKPOINTS, COMPLETE, LATEST, incomplete_reason, safe_globals, step_of
 
 STUDENT = "student."  # the student's entries in the engine's module (DistillModule.student)
+
+
+class ExportWriteError(GkdError):
+    """The folder could not be written (a full disk, a failed write): one line, exit code 1."""
 
 
 def run_export(source: str, out: str, *, echo: Callable[[str], None] = print) -> Path:
@@ -62,11 +67,14 @@ def run_export(source: str, out: str, *, echo: Callable[[str], None] = print) ->
                 f"checkpoint {where} {what} {name} of the student {student_ref} "
                 f"({list(expected.shape)}): it is not a checkpoint of this run's student"
             )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with HFWriter(target, skeleton, dtype=dtype, tokenizer_from=teacher_ref) as writer:
-        for name in names:
-            tensor = state[name].contiguous()
-            writer.add(name, tensor.to(dtype) if torch.is_floating_point(tensor) else tensor)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with HFWriter(target, skeleton, dtype=dtype, tokenizer_from=teacher_ref) as writer:
+            for name in names:
+                tensor = state[name].contiguous()
+                writer.add(name, tensor.to(dtype) if torch.is_floating_point(tensor) else tensor)
+    except OSError as err:  # the writer has removed what it wrote
+        raise ExportWriteError(f"cannot write {target}: {err.strerror or err}") from None
     echo(f"Exported {where.name} of {run} to {target}")
     return target
 

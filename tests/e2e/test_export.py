@@ -182,3 +182,18 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(zero2_run: Path, tmp_p
     (step / "complete").write_text(json.dumps(marker))
     _refused(tmp_path, step, "could run code")
     assert not ran.exists()
+
+
+def test_a_write_that_fails_exits_1_and_leaves_nothing(
+    zero2_run: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from safetensors import torch as st
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", full)
+    result = _export(str(zero2_run), "--out", str(tmp_path / "hf"))
+    assert result.exit_code == 1
+    assert result.output.strip() == f"gkd: error: cannot write {tmp_path / 'hf'}: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
