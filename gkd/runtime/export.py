@@ -2,8 +2,9 @@
 folder that `from_pretrained` loads.
 
 RUN_OR_CHECKPOINT is a run folder (its newest complete checkpoint: the one `checkpoints/latest` names, else
-the newest with a complete marker) or one of its `checkpoints/step-N` folders. The run's plan.json says which
-student it trained (the model reference in its config) and in which dtype.
+the newest with a complete marker), its `checkpoints` folder (the same) or one of its `checkpoints/step-N`
+folders. The run's plan.json says which student it trained (the model reference in its config) and in which
+dtype.
 
 Design choices:
 - The weights come from DeepSpeed's own conversion (`deepspeed.utils.zero_to_fp32`), which merges the ZeRO
@@ -91,6 +92,8 @@ def locate_checkpoint(path: Path, *, echo: Callable[[str], None] = print) -> tup
         if reason:
             raise InputError(f"checkpoint {path} cannot be exported: {reason}; export another checkpoint")
         return path, path.parent.parent
+    if path.name == CHECKPOINTS and (path.parent / "plan.json").is_file():  # the run's checkpoints folder
+        return _newest_complete(path, echo), path.parent
     folder = path / CHECKPOINTS
     if not folder.is_dir():
         if (path / "plan.json").is_file():

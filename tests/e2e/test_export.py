@@ -75,6 +75,12 @@ def test_export_of_a_zero2_checkpoint_equals_the_saved_student(zero2_run: Path, 
     result = _export(str(step), "--out", str(tmp_path / "hf"))
     assert result.exit_code == 0, result.output
     _same_folder(tmp_path / "hf", zero2_run / "student")
+    # The run's checkpoints folder: its newest complete checkpoint, into an empty --out.
+    (tmp_path / "empty").mkdir()
+    result = _export(str(zero2_run / "checkpoints"), "--out", str(tmp_path / "empty"))
+    assert result.exit_code == 0, result.output
+    _same_folder(tmp_path / "empty", zero2_run / "student")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf"]
 
 
 def test_export_of_a_zero3_checkpoint_equals_the_saved_student(
