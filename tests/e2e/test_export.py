@@ -148,6 +148,16 @@ def test_what_is_not_a_checkpoint_is_refused(zero2_run: Path, tmp_path: Path) ->
 def test_incomplete_or_damaged_checkpoints_are_refused(zero2_run: Path, tmp_path: Path) -> None:
     run = _copy_run(zero2_run, tmp_path)
     step = run / "checkpoints" / f"step-{STEPS}"
+    # `latest` on a checkpoint that is not there: the newest complete one, with a note.
+    (run / "checkpoints" / "latest").write_text("step-9")
+    result = _export(str(run), "--out", str(tmp_path / "hf"))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"Note: {run / 'checkpoints' / 'latest'} names no complete checkpoint; exporting step-{STEPS}, "
+        "the newest",
+        f"Exported step-{STEPS} of {run} to {tmp_path / 'hf'}",
+    ]
+    shutil.rmtree(tmp_path / "hf")
     (step / "complete").unlink()  # a write that was interrupted
     _refused(tmp_path, step, "no `complete` marker")
     _refused(tmp_path, run, "holds no complete checkpoint")
