@@ -62,4 +62,7 @@ def write_run_json(
     }
     if memory is not None:
         summary["memory"] = memory
-    (folder / "run.json").write_text(json.dumps(summary, indent=2))
+    # Whole or as before, whatever moment the process dies at: a resume reads it.
+    from gkd.runtime.checkpoints import write_atomically
+
+    write_atomically(folder / "run.json", json.dumps(summary, indent=2))
