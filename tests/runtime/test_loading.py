@@ -170,3 +170,19 @@ def test_damaged_or_incomplete_checkpoints_are_input_errors(tmp_path: Path) -> N
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(InputError, match="lack model"):
         load(folder)
+
+
+def test_the_plans_host_memory_is_the_largest_of_loading_training_and_saving() -> None:
+    """The headline job, by the rules docs/planner.md derives it with (one node of 8 GPUs)."""
+    from gkd.config import Config
+    from gkd.planner.memory import SAVE_SHARD_BYTES
+    from gkd.planner.pipeline import plan as make_plan
+
+    plan = make_plan(Config())
+    t, s = plan.inputs["models"]["teachers"][0], plan.inputs["models"]["student"]
+    assert (plan.strategy.student_zero_stage, plan.strategy.teacher_placement) == (3, "zero3_offload")
+    steady = 2 * t["params"]  # the offloaded teacher's partitions
+    load = steady + 8 * -(-t["largest_module"] // 8) * 2  # each rank's slice of the largest tensor, staged
+    save = steady + min(2 * s["params"], SAVE_SHARD_BYTES) + 2 * s["largest_module"]
+    assert plan.estimates["host_parts_bytes"] == {"steady": steady, "load": load, "save": save}
+    assert plan.host_bytes == max(steady, load, save) == load
