@@ -61,8 +61,8 @@ _UNITS = {
 # The largest whole number a setting may take: exact as a float and far beyond any real count, so that
 # arithmetic on settings stays finite (a 5,000-digit integer is refused where it enters, not deep inside).
 MAX_INT = 2**53
-# The largest size in bytes (1 EiB), for the same reason.
-MAX_BYTES = 1 << 60
+# The largest size in bytes (8 PiB, MAX_INT), for the same reason.
+MAX_BYTES = MAX_INT
 
 TEACHER_PLACEMENTS = ("replicated", "zero3", "zero3_offload", "tensor_parallel", "offline")
 STUDENT_OFFLOADS = ("none", "optimizer", "optimizer+parameters")
@@ -76,6 +76,7 @@ OPTIMIZERS = {"adamw": 8, "adam": 8, "sgd": 4}  # optimizer state bytes per para
 TRAINING_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
 # Names for hardware.interconnect. Only a label: the cost model reads hardware.interconnect_bandwidth.
 INTERCONNECTS = ("nvlink", "pcie", "infiniband", "ethernet")
+DEVICES = ("cuda", "cpu")
 DTYPES = ("bfloat16", "float16")
 
 
@@ -132,6 +133,10 @@ def _int(value: Any, what: str, *, minimum: int = 1, maximum: int = MAX_INT) -> 
         raise InputError(f"{what} must be at most {maximum}, got {shown(value)}")
 
 
+# Method names are short identifiers (the longest registered one has a few dozen characters).
+_MAX_METHOD_NAME = 100
+
+
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig:
     """One distillation method: its registered name, its weight in the total loss and its options."""
@@ -143,6 +148,10 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise InputError("each method needs a name, e.g. methods: [{name: kd}] (see `gkd methods`)")
+        if len(self.name) > _MAX_METHOD_NAME:
+            raise InputError(
+                f"method name {shown(self.name)} is too long to be a method; `gkd methods` lists their names"
+            )
         _positive(self.weight, f"method {shown(self.name)} weight", allow_zero=True)
         if not isinstance(self.options, dict):
             raise InputError(
@@ -180,8 +189,13 @@ class HardwareConfig:
     collective_latency_s: float = 30e-6  # fixed cost of one collective call (NCCL launch and sync)
     cuda_context_bytes: int = 1 * GiB
     fragmentation: float = 0.05
+    # What a "GPU" of the plan is: "cuda", or "cpu" for CPU processes (`gkd run` without CUDA sets it): the
+    # plan then counts the losses' CPU code paths and no CUDA context or allocator reserve.
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise InputError(f"hardware.device {shown(self.device)} is not one of {', '.join(DEVICES)}")
         _int(self.gpus, "hardware.gpus")
         _int(self.gpus_per_node, "hardware.gpus_per_node")
         if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
