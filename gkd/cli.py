@@ -8,6 +8,7 @@ New knobs belong in the config file, not in new flags.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 
 import click
 
-from gkd.errors import InputError
+from gkd.errors import InputError, shown
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -28,6 +29,12 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except InputError as err:
             click.echo(f"gkd: error: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:
+            # A path given on the command line that no file system takes: bad input, whichever check met it.
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            click.echo(f"gkd: error: {shown(err.filename)} is too long a path; give a shorter one", err=True)
             sys.exit(2)
 
     return wrapper

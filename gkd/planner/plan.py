@@ -96,7 +96,7 @@ class TensorAlloc:
 
     def __post_init__(self) -> None:
         if self.category not in CATEGORIES:
-            raise ValueError(f"unknown memory category {self.category!r}")
+            raise ValueError(f"unknown memory category {shown(self.category)}")
         if self.bytes < 0:
             raise ValueError(f"tensor {self.name} has negative size {self.bytes}")
 

@@ -516,12 +516,12 @@ def batches(
 
 def _check_args(*, seq_len: int, micro_batch: int, objective: str, rank: int, world: int) -> None:
     if objective not in OBJECTIVES:
-        raise InputError(f"data objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        raise InputError(f"data objective {shown(objective)} is not one of {', '.join(OBJECTIVES)}")
     for key, value in (("seq_len", seq_len), ("micro_batch", micro_batch), ("world", world)):
         if not isinstance(value, int) or value < 1:
-            raise InputError(f"{key} must be a positive integer, got {value!r}")
+            raise InputError(f"{key} must be a positive integer, got {shown(value)}")
     if not isinstance(rank, int) or not 0 <= rank < world:
-        raise InputError(f"rank must be an integer in 0..{world - 1}, got {rank!r}")
+        raise InputError(f"rank must be an integer in 0..{world - 1}, got {shown(rank)}")
 
 
 def _generate(

@@ -145,3 +145,16 @@ def test_load_config_refuses_the_bomb_in_process(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="alias"):
         load_config(bomb)
     assert time.monotonic() - start < 1
+
+
+def test_paths_too_long_for_the_file_system(tmp_path: Path) -> None:
+    long = str(tmp_path / ("a" * 5000))
+    for args in (
+        ["plan", long],
+        ["run", long, "--out", str(tmp_path / "out")],
+        ["run", str(TINY), "--data", long, "--out", str(tmp_path / "out")],
+    ):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args[:2], result.output[-500:])
+        assert len(result.output.strip().splitlines()) == 1 and len(result.output) < 400
+    assert not (tmp_path / "out").exists()
