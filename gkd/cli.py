@@ -180,16 +180,35 @@ def plan(
     show_default=True,
     help="Memory growth allowed before it counts as a regression (e.g. 1% or 0.01).",
 )
+@click.option(
+    "--measure",
+    is_flag=True,
+    help="Also run each config for a few steps (small configs only) and gate the memory it measured.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Steps each config runs with --measure.",
+)
 @_user_errors
-def check(configs: tuple[str, ...], baseline: str, update: bool, tolerance: str) -> None:
+def check(
+    configs: tuple[str, ...], baseline: str, update: bool, tolerance: str, measure: bool, steps: int
+) -> None:
     """Memory-regression gate: plan the configs recorded in the baseline again and compare.
 
-    Exit code 1 when a job no longer fits or its peak or host memory grew beyond the tolerance. CONFIG is a
-    config file, or `default` for the headline job.
+    Exit code 1 when a job no longer fits or its peak or host memory grew beyond the tolerance; with
+    --measure also when a run's measured device peak exceeds its prediction, or the recorded measurement, by
+    more than the tolerance. CONFIG is a config file, or `default` for the headline job.
     """
     from gkd.planner.check import run_check
 
-    sys.exit(run_check(baseline, configs, update=update, tolerance=tolerance))
+    sys.exit(
+        run_check(
+            baseline, configs, update=update, tolerance=tolerance, measure_steps=steps if measure else 0
+        )
+    )
 
 
 @main.command()

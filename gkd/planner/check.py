@@ -9,6 +9,13 @@ it with its record:
 - anything else passes (less memory, or a change within the tolerance) and is shown with its change. The step
   time is shown but not gated: it is an estimate.
 
+`--measure` also runs each config, as `gkd run CONFIG --steps N` does (on 2 CPU processes without CUDA, one
+process per GPU with it, planned for them), and reads the memory the run measured (OUT/run.json, see
+`gkd.runtime.memory`): a regression too when the measured device peak exceeds the run's own prediction by
+more than the tolerance (the plan under-promised), or grew by more than the tolerance against the record's
+`measured_peak_bytes` (written by `--update --measure`). Meant for small configs: the repository's
+`configs/measured/gkd-baseline.json` records three tiny jobs that tests/memory gates this way.
+
 Exit code 0 when nothing regressed, 1 when something did, 2 on bad input.
 `gkd check CONFIG... --update` plans the configs and writes their records (creating the file); `--update`
 with no CONFIG refreshes every record. The file is JSON, keyed by config path relative to the baseline's
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +51,67 @@ class Record:
     host_bytes: int
     step_seconds: float
     strategy: str
+    measured_peak_bytes: int = 0  # the device peak a run measured (`--update --measure`); 0: none recorded
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "fits": self.fits,
             "peak_bytes": self.peak_bytes,
             "host_bytes": self.host_bytes,
             "step_seconds": self.step_seconds,
             "strategy": self.strategy,
         }
+        if self.measured_peak_bytes:
+            out["measured_peak_bytes"] = self.measured_peak_bytes
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """What a short run of a config measured against its own plan (the plan `gkd run` made for it)."""
+
+    predicted_bytes: int  # the run's plan: peak without its reserve
+    peak_bytes: int  # the largest measured device peak over steps and ranks
+    strategy: str
+
+
+def measure(config_path: Path, *, steps: int) -> Measured:
+    """Run the config for `steps` steps as `gkd run` does (its own processes, a temporary OUT) and read what
+    it measured."""
+    import contextlib
+    import io
+    import tempfile
+
+    from gkd.runtime.executor import run_job
+
+    with tempfile.TemporaryDirectory(prefix="gkd-check-") as tmp:
+        out = Path(tmp) / "out"
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_job(str(config_path), steps=steps, out=str(out), echo=lambda *_a, **_k: None)
+        run = json.loads((out / "run.json").read_text())
+    device = run["memory"]["device"]
+    return Measured(
+        predicted_bytes=int(device["predicted_peak_bytes"]),
+        peak_bytes=int(device["measured_peak_bytes"]),
+        strategy=run["strategy"],
+    )
+
+
+def compare_measured(old: Record | None, got: Measured, tolerance: float) -> list[str]:
+    """Why a measured run regressed (empty when it did not): above its prediction, or above the record."""
+    reasons = []
+    if got.peak_bytes > got.predicted_bytes * (1 + tolerance):
+        reasons.append(
+            f"measured {_mib(got.peak_bytes)} exceeds the predicted {_mib(got.predicted_bytes)} by "
+            f"{(got.peak_bytes - got.predicted_bytes) / got.predicted_bytes:.1%}"
+        )
+    if (
+        old is not None
+        and old.measured_peak_bytes
+        and got.peak_bytes > old.measured_peak_bytes * (1 + tolerance)
+    ):
+        reasons.append(f"measured peak {_change(old.measured_peak_bytes, got.peak_bytes)}")
+    return reasons
 
 
 def _command(baseline: str, *args: str) -> str:
@@ -164,8 +223,16 @@ def compare(old: Record, new: Record, tolerance: float) -> list[str]:
     return reasons
 
 
-def run_check(baseline: str, configs: tuple[str, ...], *, update: bool, tolerance: str | float) -> int:
-    """The body of `gkd check` (see the module docstring); returns the exit code."""
+def run_check(
+    baseline: str,
+    configs: tuple[str, ...],
+    *,
+    update: bool,
+    tolerance: str | float,
+    measure_steps: int = 0,
+) -> int:
+    """The body of `gkd check` (see the module docstring); returns the exit code. `measure_steps` > 0: also
+    run each config for that many steps and gate what it measured (`--measure`)."""
     path = Path(baseline).expanduser()
     base_dir = path.parent if str(path.parent) else Path(".")
     fraction = parse_tolerance(tolerance)
@@ -187,6 +254,11 @@ def run_check(baseline: str, configs: tuple[str, ...], *, update: bool, toleranc
             f"{', '.join(missing)} not in the baseline {baseline}; "
             f"add with {_command(baseline, *missing, '--update')}"
         )
+    if measure_steps and DEFAULT_KEY in keys:
+        raise InputError(
+            "--measure runs each config, and the headline job is far too large to run here; give small "
+            "configs (e.g. --baseline configs/measured/gkd-baseline.json)"
+        )
     gone = [k for k in keys if k not in given and k != DEFAULT_KEY and not (base_dir / k).is_file()]
     if gone:
         raise InputError(
@@ -196,8 +268,14 @@ def run_check(baseline: str, configs: tuple[str, ...], *, update: bool, toleranc
     regressions = 0
     click.echo(f"{'config':<48} {'fits':<11} {'peak/GPU':<26} {'host':<26} {'step s':<14} verdict")
     for key in keys:
-        new = _record(key, Path(given[key]) if key in given else base_dir / key)
+        config_path = Path(given[key]) if key in given else base_dir / key
+        new = _record(key, config_path)
         old = records.get(key)
+        measured = measure(config_path, steps=measure_steps) if measure_steps else None
+        if measured is not None:
+            new = replace(new, measured_peak_bytes=measured.peak_bytes)
+        elif old is not None:
+            new = replace(new, measured_peak_bytes=old.measured_peak_bytes)  # kept when not measured again
         if update:
             records[key] = new
         fits = f"{old.fits}->{new.fits}" if old is not None else str(new.fits)
@@ -209,11 +287,21 @@ def run_check(baseline: str, configs: tuple[str, ...], *, update: bool, toleranc
             host = f"{_gib(old.host_bytes)}->{_gib(new.host_bytes)} {_change(old.host_bytes, new.host_bytes)}"
             step = f"{old.step_seconds:.2f}->{new.step_seconds:.2f}"
             reasons = compare(old, new, fraction)
+            if measured is not None:
+                reasons += compare_measured(old, measured, fraction)
             regressions += bool(reasons)
             verdict = ("REGRESSED: " + ", ".join(reasons)) if reasons else "ok"
             if update:
                 verdict += " (updated)"
         click.echo(f"{key:<48} {fits:<11} {peak:<26} {host:<26} {step:<14} {verdict}")
+        if measured is not None:
+            recorded = (
+                f", recorded {_mib(old.measured_peak_bytes)}" if old and old.measured_peak_bytes else ""
+            )
+            click.echo(
+                f"  measured {measure_steps} steps ({measured.strategy}): device peak "
+                f"{_mib(measured.peak_bytes)}, predicted {_mib(measured.predicted_bytes)}{recorded}"
+            )
     if update:
         _save(path, records)
         click.echo(f"baseline {baseline}: {len(keys)} record(s) written")
@@ -227,6 +315,10 @@ def run_check(baseline: str, configs: tuple[str, ...], *, update: bool, toleranc
         return 1
     click.echo(f"no regression in {len(keys)} config(s) (tolerance {fraction:.1%})")
     return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
 
 
 def _gib(n: int) -> str:

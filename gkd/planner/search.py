@@ -415,7 +415,7 @@ def search(
                 config=config, student=student, teachers=teachers, resolved=resolved, strategy=s
             )
             disk_bytes = topk = 0
-        resident = sum(a.bytes for a in static) + hw.cuda_context_bytes
+        resident = sum(a.bytes for a in static) + reserve_bytes(0, hw)  # the CUDA context
         lower = ev.cost(s, topk)
         if s.teacher_placement != "offline" and resident > ev.budget:
             top = max(static, key=lambda a: a.bytes)

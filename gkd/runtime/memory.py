@@ -5,13 +5,14 @@ Device memory of one optimizer step (all its micro-batches):
   The allocated peak is what the plan predicts minus its reserve (CUDA context and fragmentation).
 - CPU: an accounting of tensor storages, so that a CPU run measures what a GPU run does (tensor bytes, not
   the process's resident set, which also holds Python, the libraries and the allocator's free lists). At the
-  start of training every live CPU tensor storage is found once through the garbage collector (weights,
-  DeepSpeed's partitions and buffers, the teachers); during each step a `TorchDispatchMode` registers every
-  new storage an operator returns. Each registered storage carries a weakref finalizer that subtracts its
-  bytes when it is freed, so `live` is the bytes of tensor storage alive now and `peak` its largest value
-  during the step, model states included. Between steps the mode is off: what is created then (evaluation,
-  checkpoints) is not counted, and a storage created then that outlives the step would be missed (none does
-  in gkd's loop).
+  start of training the storages reachable from the engines and the teachers are registered (weights,
+  gradients, optimizer states, DeepSpeed's partitions and buffers); during each measured step a
+  `TorchDispatchMode` registers every new storage an operator returns. Each registered storage carries a
+  weakref finalizer that subtracts its bytes when it is freed, so `live` is the bytes of tensor storage
+  alive now and `peak` its largest value during the step, model states included. Between steps the mode is
+  off: what is created then (evaluation, checkpoints) is not counted, nor is a storage created in an
+  unmeasured step that outlives it (in gkd's loop the optimizer states appear in the first step, which is
+  measured).
 Host memory: the process's proportional and private set sizes (PSS, USS = Private_Clean + Private_Dirty,
 from /proc/self/smaps_rollup), not its RSS: forked workers share the parent's pages (the libraries), which
 RSS counts once per process and PSS divides among them.
@@ -29,9 +30,10 @@ use (it replaces `param.data`).
 
 from __future__ import annotations
 
-import gc
 import os
+import sys
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,21 +97,50 @@ def _storage_tracker_class() -> type:
             size = storage.nbytes()
             self.sizes[key] = size
             self.live += size
+            if self.sites is not None:
+                self.sites[key] = self._site()
             if self.live > self.peak:
                 self.peak = self.live
+                if self.sites is not None:
+                    self.at_peak = {}
+                    for k, where in self.sites.items():
+                        self.at_peak[where] = self.at_peak.get(where, 0) + self.sizes.get(k, 0)
             weakref.finalize(storage, self._freed, key)
 
         def _freed(self, key: int) -> None:
             self.live -= self.sizes.pop(key, 0)
+            if self.sites is not None:
+                self.sites.pop(key, None)
 
-        def scan(self) -> None:
-            """Register every CPU tensor storage alive now (found through the garbage collector)."""
-            for obj in gc.get_objects():
-                if isinstance(obj, torch.Tensor):
-                    self.add(obj)
+        # Diagnosis (GKD_MEASURE=sites): where each live storage was created, and what was alive at the peak.
+        sites: dict[int, str] | None = None
+        at_peak: dict[str, int] = {}
+        op = ""
+
+        def _site(self) -> str:
+            if self.op.startswith("before training"):
+                return self.op
+            frame = sys._getframe(3)
+            while frame is not None:
+                name = frame.f_code.co_filename
+                if ("/gkd/" in name or "/transformers/" in name or "/deepspeed/" in name) and (
+                    "_python_dispatch" not in name and "gkd/runtime/memory" not in name
+                ):
+                    where = name.split("/site-packages/")[-1].split("/gkd/")[-1]
+                    return f"{self.op} {where}:{frame.f_lineno} {frame.f_code.co_name}"
+                frame = frame.f_back
+            return f"{self.op} ?"
+
+        def scan(self, *roots: Any) -> None:
+            """Register the CPU tensor storages reachable from `roots` (see `_reachable_tensors`)."""
+            for t in _reachable_tensors(roots):
+                if self.sites is not None:
+                    self.op = f"before training: {type(t).__name__} {t.dtype}"
+                self.add(t)
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
+            self.op = func.__name__ if self.sites is not None else ""
             if isinstance(out, torch.Tensor):
                 self.add(out)
             elif isinstance(out, (tuple, list)):
@@ -121,6 +152,48 @@ def _storage_tracker_class() -> type:
     return StorageTracker
 
 
+# Objects whose attributes are searched for tensors: the engines, their optimizers, modules, gkd's own.
+_WALKED_MODULES = ("deepspeed", "torch.optim", "torch.nn", "gkd", "transformers")
+_WALK_DEPTH = 6
+
+
+def _reachable_tensors(roots: tuple[Any, ...]) -> Iterator[Any]:
+    """The tensors reachable from `roots` through modules (parameters, buffers, gradients), optimizers
+    (states) and the attributes, lists and dicts of DeepSpeed's, torch's and gkd's objects, to a bounded
+    depth.
+
+    Not the garbage collector's whole list: a forked worker shares its Python heap with the parent until it
+    writes to it, and visiting every object (each visit writes its reference count) would copy all those pages
+    into the worker, costing host memory that is then measured."""
+    import torch
+
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(r, 0) for r in roots]
+    while stack:
+        obj, depth = stack.pop()
+        if id(obj) in seen or depth > _WALK_DEPTH:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == "cpu" and obj.layout is torch.strided:
+                yield obj
+            if obj.grad is not None:
+                stack.append((obj.grad, depth + 1))
+            continue
+        if isinstance(obj, torch.nn.Module):
+            stack.extend((t, depth + 1) for t in obj.parameters())
+            stack.extend((t, depth + 1) for t in obj.buffers())
+        if isinstance(obj, torch.optim.Optimizer):
+            stack.extend((v, depth + 1) for v in obj.state.values())
+            stack.extend((g, depth + 1) for g in obj.param_groups)
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend((v, depth + 1) for v in obj)
+        elif type(obj).__module__.startswith(_WALKED_MODULES) and hasattr(obj, "__dict__"):
+            stack.extend((v, depth + 1) for v in vars(obj).values())
+
+
 def measuring_enabled() -> bool:
     """GKD_MEASURE=0 turns the CPU storage accounting off (to time its overhead); on by default."""
     return os.environ.get("GKD_MEASURE", "1") != "0"
@@ -129,8 +202,9 @@ def measuring_enabled() -> bool:
 class StepMemory:
     """Per-step device memory of one rank (see the module docstring).
 
-    `start()` once before the first step (after the models are placed and any checkpoint restored); then
-    `with meter.step(): ...` around each optimizer step, and `meter.row()` for the step's figures.
+    `start(engine, ...)` once before the first step (after the models are placed and
+    any checkpoint restored); then `begin(step)` and `end()` around each optimizer step, and `row()` for the
+    step's figures.
     """
 
     def __init__(self, device: Any, *, every: int = 1, first: int = FIRST_MEASURED_STEPS) -> None:
@@ -149,10 +223,15 @@ class StepMemory:
             return "cuda_max_memory_allocated"
         return "cpu_tensor_storage" if self.tracker is not None else "none"
 
-    def start(self) -> None:
+    def start(self, *roots: Any) -> None:
+        """Before the first step: on the CPU, register the tensors alive now that are reachable from `roots`
+        (the engines and the teachers: model states, DeepSpeed's partitions and buffers)."""
         if not self.cuda and measuring_enabled():
             self.tracker = _storage_tracker_class()()
-            self.tracker.scan()
+            if os.environ.get("GKD_MEASURE") == "sites":
+                self.tracker.sites = {}
+                self.tracker.op = "before training"
+            self.tracker.scan(*roots)
 
     def live(self) -> int:
         """Bytes of device tensors alive now."""
@@ -187,6 +266,22 @@ class StepMemory:
         elif self.measured:
             self.tracker.__exit__(None, None, None)
             self.peak = self.tracker.peak
+            if self.tracker.sites is not None:
+                self._write_sites()
+
+    def _write_sites(self) -> None:
+        """Diagnosis: the bytes alive at this step's peak by creation site, largest first, into
+        $GKD_MEASURE_DIR/sites-rank<R>.json (GKD_MEASURE=sites)."""
+        import json
+
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        folder = Path(os.environ.get("GKD_MEASURE_DIR", "."))
+        rows = sorted(self.tracker.at_peak.items(), key=lambda kv: -kv[1])
+        (folder / f"sites-rank{rank}.json").write_text(
+            json.dumps({"peak": self.peak, "sites": rows}, indent=0)
+        )
 
     def row(self) -> dict[str, int]:
         """This step's device figures: the peak, the bytes alive when it started (model states) and, on CUDA,
@@ -217,23 +312,36 @@ def ranks_per_node(plan: Any) -> int:
     return max(1, min(gpus, int(hw.get("gpus_per_node", gpus))))
 
 
-def predicted_host_bytes(plan: Any, *, start_pss: int, cpu: bool) -> int:
-    """A rank's predicted steady host memory (PSS): the process as it was before any model was built (its
-    measured footprint: Python, torch, the libraries), plus its share of the plan's host bytes per node, plus,
-    on the CPU, its device memory, which is host memory there."""
+def predicted_host_bytes(plan: Any, *, footprint: int, cpu: bool) -> int:
+    """A rank's predicted steady host memory (PSS): its measured footprint (see `MemoryRecord`), plus its
+    share of the plan's host bytes per node, plus, on the CPU, its predicted device peak (host memory there).
+    """
     share = int(plan.host_bytes) // ranks_per_node(plan)
-    return start_pss + share + (predicted_device_bytes(plan) if cpu else 0)
+    return footprint + share + (predicted_device_bytes(plan) if cpu else 0)
 
 
 class MemoryRecord:
     """The running maxima over a run's steps, per rank (rank 0 keeps it from the gathered figures), and
-    run.json's `memory`: predicted against measured."""
+    run.json's `memory`: predicted against measured.
+
+    The plan predicts tensors, not the process around them (Python, the libraries, DeepSpeed's threads), so
+    the host prediction adds a measured footprint: on CUDA the process's PSS before any model was built; on
+    the CPU its PSS once the models are placed less the tensor storage alive then (the device accounting),
+    since there the tensors are host memory and are predicted by the plan."""
 
     def __init__(
-        self, plan: Any, *, start_pss: list[int], load_pss: list[int], cpu: bool, source: str
+        self,
+        plan: Any,
+        *,
+        start_pss: list[int],
+        load_pss: list[int],
+        live_at_load: list[int],
+        cpu: bool,
+        source: str,
     ) -> None:
         self.plan, self.cpu, self.source = plan, cpu, source
         self.start_pss, self.load_pss = start_pss, load_pss
+        self.footprint = [p - t for p, t in zip(load_pss, live_at_load, strict=True)] if cpu else start_pss
         world = len(start_pss)
         self.device_peaks, self.host_peaks = [0] * world, [0] * world
         self.steps = 0
@@ -248,7 +356,7 @@ class MemoryRecord:
     def summary(self) -> dict[str, Any]:
         device_pred = predicted_device_bytes(self.plan)
         device_meas = max(self.device_peaks)
-        host_pred = [predicted_host_bytes(self.plan, start_pss=s, cpu=self.cpu) for s in self.start_pss]
+        host_pred = [predicted_host_bytes(self.plan, footprint=f, cpu=self.cpu) for f in self.footprint]
         # The rank furthest above its prediction, else the one furthest below.
         worst = max(range(len(host_pred)), key=lambda k: abs(self.host_peaks[k] - host_pred[k]))
         return {
@@ -265,6 +373,7 @@ class MemoryRecord:
                 "measured_pss_bytes_per_rank": self.host_peaks,
                 "start_pss_bytes_per_rank": self.start_pss,
                 "load_pss_bytes_per_rank": self.load_pss,
+                "footprint_bytes_per_rank": self.footprint,
                 "error": error(host_pred[worst], self.host_peaks[worst]),
             },
         }

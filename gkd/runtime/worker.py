@@ -115,6 +115,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     config = plan.inputs["config"]
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     host_start = host_memory()  # the process before any model: the footprint the plan's host bytes add to
+    meter = StepMemory(device, every=settings.log_every)  # measured memory against the plan, per step
     phase = _Phases(enabled=rank == 0)
     phase.start(f"loading the models ({', '.join(config['teachers'])} -> {config['student']})")
     models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
@@ -153,14 +154,18 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         for _ in range(position):  # the data stream is deterministic: skip what was done
             next(stream)
     log = (out / "log.jsonl").open("a") if rank == 0 else None
-    # Measured memory against the plan (gkd.runtime.memory): from here on, per step and per rank.
-    meter = StepMemory(device, every=settings.log_every)
-    meter.start()
+    meter.start(engine, engines.teachers, engines.teacher_engines)  # gkd.runtime.memory: per step and rank
     host_load = host_memory()  # the models built, placed (and restored)
-    pss = gather_ints([host_start.pss if host_start else 0, host_load.pss if host_load else 0], device)
-    start_pss, load_pss = [r[0] for r in pss], [r[1] for r in pss]
-    record = MemoryRecord(
-        plan, start_pss=start_pss, load_pss=load_pss, cpu=device.type == "cpu", source=meter.source
+    pss = gather_ints(
+        [host_start.pss if host_start else 0, host_load.pss if host_load else 0, meter.live()], device
+    )
+    memory_record = MemoryRecord(
+        plan,
+        start_pss=[r[0] for r in pss],
+        load_pss=[r[1] for r in pss],
+        live_at_load=[r[2] for r in pss],
+        cpu=device.type == "cpu",
+        source=meter.source,
     )
     phase.start("training")
     progress = _Progress(settings.steps, settings.log_every, enabled=rank == 0)
@@ -203,7 +208,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             memory = {"predicted_device_bytes": predicted_device_bytes(plan)}
             for i, key in enumerate([*figures, "host_pss_bytes", "host_uss_bytes"]):
                 memory[key] = [r[i] for r in per_rank]
-            record.add(memory["device_peak_bytes"], memory["host_pss_bytes"])
+            memory_record.add(memory["device_peak_bytes"], memory["host_pss_bytes"])
             n = world * accum
             row = {
                 "step": step + 1,
@@ -241,7 +246,9 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
                 if settings.keep_last and rank == 0:
                     prune_checkpoints(out / CHECKPOINTS, settings.keep_last)
                 if rank == 0 and step + 1 < settings.steps:  # completed_steps = steps: the student is saved
-                    write_run_json(out, settings, plan, world, completed=step + 1, memory=record.summary())
+                    write_run_json(
+                        out, settings, plan, world, completed=step + 1, memory=memory_record.summary()
+                    )
     finally:
         progress.close()
         if log is not None:
@@ -262,7 +269,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     dist.barrier()  # every rank's part of the save is done
     if rank == 0:
         # (A resume that only saves the student ran no step to measure.)
-        summary = record.summary() if record.steps else None
+        summary = memory_record.summary() if memory_record.steps else None
         write_run_json(out, settings, plan, world, completed=settings.steps, memory=summary)
     if rank == 0 and plan.strategy.teacher_placement == "offline":
         # The stored top-k is only needed to resume, and this run is done.
