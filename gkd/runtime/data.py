@@ -276,9 +276,10 @@ def _source(source: str | None) -> tuple[str, int, Callable[[], Iterator[tuple[s
 
 
 # The most bytes one document (a line of a .txt or .jsonl file) may hold, unless GKD_MAX_DOCUMENT_BYTES says
-# otherwise. Tokenising a document holds its ids as Python ints (8 bytes a token and more), so a document of
-# L bytes costs the parent about 20 x L while it is encoded: 64 MiB keeps that near a GiB. Real documents
-# (a book is a few MiB) are far below it; a larger "line" is almost always a file without line breaks.
+# otherwise. Tokenising a document holds its ids as Python ints (an 8-byte pointer a token in the list, then
+# 8 bytes a token as int64), so a document costs the parent many times its size while it is encoded. Real
+# documents (a book is a few MiB) are far below 64 MiB; a larger "line" is almost always a file without line
+# breaks.
 DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20
 
 
