@@ -132,6 +132,12 @@ def _has_checkpoint(folder: Path) -> bool:
     return (folder / CHECKPOINTS / LATEST).is_file()
 
 
+def _worth_keeping(stray: Path) -> bool:
+    """A leftover temporary folder holds a run to continue (checkpoints) or a finished one (its workers went
+    on after their parent was killed, and saved the student)."""
+    return _has_checkpoint(stray) or _is_done(stray)
+
+
 @contextlib.contextmanager
 def _out_lock(out_path: Path) -> Iterator[None]:
     """Hold `.OUT.lock` (fcntl.flock) beside OUT: one run at a time per OUT. Refused at once, in one line,
@@ -239,10 +245,10 @@ def run_job(
         raise InputError("--out is empty; name the output folder, or leave --out out for runs/run-<time>")
     out_path = Path(out) if out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     _check_out_name(out_path)
-    kept = [p for p in _strays(out_path) if _has_checkpoint(p)]
+    kept = [p for p in _strays(out_path) if _worth_keeping(p)]
     if kept and not discard_partial:
         raise InputError(
-            f"{kept[0]} holds the checkpoints of an interrupted run of {out_path}: continue it with "
+            f"{kept[0]} holds an interrupted run of {out_path} (checkpoints or a student): continue it with "
             f"`gkd run --resume --out {out_path}`, or start over with --discard-partial (which removes it)"
         )
     check_out(out_path)
@@ -303,7 +309,7 @@ def run_job(
         # Under the lock no other run of OUT is alive: what is left of earlier ones is removed (those with
         # checkpoints only when --discard-partial said so, above), and OUT is checked again.
         for stray in _strays(out_path):
-            if not _has_checkpoint(stray) or discard_partial:
+            if not _worth_keeping(stray) or discard_partial:
                 echo(f"Note: removing {stray}, left by an interrupted run of {out_path}")
                 shutil.rmtree(stray, ignore_errors=True)
         check_out(out_path)
@@ -336,7 +342,11 @@ def _run_and_publish(tmp: Path, out_path: Path, plan: Plan, settings: RunSetting
             kept = True
             raise
     except (WorkerFailedError, KeyboardInterrupt, Terminated) as err:
-        if not (tmp / CHECKPOINTS / "latest").is_file():
+        if not _is_done(tmp):
+            # Not done: a student folder there is cut short (or not yet renamed); OUT gets none.
+            for partial in (tmp / "student", tmp / "student.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
+        if not _has_checkpoint(tmp) and not _is_done(tmp):
             if isinstance(err, Terminated):  # Ctrl-C prints its own line ("gkd: aborted")
                 click.echo(f"gkd: {interruption(err)}; the unfinished run was removed", err=True)
             raise
@@ -415,7 +425,7 @@ def _resume_job(
 def _adopt_stray(out_path: Path, echo: Any) -> None:
     """OUT holds no checkpoint: the run may be in a temporary folder its parent left when it was killed
     (SIGKILL runs no clean-up). Move that folder to OUT, where the resume continues it."""
-    found = [p for p in _strays(out_path) if _has_checkpoint(p)]
+    found = [p for p in _strays(out_path) if _worth_keeping(p)]
     if not found:
         return  # the caller says that there is nothing to resume
     if len(found) > 1:

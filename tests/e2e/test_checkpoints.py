@@ -299,3 +299,25 @@ def test_two_resumes_of_one_out_the_second_exits_at_once(reference: Path, tmp_pa
             first.kill()
             first.wait()
     assert _rows(out) == _rows(reference) and not lock.exists()
+
+
+def test_a_run_killed_during_its_save_publishes_no_student(
+    reference: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A worker killed while the student was written (after the last checkpoint): OUT is published for the
+    resume, without the cut-short student folder; the resume saves it."""
+    from gkd.runtime.launch import WorkerFailedError
+
+    def launch(fn: Any, args: Any, *, processes: int, cpu_ops: Any = ()) -> None:
+        folder = Path(args[1].out)
+        shutil.copytree(reference / "checkpoints", folder / "checkpoints")
+        (folder / "student").mkdir()
+        (folder / "student" / "config.json").write_text("")  # what a kill in save_pretrained left
+        raise WorkerFailedError("a worker died without reporting an error (rank 0 exit code -9)")
+
+    monkeypatch.setattr(executor, "launch", launch)
+    out = tmp_path / "run"
+    with pytest.raises(WorkerFailedError, match="resume from its last checkpoint"):
+        run_job(str(ROOT / "configs" / "tiny.yaml"), steps=STEPS, out=str(out), save_every=1, echo=print)
+    assert (out / "checkpoints" / "latest").is_file() and not (out / "student").exists()
+    assert not list(tmp_path.glob(".run.*"))
