@@ -28,9 +28,11 @@ Design choices:
   destination (and its CPU copy dropped) once the parents of its modules have been visited (GPT-2's init
   rescales its children's `c_proj`), so at most the embeddings and one layer are materialised at a time.
 - Names: a checkpoint's keys are matched with the model's parameter names with or without the model's
-  `base_model_prefix` (as `check_weights` does); tied parameters are one parameter, filled once. A parameter
-  no file holds is an InputError (transformers would initialise it randomly; a run should not silently
-  train from partly random weights). Keys the model lacks are ignored, as `from_pretrained` ignores them.
+  `base_model_prefix` (as `check_weights` does), LayerNorm's legacy gamma/beta read as weight/bias; tied
+  parameters are one parameter, filled once. transformers' other key conversions (renamed, fused or split
+  tensors of some architectures) are not applied: such a checkpoint lacks parameters, and a parameter no
+  file holds is an InputError naming it (transformers would initialise it randomly; a run should not
+  silently train from partly random weights). Keys the model lacks are ignored, as `from_pretrained` does.
 - zero.Init's broadcast of each new parameter from rank 0 is skipped (`_no_broadcast_at_init`): every value
   is written afterwards, and receiving it would commit each module's whole tensors on the other ranks.
 - Non-persistent buffers (RoPE's inverse frequencies) are computed when the model is built, in float32, as
@@ -306,7 +308,12 @@ def fill_from_checkpoint(model: Any, folder: Path, destination: _Destination) ->
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
 
     def bare(name: str) -> str:
-        return name.removeprefix(prefix) if prefix else name
+        name = name.removeprefix(prefix) if prefix else name
+        # Old checkpoints name LayerNorm's scale and shift gamma and beta (transformers' "legacy" renaming).
+        for old, new in ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias")):
+            if name.endswith(old):
+                return name[: -len(old)] + new
+        return name
 
     params = {bare(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     unique = list(model.named_parameters())  # as built: filling may replace them (`_Whole`)
