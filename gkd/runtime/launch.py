@@ -34,6 +34,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -90,8 +91,10 @@ def _worker(
     port: int,
     errors: str,
     use_cuda: bool,
+    parent: int,
 ) -> None:
     """The body of one worker: environment, process group, `fn`, and the error file on failure."""
+    _die_with(parent)
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",
@@ -151,6 +154,20 @@ def _worker(
     if code:
         # Leave at once: no interpreter teardown, no waiting on peers that are stuck in a collective.
         os._exit(code)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this worker when the process that started it dies (Linux PR_SET_PDEATHSIG): a
+    parent killed with SIGKILL runs no clean-up, and workers left running would go on writing into the
+    run's folder (and holding its lock, gkd.runtime.executor) with nobody to publish it."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
 
 
 def _failure(errors: Path, exit_codes: dict[int, int | None]) -> GkdError:
@@ -301,7 +318,7 @@ def _run_workers(
 
     context = mp.start_processes(
         _worker,
-        args=(fn, tuple(args), processes, free_port(), str(errors), use_cuda),
+        args=(fn, tuple(args), processes, free_port(), str(errors), use_cuda, os.getpid()),
         nprocs=processes,
         join=False,
         start_method="spawn" if use_cuda else "fork",

@@ -321,3 +321,50 @@ def test_a_run_killed_during_its_save_publishes_no_student(
         run_job(str(ROOT / "configs" / "tiny.yaml"), steps=STEPS, out=str(out), save_every=1, echo=print)
     assert (out / "checkpoints" / "latest").is_file() and not (out / "student").exists()
     assert not list(tmp_path.glob(".run.*"))
+
+
+def test_a_sigkilled_parent_leaves_a_run_that_resume_finds(reference: Path, tmp_path: Path) -> None:
+    """The parent of a real run killed with SIGKILL once its first checkpoint is complete: its workers die
+    with it, and `--resume --out OUT` finds the temporary folder and ends as the uninterrupted run."""
+    out = tmp_path / "run"
+    code = "import sys; from gkd.cli import entry; sys.argv = ['gkd', *sys.argv[1:]]; entry()"
+    args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--steps", str(STEPS), "--save-every", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any((p / "checkpoints" / "latest").is_file() for p in tmp_path.glob(".run.partial-*")):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before its first checkpoint was seen"
+        workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat") if _ppid(p) == proc.pid]
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert workers and not any(Path(f"/proc/{w}").exists() for w in workers)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    [stray] = tmp_path.glob(".run.partial-*")
+    assert not out.exists()
+    said: list[str] = []
+    run_job(None, out=str(out), resume=True, echo=said.append)
+    assert any(line.startswith(f"Found the interrupted run of {out} in {stray}") for line in said)
+    assert _rows(out) == _rows(reference)
+    again, weights = _weights(out), _weights(reference)
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+def _ppid(stat: Path) -> int:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
