@@ -212,18 +212,20 @@ def check_weights(ref: str, spec: Any) -> None:
     """Before any worker starts: the weights of the checkpoint folder `ref` must be readable and fit the model
     its config.json describes (`spec`), else InputError naming the file. Reads the safetensors headers (or a
     .bin's index through a memory map, onto the meta device), never the tensors, and compares them with the
-    model built on the meta device: a tensor both name must have the same shape, and the files must hold at
-    least one of the model's parameters. Names the model has and the files lack are left to transformers
-    (tied heads, renamed or fused checkpoint keys)."""
+    model built on the meta device: a tensor both name must have the same shape, and the files must hold
+    every parameter of the model (a tied one under any of its names; names matched as
+    `gkd.runtime.loading` matches them, which applies none of transformers' renamed or fused keys)."""
     from gkd.models import build_model
 
     folder = Path(ref).expanduser()
     stored = _stored_shapes(folder)
+    from gkd.runtime.loading import matched_name, missing_parameters
+
     model = build_model(spec, device="meta")
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
 
     def bare(name: str) -> str:
-        return name.removeprefix(prefix) if prefix else name
+        return matched_name(name, prefix)
 
     found = {bare(name): (name, shape, where) for name, (shape, where) in stored.items()}
     for name, tensor in model.state_dict().items():
@@ -242,6 +244,13 @@ def check_weights(ref: str, spec: Any) -> None:
             f"the weights in {folder} hold none of the tensors of the {spec.model_type} model its "
             f"config.json describes (they hold {example}, it needs {params[0]}): put them next to the "
             "config.json they were saved with"
+        )
+    missing = missing_parameters(model, stored)
+    if missing and stored:
+        raise InputError(
+            f"the weights in {folder} lack {missing[0]} of the model its config.json describes"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": save the whole model with its weights"
         )
 
 

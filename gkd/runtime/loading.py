@@ -300,6 +300,26 @@ def _owners(model: Any) -> dict[int, list[tuple[Any, str]]]:
 # Filling from a checkpoint
 
 
+def matched_name(name: str, prefix: str) -> str:
+    """A checkpoint key or parameter name as the two are matched (see the module docstring): without the
+    model's `base_model_prefix` ("model."), LayerNorm's legacy gamma/beta as weight/bias."""
+    name = name.removeprefix(prefix) if prefix else name
+    for old, new in ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias")):
+        if name.endswith(old):
+            return name[: -len(old)] + new
+    return name
+
+
+def missing_parameters(model: Any, keys: Any) -> list[str]:
+    """The parameters of `model` (a tied one once, by its first name) that no name in `keys` fills."""
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    have = {matched_name(k, prefix) for k in keys}
+    filled = {
+        id(p) for n, p in model.named_parameters(remove_duplicate=False) if matched_name(n, prefix) in have
+    }
+    return [n for n, p in model.named_parameters() if id(p) not in filled]
+
+
 def fill_from_checkpoint(model: Any, folder: Path, destination: _Destination) -> None:
     """Fill every parameter of `model` from the weights files of `folder`, file by file and tensor by tensor
     (see the module docstring); InputError for a damaged file or a parameter no file holds."""
@@ -308,12 +328,7 @@ def fill_from_checkpoint(model: Any, folder: Path, destination: _Destination) ->
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
 
     def bare(name: str) -> str:
-        name = name.removeprefix(prefix) if prefix else name
-        # Old checkpoints name LayerNorm's scale and shift gamma and beta (transformers' "legacy" renaming).
-        for old, new in ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias")):
-            if name.endswith(old):
-                return name[: -len(old)] + new
-        return name
+        return matched_name(name, prefix)
 
     params = {bare(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     unique = list(model.named_parameters())  # as built: filling may replace them (`_Whole`)

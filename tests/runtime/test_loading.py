@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gkd.errors import InputError
 from gkd.models import build_model, resolve_model
+from gkd.runtime.engines import check_weights
 from gkd.runtime.loading import build_partitioned, build_whole
 
 CPU = torch.device("cpu")
@@ -170,6 +171,25 @@ def test_damaged_or_incomplete_checkpoints_are_input_errors(tmp_path: Path) -> N
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(InputError, match="lack model"):
         load(folder)
+    with pytest.raises(InputError, match="lack model"):  # and so before any worker starts
+        check_weights(str(folder), spec)
+
+
+def test_bin_checkpoints_load_zip_and_legacy(tmp_path: Path) -> None:
+    spec = resolve_model("tiny-llama-student")
+    torch.manual_seed(2)
+    model = build_model(spec, device="cpu", dtype=torch.float32)
+    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    for legacy in (False, True):
+        folder = tmp_path / f"legacy-{legacy}"
+        model.config.save_pretrained(str(folder))
+        torch.save(
+            model.state_dict(), folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy
+        )
+        loaded = build_whole(
+            spec, weights=str(folder), seed=0, attention="sdpa", dtype=torch.bfloat16, device=CPU
+        )
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
 
 
 def test_the_plans_host_memory_is_the_largest_of_loading_training_and_saving() -> None:
