@@ -21,8 +21,10 @@ L the parameters of the largest single module (what DeepSpeed's `model_to_params
 s is the optimizer state bytes per parameter (8 for Adam: momentum and variance in fp32); DeepSpeed's
 estimators assume Adam. 2 bf16 weights, 2 bf16 grads, 4 fp32 grads, 4 fp32 master weights. In ZeRO-3, 4L is
 the gathered bf16 weight and gradient of the largest module. The host columns are DeepSpeed's (including its
-1.5 buffer factor); without offload DeepSpeed's estimator reports the host memory needed to *load* the model,
-which gkd never needs (models are built on the meta device or under zero.Init), so the steady state is 0.
+1.5 buffer factor); without offload DeepSpeed's estimator reports the host memory needed to *load* the model
+whole, which gkd never needs (`gkd.runtime.loading` builds models under zero.Init or on the meta device and
+fills them tensor by tensor), so the steady state is 0; what loading and the final save do hold on the host
+is counted apart (`host_memory`, at the end of this file).
 DeepSpeed's ZeRO-3 estimator without offload omits the bf16 weight partition (2P/N) that stage 3 keeps; gkd
 follows the estimator here and lets the measured runs (gkd check) say whether the 2P/N matters.
 
