@@ -45,9 +45,7 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
             raise InputError(f"cannot read {shown(target)}: {err.strerror or type(err).__name__}") from None
         if not regular:
             what = "is a folder" if folder else "is not a regular file" if exists else "does not exist"
-            raise InputError(
-                f"{shown(target)} {what}; give a config (YAML or JSON) or a plan from `gkd plan -o`"
-            )
+            raise InputError(f"{target} {what}; give a config (YAML or JSON) or a plan from `gkd plan -o`")
         if _is_plan_file(path):
             plan = read_plan(path)
             gpus = int(plan.inputs["config"]["hardware"]["gpus"])
