@@ -145,7 +145,13 @@ def _out_lock(out_path: Path) -> Iterator[None]:
     replaced meanwhile is not the lock, so it is taken again (another run removed it on its release)."""
     lock = (out_path.parent if str(out_path.parent) else Path(".")) / f".{out_path.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise InputError(
+                f"cannot create the lock file {lock} that keeps other runs out of {out_path} "
+                f"({err.strerror or err}); {out_path}'s folder must exist and be writable"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -407,6 +413,8 @@ def _resume_job(
     if target is not None:
         raise InputError(f"--resume continues the plan saved in {out}; drop {target} from the command")
     out_path = Path(out)
+    if not (out_path.parent if str(out_path.parent) else Path(".")).is_dir():
+        raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
     with _out_lock(out_path):
         if not _has_checkpoint(out_path) and not _is_done(out_path):
             _adopt_stray(out_path, echo)
