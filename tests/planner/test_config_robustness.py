@@ -24,11 +24,18 @@ HEAD = "teacher: tiny-llama-teacher\nstudent: tiny-llama-student\nmethods: [kd]\
 
 
 def _bomb(levels: int = 9) -> str:
-    """The "billion laughs": each level a list of ten aliases of the one before (10**levels strings)."""
-    lines = ['a0: &a0 ["lol"]']
+    """The "billion laughs": each level a list of ten aliases of the one before (10**levels strings), as the
+    value of `student`, which a message echoes when it is not a string."""
+    items = ['&a0 ["lol"]']
     for i in range(1, levels + 1):
-        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
-    return "\n".join(lines) + "\n"
+        items.append(f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    return "teacher: tiny-llama-teacher\nmethods: [kd]\nstudent: [" + ", ".join(items) + "]\n"
+
+
+def _limit_memory() -> None:
+    """In the child: at most 2 GiB of address space, so that a bomb that does go off fails quickly with a
+    MemoryError instead of taking the machine's memory."""
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
 
 def _plan(path: Path, *args: str) -> tuple[int, str]:
@@ -45,7 +52,7 @@ def test_shown_cuts_long_values() -> None:
 def test_alias_bomb_exits_2_fast_and_small(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(_bomb())
-    assert len(bomb.read_bytes()) < 600
+    assert len(bomb.read_bytes()) < 700
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.monotonic()
     done = subprocess.run(
@@ -54,6 +61,7 @@ def test_alias_bomb_exits_2_fast_and_small(tmp_path: Path) -> None:
         text=True,
         timeout=120,
         cwd=ROOT,
+        preexec_fn=_limit_memory,
     )
     seconds = time.monotonic() - start
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
