@@ -145,15 +145,14 @@ def check_plan(plan: Plan) -> None:
             f"{student.name} has {student.layers} layers; re-plan with `gkd plan CONFIG -o plan.json`"
         )
     methods = load_methods(config, teachers, student)  # the method options, checked as planning checks them
-    from gkd.planner.facts import model_facts
+    from gkd.models import count_parameters
 
-    threshold, seq = config.deepspeed.stage3_param_persistence_threshold, tr.seq_len
-    t_facts = tuple(model_facts(t, seq_len=seq, persistence_threshold=threshold) for t in teachers)
-    trainable = model_facts(student, seq_len=seq, persistence_threshold=threshold).params
-    chosen = dataclasses.replace(_Chosen(), strategy=s)
-    expected = json.loads(
-        json.dumps(deepspeed_configs(config, chosen, t_facts, trainable + methods.num_extra_parameters))  # type: ignore[arg-type]
-    )
+    # deepspeed_configs reads the chosen strategy and, of each model's facts, its parameter count (the bucket
+    # caps): the plan's own facts' count, computed without tracing.
+    t_facts = tuple(_Chosen(params=count_parameters(t)) for t in teachers)
+    trainable = count_parameters(student) + methods.num_extra_parameters
+    chosen = _Chosen(strategy=s)
+    expected = json.loads(json.dumps(deepspeed_configs(config, chosen, t_facts, trainable)))  # type: ignore[arg-type]
     where = _first_difference(plan.deepspeed, expected, "deepspeed")
     if where is not None:
         raise InputError(
@@ -165,9 +164,11 @@ def check_plan(plan: Plan) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Chosen:
-    """The one part of a search result that `deepspeed_configs` reads: the chosen strategy."""
+    """What `deepspeed_configs` reads of a search result (the chosen strategy) and of a model's facts (its
+    parameter count)."""
 
     strategy: Any = None
+    params: int = 0
 
 
 def _check_strategy_choices(s: Any, local_gpus: int) -> None:
