@@ -22,7 +22,7 @@ def _is_plan_file(path: Path) -> bool:
         return False
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON, nested too deeply
         return False
     # Any key only a plan has makes it one (a damaged plan then gets the plan reader's message, not the
     # config reader's list of unknown keys).

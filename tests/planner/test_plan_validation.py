@@ -150,3 +150,27 @@ def test_a_file_writing_deepspeed_key_writes_nothing(tmp_path: Path, good_plan: 
     result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "deepspeed.student" in result.output
     assert victim.read_text() == "keep me" and not (tmp_path / "csv").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"strategy": ' + "[" * 100_000 + "]" * 100_000 + "}", '{"strategy": 1, "x": ' + "9" * 5000 + "}"],
+    ids=["deep", "digits"],
+)
+def test_unreadable_json_targets_are_one_line(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output[-1000:]
+    assert len(result.output.strip().splitlines()) == 1 and len(result.output) < 400
+
+
+def test_a_fifo_or_device_is_not_a_regular_file(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    for target in (str(fifo), "/dev/zero"):
+        for command in (["plan", target], ["run", target, "--out", str(tmp_path / "out")]):
+            result = CliRunner().invoke(main, command)
+            assert result.exit_code == 2 and "not a regular file" in result.output, (command, result.output)
