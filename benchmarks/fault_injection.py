@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -137,9 +138,12 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="gkd-faults-"))
     try:
         reference = reference_run(root)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         lines = [
             f"fault injection: {args.cases} cases, seed {args.seed}, configs/tiny.yaml, {STEPS} steps, "
-            "2 CPU processes, --save-every 1",
+            f"2 CPU processes, --save-every 1 (gkd at {commit or 'unknown commit'})",
             f"{'kill at (rank:step:point)':<30} {'killed':>6} {'then':>8} {'ok':>4} {'identical':>9} "
             f"{'seconds':>7}  error",
         ]
