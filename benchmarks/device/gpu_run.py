@@ -9,6 +9,10 @@ layerwise or at the end, the plain or fused-linear logit loss, an offline teache
 
 Usage (on a GPU machine with DeepSpeed installed, from the repository root):
     python benchmarks/device/gpu_run.py [--dry-run] [--only NAME] [--tiny]
+The last job is capped: its GPU memory (the plan's budget, and the run's allocator through
+GKD_CUDA_MEMORY_CAP) lies below what it needs without offload or recompute, so it runs only because the plan
+offloads or recomputes.
+A tensor-parallel teacher needs two GPUs and is not here.
 --dry-run plans the jobs on this machine and prints the predictions only; --tiny runs tiny models instead
 (a smoke test of the script on the CPU, where "measured" is a process's resident set, not comparable).
 Writes a markdown copy to $OUT/gpu_run.md when OUT is set. Exit code 1 when a run fails.
@@ -78,7 +82,73 @@ JOBS: dict[str, dict[str, Any]] = {
         "methods": [{"name": "kd"}],
         "overrides": {"teacher_placement": "offline"},
     },
+    "z0 / replicated / end / logits": {
+        "methods": [{"name": "kd"}, MINILM],
+        "overrides": {"student_zero_stage": 0, "teacher_placement": "replicated", "tap_loss": "end"},
+    },
+    "z1 + optimizer offload / replicated": {
+        "methods": [{"name": "kd"}, MINILM],
+        "overrides": {
+            "student_zero_stage": 1,
+            "student_offload": "optimizer",
+            "teacher_placement": "replicated",
+        },
+    },
+    "z3 + optimizer offload / zero3_offload": {
+        "methods": [{"name": "kd"}, MINILM],
+        "overrides": {
+            "student_zero_stage": 3,
+            "student_offload": "optimizer",
+            "teacher_placement": "zero3_offload",
+        },
+    },
+    "z3 + parameter offload / zero3 / fused (fkl)": {
+        "methods": [{"name": "fkl"}, MINILM],
+        "overrides": {
+            "student_zero_stage": 3,
+            "student_offload": "optimizer+parameters",
+            "teacher_placement": "zero3",
+            "loss_path": "fused_linear",
+        },
+    },
+    "z2 / replicated / recompute 2 layers": {
+        "methods": [{"name": "kd"}, MINILM],
+        "overrides": {"teacher_placement": "replicated", "recompute_layers": [0, 1]},
+    },
 }
+# Not here: a tensor-parallel teacher (it needs two GPUs or more).
+
+# A job whose replicated need (no offload, no recompute, replicated teacher) exceeds the GPU memory it is
+# given, so that it fits only because the plan offloads or recomputes: its budget is set between the two (see
+# `capped_job`), and the run's CUDA allocator is capped at that budget (GKD_CUDA_MEMORY_CAP).
+CAPPED = "capped: fits only by offload or recompute"
+CAPPED_JOB: dict[str, Any] = {"methods": [{"name": "kd"}, MINILM], "overrides": {}}
+REPLICATED_NEED = {"student_offload": "none", "recompute_layers": [], "teacher_placement": "replicated"}
+
+
+def capped_job(folder: Path, *, tiny: bool) -> tuple[dict[str, Any], int]:
+    """The capped job's config and budget: the budget lies halfway between the smallest peak the search finds
+    with the whole GPU and the job's replicated need, rounded down to a MiB, so the need does not fit it."""
+    from gkd.config import load_config
+    from gkd.planner.pipeline import plan as make_plan
+
+    def peak(job: dict[str, Any], budget: str | None = None) -> tuple[int, Any]:
+        config = job_config(folder, job, tiny=tiny)
+        if budget:
+            config["hardware"]["gpu_memory"] = budget
+        (folder / "probe.json").write_text(json.dumps(config))
+        result = make_plan(load_config(str(folder / "probe.json")))
+        return int(result.peak_bytes), result
+
+    need, _ = peak({**CAPPED_JOB, "overrides": REPLICATED_NEED})
+    layers = list(range(2 if tiny else 4))  # every student layer
+    smallest, _ = peak(
+        {**CAPPED_JOB, "overrides": {"student_offload": "optimizer", "recompute_layers": layers}}
+    )
+    budget = (smallest + need) // 2 // MIB * MIB
+    config = job_config(folder, CAPPED_JOB, tiny=tiny)
+    config["hardware"]["gpu_memory"] = f"{budget // MIB}MiB"
+    return config, budget
 
 
 def job_config(folder: Path, job: dict[str, Any], *, tiny: bool) -> dict[str, Any]:
@@ -124,24 +194,36 @@ def main() -> int:
     failed = 0
     errors: list[float] = []
     with tempfile.TemporaryDirectory(prefix="gkd-gpu-run-") as tmp:
-        for name, job in JOBS.items():
+        for name, job in [*JOBS.items(), (CAPPED, CAPPED_JOB)]:
             if args.only and name != args.only:
                 continue
             folder = Path(tmp) / f"job{len(LINES)}"
             folder.mkdir()
             config = folder / "job.json"
-            config.write_text(json.dumps(job_config(folder, job, tiny=args.tiny)))
+            env = dict(os.environ)
+            if name == CAPPED:
+                capped, budget = capped_job(folder, tiny=args.tiny)
+                config.write_text(json.dumps(capped))
+                env["GKD_CUDA_MEMORY_CAP"] = str(budget)  # the worker's allocator gets only the plan's budget
+            else:
+                config.write_text(json.dumps(job_config(folder, job, tiny=args.tiny)))
             if args.dry_run:
                 from gkd.config import load_config
                 from gkd.planner.pipeline import plan as make_plan
 
-                plan = make_plan(load_config(str(config))).to_dict()
-                say(f"| {name} | {predicted(plan) / MIB:.1f} | - | - | - |")
+                result = make_plan(load_config(str(config)))
+                plan = result.to_dict()
+                note = ""
+                if name == CAPPED:
+                    s = result.strategy
+                    how = f"{s.student_offload} offload, recompute {len(s.recompute_layers)}"
+                    note = f" (budget {budget / MIB:.0f} MiB: {how})"
+                say(f"| {name}{note} | {predicted(plan) / MIB:.1f} | - | - | - |")
                 continue
             out = folder / "out"
             start = time.perf_counter()
             cmd = [sys.executable, "-m", "gkd.cli", "run", str(config), "--processes", "1", "--out", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if proc.returncode != 0:
                 failed += 1
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]

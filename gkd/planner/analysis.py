@@ -20,6 +20,13 @@ Loss workspace rules (bytes, tokens = micro_batch x seq, V the vocabulary, h the
 - topk (offline teacher, `fused_linear_topk_kd_loss`): one (chunk x V) buffer and the same gradients as
   fused_linear, plus the stored top-k (k bf16 log-probs, k int32 indices, one fp32 tail mass per token) loaded
   per micro-batch.
+
+CPU processes (`hardware.device: cpu`, set by `gkd run` without CUDA) run the kernels' torch paths, so a CPU
+plan counts those (`gkd.planner.memory`'s CPU rules): the (chunk x V) logits chunks in the 16-bit dtype rather
+than fp32, plus `KD_CPU_LIVE_TILES` fp32 tiles of the divergence on the plain and fused paths; offloaded
+student states and a zero3_offload teacher's partitions in the process's own memory (as without offload); no
+reserve (`reserve_bytes`). Not modelled on the CPU: the tiles of the attention-relation kernels' torch path
+and other divergences' extra temporaries (`benchmarks/plan_accuracy.py` measures what this leaves out).
 """
 
 from __future__ import annotations
@@ -31,12 +38,17 @@ from gkd.config import Config
 from gkd.planner.facts import ModelFacts
 from gkd.planner.memory import (
     BYTES_BF16,
+    KD_CPU_LIVE_TILES,
     HostMemory,
     ModelLoad,
+    cpu_chunk_rows,
     deepspeed_buffers,
     effective_deepspeed,
     host_memory,
+    kd_cpu_tile_bytes,
     student_model_states,
+    student_states_on,
+    teacher_placement_on,
     teacher_residency,
 )
 from gkd.planner.plan import Strategy, TapCost, TensorAlloc
@@ -110,6 +122,15 @@ def _activity(
     )
 
 
+def is_logit_term(term: Any) -> bool:
+    """Whether a loss term is the logit loss: it reads logits or a stored top-k (topk_kl, against the offline
+    teacher), or it is a divergence on the final hidden states, the fused-linear form of a logit term (the
+    methods resolve logit terms that way when the plan takes the fused-linear path)."""
+    if any(x.endswith((":logits", ":topk")) for x in term.taps):
+        return True
+    return term.kernel == "kd_loss" and "s:final" in term.taps
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkloadInfo:
     """Byproducts of building a workload that the plan reports."""
@@ -133,7 +154,7 @@ def resident_tensors(
     weights) and the host bytes per node that goes with it (the largest of the steady state, the load and the
     final save: `host_parts`). Cheap: the search screens candidates with it."""
     hw, tr = config.hardware, config.training
-    placement = strategy.teacher_placement
+    placement = teacher_placement_on(hw.device, strategy.teacher_placement)
     online = placement != "offline"
     trainable = student.params + resolved.num_extra_parameters
     ds = effective_deepspeed(config.deepspeed, trainable)
@@ -143,7 +164,7 @@ def resident_tensors(
         gpus=hw.gpus,
         gpus_per_node=hw.local_gpus,
         stage=strategy.student_zero_stage,
-        offload=strategy.student_offload,
+        offload=student_states_on(hw.device, strategy.student_offload),
         optimizer=tr.optimizer,
     )
     static = [
@@ -208,13 +229,14 @@ def host_parts(
         gpus=hw.gpus,
         gpus_per_node=hw.local_gpus,
         stage=strategy.student_zero_stage,
-        offload=strategy.student_offload,
+        offload=student_states_on(hw.device, strategy.student_offload),
         optimizer=tr.optimizer,
     )
     offline = strategy.teacher_placement == "offline"
     # An offline teacher is built (as its pass places it) with the others, before the pass.
-    placement = (
-        (strategy.offline_teacher_placement or "replicated") if offline else strategy.teacher_placement
+    placement = teacher_placement_on(
+        hw.device,
+        (strategy.offline_teacher_placement or "replicated") if offline else strategy.teacher_placement,
     )
     loads = [
         ModelLoad(
@@ -273,9 +295,7 @@ def build_workload(
     )
 
     # Logit loss workspace (see the module docstring).
-    has_logit_terms = any(  # a stored top-k tap (topk_kl) is a logit loss against the offline teacher
-        any(x.endswith((":logits", ":topk")) for x in term.taps) for term in resolved.loss_terms
-    )
+    has_logit_terms = any(is_logit_term(term) for term in resolved.loss_terms)
     plain_hard = any(t.hard and t.kernel == "torch" and "s:logits" in t.taps for t in resolved.loss_terms)
     s_h, s_v = student.hidden, student.vocab
     head_tap_bytes: dict[str, dict[str, int]] = {}
@@ -284,13 +304,19 @@ def build_workload(
     grads_in_forward = tokens * s_h * BYTES_BF16 + s_v * s_h * BYTES_BF16  # d hidden, d head weight
     # One (chunk x V) fp32 logits buffer: chunk_rows(V) = CHUNK_ELEMENTS // V tokens, or all tokens if fewer.
     chunk = min(tokens, max(1, CHUNK_ELEMENTS // s_v)) * s_v * 4
+    cpu = hw.device == "cpu"
+    if cpu:
+        # The torch paths: (chunk x V) logits in the 16-bit dtype, and the divergence's fp32 tiles on them.
+        c_rows = min(tokens, cpu_chunk_rows(s_v))
+        chunk = c_rows * s_v * BYTES_BF16
+        kd_tiles = KD_CPU_LIVE_TILES * kd_cpu_tile_bytes(c_rows, s_v)
     if has_logit_terms:
         if not online:
             topk_bytes = tokens * (tr.offline_topk * (BYTES_BF16 + 4) + 4)
             transient = chunk
             retained = grads_in_forward
         elif strategy.loss_path == "fused_linear":
-            transient = 2 * chunk
+            transient = 2 * chunk + (kd_tiles if cpu else 0)
             if placement != "replicated":
                 transient += max(t.head_params for t in teachers) * BYTES_BF16
             retained = grads_in_forward
@@ -298,6 +324,8 @@ def build_workload(
                 head_tap_bytes[f"t{ti}"] = {"logits": tokens * t.hidden * BYTES_BF16}
         else:
             transient = tokens * s_v * BYTES_BF16  # the logits, dropped once the loss holds their gradient
+            if cpu:
+                transient += KD_CPU_LIVE_TILES * kd_cpu_tile_bytes(tokens, s_v)
             retained = tokens * s_v * BYTES_BF16  # kd_loss computes dL/dlogits in the forward and keeps it
             backward = tokens * s_v * BYTES_BF16
             for ti, t in enumerate(teachers):
@@ -329,7 +357,7 @@ def build_workload(
         LossTerm(
             name=f"{t.method}.{t.name}",
             taps=tuple(t.taps),
-            logits=any(x.endswith((":logits", ":topk")) for x in t.taps),
+            logits=is_logit_term(t),
         )
         for t in resolved.loss_terms
     )
@@ -369,6 +397,14 @@ def build_workload(
             ]
         offline_allocs = tuple(allocs)
 
+    backward_allocs: tuple[TensorAlloc, ...] = ()
+    if hw.device == "cpu" and strategy.grad_accum == 1:
+        # Measured on CPU runs (gkd.runtime.memory): DeepSpeed creates the student's gradients and reduction
+        # buckets in the backward and frees them after the optimizer step, so they are not alive during the
+        # forward, where a small job peaks. With several micro-batches they live across them: kept static.
+        moved = {"student.gradients", "student.buckets"}
+        backward_allocs = tuple(a for a in static if a.name in moved)
+        static = tuple(a for a in static if a.name not in moved)
     workload = Workload(
         student=s_act,
         teachers=t_acts,
@@ -379,6 +415,7 @@ def build_workload(
         logit_backward_transient=backward,
         offline_allocs=offline_allocs,
         topk_bytes=topk_bytes,
+        backward_allocs=backward_allocs,
     )
     parts = host_parts(
         config=config, student=student, teachers=teachers, resolved=resolved, strategy=strategy

@@ -29,7 +29,9 @@ from gkd.status import status
 
 FACTS_VERSION = 3
 ATTENTION_PATHS = ("sdpa", "eager")
-# The planner plans for GPUs: saved tensors are traced with CUDA's dropout and attention kernels (trace.py).
+# The planner plans for GPUs: saved tensors are traced with CUDA's dropout and attention kernels (trace.py);
+# a plan for CPU processes (`hardware.device: cpu`) traces the CPU's (its dropout keeps a 16-bit noise tensor,
+# and SDPA with attention dropout takes the unfused math path, which keeps T x T tensors).
 KERNELS = "cuda"
 
 
@@ -78,19 +80,22 @@ class ModelFacts:
 FACTS_SOURCES = ("models.py", "planner/trace.py", "planner/taps.py", "planner/facts.py", "planner/probe.py")
 
 
-def facts_key(spec: Any, regime: str, persistence_threshold: int) -> dict[str, Any]:
+def facts_key(spec: Any, regime: str, persistence_threshold: int, kernels: str = KERNELS) -> dict[str, Any]:
     """The cache key of a model's facts entry for one regime (what the entry depends on besides sources)."""
-    return {
+    key = {
         "v": FACTS_VERSION,
         "hf": spec.hf_config,
         "dtype": spec.dtype,
         "regime": regime,
         "persist": persistence_threshold,
     }
+    if kernels != KERNELS:  # the GPU's keys stay as they were (the shipped pack holds those)
+        key["kernels"] = kernels
+    return key
 
 
 def _entry(
-    spec: Any, regime: str, persistence_threshold: int, compute: Any, use_cache: bool
+    spec: Any, regime: str, persistence_threshold: int, compute: Any, use_cache: bool, kernels: str = KERNELS
 ) -> dict[str, Any]:
     """A model's cached facts entry for one regime (a probe regime, or "seq-N" for one length)."""
 
@@ -100,7 +105,7 @@ def _entry(
 
     return cached(
         "facts",
-        facts_key(spec, regime, persistence_threshold),
+        facts_key(spec, regime, persistence_threshold, kernels),
         FACTS_SOURCES,
         traced,
         name=spec.name,
@@ -110,11 +115,17 @@ def _entry(
 
 
 def model_facts(
-    spec: Any, *, seq_len: int, persistence_threshold: int = 100_000, use_cache: bool = True
+    spec: Any,
+    *,
+    seq_len: int,
+    persistence_threshold: int = 100_000,
+    use_cache: bool = True,
+    kernels: str = KERNELS,
 ) -> ModelFacts:
     """Facts for `spec` at `seq_len`: from activation polynomials traced once per model at two probe lengths
     (gkd.planner.probe), or, where probes cannot stand in for `seq_len`, from traces at `seq_len` itself.
-    Both come from the disk cache when there (computing them needs torch)."""
+    Both come from the disk cache when there (computing them needs torch). `kernels`: "cuda" (a GPU plan) or
+    "cpu" (a plan for CPU processes), whose dropout and attention kernels the traces run."""
     from gkd.planner.probe import probe_lengths
 
     probes = probe_lengths(spec, seq_len)
@@ -123,8 +134,9 @@ def model_facts(
             spec,
             probes[0],
             persistence_threshold,
-            lambda: probe_entry(spec, probes, persistence_threshold),
+            lambda: probe_entry(spec, probes, persistence_threshold, kernels),
             use_cache,
+            kernels,
         )
         if "polys" in entry:
             polys = ActivationPolys.from_dict(entry["polys"])
@@ -135,21 +147,24 @@ def model_facts(
         persistence_threshold,
         lambda: {
             "params": parameter_facts(spec, persistence_threshold=persistence_threshold),
-            "activations": activation_facts(spec, seq_len=seq_len),
+            "activations": activation_facts(spec, seq_len=seq_len, kernels=kernels),
         },
         use_cache,
+        kernels,
     )
     return _facts(spec, seq_len, entry["params"], entry["activations"])
 
 
-def probe_entry(spec: Any, probes: tuple[str, int, int], persistence_threshold: int) -> dict[str, Any]:
+def probe_entry(
+    spec: Any, probes: tuple[str, int, int], persistence_threshold: int, kernels: str = KERNELS
+) -> dict[str, Any]:
     """A model's facts entry for one probe regime: parameter facts and activation polynomials (or why the
     probes could not stand in for other lengths)."""
     from gkd.planner.probe import ProbeMismatch
 
     params = parameter_facts(spec, persistence_threshold=persistence_threshold)
     try:
-        return {"params": params, "polys": activation_polys(spec, probes).to_dict()}
+        return {"params": params, "polys": activation_polys(spec, probes, kernels).to_dict()}
     except ProbeMismatch as exc:
         return {"params": params, "mismatch": str(exc)}
 
@@ -237,11 +252,11 @@ def _saved_kinds(trace: Any, tap_shape: dict[str, tuple[int, ...]]) -> tuple[str
     return tuple(k for k in ("q", "k", "v", "probs", "context") if k in tap_shape and tap_shape[k] in shapes)
 
 
-def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
+def activation_facts(spec: Any, *, seq_len: int, kernels: str = KERNELS) -> dict[str, Any]:
     """Per-layer activation bytes at micro-batch 1 and `seq_len`, traced at that length.
 
     saved / checkpoint: the saved-for-backward bytes of one layer, without and with recompute, traced with
-    CUDA's dropout and attention kernels (KERNELS; see gkd.planner.trace).
+    the dropout and attention kernels of `kernels` (CUDA's for a GPU plan; see gkd.planner.trace).
     forward_workspace: liveness over the exported graph of one layer (the no-grad forward's peak).
     backward_workspace: the forward working set plus the gradient of the layer output (a layer's backward
     holds the incoming gradient and gradients of the same intermediates; not traced separately).
@@ -259,7 +274,7 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
             seq_len=seq_len,
             attn_implementation=attention,
             checkpointing=recompute,
-            kernels=KERNELS,
+            kernels=kernels,
         )
 
     def layer_bytes(trace: Any) -> int:
@@ -287,7 +302,7 @@ def activation_facts(spec: Any, *, seq_len: int) -> dict[str, Any]:
         "embed_saved": int(saved_trace("sdpa", False).outside_bytes()),
         "tap_bytes": tap_bytes,
         "saved_kinds": saved_kinds,
-        "source": f"traced at sequence {seq_len} with {KERNELS} kernels: saved storages (fake tensors) "
+        "source": f"traced at sequence {seq_len} with {kernels} kernels: saved storages (fake tensors) "
         "+ graph liveness (networkx)",
     }
 
@@ -305,6 +320,7 @@ class ActivationPolys:
     embed_saved: Poly
     tap_bytes: dict[str, Poly]
     saved_kinds: dict[str, tuple[str, ...]]
+    kernels: str = KERNELS
 
     def at(self, seq_len: int) -> dict[str, Any]:
         from gkd.planner.probe import evaluate, peak
@@ -322,7 +338,7 @@ class ActivationPolys:
             "tap_bytes": taps,
             "saved_kinds": dict(self.saved_kinds),
             "source": f"polynomials in T from traces at probe lengths {t1} and {t2} ({self.regime}) with "
-            f"{KERNELS} kernels: saved storages (fake tensors) + graph liveness (networkx)",
+            f"{self.kernels} kernels: saved storages (fake tensors) + graph liveness (networkx)",
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -342,6 +358,7 @@ class ActivationPolys:
             embed_saved=poly(d["embed_saved"]),
             tap_bytes={k: poly(v) for k, v in d["tap_bytes"].items()},
             saved_kinds={k: tuple(v) for k, v in d["saved_kinds"].items()},
+            kernels=d.get("kernels", KERNELS),
         )
 
 
@@ -356,7 +373,7 @@ def _dims_poly(dims: tuple[str | int, ...], dtype: str) -> Poly:
     return monomial(fixed, sum(1 for d in dims if d == "T"))
 
 
-def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys:
+def activation_polys(spec: Any, probes: tuple[str, int, int], kernels: str = KERNELS) -> ActivationPolys:
     """Trace `spec` at the probe lengths T1 > T2 and express its activation bytes as polynomials in T.
     Raises probe.ProbeMismatch where the two traces differ in more than the sequence length."""
     from gkd.planner.probe import saved_polys, workspace_polys
@@ -378,7 +395,7 @@ def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys
                 seq_len=t,
                 attn_implementation=attention,
                 checkpointing=recompute,
-                kernels=KERNELS,
+                kernels=kernels,
             )
             for t in (t1, t2)
         )
@@ -391,7 +408,7 @@ def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys
     for attention in ATTENTION_PATHS:
         graph = trace_graph(spec, micro_batch=1, seq_len=t1, attn_implementation=attention)
         forward[attention] = workspace_polys(graph, 0)
-        trace = trace_saved(spec, micro_batch=1, seq_len=t1, attn_implementation=attention, kernels=KERNELS)
+        trace = trace_saved(spec, micro_batch=1, seq_len=t1, attn_implementation=attention, kernels=kernels)
         saved_kinds[attention] = _saved_kinds(trace, tap_shape)
     return ActivationPolys(
         regime=regime,
@@ -402,4 +419,5 @@ def activation_polys(spec: Any, probes: tuple[str, int, int]) -> ActivationPolys
         embed_saved=embed,
         tap_bytes=tap_bytes,
         saved_kinds=saved_kinds,
+        kernels=kernels,
     )

@@ -190,7 +190,11 @@ def teacher_residency(
 
 
 def reserve_bytes(allocated_peak: int, hw: HardwareConfig) -> int:
-    """CUDA context and workspaces plus allocator fragmentation (a fraction of the allocated peak)."""
+    """CUDA context and workspaces plus allocator fragmentation (a fraction of the allocated peak); none for
+    CPU processes (`hardware.device: cpu`), which have no CUDA context and whose tensors are measured as
+    storage bytes."""
+    if hw.device == "cpu":
+        return 0
     return hw.cuda_context_bytes + int(hw.fragmentation * allocated_peak)
 
 
@@ -272,3 +276,42 @@ def host_memory(
     shard = min(student_params * BYTES_BF16, SAVE_SHARD_BYTES)
     save = steady + shard + student_largest_module * BYTES_BF16
     return HostMemory(steady=steady, load=load, save=save)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU processes (`hardware.device: cpu`): what the losses' torch code paths allocate
+
+
+# The torch paths' sizes (gkd.kernels.divergence.TILE_ELEMENTS, gkd.kernels.fused_linear.CHUNK_ELEMENTS);
+# copied because the planner imports no torch; tests/runtime/test_memory_measure.py checks that they match.
+KD_TILE_ELEMENTS = 1 << 22
+CPU_CHUNK_ELEMENTS = 1 << 25
+# fp32 tiles the divergence's torch path (`_rows_torch`, the fkl form used by kd and fkl) holds at once: the
+# student and teacher tiles in fp32 (scaled by 1/T), log q, log p, p, and q computed for a gradient in the
+# logits' 16-bit dtype. Other divergences build a few more temporaries (not modelled).
+KD_CPU_LIVE_TILES = 6
+
+
+def kd_cpu_tile_bytes(rows: int, vocab: int) -> int:
+    """Bytes of one fp32 tile of the divergence's torch path over `rows` rows of (rows x vocab) logits: row
+    chunks of TILE // block rows, vocabulary blocks of TILE // 64 columns (`_rows_torch`)."""
+    block = min(vocab, max(16, KD_TILE_ELEMENTS // 64))
+    step = max(1, KD_TILE_ELEMENTS // max(block, 1))
+    return min(rows, step) * block * 4
+
+
+def cpu_chunk_rows(vocab: int) -> int:
+    """Tokens per chunk of the fused-linear and cross-entropy kernels on the CPU (`chunk_rows`)."""
+    rows = max(1, CPU_CHUNK_ELEMENTS // max(vocab, 1))
+    return rows // 128 * 128 if rows >= 128 else rows
+
+
+def student_states_on(device: str, offload: str) -> str:
+    """The student offload whose device bytes a CPU process holds: on the CPU, the "offloaded" states stay
+    in the same memory as the rest, so a CPU plan counts them as not offloaded (and no host bytes)."""
+    return "none" if device == "cpu" else offload
+
+
+def teacher_placement_on(device: str, placement: str) -> str:
+    """Likewise for a teacher: zero3_offload's host partitions are the CPU process's own memory (as zero3)."""
+    return "zero3" if device == "cpu" and placement == "zero3_offload" else placement

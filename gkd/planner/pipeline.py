@@ -178,11 +178,13 @@ def plan(config: Config) -> Plan:
                 f"frontend: sequence length {seq} exceeds {spec.name}'s {spec.max_positions} positions; "
                 f"use --seq-len {spec.max_positions} or less"
             )
+    # A plan for CPU processes traces the activations with the CPU's dropout and attention kernels.
+    kernels = {"kernels": "cpu"} if config.hardware.device == "cpu" else {}
     facts = runner.run(
         "facts",
         lambda: (
-            tuple(model_facts(t, seq_len=seq, persistence_threshold=threshold) for t in teachers),
-            model_facts(student, seq_len=seq, persistence_threshold=threshold),
+            tuple(model_facts(t, seq_len=seq, persistence_threshold=threshold, **kernels) for t in teachers),
+            model_facts(student, seq_len=seq, persistence_threshold=threshold, **kernels),
         ),
         lambda v: "; ".join(
             f"{f.name} {f.params / 1e9:.2f}B params, layer saves {f.saved['sdpa'] / 2**20:.1f} MiB/sequence"

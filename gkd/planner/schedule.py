@@ -19,7 +19,9 @@ Order of one micro-step (why this order):
    teacher's logits (or final hidden state) are freed when the loss op ends.
 4. The backward runs from the head down; a recomputed layer first re-runs its forward (allocating its saved
    activations again), then its backward frees them.
-5. After grad_accum micro-steps, the optimizer step (its buffers are resident and counted in `static`).
+5. After grad_accum micro-steps, the optimizer step (its buffers are resident and counted in `static`; in a
+   CPU plan of one micro-batch per step, the gradients and buckets exist from the backward to this step:
+   `Workload.backward_allocs`).
 
 An offline teacher adds one "offline" operation before training: the teacher pass that writes top-k
 log-probs to disk, with its own resident teacher; it does not overlap training, so it is replayed on its own.
@@ -79,6 +81,9 @@ class Workload:
     logit_backward_transient: int
     offline_allocs: tuple[TensorAlloc, ...] = ()  # the offline teacher pass, when there is one
     topk_bytes: int = 0  # stored teacher outputs read per micro-batch (offline)
+    # Tensors that exist from the backward to the end of the optimizer step, not for the whole step (a CPU
+    # plan's gradients and reduction buckets: gkd.planner.analysis).
+    backward_allocs: tuple[TensorAlloc, ...] = ()
 
 
 def layerwise_layer(taps: Sequence[str], student_layers: int) -> int | None:
@@ -328,6 +333,7 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
             model="student",
             allocs=(
                 TensorAlloc(name="s.grad.head", bytes=w.logit_backward_transient, category="activations"),
+                *w.backward_allocs,
             ),
             frees=tuple(["s.grad.head", *frees]),
         )
@@ -366,7 +372,15 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
     ops.append(Op(name="s.backward.embed", kind="student_backward", model="student", frees=tuple(tail)))
 
     # 5. Optimizer step.
-    ops.append(Op(name="optimizer.step", kind="optimizer_step", model="student", phase="step"))
+    ops.append(
+        Op(
+            name="optimizer.step",
+            kind="optimizer_step",
+            model="student",
+            phase="step",
+            frees=tuple(a.name for a in w.backward_allocs),
+        )
+    )
     return Schedule(grad_accum=s.grad_accum, ops=tuple(ops), static=w.static)
 
 

@@ -194,6 +194,19 @@ def _reachable_tensors(roots: tuple[Any, ...]) -> Iterator[Any]:
             stack.extend((v, depth + 1) for v in vars(obj).values())
 
 
+def cap_memory(device: Any) -> None:
+    """GKD_CUDA_MEMORY_CAP=BYTES caps this process's CUDA allocator at that many bytes
+    (`torch.cuda.set_per_process_memory_fraction`): a GPU check runs a job that fits only because of offload
+    or recompute on a GPU larger than its plan's budget (benchmarks/device/gpu_run.py)."""
+    cap = os.environ.get("GKD_CUDA_MEMORY_CAP")
+    if not cap:
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, int(cap) / total), device)
+
+
 def measuring_enabled() -> bool:
     """GKD_MEASURE=0 turns the CPU storage accounting off (to time its overhead); on by default."""
     return os.environ.get("GKD_MEASURE", "1") != "0"
@@ -210,6 +223,8 @@ class StepMemory:
     def __init__(self, device: Any, *, every: int = 1, first: int = FIRST_MEASURED_STEPS) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        if self.cuda:
+            cap_memory(device)
         self.every, self.first = max(1, every), first
         self.measured = False  # whether the current step is measured
         self.tracker: Any = None
@@ -357,8 +372,7 @@ class MemoryRecord:
         device_pred = predicted_device_bytes(self.plan)
         device_meas = max(self.device_peaks)
         host_pred = [predicted_host_bytes(self.plan, footprint=f, cpu=self.cpu) for f in self.footprint]
-        # The rank furthest above its prediction, else the one furthest below.
-        worst = max(range(len(host_pred)), key=lambda k: abs(self.host_peaks[k] - host_pred[k]))
+        host_errors = [error(p, m) for p, m in zip(host_pred, self.host_peaks, strict=True)]
         return {
             "source": self.source,
             "steps_measured": self.steps,
@@ -374,6 +388,6 @@ class MemoryRecord:
                 "start_pss_bytes_per_rank": self.start_pss,
                 "load_pss_bytes_per_rank": self.load_pss,
                 "footprint_bytes_per_rank": self.footprint,
-                "error": error(host_pred[worst], self.host_peaks[worst]),
+                "error": max((e for e in host_errors if e is not None), default=None),  # the worst rank
             },
         }
