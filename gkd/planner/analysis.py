@@ -175,7 +175,7 @@ def resident_tensors(
             name="student.buckets",
             category="buffers",
             bytes=deepspeed_buffers(
-                stage=strategy.student_zero_stage, offload=strategy.student_offload, ds=ds
+                stage=strategy.student_zero_stage, offload=strategy.student_offload, ds=ds, device=hw.device
             ),
         ),
     ]
@@ -189,6 +189,7 @@ def resident_tensors(
             gpus_per_node=hw.local_gpus,
             tensor_parallel=strategy.tensor_parallel,
             ds=effective_deepspeed(config.deepspeed, t.params),
+            device=hw.device,
         )
         if online:
             static.append(

@@ -123,7 +123,7 @@ def effective_deepspeed(ds: DeepSpeedSettings, params: int) -> DeepSpeedSettings
     )
 
 
-def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings) -> int:
+def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings, device: str = "cuda") -> int:
     """GPU bytes of DeepSpeed's gradient-reduction buffers for the student engine (bf16 elements).
 
     ZeRO-0: one flattening bucket for the gradient all-reduce. ZeRO-1/2: two reduction buckets (DeepSpeed
@@ -137,6 +137,8 @@ def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings) -> int
         return reduce
     if stage in (1, 2):
         return 2 * reduce
+    if device == "cpu":  # no prefetch buffer (see teacher_residency)
+        return reduce
     return reduce + ds.stage3_prefetch_bucket_size * BYTES_BF16
 
 
@@ -159,6 +161,7 @@ def teacher_residency(
     gpus_per_node: int,
     tensor_parallel: int,
     ds: DeepSpeedSettings,
+    device: str = "cuda",
 ) -> TeacherResidency:
     """Resident bytes of an inference-only teacher (bf16 weights, no gradients, no optimizer).
 
@@ -168,6 +171,11 @@ def teacher_residency(
     small tensors kept gathered (below the persistence threshold). zero3_offload: as zero3, but the partitions
     live in pinned host memory (2P bytes per node) and stream to the GPU layer by layer with prefetch.
     offline: no teacher during training (its top-k outputs are read from disk).
+
+    device "cpu" (measured on CPU runs, gkd.runtime.memory): the prefetch bucket is a count of parameters
+    gathered ahead, not a buffer of its own, and no more than the whole model is ever gathered; so the
+    gathered set is capped at the model and there are no prefetch buffers. The same is likely of CUDA runs,
+    where the rule stays as it was until a GPU run measures it (benchmarks/device/gpu_run.py).
     """
     nodes = max(1, gpus // gpus_per_node)
     full = params * BYTES_BF16
@@ -182,6 +190,8 @@ def teacher_residency(
     )
     gathered = live * BYTES_BF16 + persistent_params * BYTES_BF16
     prefetch = ds.stage3_prefetch_bucket_size * BYTES_BF16
+    if device == "cpu":
+        gathered, prefetch = min(live + persistent_params, params) * BYTES_BF16, 0
     if placement == "zero3":
         return TeacherResidency(parameters=full // gpus + gathered, buffers=prefetch, host_bytes=0)
     if placement == "zero3_offload":

@@ -310,9 +310,18 @@ class StepMemory:
 
 
 def predicted_device_bytes(plan: Any) -> int:
-    """What the device measurement is compared with: the plan's peak without its reserve (the CUDA context
-    and the allocator's fragmentation are not tensors; a CPU plan has none)."""
-    return int(plan.peak_bytes) - int(plan.memory.get("reserve", 0))
+    """What the device measurement is compared with: the plan's peak of the training steps without its
+    reserve (the CUDA context and the allocator's fragmentation are not tensors; a CPU plan has none). An
+    offline teacher's pass runs before training and is not measured, so its peak is left out."""
+    from dataclasses import replace
+
+    from gkd.planner.schedule import simulate
+
+    training = tuple(op for op in plan.schedule.ops if op.phase != "offline")
+    if len(training) == len(plan.schedule.ops):
+        return int(plan.peak_bytes) - int(plan.memory.get("reserve", 0))
+    timeline = simulate(replace(plan.schedule, ops=training))
+    return int(timeline.peak_bytes) - int(timeline.by_category.get("reserve", 0))
 
 
 def error(predicted: int, measured: int) -> float | None:
@@ -339,31 +348,34 @@ class MemoryRecord:
     """The running maxima over a run's steps, per rank (rank 0 keeps it from the gathered figures), and
     run.json's `memory`: predicted against measured.
 
-    The plan predicts tensors, not the process around them (Python, the libraries, DeepSpeed's threads), so
-    the host prediction adds a measured footprint: on CUDA the process's PSS before any model was built; on
-    the CPU its PSS once the models are placed less the tensor storage alive then (the device accounting),
-    since there the tensors are host memory and are predicted by the plan."""
+    The plan predicts tensors, not the process around them (Python, the libraries, DeepSpeed's threads, what
+    the first step initialises lazily), so the host prediction adds a measured footprint: the process's PSS
+    at the end of its first step, less, on the CPU, the tensor storage alive then (the device accounting:
+    there the tensors are host memory, which the plan predicts). The steady state it is compared with is the
+    largest PSS of the later steps (of the first, when the run has one step)."""
 
     def __init__(
-        self,
-        plan: Any,
-        *,
-        start_pss: list[int],
-        load_pss: list[int],
-        live_at_load: list[int],
-        cpu: bool,
-        source: str,
+        self, plan: Any, *, start_pss: list[int], load_pss: list[int], cpu: bool, source: str
     ) -> None:
         self.plan, self.cpu, self.source = plan, cpu, source
         self.start_pss, self.load_pss = start_pss, load_pss
-        self.footprint = [p - t for p, t in zip(load_pss, live_at_load, strict=True)] if cpu else start_pss
         world = len(start_pss)
-        self.device_peaks, self.host_peaks = [0] * world, [0] * world
+        self.device_peaks = [0] * world
+        self.footprint: list[int] | None = None
+        self.first_pss: list[int] = [0] * world
+        self.host_peaks: list[int] | None = None  # after the first step
         self.steps = 0
 
-    def add(self, device_peaks: list[int], host_pss: list[int]) -> None:
-        """One step's figures (a device peak of -1: the step was not measured)."""
-        self.host_peaks = [max(a, b) for a, b in zip(self.host_peaks, host_pss, strict=True)]
+    def add(self, device_peaks: list[int], host_pss: list[int], device_live: list[int]) -> None:
+        """One step's figures per rank: its device peak (-1: not measured), the PSS at its end and the device
+        bytes alive then."""
+        if self.footprint is None:
+            self.first_pss = host_pss
+            live = device_live if self.cpu else [0] * len(host_pss)
+            self.footprint = [p - t for p, t in zip(host_pss, live, strict=True)]
+        else:
+            before = self.host_peaks or [0] * len(host_pss)
+            self.host_peaks = [max(a, b) for a, b in zip(before, host_pss, strict=True)]
         if min(device_peaks) >= 0:
             self.device_peaks = [max(a, b) for a, b in zip(self.device_peaks, device_peaks, strict=True)]
             self.steps += 1
@@ -371,8 +383,10 @@ class MemoryRecord:
     def summary(self) -> dict[str, Any]:
         device_pred = predicted_device_bytes(self.plan)
         device_meas = max(self.device_peaks)
-        host_pred = [predicted_host_bytes(self.plan, footprint=f, cpu=self.cpu) for f in self.footprint]
-        host_errors = [error(p, m) for p, m in zip(host_pred, self.host_peaks, strict=True)]
+        footprint = self.footprint or self.start_pss
+        host_peaks = self.host_peaks or self.first_pss
+        host_pred = [predicted_host_bytes(self.plan, footprint=f, cpu=self.cpu) for f in footprint]
+        host_errors = [error(p, m) for p, m in zip(host_pred, host_peaks, strict=True)]
         return {
             "source": self.source,
             "steps_measured": self.steps,
@@ -384,10 +398,10 @@ class MemoryRecord:
             },
             "host": {
                 "predicted_pss_bytes_per_rank": host_pred,
-                "measured_pss_bytes_per_rank": self.host_peaks,
+                "measured_pss_bytes_per_rank": host_peaks,
                 "start_pss_bytes_per_rank": self.start_pss,
                 "load_pss_bytes_per_rank": self.load_pss,
-                "footprint_bytes_per_rank": self.footprint,
+                "footprint_bytes_per_rank": footprint,
                 "error": max((e for e in host_errors if e is not None), default=None),  # the worst rank
             },
         }

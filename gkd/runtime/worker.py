@@ -156,14 +156,11 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     log = (out / "log.jsonl").open("a") if rank == 0 else None
     meter.start(engine, engines.teachers, engines.teacher_engines)  # gkd.runtime.memory: per step and rank
     host_load = host_memory()  # the models built, placed (and restored)
-    pss = gather_ints(
-        [host_start.pss if host_start else 0, host_load.pss if host_load else 0, meter.live()], device
-    )
+    pss = gather_ints([host_start.pss if host_start else 0, host_load.pss if host_load else 0], device)
     memory_record = MemoryRecord(
         plan,
         start_pss=[r[0] for r in pss],
         load_pss=[r[1] for r in pss],
-        live_at_load=[r[2] for r in pss],
         cpu=device.type == "cpu",
         source=meter.source,
     )
@@ -203,12 +200,14 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             host = host_memory()
             figures = meter.row()
             per_rank = gather_ints(
-                [*figures.values(), host.pss if host else 0, host.uss if host else 0], device
+                [*figures.values(), host.pss if host else 0, host.uss if host else 0, meter.live()], device
             )
             memory = {"predicted_device_bytes": predicted_device_bytes(plan)}
             for i, key in enumerate([*figures, "host_pss_bytes", "host_uss_bytes"]):
                 memory[key] = [r[i] for r in per_rank]
-            memory_record.add(memory["device_peak_bytes"], memory["host_pss_bytes"])
+            memory_record.add(
+                memory["device_peak_bytes"], memory["host_pss_bytes"], [r[-1] for r in per_rank]
+            )
             n = world * accum
             row = {
                 "step": step + 1,

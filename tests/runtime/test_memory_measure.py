@@ -90,26 +90,57 @@ def _plan(peak: int, reserve: int, host: int) -> SimpleNamespace:
         memory={"reserve": reserve},
         host_bytes=host,
         inputs={"config": {"hardware": hardware}},
+        schedule=SimpleNamespace(ops=()),
     )
+
+
+def test_an_offline_teacher_pass_is_not_the_training_prediction() -> None:
+    """The offline pass runs before training, which is what the run measures."""
+    from gkd.planner.plan import Op, Schedule, TensorAlloc
+    from gkd.planner.schedule import simulate
+
+    big = TensorAlloc(name="offline.teacher0.parameters", bytes=900, category="parameters")
+    act = TensorAlloc(name="s.saved.0", bytes=50, category="activations")
+    schedule = Schedule(
+        grad_accum=1,
+        ops=(
+            Op(
+                name="offline",
+                kind="offline_teacher_pass",
+                model="teacher0",
+                phase="offline",
+                allocs=(big,),
+                frees=(big.name,),
+            ),
+            Op(name="s.forward.0", kind="student_forward", model="student", layer=0, allocs=(act,)),
+        ),
+        static=(
+            TensorAlloc(name="student.parameters", bytes=100, category="parameters"),
+            TensorAlloc(name="reserve", bytes=7, category="reserve"),
+        ),
+    )
+    timeline = simulate(schedule)
+    plan = SimpleNamespace(peak_bytes=timeline.peak_bytes, memory=timeline.by_category, schedule=schedule)
+    assert timeline.peak_bytes == 907  # the pass, against the reserve only
+    assert predicted_device_bytes(plan) == 150  # training: the student's parameters and activations
 
 
 def test_summary_sets_prediction_against_measurement() -> None:
     plan = _plan(peak=110, reserve=10, host=40)
     assert predicted_device_bytes(plan) == 100
-    record = MemoryRecord(
-        plan, start_pss=[1000, 1000], load_pss=[1500, 1600], live_at_load=[300, 300], cpu=True, source="x"
-    )
-    record.add([80, -1], [1400, 1500])  # a step rank 1 did not measure: device figures skipped
-    record.add([90, 95], [1650, 1700])
-    record.add([-1, -1], [1600, 1600])
+    record = MemoryRecord(plan, start_pss=[1000, 1000], load_pss=[1500, 1600], cpu=True, source="x")
+    # The first step gives the footprint: its PSS less the tensors alive at its end.
+    record.add([80, -1], [1400, 1500], [200, 300])  # rank 1 did not measure it: device figures skipped
+    record.add([90, 95], [1650, 1700], [200, 300])
+    record.add([-1, -1], [1600, 1600], [200, 300])
     summary = record.summary()
     device, host = summary["device"], summary["host"]
     assert summary["steps_measured"] == 1
     assert device["measured_peak_bytes"] == 95 and device["error"] == pytest.approx(5 / 95)
-    # footprint = load PSS - tensors alive then; + host share (40 // 2) + predicted device (100)
-    assert host["predicted_pss_bytes_per_rank"] == [1200 + 20 + 100, 1300 + 20 + 100]
-    assert host["measured_pss_bytes_per_rank"] == [1650, 1700]
-    assert host["error"] == pytest.approx(max(330 / 1650, 280 / 1700))  # the worst rank's
+    # footprint (1200, 1200) + host share (40 // 2) + predicted device (100)
+    assert host["predicted_pss_bytes_per_rank"] == [1320, 1320]
+    assert host["measured_pss_bytes_per_rank"] == [1650, 1700]  # the later steps
+    assert host["error"] == pytest.approx(max(330 / 1650, 380 / 1700))  # the worst rank's
     assert error(10, 0) is None
 
 
