@@ -251,6 +251,9 @@ def run_job(
         raise InputError("--out is empty; name the output folder, or leave --out out for runs/run-<time>")
     out_path = Path(out) if out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     _check_out_name(out_path)
+    if out_path.parent.is_dir():
+        with _out_lock(out_path):  # another run of OUT is refused here already, before its folder is judged
+            pass
     kept = [p for p in _strays(out_path) if _worth_keeping(p)]
     if kept and not discard_partial:
         raise InputError(

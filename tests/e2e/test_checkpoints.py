@@ -368,3 +368,14 @@ def _ppid(stat: Path) -> int:
         return int(stat.read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_a_new_run_of_an_out_in_use_names_the_lock(reference: Path, tmp_path: Path) -> None:
+    """A live run's folder holds checkpoints too: a second run of its OUT is told that OUT is in use, not
+    offered to discard the live run's folder."""
+    stray = _stray(reference, tmp_path, 2, ".run.partial-1-00000000")
+    out = stray.parent / "run"
+    args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--discard-partial"]
+    with executor._out_lock(out):  # as the live run holds it
+        _one_line(CliRunner().invoke(main, args), 2, f"another gkd run is using {out}")
+    assert (stray / "checkpoints" / "latest").is_file()
