@@ -18,10 +18,10 @@ from /proc/self/smaps_rollup), not its RSS: forked workers share the parent's pa
 RSS counts once per process and PSS divides among them.
 
 Overhead: the dispatch mode runs Python code per operator (a dict lookup per output tensor, a finalizer per
-new storage), about 12 us per operator on this project's 2-core CPU machine: a tiny model's forward and
-backward (about 500 operators, 6 ms) takes twice as long. So on the CPU only the first steps, every
-`log_every`-th step (those the progress prints) and the last are measured; the others log -1.
-`benchmarks/plan_accuracy.py --overhead` times runs with and without it (GKD_MEASURE=0 turns it off).
+new storage). On small models it is within a shared machine's noise (`benchmarks/plan_accuracy.py
+--overhead`, GKD_MEASURE=0 turning it off); a model of tiny operators feels it more, so on the CPU only the
+first steps, every `log_every`-th step (those the progress prints) and the last are measured; the others
+log -1.
 
 Not measured on the CPU: storages created outside the dispatcher (`torch.from_numpy`, a C++ extension's own
 allocations), and resizing a storage in place (`untyped_storage().resize_`), which DeepSpeed's ZeRO does not
