@@ -188,7 +188,10 @@ DYNAMIC = ("activations", "taps", "loss_workspace")
 def most_different(plan: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The part of the plan that differs most from the measurement: resident (the categories STATIC against
     the bytes alive at a step's start) or per-step (DYNAMIC against the rise during the step)."""
-    memory = plan["memory"]
+    from gkd.planner.plan import Plan
+    from gkd.runtime.memory import training_memory
+
+    memory = training_memory(Plan.from_dict(plan))  # without an offline teacher's pass, which is not measured
     measured = [r["memory"] for r in rows if min(r["memory"]["device_peak_bytes"]) >= 0]
     at_start = max(max(m["device_live_at_start_bytes"]) for m in measured)
     rise = max(

@@ -309,19 +309,25 @@ class StepMemory:
         return out
 
 
-def predicted_device_bytes(plan: Any) -> int:
-    """What the device measurement is compared with: the plan's peak of the training steps without its
-    reserve (the CUDA context and the allocator's fragmentation are not tensors; a CPU plan has none). An
-    offline teacher's pass runs before training and is not measured, so its peak is left out."""
+def training_memory(plan: Any) -> dict[str, int]:
+    """The plan's bytes per category at the peak of its training steps: `plan.memory`, unless an offline
+    teacher's pass (which runs before training and is not measured) is the plan's peak."""
     from dataclasses import replace
 
     from gkd.planner.schedule import simulate
 
     training = tuple(op for op in plan.schedule.ops if op.phase != "offline")
     if len(training) == len(plan.schedule.ops):
-        return int(plan.peak_bytes) - int(plan.memory.get("reserve", 0))
-    timeline = simulate(replace(plan.schedule, ops=training))
-    return int(timeline.peak_bytes) - int(timeline.by_category.get("reserve", 0))
+        return {k: int(v) for k, v in plan.memory.items()}
+    return dict(simulate(replace(plan.schedule, ops=training)).by_category)
+
+
+def predicted_device_bytes(plan: Any) -> int:
+    """What the device measurement is compared with: the plan's peak of the training steps (`training_memory`)
+    without its reserve (the CUDA context and the allocator's fragmentation are not tensors; a CPU plan has
+    none)."""
+    memory = training_memory(plan)
+    return sum(memory.values()) - memory.get("reserve", 0)
 
 
 def error(predicted: int, measured: int) -> float | None:

@@ -87,7 +87,7 @@ def _plan(peak: int, reserve: int, host: int) -> SimpleNamespace:
     hardware = {"gpus": 2, "gpus_per_node": 8}
     return SimpleNamespace(
         peak_bytes=peak,
-        memory={"reserve": reserve},
+        memory={"parameters": peak - reserve, "reserve": reserve},  # sums to the peak, as in a plan
         host_bytes=host,
         inputs={"config": {"hardware": hardware}},
         schedule=SimpleNamespace(ops=()),
