@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gkd.files import write_atomically
+
 _PACKAGE = Path(__file__).resolve().parent.parent
 PACK_DIR = _PACKAGE / "data" / "pack"
 # The libraries whose versions change what the cached passes compute (model configs, traced graphs).
@@ -140,10 +142,8 @@ def cached(
     value = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         text = _canonical(value)
-        tmp.write_text(f'{{"sum": "{_checksum(text)}", "value": {text}}}')
-        tmp.replace(path)
+        write_atomically(path, f'{{"sum": "{_checksum(text)}", "value": {text}}}', durable=False)
     except OSError:
         pass  # an unwritable cache folder costs only speed, never correctness
     return value

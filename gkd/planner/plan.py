@@ -18,10 +18,8 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -469,34 +467,18 @@ class Plan:
         return cls.from_dict(data)
 
     def write(self, path: str | Path) -> None:
-        """Write the plan's JSON to `path` atomically (see `write_atomically`)."""
-        write_atomically(Path(path), self.to_json(), "the plan")
+        """Write the plan's JSON to `path` atomically (gkd.files.write_atomically): a reader sees the old file
+        or the whole new one, and a full disk leaves the old file as it was. InputError naming the failure
+        (e.g. "no space left on device")."""
+        from gkd.files import write_atomically
 
-
-def write_atomically(path: Path, text: str, what: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, flushed to disk and renamed over
-    `path`: a reader (or a later run) sees the old file or the whole new one, never a truncated one, and a
-    full disk leaves the old file as it was. Raises InputError naming the failure (e.g. "no space left on
-    device")."""
-    data = text.encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        reason = (err.strerror or type(err).__name__).lower()
-        raise InputError(
-            f"cannot write {what} to {path}: {reason}; free space there or choose another path"
-        ) from None
+            write_atomically(Path(path), self.to_json())
+        except OSError as err:
+            reason = (err.strerror or type(err).__name__).lower()
+            raise InputError(
+                f"cannot write the plan to {path}: {reason}; free space there or choose another path"
+            ) from None
 
 
 class Fields:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd.errors import GkdError, InputError
+from gkd.files import fsync_path, write_atomically
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -106,25 +107,6 @@ def write_errors(what: str, where: Path) -> Iterator[None]:
         raise
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`path` holds `text` or what it held before, whatever moment the process dies at."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def save_checkpoint(
     engine: Any, folder: Path, step: int, *, rank: int, world: int, micro_batches: int
 ) -> None:
@@ -163,7 +145,7 @@ def save_checkpoint(
         dist.barrier()
         files = sorted(p for p in where.iterdir() if p.is_file() and p.name != COMPLETE)
         for path in files[rank::world]:
-            _fsync(path)
+            fsync_path(path)
         dist.barrier()
         _maybe_die("flushed", step, rank)
         if rank == 0:

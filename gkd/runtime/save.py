@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from gkd.files import fsync_path
 from gkd.planner.memory import SAVE_SHARD_BYTES
 
 INDEX = "model.safetensors.index.json"
@@ -134,7 +135,7 @@ class HFWriter:
 
         shard = self.partial / f"shard-{len(self._shards) + 1:05d}.safetensors"
         save_file(tensors, str(shard), metadata={"format": "pt"})
-        _fsync(shard)
+        fsync_path(shard)
         self._shards.append((shard, list(tensors)))
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
@@ -175,8 +176,8 @@ class HFWriter:
             copy_tokenizer(self.tokenizer_from, self.partial)
         _usual_modes(self.partial)
         for file in self.partial.iterdir():
-            _fsync(file)
-        _fsync(self.partial)
+            fsync_path(file)
+        fsync_path(self.partial)
         publish(self.partial, self.path)
 
 
@@ -190,7 +191,7 @@ def publish(partial: Path, path: Path) -> None:
             shutil.rmtree(old)
         os.replace(path, old)
     os.replace(partial, path)  # replaces an empty folder
-    _fsync(path.parent)
+    fsync_path(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -225,14 +226,6 @@ TOKENIZER_EXTRA_FILES = (
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _usual_modes(folder: Path) -> None:

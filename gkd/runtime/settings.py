@@ -63,6 +63,6 @@ def write_run_json(
     if memory is not None:
         summary["memory"] = memory
     # Whole or as before, whatever moment the process dies at: a resume reads it.
-    from gkd.runtime.checkpoints import write_atomically
+    from gkd.files import write_atomically
 
     write_atomically(folder / "run.json", json.dumps(summary, indent=2))

@@ -27,7 +27,7 @@ def test_hit_miss_corrupt_and_incomplete(tmp_path: Path, monkeypatch: pytest.Mon
     assert cached("k", {"a": 1}, ("planner/cache.py",), compute, name="m/x", valid=lambda d: "x" in d) == {
         "value": 4
     }
-    assert not list((tmp_path / "k").glob(".*.tmp"))  # no temporary file left behind
+    assert not list((tmp_path / "k").glob(".*.tmp*"))  # no temporary file left behind
 
 
 def test_without_cache_nothing_is_read_or_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
