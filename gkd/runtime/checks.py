@@ -79,6 +79,11 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
     echo(f"Planning for this run's {processes} processes (hardware.gpus = world size = {processes}{note}).")
     plan = make_plan(config)
     if not plan.fits:
+        if config.hardware.device == "cpu":
+            # CPU processes' device is the host: a machine without the memory is the first limit to name.
+            from gkd.runtime.engines import available_host_memory, check_host_memory
+
+            check_host_memory(plan, world=processes, available=available_host_memory(), cuda=False)
         command = " ".join(["gkd plan", *([target] if target else []), f"--gpus {processes}"])
         raise DoesNotFitError(
             f"the job does not fit: peak {human_bytes(plan.peak_bytes)} per GPU exceeds "
