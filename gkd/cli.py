@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -21,7 +22,8 @@ from gkd.errors import InputError, shown
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn InputError (and unreadable files) into one line on stderr and exit code 2."""
+    """Turn InputError (and unreadable files) into one line on stderr and exit code 2, and Ctrl-C into one
+    line and exit code 130."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -30,6 +32,11 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except InputError as err:
             click.echo(f"gkd: error: {err}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            # Ctrl-C: one line and the shell's status for SIGINT (click would print a blank line, "Aborted!"
+            # and exit with 1); `gkd run` says more itself (gkd.runtime.signals.stop).
+            click.echo("gkd: interrupted", err=True)
+            sys.exit(128 + signal.SIGINT)
         except OSError as err:
             # A path given on the command line that no file system takes: bad input, whichever check met it.
             if err.errno != errno.ENAMETOOLONG:

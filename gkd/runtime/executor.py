@@ -50,7 +50,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,7 +71,7 @@ from gkd.runtime.checks import (
 )
 from gkd.runtime.launch import WorkerFailedError, default_processes, launch
 from gkd.runtime.settings import RunSettings, write_run_json
-from gkd.runtime.signals import TERMINATED_EXIT, Terminated, interruption, sigterm_raises, stops_on_sigterm
+from gkd.runtime.signals import Terminated, interruption, sigterm_raises, stop, stops_on_sigterm
 from gkd.runtime.worker import train_worker
 
 
@@ -323,11 +322,7 @@ def run_job(
                 shutil.rmtree(stray, ignore_errors=True)
         check_out(out_path)
         echo(_starting(world))
-        try:
-            with sigterm_raises():
-                _run_and_publish(tmp, out_path, plan, settings, world)
-        except Terminated:
-            sys.exit(TERMINATED_EXIT)
+        _run_and_publish(tmp, out_path, plan, settings, world)
     echo(
         f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {out_path / 'log.jsonl'}"
     )
@@ -336,9 +331,10 @@ def run_job(
 
 def _run_and_publish(tmp: Path, out_path: Path, plan: Plan, settings: RunSettings, world: int) -> None:
     """Run the workers in the temporary folder `tmp` and rename it to OUT. A run that fails or is interrupted
-    (Ctrl-C, SIGTERM) before its first checkpoint leaves nothing; after one, OUT is published so that the run
-    can be resumed. When OUT cannot take the folder (something appeared in it meanwhile), `tmp` is kept and
-    OutputKeptError names it: a finished run's result is never removed."""
+    (Ctrl-C, SIGTERM: one line and exit 130 or 143, `signals.stop`) before its first checkpoint leaves
+    nothing; after one, OUT is published so that the run can be resumed. When OUT cannot take the folder
+    (something appeared in it meanwhile), `tmp` is kept and OutputKeptError names it: a finished run's result
+    is never removed."""
     kept = False
     try:
         tmp.mkdir()
@@ -356,9 +352,9 @@ def _run_and_publish(tmp: Path, out_path: Path, plan: Plan, settings: RunSetting
             for partial in (tmp / "student", tmp / "student.partial"):
                 shutil.rmtree(partial, ignore_errors=True)
         if not _has_checkpoint(tmp) and not _is_done(tmp):
-            if isinstance(err, Terminated):  # Ctrl-C prints its own line ("gkd: aborted")
-                click.echo(f"gkd: {interruption(err)}; the unfinished run was removed", err=True)
-            raise
+            if isinstance(err, WorkerFailedError):
+                raise
+            stop(err, "; the unfinished run was removed")
         # The checkpoints are worth keeping: publish what there is, so that the run can be resumed.
         what = str(err) if isinstance(err, WorkerFailedError) else interruption(err)
         try:
@@ -372,8 +368,7 @@ def _run_and_publish(tmp: Path, out_path: Path, plan: Plan, settings: RunSetting
         resume = f"resume from its last checkpoint with `gkd run --resume --out {out_path}`"
         if isinstance(err, WorkerFailedError):
             raise WorkerFailedError(f"{err}; {resume}") from None
-        click.echo(f"gkd: {what}; {resume}", err=True)
-        raise
+        stop(err, f"; {resume}")
     finally:
         if not kept:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -602,8 +597,7 @@ def _resume_locked(
     try:
         with sigterm_raises():  # the workers are stopped with the parent; OUT stays as it is, to resume
             launch(train_worker, (plan.to_json(), settings), processes=processes, cpu_ops=cpu_ops(plan))
-    except Terminated:
-        click.echo(f"gkd: stopped by SIGTERM; resume again with `gkd run --resume --out {out}`", err=True)
-        sys.exit(TERMINATED_EXIT)
+    except (Terminated, KeyboardInterrupt) as err:
+        stop(err, f"; resume again with `gkd run --resume --out {out}`")
     echo(f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {log}")
     return out_path

@@ -1,6 +1,7 @@
 """SIGTERM in `gkd run`'s parent: it raises `Terminated` (a BaseException, like KeyboardInterrupt) so that the
 run's clean-up runs as on Ctrl-C, and the command exits with 143 after one line; forked workers keep the
-default action (they must die at once when the launcher stops them)."""
+default action (they must die at once when the launcher stops them). Ctrl-C ends the same way: one line, exit
+130 (the shell's status for SIGINT), not click's blank line and "Aborted"."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 TERMINATED_EXIT = 128 + signal.SIGTERM  # the shell's exit status for a process ended by SIGTERM
+INTERRUPTED_EXIT = 128 + signal.SIGINT  # ... and by SIGINT (Ctrl-C)
 
 
 _sigterm_pid: int | None = None  # the process whose SIGTERM handler `sigterm_raises` installed
@@ -65,19 +67,25 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def stops_on_sigterm(fn: Callable[..., Path]) -> Callable[..., Path]:
-    """SIGTERM at any point of `fn` (while the data is tokenized, too) runs the same clean-up as Ctrl-C and
-    exits with 143 after one line."""
+    """SIGTERM or Ctrl-C at any point of `fn` (while the data is tokenized, too) runs the same clean-up and
+    exits with 143 or 130 after one line."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Path:
         try:
             with sigterm_raises():
                 return fn(*args, **kwargs)
-        except Terminated:
-            click.echo("gkd: stopped by SIGTERM", err=True)
-            sys.exit(TERMINATED_EXIT)
+        except (Terminated, KeyboardInterrupt) as err:
+            stop(err)
 
     return wrapper
+
+
+def stop(err: Terminated | KeyboardInterrupt, what: str = "") -> NoReturn:
+    """Exit as the signal behind `err` asks (143 or 130), after one line on stderr: "gkd: stopped by SIGTERM"
+    or "gkd: interrupted", then `what` (e.g. "; resume ...")."""
+    click.echo(f"gkd: {interruption(err)}{what}", err=True)
+    sys.exit(TERMINATED_EXIT if isinstance(err, Terminated) else INTERRUPTED_EXIT)
 
 
 def interruption(err: BaseException) -> str:

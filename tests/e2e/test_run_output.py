@@ -237,6 +237,42 @@ def test_sigterm_after_a_checkpoint_publishes_out_to_resume(
     )
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_ctrl_c_is_one_line_and_exit_130(
+    plan_file: Path, tmp_path: Path, monkeypatch: Any, checkpoint: bool
+) -> None:
+    """Ctrl-C ends as SIGTERM does: one line saying what became of the run, the shell's status for SIGINT
+    (not click's blank line, "gkd: aborted" and exit 1)."""
+    monkeypatch.setattr(executor, "launch", _fake_launch(error=KeyboardInterrupt(), checkpoint=checkpoint))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(plan_file), "--out", str(out), "--steps", "2"])
+    assert result.exit_code == 128 + signal.SIGINT, result.output
+    expected = (
+        f"gkd: interrupted; resume from its last checkpoint with `gkd run --resume --out {out}`"
+        if checkpoint
+        else "gkd: interrupted; the unfinished run was removed"
+    )
+    assert result.stderr.splitlines() == [expected]
+    assert out.exists() == checkpoint and not _partials(tmp_path)
+    if checkpoint:  # and a resume stopped by Ctrl-C says how to go on
+        monkeypatch.setattr(
+            executor, "load_or_plan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+        )
+        result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
+        assert result.exit_code == 128 + signal.SIGINT and result.stderr.splitlines() == ["gkd: interrupted"]
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch: Any) -> None:
+    import gkd.planner.inspect as inspect
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect, "run_inspect", interrupted)
+    result = CliRunner().invoke(main, ["inspect", "tiny-llama-student"])
+    assert result.exit_code == 128 + signal.SIGINT and result.stderr.splitlines() == ["gkd: interrupted"]
+
+
 def test_a_forked_worker_keeps_the_default_sigterm_action() -> None:
     with signals.sigterm_raises():
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
