@@ -250,6 +250,7 @@ def check_loadable(where: Path) -> None:
     """Read every .pt file in `where` with the weights-only unpickler; InputError naming the first file that
     holds anything else (a pickle that would run code when DeepSpeed loads it), before any worker starts."""
     import pickle
+    import zipfile
 
     import torch
 
@@ -257,14 +258,29 @@ def check_loadable(where: Path) -> None:
     for path in sorted(where.rglob("*.pt")):
         try:
             with torch.serialization.safe_globals(allowed):
-                torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+                # A memory map only for torch's zip format: on a legacy pickle torch's refusal of the map
+                # would be the message, and not the weights-only unpickler's, which names what is inside.
+                torch.load(path, weights_only=True, map_location="cpu", mmap=zipfile.is_zipfile(path))
         except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(
                 f"{path} is not a checkpoint file gkd loads: it holds more than tensors and DeepSpeed's "
-                f"checkpoint data ({first[:120]}); loading it could run code, so the resume stops. Resume "
+                f"checkpoint data ({refusal(err)}); loading it could run code, so the resume stops. Resume "
                 "only from checkpoints gkd wrote"
             ) from None
+
+
+# The paragraphs of torch's weights-only refusal that are the same for every file (one advises
+# weights_only=False, which gkd never does); the line between them names what the file holds.
+_GENERIC = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def refusal(err: BaseException) -> str:
+    """What torch's weights-only unpickler refused in a file (e.g. "Trying to load unsupported GLOBAL
+    posix.system ..."), cut to 120 characters; the error's first line for any other error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(_GENERIC)]
+    text = (specific or lines or [type(err).__name__])[0]
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def restore_checkpoint(engine: Any, folder: Path, tag: str, *, rank: int) -> int:

@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from gkd.errors import GkdError, InputError
-from gkd.runtime.checkpoints import CHECKPOINTS, COMPLETE, LATEST, incomplete_reason, safe_globals, step_of
+from gkd.runtime.checkpoints import (
+    CHECKPOINTS,
+    COMPLETE,
+    LATEST,
+    incomplete_reason,
+    refusal,
+    safe_globals,
+    step_of,
+)
 
 STUDENT = "student."  # the student's entries in the engine's module (DistillModule.student)
 
@@ -217,9 +225,8 @@ def _weights_only() -> Iterator[None]:
             with torch.serialization.safe_globals(allowed):
                 return real(f, *args, **kwargs)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(
-                f"{f} holds more than tensors and DeepSpeed's checkpoint data ({first[:120]}); loading it "
+                f"{f} holds more than tensors and DeepSpeed's checkpoint data ({refusal(err)}); loading it "
                 "could run code, so gkd does not: export only checkpoints gkd wrote"
             ) from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -182,6 +183,28 @@ def test_a_checkpoint_that_would_run_code_is_refused(reference: Path, tmp_path: 
     result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
     line = _one_line(result, 2, str(where / name))
     assert "could run code" in line
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_a_hostile_file_is_refused_for_what_it_holds(tmp_path: Path, fmt: str) -> None:
+    """The message names what the weights-only unpickler refused (a global such as posix.system, or the
+    opcode of a legacy pickle), not torch's general paragraph (which advises weights_only=False) nor its
+    refusal to memory-map a legacy file."""
+    from gkd.runtime.checkpoints import check_loadable
+
+    canary = tmp_path / "pwned"
+    path = tmp_path / "rng-rank0.pt"
+    if fmt == "zip":
+        torch.save({"cpu": _Payload(canary)}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"cpu": _Payload(canary)}, f)
+    with pytest.raises(InputError, match="could run code") as caught:
+        check_loadable(tmp_path)
+    line = str(caught.value)
+    assert "mmap" not in line and "weights_only" not in line and "Weights only load failed" not in line
+    assert ("GLOBAL posix.system" if fmt == "zip" else "Unsupported operand") in line
     assert not canary.exists()
 
 
