@@ -19,10 +19,11 @@ Design choices:
 - Safety: every file the converter loads is read with torch's weights-only unpickler and an allow-list of
   the few DeepSpeed classes its checkpoints hold (`gkd.runtime.checkpoints.safe_globals`); DeepSpeed itself
   would load them with `weights_only=False`, where a pickle can run any code. Anything else is refused.
-- Nothing half-written: the folder is written next to DIR (`DIR.partial`) and renamed to DIR once complete;
-  DIR must not exist or be empty. Bad input (not a checkpoint, an incomplete or damaged one, a run without
-  checkpoints) is an InputError: one line, exit code 2; a write that fails (a full disk) is one line, exit
-  code 1, and leaves nothing either.
+- Nothing half-written: the folder is written next to DIR (`.DIR.partial-PID-RANDOM`: a name of its own, so
+  that a folder of the user's called `DIR.partial` is never taken for a stale one and removed) and renamed to
+  DIR once complete; DIR must not exist or be empty. Bad input (not a checkpoint, an incomplete or damaged
+  one, a run without checkpoints) is an InputError: one line, exit code 2; a write that fails (a full disk)
+  is one line, exit code 1, and leaves nothing either.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import contextlib
 import io
 import json
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,8 @@ def run_export(source: str, out: str, *, echo: Callable[[str], None] = print) ->
             )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with HFWriter(target, skeleton, dtype=dtype, tokenizer_from=teacher_ref) as writer:
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        with HFWriter(target, skeleton, dtype=dtype, tokenizer_from=teacher_ref, partial=partial) as writer:
             for name in names:
                 tensor = state[name].contiguous()
                 writer.add(name, tensor.to(dtype) if torch.is_floating_point(tensor) else tensor)

@@ -82,7 +82,9 @@ class HFWriter:
     manager, `add` each tensor of `saved_tensors(model)` in order (host tensors); on leaving without an error
     the last shard, the index, the configs and the tokenizer files are written and the folder renamed into
     place; on an error the partial folder is removed. `model` gives the config and the generation config (a
-    model on the meta device will do); `dtype`: the dtype config.json names (default: the model's)."""
+    model on the meta device will do); `dtype`: the dtype config.json names (default: the model's);
+    `partial`: the folder written before the rename (default `<path>.partial`, which is removed first when a
+    killed save left it: give a name of this writer's own where `<path>.partial` may be someone else's)."""
 
     def __init__(
         self,
@@ -92,9 +94,10 @@ class HFWriter:
         dtype: Any = None,
         tokenizer_from: str | None = None,
         shard_bytes: int | None = None,
+        partial: Path | None = None,
     ) -> None:
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial if partial is not None else self.path.with_name(self.path.name + ".partial")
         self.model = model
         self.dtype = dtype if dtype is not None else model.dtype
         self.tokenizer_from = tokenizer_from

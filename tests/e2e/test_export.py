@@ -81,6 +81,12 @@ def test_export_of_a_zero2_checkpoint_equals_the_saved_student(zero2_run: Path, 
     assert result.exit_code == 0, result.output
     _same_folder(tmp_path / "empty", zero2_run / "student")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf"]
+    # A folder of the user's named like a stale partial export is not the export's to remove.
+    (tmp_path / "mine.partial").mkdir()
+    (tmp_path / "mine.partial" / "notes.txt").write_text("mine")
+    assert _export(str(step), "--out", str(tmp_path / "mine")).exit_code == 0
+    assert (tmp_path / "mine.partial" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf", "mine", "mine.partial"]
 
 
 def test_export_of_a_zero3_checkpoint_equals_the_saved_student(
