@@ -284,13 +284,17 @@ DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20
 
 
 def max_document_bytes() -> int:
-    """The document size limit: GKD_MAX_DOCUMENT_BYTES (a size such as 256MiB), else 64 MiB."""
+    """The document size limit: GKD_MAX_DOCUMENT_BYTES (a number of bytes, or a size such as 256MiB), else
+    64 MiB."""
     from gkd.config import parse_bytes
 
     value = os.environ.get("GKD_MAX_DOCUMENT_BYTES", "").strip()
     if not value:
         return DEFAULT_MAX_DOCUMENT_BYTES
-    limit = parse_bytes(value, "GKD_MAX_DOCUMENT_BYTES")
+    # A bare number is bytes, as the name says (a config's sizes read a small bare number as GiB, which
+    # made "1000" a limit of 1000 GiB).
+    bare = value.isascii() and value.isdigit()
+    limit = int(value) if bare else parse_bytes(value, "GKD_MAX_DOCUMENT_BYTES")
     if limit < 1:
         raise InputError("GKD_MAX_DOCUMENT_BYTES must be a size > 0 such as 256MiB")
     return limit
@@ -442,6 +446,8 @@ def prepare_tokens(
     gkd.runtime.tokens); and whether this call tokenised it. `show_progress`: a progress bar on a terminal
     while a large source is tokenised."""
     identity, total, documents = _source(source)
+    if source is not None:
+        max_document_bytes()  # a bad setting is refused even where the ids are stored and nothing is read
     key = hashlib.sha256(f"{identity}\n{tokenizer.identity()}".encode()).hexdigest()[:32]
     name = source if source is not None else "the built-in corpus"
     large = source is not None and (Path(source).expanduser().is_dir() or total >= _BAR_MIN_BYTES)

@@ -89,6 +89,26 @@ def test_the_limit_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         data.max_document_bytes()
 
 
+def test_a_bare_limit_is_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GKD_MAX_DOCUMENT_BYTES=1000 is 1000 bytes (a config's bare small size is GiB: it was 1000 GiB)."""
+    monkeypatch.setenv("GKD_MAX_DOCUMENT_BYTES", "1000")
+    assert data.max_document_bytes() == 1000
+    monkeypatch.setenv("GKD_MAX_DOCUMENT_BYTES", "2KiB")
+    assert data.max_document_bytes() == 2048
+
+
+def test_a_bad_limit_is_refused_when_the_ids_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is read when the source was tokenized before; the setting is refused all the same."""
+    path = tmp_path / "data.txt"
+    path.write_text("one\ntwo\n")
+    assert prepare_tokens(str(path), ByteTokenizer())[1]
+    monkeypatch.setenv("GKD_MAX_DOCUMENT_BYTES", "lots")
+    with pytest.raises(InputError, match="GKD_MAX_DOCUMENT_BYTES 'lots' is not a size"):
+        prepare_tokens(str(path), ByteTokenizer())
+
+
 def test_a_long_line_is_never_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The limit is applied while reading: a line 100x the limit costs about the limit, not the line."""
     monkeypatch.setenv("GKD_MAX_DOCUMENT_BYTES", "1MiB")
