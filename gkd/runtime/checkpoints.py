@@ -230,9 +230,10 @@ def resumable(folder: Path, world: int) -> tuple[str, str]:
         if (before is None or step < before) and not incomplete_reason(folder / tag_of(step), world):
             newest = "the newest complete checkpoint" + ("" if before is None else " before it")
             return tag_of(step), f"{problem}; resuming from {tag_of(step)}, {newest}"
+    before_it = "" if before is None else " before it"
     raise InputError(
-        f"{problem}, and {folder} holds no complete checkpoint before it; start the run again without "
-        "--resume"
+        f"{problem}, and {folder} holds no complete checkpoint{before_it}; start the run again from its plan "
+        f"into a new folder: `gkd run {folder.parent / 'plan.json'} --out NEW_FOLDER`"
     )
 
 

@@ -508,8 +508,13 @@ def _resume_locked(
 ) -> Path:
     out = str(out_path)
     folder = out_path / CHECKPOINTS
-    if not (out_path / "run.json").is_file() or not (_has_checkpoint(out_path) or _is_done(out_path)):
+    if not (_has_checkpoint(out_path) or _is_done(out_path)):
         raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
+    if not (out_path / "run.json").is_file():
+        raise InputError(
+            f"{out_path / 'run.json'} is missing (it records how the run started: data, seed, steps); a "
+            "resume needs it: restore it"
+        )
     try:
         previous = json.loads((out_path / "run.json").read_text())
         previous["data"], previous["seed"], previous["steps"]  # noqa: B018 (the keys a resume needs)

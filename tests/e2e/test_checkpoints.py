@@ -134,7 +134,30 @@ def test_an_odd_latest_is_passed_over_or_one_line(reference: Path, tmp_path: Pat
     for step in range(1, STEPS + 1):  # no complete checkpoint left: one line, exit 2
         (out / "checkpoints" / f"step-{step}" / "complete").unlink()
     result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
-    _one_line(result, 2, "holds no complete checkpoint before it")
+    line = _one_line(result, 2, "holds no complete checkpoint")
+    assert ("before it" in line) == (latest == "step-99")
+    assert f"`gkd run {out / 'plan.json'} --out NEW_FOLDER`" in line
+
+
+def test_no_complete_checkpoint_says_how_to_start_again(tmp_path: Path) -> None:
+    """The run cannot start again in OUT (a new run needs an empty --out): the message names a command that
+    works, and says "before it" only where `latest` names a checkpoint."""
+    folder = tmp_path / "out" / "checkpoints"
+    (folder / "step-2").mkdir(parents=True)  # interrupted: no marker
+    (folder / "latest").write_text("../../elsewhere")
+    with pytest.raises(InputError) as caught:
+        resumable(folder, 2)
+    message = str(caught.value)
+    assert "names no checkpoint" in message and "before it" not in message
+    assert message.endswith(f"`gkd run {tmp_path / 'out' / 'plan.json'} --out NEW_FOLDER`")
+
+
+def test_a_run_without_run_json_is_named_as_such(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-2").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-2")
+    result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
+    _one_line(result, 2, f"{out / 'run.json'} is missing")
 
 
 def test_a_resume_from_an_incomplete_latest_uses_the_one_before(reference: Path, tmp_path: Path) -> None:
