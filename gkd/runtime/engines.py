@@ -255,52 +255,28 @@ def check_weights(ref: str, spec: Any) -> None:
 
 
 def _stored_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """{tensor name: (shape, file)} of the weights in `folder`, as `from_pretrained` picks them (safetensors
-    first), from the files' headers; InputError naming the file that cannot be read."""
-    import json
+    """{tensor name: (shape, file)} of the weights in `folder`, from the files the loader reads
+    (`gkd.runtime.loading.weight_files`: as `from_pretrained` picks them, safetensors first), from their
+    headers; InputError naming the file that cannot be read."""
+    from gkd.runtime.loading import weight_files
 
-    def unreadable(path: Path, err: BaseException | str) -> InputError:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return InputError(
-            f"cannot read the weights file {path}: {text}; it is damaged or not a weights file: save or "
-            "download it again"
-        )
-
-    for single, index in (
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
-        files = []
-        if (folder / single).is_file():
-            files = [folder / single]
-        elif (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise unreadable(folder / index, err) from None
-            files = [folder / name for name in names]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise InputError(
-                    f"{folder / index} lists the weights file {missing[0]}, which is not in {folder}; "
-                    "copy every shard of the checkpoint"
-                )
-        if not files:
-            continue
-        shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
-        for path in files:
-            shapes.update({k: (v, path) for k, v in _file_shapes(path, unreadable).items()})
-        return shapes
-    return {}
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for path in weight_files(folder):
+        shapes.update({k: (v, path) for k, v in _file_shapes(path).items()})
+    return shapes
 
 
-def _file_shapes(path: Path, unreadable: Callable[[Path, Any], InputError]) -> dict[str, tuple[int, ...]]:
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The tensor shapes of one weights file, from its header (safetensors) or through a memory map onto the
     meta device (a zip-format .bin; a legacy pickle .bin is read through once)."""
     import zipfile
 
     import torch
+
+    from gkd.runtime.loading import damaged
+
+    def unreadable(path: Path, err: BaseException | str) -> InputError:
+        return damaged(path, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
 
     try:
         if path.suffix == ".safetensors":

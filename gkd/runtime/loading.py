@@ -67,7 +67,8 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def _damaged(path: Path, why: str) -> InputError:
+def damaged(path: Path, why: str) -> InputError:
+    """The error for a weights file that cannot be read (also `gkd.runtime.engines.check_weights`')."""
     return InputError(
         f"cannot read the weights file {path}: {why}; it is damaged or not a weights file: save or download "
         "it again"
@@ -108,7 +109,7 @@ def weight_files(folder: Path) -> list[Path]:
             try:
                 names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise _damaged(folder / index, str(err) or type(err).__name__) from None
+                raise damaged(folder / index, str(err) or type(err).__name__) from None
             files = [folder / name for name in names]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -137,21 +138,21 @@ def _open_safetensors(path: Path) -> Iterator[list[StoredTensor]]:
     try:
         f = path.open("rb")
     except OSError as err:
-        raise _damaged(path, err.strerror or str(err)) from None
+        raise damaged(path, err.strerror or str(err)) from None
     with f:
         size = path.stat().st_size
         head = f.read(8)
         if len(head) != 8:
-            raise _damaged(path, "it is shorter than a safetensors header")
+            raise damaged(path, "it is shorter than a safetensors header")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8:
-            raise _damaged(path, "its header is longer than the file")
+            raise damaged(path, "its header is longer than the file")
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, ValueError) as err:
-            raise _damaged(path, f"its header is not JSON ({err})") from None
+            raise damaged(path, f"its header is not JSON ({err})") from None
         if not isinstance(header, dict):
-            raise _damaged(path, "its header is not a table of tensors")
+            raise damaged(path, "its header is not a table of tensors")
         base = 8 + length
         tensors = []
         for name, info in header.items():
@@ -162,18 +163,18 @@ def _open_safetensors(path: Path) -> Iterator[list[StoredTensor]]:
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise _damaged(path, f"its header entry for {name} is not a tensor description") from None
+                raise damaged(path, f"its header entry for {name} is not a tensor description") from None
             item = torch.empty((), dtype=dtype).element_size()
             stored = StoredTensor(name=name, shape=shape, dtype=dtype, read=lambda *a: None)
             if end - begin != stored.numel * item or base + end > size:
-                raise _damaged(path, f"{name} does not fit the file (it is truncated)")
+                raise damaged(path, f"{name} does not fit the file (it is truncated)")
 
             def read(start: int, stop: int, out: Any, *, _at: int = base + begin, _item: int = item) -> None:
                 view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
                 f.seek(_at + start * _item)
                 got = f.readinto(view)
                 if got != (stop - start) * _item:
-                    raise _damaged(path, "it ends before its tensors do (it is truncated)")
+                    raise damaged(path, "it ends before its tensors do (it is truncated)")
 
             tensors.append(StoredTensor(name=name, shape=shape, dtype=dtype, read=read))
         yield tensors
@@ -191,9 +192,9 @@ def _open_bin(path: Path) -> list[StoredTensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (pickle) file
     except Exception as err:  # torch.load raises many kinds on a damaged file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _damaged(path, first) from None
+        raise damaged(path, first) from None
     if not isinstance(state, dict):
-        raise _damaged(path, "it holds no state dict")
+        raise damaged(path, "it holds no state dict")
 
     def reader(t: Any) -> Callable[[int, int, Any], None]:
         return lambda start, stop, out: out.copy_(t.reshape(-1)[start:stop])
