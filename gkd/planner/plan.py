@@ -18,6 +18,7 @@ Design choices:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import dataclass, field
@@ -476,9 +477,9 @@ class Plan:
             write_atomically(Path(path), self.to_json())
         except OSError as err:
             reason = (err.strerror or type(err).__name__).lower()
-            raise InputError(
-                f"cannot write the plan to {path}: {reason}; free space there or choose another path"
-            ) from None
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            fix = "free space there or choose another path" if full else "choose a path in a writable folder"
+            raise InputError(f"cannot write the plan to {path}: {reason}; {fix}") from None
 
 
 class Fields:

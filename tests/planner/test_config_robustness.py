@@ -147,6 +147,15 @@ def test_plan_output_is_written_atomically(tmp_path: Path, monkeypatch: pytest.M
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
 
+def test_plan_output_into_a_missing_folder_says_so(tmp_path: Path) -> None:
+    """Not "free space there": the folder is missing, and nothing is written."""
+    code, text = _plan(TINY, "--gpus", "2", "-o", str(tmp_path / "missing" / "plan.json"))
+    assert code == 2 and len(text.strip().splitlines()) == 1
+    assert "no such file or directory; choose a path in a writable folder" in text
+    assert "free space" not in text
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_config_refuses_the_bomb_in_process(tmp_path: Path) -> None:
     from gkd.config import load_config
 
