@@ -539,6 +539,11 @@ def build_partitioned(
 
     from gkd.models import build_model
 
+    # The model's classes are imported (defined) before zero.Init: a class defined inside it gets its
+    # __init__ wrapped at creation, and on exit zero.Init puts back the __init__ it saw then, dropping any
+    # class decorator's __init__ applied after (transformers' `use_kernelized_func` on LlamaAttention, whose
+    # instances built later then lack `_kernel_funcs` and fail in their forward).
+    build_model(spec, device="meta", num_layers=1, attn_implementation=attention, dtype=dtype)
     with (
         hf_init.no_init_weights(),
         prevent_arange_dtype_change(),

@@ -206,3 +206,37 @@ def test_the_plans_host_memory_is_the_largest_of_loading_training_and_saving() -
     save = steady + min(2 * s["params"], SAVE_SHARD_BYTES) + 2 * s["largest_module"]
     assert plan.estimates["host_parts_bytes"] == {"steady": steady, "load": load, "save": save}
     assert plan.host_bytes == max(steady, load, save) == load
+
+
+_FIRST_IMPORT_UNDER_ZERO_INIT = """
+import os, sys, torch, deepspeed
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+deepspeed.init_distributed("gloo")
+assert "transformers.models.llama.modeling_llama" not in sys.modules
+from gkd.models import build_model, resolve_model
+from gkd.runtime.loading import build_partitioned
+config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+spec = resolve_model("tiny-llama-student")
+build_partitioned(spec, config, weights=None, seed=0, attention="sdpa", dtype=torch.bfloat16)
+# A model of the same classes built afterwards (a replicated teacher, a stand-in) must run its forward.
+model = build_model(resolve_model("tiny-llama-teacher"), device="cpu", dtype=torch.bfloat16)
+model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+"""
+
+
+def test_a_model_class_first_imported_for_a_partitioned_build_keeps_its_decorators() -> None:
+    """zero.Init wraps the __init__ of a class defined inside it and, on exit, puts back the __init__ it saw
+    then, dropping transformers' class decorators applied after creation (LlamaAttention's kernel functions):
+    every Llama built later failed its forward. A fresh interpreter, so the class is first defined here."""
+    import subprocess
+    import sys
+
+    from gkd.runtime.launch import free_port
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_IMPORT_UNDER_ZERO_INIT, str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
