@@ -66,15 +66,12 @@ def step_of(tag: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _maybe_die(point: str, step: int, rank: int) -> None:
+def maybe_die(point: str, step: int, rank: int) -> None:
+    """The fault-injection hook (FAULT_ENV): leave as a SIGKILL would when it names this rank, step and point
+    (those of `save_checkpoint` and of the final save)."""
     spec = os.environ.get(FAULT_ENV, "")
     if spec and spec == f"{rank}:{step}:{point}":
         os._exit(9)
-
-
-def maybe_die(point: str, step: int, rank: int) -> None:
-    """The fault-injection hook (FAULT_ENV) for points outside `save_checkpoint` (the final save)."""
-    _maybe_die(point, step, rank)
 
 
 def _free_bytes(where: Path) -> int | None:
@@ -117,7 +114,7 @@ def save_checkpoint(
 
     tag = tag_of(step)
     where = folder / tag
-    _maybe_die("start", step, rank)
+    maybe_die("start", step, rank)
     if rank == 0 and (where / COMPLETE).exists():
         # A re-save of this step (a resume from an earlier checkpoint): the old files are overwritten, so the
         # marker goes first. DeepSpeed's save starts with a barrier: no rank writes before this is done.
@@ -134,12 +131,12 @@ def save_checkpoint(
         engine.checkpoint_engine.save = save_then_die
     with write_errors(f"checkpoint {where}", folder):
         engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step}, save_latest=False)
-        _maybe_die("deepspeed", step, rank)
+        maybe_die("deepspeed", step, rank)
         state = {"cpu": torch.get_rng_state(), "step": step, "micro_batches": micro_batches}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state()
         torch.save(state, where / f"rng-rank{rank}.pt")
-        _maybe_die("rng", step, rank)
+        maybe_die("rng", step, rank)
         # Each rank flushes its share of the files (any rank's: fsync works on any file), so that a crash
         # of the machine after `latest` moved cannot leave it on files still in the page cache.
         dist.barrier()
@@ -147,13 +144,13 @@ def save_checkpoint(
         for path in files[rank::world]:
             fsync_path(path)
         dist.barrier()
-        _maybe_die("flushed", step, rank)
+        maybe_die("flushed", step, rank)
         if rank == 0:
             sizes = {p.name: p.stat().st_size for p in files}
             write_atomically(where / COMPLETE, json.dumps({"step": step, "world": world, "files": sizes}))
-            _maybe_die("marker", step, rank)
+            maybe_die("marker", step, rank)
             write_atomically(folder / LATEST, tag)
-            _maybe_die("latest", step, rank)
+            maybe_die("latest", step, rank)
     dist.barrier()  # no rank goes on (and prunes, or saves the student) before `latest` moved
 
 
