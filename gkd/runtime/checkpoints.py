@@ -37,7 +37,7 @@ COMPLETE = "complete"  # the marker of a complete checkpoint, written last
 _TAG = re.compile(r"step-([0-9]{1,12})")
 
 # Fault injection for tests and benchmarks/fault_injection.py: "RANK:STEP:POINT" makes rank RANK leave with
-# os._exit(9) (as a SIGKILL would) at POINT of the checkpoint of step STEP (see `_maybe_die`).
+# os._exit(9) (as a SIGKILL would) at POINT of the checkpoint of step STEP (see `maybe_die`).
 FAULT_ENV = "GKD_TEST_KILL_AT"
 FAULT_POINTS = (
     "start",  # before anything of step-N is written
