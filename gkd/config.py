@@ -692,7 +692,17 @@ def _read_config_file(p: Path, name: str) -> Any:
     except RecursionError:
         raise InputError(f"config {p.name} nests deeper than {MAX_CONFIG_DEPTH} levels") from None
     except Exception as err:  # yaml.YAMLError and its subclasses, ValueError of an oversized integer
-        raise InputError(f"config {p.name} is not valid YAML: {_first_line(err)}") from None
+        raise InputError(f"config {p.name} is not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """What the YAML parser found wrong and where ("expected ',' or ']', but got '<stream end>' at line 2,
+    column 1"): its message's first line is only the context ("while parsing a flow sequence")."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if not problem or mark is None:
+        return _first_line(err)
+    text = problem if len(problem) <= 120 else problem[:117] + "..."  # it may quote a long token
+    return f"{text} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _first_line(err: Exception) -> str:

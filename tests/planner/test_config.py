@@ -198,6 +198,21 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "bad.json")
 
 
+def test_bad_yaml_says_what_and_where(tmp_path):
+    """The parser's problem and its line, not only its context ("while parsing a flow sequence")."""
+    (tmp_path / "bad.yaml").write_text("teacher: tiny-llama-teacher\nmethods: [kd\n")
+    with pytest.raises(InputError) as err:
+        load_config(tmp_path / "bad.yaml")
+    assert str(err.value) == (
+        "config bad.yaml is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"
+    )
+    (tmp_path / "tab.yaml").write_text("methods:\n\t- kd\n")
+    with pytest.raises(
+        InputError, match="found character '\\\\t' that cannot start any token at line 2, column 1"
+    ):
+        load_config(tmp_path / "tab.yaml")
+
+
 def test_sections_validate_directly():
     with pytest.raises(InputError):
         HardwareConfig(gpu_memory_bytes=0)
