@@ -19,7 +19,11 @@ Loss workspace rules (bytes, tokens = micro_batch x seq, V the vocabulary, h the
   the loss. A hard loss in plain torch (cross-entropy) keeps its log-softmax (tokens x V) as well.
 - topk (offline teacher, `fused_linear_topk_kd_loss`): one (chunk x V) buffer and the same gradients as
   fused_linear, plus the stored top-k (k bf16 log-probs, k int32 indices, one fp32 tail mass per token) loaded
-  per micro-batch.
+  per micro-batch. A logit term without a fused-linear form (kd's soft loss) runs the methods' torch top-k KL
+  on materialised logits instead (`gkd.methods.divergence.topk_kl_rows`, on every device): the logits (bf16)
+  and `TOPK_TORCH_SAVED` fp32 (tokens x V) tensors kept until backward, `TOPK_TORCH_FORWARD` more while it
+  runs, `TOPK_TORCH_BACKWARD` in its own backward (before the head's, which then holds the logits' gradient;
+  `gkd.planner.memory`).
 
 CPU processes (`hardware.device: cpu`, set by `gkd run` without CUDA) run the kernels' torch paths, so a CPU
 plan counts those (`gkd.planner.memory`'s CPU rules): the (chunk x V) logits chunks in the 16-bit dtype rather
@@ -39,6 +43,9 @@ from gkd.planner.facts import ModelFacts
 from gkd.planner.memory import (
     BYTES_BF16,
     KD_CPU_LIVE_TILES,
+    TOPK_TORCH_BACKWARD,
+    TOPK_TORCH_FORWARD,
+    TOPK_TORCH_SAVED,
     HostMemory,
     ModelLoad,
     cpu_chunk_rows,
@@ -300,7 +307,7 @@ def build_workload(
     plain_hard = any(t.hard and t.kernel == "torch" and "s:logits" in t.taps for t in resolved.loss_terms)
     s_h, s_v = student.hidden, student.vocab
     head_tap_bytes: dict[str, dict[str, int]] = {}
-    retained = transient = backward = 0
+    retained = transient = backward = loss_backward = 0
     topk_bytes = 0
     grads_in_forward = tokens * s_h * BYTES_BF16 + s_v * s_h * BYTES_BF16  # d hidden, d head weight
     # One (chunk x V) fp32 logits buffer: chunk_rows(V) = CHUNK_ELEMENTS // V tokens, or all tokens if fewer.
@@ -314,8 +321,17 @@ def build_workload(
     if has_logit_terms:
         if not online:
             topk_bytes = tokens * (tr.offline_topk * (BYTES_BF16 + 4) + 4)
-            transient = chunk
-            retained = grads_in_forward
+            if resolved.fused_linear:
+                transient = chunk
+                retained = grads_in_forward
+            else:
+                # A logit term without a fused-linear form reads the stored top-k on materialised logits
+                # (`topk_kl_rows`): the logits, kept until backward, and its fp32 (tokens x V) tensors.
+                fp32_logits = tokens * s_v * 4
+                retained = tokens * s_v * BYTES_BF16 + TOPK_TORCH_SAVED * fp32_logits
+                transient = TOPK_TORCH_FORWARD * fp32_logits
+                loss_backward = TOPK_TORCH_BACKWARD * fp32_logits
+                backward = tokens * s_v * BYTES_BF16  # then the logits' gradient, through the head
         elif strategy.loss_path == "fused_linear":
             transient = 2 * chunk + (kd_tiles if cpu else 0)
             if placement != "replicated":
@@ -331,7 +347,8 @@ def build_workload(
             backward = tokens * s_v * BYTES_BF16
             for ti, t in enumerate(teachers):
                 head_tap_bytes[f"t{ti}"] = {"logits": tokens * t.vocab * BYTES_BF16}
-        if plain_hard and (strategy.loss_path != "logits" or not online):
+        materialised = (online and strategy.loss_path == "logits") or not (online or resolved.fused_linear)
+        if plain_hard and not materialised:
             transient += tokens * s_v * BYTES_BF16  # the hard loss needs materialised logits
         if plain_hard:
             retained += tokens * s_v * BYTES_BF16  # cross_entropy_loss keeps its gradient (logits dtype)
@@ -414,6 +431,7 @@ def build_workload(
         logit_loss_retained=retained,
         logit_loss_transient=transient,
         logit_backward_transient=backward,
+        loss_backward_transient=loss_backward,
         offline_allocs=offline_allocs,
         topk_bytes=topk_bytes,
         backward_allocs=backward_allocs,

@@ -302,6 +302,17 @@ CPU_CHUNK_ELEMENTS = 1 << 25
 KD_CPU_LIVE_TILES = 6
 
 
+# The methods' torch top-k KL on materialised logits (`gkd.methods.divergence.topk_kl_rows`: an offline
+# teacher's stored top-k read by a term that has no fused-linear form, e.g. kd's soft loss), on any device.
+# Autograd saves two fp32 (tokens x V) tensors until backward: log_softmax's output and the scattered copy
+# whose logsumexp gives the student's tail mass; while the forward runs one more (the scaled fp32 logits
+# log_softmax reads); logsumexp's backward holds three at once (the difference from its result, its exp and
+# their product with the upstream gradient).
+TOPK_TORCH_SAVED = 2
+TOPK_TORCH_FORWARD = 1
+TOPK_TORCH_BACKWARD = 3
+
+
 def kd_cpu_tile_bytes(rows: int, vocab: int) -> int:
     """Bytes of one fp32 tile of the divergence's torch path over `rows` rows of (rows x vocab) logits: row
     chunks of TILE // block rows, vocabulary blocks of TILE // 64 columns (`_rows_torch`)."""

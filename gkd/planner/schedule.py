@@ -78,7 +78,10 @@ class Workload:
     static: tuple[TensorAlloc, ...]  # resident tensors (model states, teacher weights, buffers, reserve)
     logit_loss_retained: int  # bytes the logit loss keeps from its forward until backward
     logit_loss_transient: int  # bytes it uses only while running (chunks, gathered teacher head)
-    logit_backward_transient: int
+    logit_backward_transient: int  # the logits' gradient, alive while the head's backward runs
+    # The logit loss's own backward temporaries, freed before the backward reaches the head (the methods'
+    # torch top-k KL: gkd.planner.analysis); their own op, so they do not add to the head's gradients.
+    loss_backward_transient: int = 0
     offline_allocs: tuple[TensorAlloc, ...] = ()  # the offline teacher pass, when there is one
     topk_bytes: int = 0  # stored teacher outputs read per micro-batch (offline)
     # Tensors that exist from the backward to the end of the optimizer step, not for the whole step (a CPU
@@ -326,6 +329,20 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
 
     # 4. Backward.
     frees = (["loss.retained"] if head_terms else []) + held_by_end
+    if w.loss_backward_transient:
+        ops.append(
+            Op(
+                name="s.backward.loss",
+                kind="student_backward",
+                model="student",
+                allocs=(
+                    TensorAlloc(
+                        name="s.grad.loss", bytes=w.loss_backward_transient, category="loss_workspace"
+                    ),
+                ),
+                frees=("s.grad.loss",),
+            )
+        )
     ops.append(
         Op(
             name="s.backward.head",
