@@ -27,6 +27,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,8 @@ class HFWriter:
         self._pending_bytes += nbytes
 
     def _write(self, tensors: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
-
         shard = self.partial / f"shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(tensors, str(shard), metadata={"format": "pt"})
+        _save_file(tensors, shard)
         fsync_path(shard)
         self._shards.append((shard, list(tensors)))
 
@@ -182,6 +181,23 @@ class HFWriter:
             fsync_path(file)
         fsync_path(self.partial)
         publish(self.partial, self.path)
+
+
+def _save_file(tensors: dict[str, Any], path: Path) -> None:
+    """safetensors' save_file, with a failed write (a full disk) raised as the OSError it is: safetensors
+    raises its own SafetensorError with the OS's error only in its text ("... (os error 28)"), which callers
+    that handle failed writes as OSErrors (gkd export: one line, exit 1) would let through as a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        found = re.search(r"\(os error ([0-9]+)\)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def publish(partial: Path, path: Path) -> None:

@@ -209,12 +209,13 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(zero2_run: Path, tmp_p
 def test_a_write_that_fails_exits_1_and_leaves_nothing(
     zero2_run: Path, tmp_path: Path, monkeypatch: Any
 ) -> None:
+    from safetensors import SafetensorError
     from safetensors import torch as st
 
-    def full(*args: Any, **kwargs: Any) -> None:
-        raise OSError(28, "No space left on device")
+    def full(*args: Any, **kwargs: Any) -> None:  # what safetensors raises when the disk is full
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(st, "save_file", full)
+    monkeypatch.setattr(st, "serialize_file", full)
     result = _export(str(zero2_run), "--out", str(tmp_path / "hf"))
     assert result.exit_code == 1
     assert result.output.strip() == f"gkd: error: cannot write {tmp_path / 'hf'}: No space left on device"
