@@ -256,7 +256,7 @@ def check(
     show_default=True,
     help="Keep only the N newest checkpoints (0: all).",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest complete checkpoint.")
 @click.option(
     "--discard-partial",
     is_flag=True,
@@ -299,7 +299,8 @@ def run(
 ) -> None:
     """Train: run a plan (or plan CONFIG for this machine first) on DeepSpeed and save the student.
 
-    Exit code 1 when the job does not fit or a worker fails; 2 for bad input.
+    Exit code 1 when the job does not fit or a worker fails; 2 for bad input; 130 on Ctrl-C and 143 on
+    SIGTERM (a run with a checkpoint is kept, to --resume).
     """
     from gkd.errors import GkdError
     from gkd.runtime.executor import run_job
