@@ -262,6 +262,24 @@ def test_ctrl_c_is_one_line_and_exit_130(
         assert result.exit_code == 128 + signal.SIGINT and result.stderr.splitlines() == ["gkd: interrupted"]
 
 
+def test_a_resume_checks_the_host_memory_before_any_worker_starts(
+    plan_file: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """As a new run does: the machine a run is resumed on may have less memory than the one it started on."""
+    import gkd.runtime.engines as engines
+
+    monkeypatch.setattr(executor, "launch", _fake_launch(error=KeyboardInterrupt(), checkpoint=True))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):  # stopped after a checkpoint: OUT is published, to resume
+        _run(plan_file, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr(engines, "available_host_memory", lambda: 1 << 20)
+    result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
+    line = _one_line(result, 2, "of host memory here")
+    assert "1.0 MiB of memory available" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch: Any) -> None:
     import gkd.planner.inspect as inspect
 
