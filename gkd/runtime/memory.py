@@ -158,9 +158,9 @@ _WALK_DEPTH = 6
 
 
 def _reachable_tensors(roots: tuple[Any, ...]) -> Iterator[Any]:
-    """The tensors reachable from `roots` through modules (parameters, buffers, gradients), optimizers
-    (states) and the attributes, lists and dicts of DeepSpeed's, torch's and gkd's objects, to a bounded
-    depth.
+    """The tensors reachable from `roots` through modules (parameters, their ZeRO-3 partitions, buffers,
+    gradients), optimizers (states) and the attributes, lists and dicts of DeepSpeed's, torch's and gkd's
+    objects, to a bounded depth.
 
     Not the garbage collector's whole list: a forked worker shares its Python heap with the parent until it
     writes to it, and visiting every object (each visit writes its reference count) would copy all those pages
@@ -179,6 +179,11 @@ def _reachable_tensors(roots: tuple[Any, ...]) -> Iterator[Any]:
                 yield obj
             if obj.grad is not None:
                 stack.append((obj.grad, depth + 1))
+            # A ZeRO-3 parameter's own partition: its `data` is empty between gathers, and a model without an
+            # optimizer (a zero3 teacher) holds the partition nowhere else.
+            partition = getattr(obj, "ds_tensor", None)
+            if isinstance(partition, torch.Tensor):
+                stack.append((partition, depth + 1))
             continue
         if isinstance(obj, torch.nn.Module):
             stack.extend((t, depth + 1) for t in obj.parameters())
