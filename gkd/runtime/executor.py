@@ -203,9 +203,8 @@ def run_job(
     echo: Any = click.echo,
 ) -> Path:
     """The body of `gkd run` (see the module docstring); returns OUT."""
-    import torch
 
-    from gkd.runtime.engines import check_supported, has_weights
+    from gkd.runtime.engines import has_weights
 
     world = processes if processes is not None else default_processes()
     if world < 1:
@@ -263,8 +262,7 @@ def run_job(
     if data is not None and not Path(data).exists():
         raise InputError(f"data source {data} does not exist; give a .txt or .jsonl file or a dataset folder")
     plan = load_or_plan(target, processes=world, echo=echo)
-    check_supported(plan, cuda=torch.cuda.is_available())
-    _check_host_memory(plan, world)
+    _check_runnable(plan, world)
     total = steps if steps is not None else int(plan.inputs["config"]["training"]["steps"])
     if total < 1:
         raise InputError(f"--steps must be at least 1, got {total}")
@@ -328,14 +326,17 @@ def run_job(
     return out_path
 
 
-def _check_host_memory(plan: Plan, world: int) -> None:
-    """On GPUs too: the plan's host memory (load, steady state and save) against what this machine has, before
-    any worker starts (gkd.runtime.engines.check_host_memory)."""
+def _check_runnable(plan: Plan, world: int) -> None:
+    """Before any worker starts, of a new run or a resumed one: what this runtime supports here (e.g. float16
+    only on CUDA), and, on GPUs too, the plan's host memory (load, steady state and save) against what this
+    machine has (gkd.runtime.engines)."""
     import torch
 
-    from gkd.runtime.engines import available_host_memory, check_host_memory
+    from gkd.runtime.engines import available_host_memory, check_host_memory, check_supported
 
-    check_host_memory(plan, world=world, available=available_host_memory(), cuda=torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    check_supported(plan, cuda=cuda)
+    check_host_memory(plan, world=world, available=available_host_memory(), cuda=cuda)
 
 
 def _run_and_publish(tmp: Path, out_path: Path, plan: Plan, settings: RunSettings, world: int) -> None:
@@ -555,7 +556,7 @@ def _resume_locked(
             f"checkpoints are partitioned by rank); run with --processes {made_with} or drop --processes"
         )
     plan = load_or_plan(str(out_path / "plan.json"), processes=processes, echo=echo)
-    _check_host_memory(plan, processes)  # this machine may not be the one the run started on
+    _check_runnable(plan, processes)  # this machine may not be the one the run started on
     check_weight_files(plan)
     tag, note = resumable(folder, processes)
     if note:

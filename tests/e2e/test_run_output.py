@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import gkd.runtime.executor as executor
@@ -278,6 +279,22 @@ def test_a_resume_checks_the_host_memory_before_any_worker_starts(
     line = _one_line(result, 2, "of host memory here")
     assert "1.0 MiB of memory available" in line
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_resume_checks_what_this_machine_runs(
+    plan_file: Path, tmp_path: Path, monkeypatch: Any, models_dir: Path, job_config: Any
+) -> None:
+    """A float16 run (made on a GPU machine) resumed without CUDA is refused before any worker starts."""
+    monkeypatch.setattr(executor, "launch", _fake_launch(error=KeyboardInterrupt(), checkpoint=True))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        _run(plan_file, out)
+    config = job_config(models_dir, "llama", {})
+    config["training"]["dtype"] = "float16"
+    (out / "plan.json").write_text(make_plan(Config.from_dict(config)).to_json())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine: no CUDA
+    result = CliRunner().invoke(main, ["run", "--resume", "--out", str(out)])
+    _one_line(result, 2, "training.dtype float16 needs CUDA")
 
 
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch: Any) -> None:
