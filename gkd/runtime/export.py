@@ -21,7 +21,8 @@ Design choices:
   would load them with `weights_only=False`, where a pickle can run any code. Anything else is refused.
 - Nothing half-written: the folder is written next to DIR (`.DIR.partial-PID-RANDOM`: a name of its own, so
   that a folder of the user's called `DIR.partial` is never taken for a stale one and removed) and renamed to
-  DIR once complete; DIR must not exist or be empty. Bad input (not a checkpoint, an incomplete or damaged
+  DIR once complete (such folders left by exports that were killed are removed by the next export to DIR);
+  DIR must not exist or be empty. Bad input (not a checkpoint, an incomplete or damaged
   one, a run without checkpoints) is an InputError: one line, exit code 2; a write that fails (a full disk)
   is one line, exit code 1, and leaves nothing either.
 """
@@ -29,10 +30,12 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,7 @@ def run_export(source: str, out: str, *, echo: Callable[[str], None] = print) ->
             )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(target)
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         with HFWriter(target, skeleton, dtype=dtype, tokenizer_from=teacher_ref, partial=partial) as writer:
             for name in names:
@@ -89,6 +93,25 @@ def run_export(source: str, out: str, *, echo: Callable[[str], None] = print) ->
         raise ExportWriteError(f"cannot write {target}: {err.strerror or err}") from None
     echo(f"Exported {where.name} of {run} to {target}")
     return target
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Remove the `.DIR.partial-PID-RANDOM` folders that exports killed before their clean-up (SIGKILL,
+    SIGTERM) left beside DIR: those whose process is gone. A live export's folder is left alone."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+        pid = stale.name.removeprefix(f".{target.name}.partial-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def locate_checkpoint(path: Path, *, echo: Callable[[str], None] = print) -> tuple[Path, Path]:

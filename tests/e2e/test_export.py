@@ -9,7 +9,9 @@ for bit, config). Bad input exits 2 with one line and writes nothing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,15 @@ def test_export_of_a_zero2_checkpoint_equals_the_saved_student(zero2_run: Path, 
     assert _export(str(step), "--out", str(tmp_path / "mine")).exit_code == 0
     assert (tmp_path / "mine.partial" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf", "mine", "mine.partial"]
+    # What a killed export left is removed by the next export to the same folder; a live export's is not.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid in (gone.pid, os.getpid()):
+        (tmp_path / f".again.partial-{pid}-0123abcd").mkdir()
+    assert _export(str(step), "--out", str(tmp_path / "again")).exit_code == 0
+    assert sorted(p.name for p in tmp_path.glob(".again.partial-*")) == [
+        f".again.partial-{os.getpid()}-0123abcd"
+    ]
 
 
 def test_export_of_a_zero3_checkpoint_equals_the_saved_student(
