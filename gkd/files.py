@@ -1,5 +1,6 @@
 """Durable, atomic file writes: the one home of gkd's "write to a temporary file, fsync, rename" (plan files,
-run.json, checkpoint markers, the planner cache) and of fsync by path (the saved student's files).
+run.json, checkpoint markers, the planner cache), of fsync by path (the saved student's files) and of telling
+a killed writer's leftovers from a live one's (`process_alive`).
 
 A reader, or a later run after a crash at any moment, sees the old file or the whole new one, never a
 truncated one. The temporary file is `.NAME.tmp-PID-RANDOM` in the same folder (a rename is atomic only
@@ -13,6 +14,18 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (another user's counts), for telling the temporary files
+    of a killed writer from those of a live one."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def fsync_path(path: Path) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd.errors import GkdError, InputError
+from gkd.files import process_alive
 from gkd.runtime.checkpoints import (
     CHECKPOINTS,
     COMPLETE,
@@ -100,18 +101,8 @@ def _remove_stale_partials(target: Path) -> None:
     SIGTERM) left beside DIR: those whose process is gone. A live export's folder is left alone."""
     for stale in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
         pid = stale.name.removeprefix(f".{target.name}.partial-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def locate_checkpoint(path: Path, *, echo: Callable[[str], None] = print) -> tuple[Path, Path]:

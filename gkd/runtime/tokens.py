@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from gkd.errors import InputError
+from gkd.files import process_alive
 from gkd.planner.cache import cache_dir
 
 # Documents handed to the tokenizer at once: large enough for a batched (multi-threaded) encode, small enough
@@ -159,21 +160,11 @@ def remove_stale_partials(folder: Path) -> None:
         writer, _, pid = owner.rpartition("-")
         try:
             ours = writer in ("", host) and pid.isdigit()
-            gone = (ours and not _alive(int(pid))) or now - path.stat().st_mtime > STALE_PARTIAL_S
+            gone = (ours and not process_alive(int(pid))) or now - path.stat().st_mtime > STALE_PARTIAL_S
             if gone:
                 path.unlink()
         except OSError:
             continue  # removed meanwhile by another run, or not ours to remove
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _lookup(key: str) -> TokenFile | None:
