@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_load_memory.py            # ~2.2 GB teacher; a few minutes
     .venv/bin/python benchmarks/bench_load_memory.py --no-job   # the loads only
+    .venv/bin/python benchmarks/bench_load_memory.py --job-only # the headline-shaped job only
 
 1. Writes a Llama-style teacher checkpoint (TinyLlama's shape, 1.1B parameters, bf16, two or more safetensors
    shards, written tensor by tensor so the writer never holds the model) into a temporary folder, removed at
@@ -17,7 +18,8 @@
    kd + minilmv2) run by `gkd run`'s own code (`run_job`) for 2 steps on 2 processes, the parent sampling the
    workers' private memory and PSS; their per-node sum (peak over the run) is set against the plan's host
    memory (`gkd plan`'s per-node figure) and against what `gkd run` checks on the CPU (that figure plus each
-   worker's device peak, since there the device is the host).
+   worker's device peak, since there the device is the host), and, as benchmarks/plan_accuracy.py compares
+   a node's host memory, against that plus the runtime's fixed per-worker overhead (run.json's footprint).
 """
 
 from __future__ import annotations
@@ -342,6 +344,16 @@ def run_job(teacher: Path, student: Path, work: Path) -> list[str]:
         )
     seconds = time.perf_counter() - start
     peak_private, peak_pss = sampler.peak[0], sampler.peak_pss
+    # The node's host memory as benchmarks/plan_accuracy.py compares it: the plan's host memory, plus each
+    # worker's device peak (the plan's, without reserve: on the CPU the device is the host), plus the
+    # runtime's fixed overhead per worker, which no plan predicts (measured: run.json's footprint, a
+    # worker's PSS at the end of its first step less the tensor storage alive then), against the sampled
+    # peak of the workers' summed PSS.
+    run_memory = json.loads((work / "out" / "run.json").read_text())["memory"]
+    footprint = sum(run_memory["host"]["footprint_bytes_per_rank"])
+    device = 2 * (sum(plan.memory.values()) - plan.memory.get("reserve", 0))
+    predicted = plan.host_bytes + device + footprint
+    dev_peaks = run_memory["device"]["measured_peak_bytes_per_rank"]
     on_cpu, _ = host_memory_needed(plan, world=2, cuda=False)
     parts_bytes = plan.estimates["host_parts_bytes"]
     parts = {k: human_bytes(v) for k, v in parts_bytes.items()}
@@ -364,12 +376,20 @@ def run_job(teacher: Path, student: Path, work: Path) -> list[str]:
         f"PSS {human_bytes(peak_pss)}",
         f"  measured private / plan host memory = {peak_private / plan.host_bytes:.2f}; "
         f"/ CPU check figure = {peak_private / on_cpu:.2f}",
+        f"  node host memory: plan host {human_bytes(plan.host_bytes)} + 2 x device peak "
+        f"{human_bytes(device)} + runtime overhead {human_bytes(footprint)} (run.json's footprints; before "
+        f"loading: {human_bytes(overhead)}) = {human_bytes(predicted)} predicted; measured peak PSS "
+        f"{human_bytes(peak_pss)}; error {abs(predicted - peak_pss) / peak_pss:.1%} "
+        f"({'within' if abs(predicted - peak_pss) <= 0.10 * peak_pss else 'outside'} 10%)",
+        f"  device peak per rank (tensor storage): measured {', '.join(map(human_bytes, dev_peaks))}, "
+        f"predicted {human_bytes(run_memory['device']['predicted_peak_bytes'])}",
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-job", action="store_true", help="only the loads, not the headline-shaped job")
+    parser.add_argument("--job-only", action="store_true", help="only the headline-shaped job, not the loads")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     work = Path(tempfile.mkdtemp(prefix="gkd-bench-load-"))
@@ -379,8 +399,9 @@ def main() -> None:
         student = work / "student.json"
         student.write_text(json.dumps(STUDENT))
         print(f"wrote {size / GB:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
-        lines = run_loads(work / "teacher", student, size, work)
-        print("\n".join(lines), flush=True)
+        if not args.job_only:
+            lines = run_loads(work / "teacher", student, size, work)
+            print("\n".join(lines), flush=True)
         if not args.no_job:
             job = run_job(work / "teacher", student, work)
             print("\n".join(job), flush=True)
