@@ -109,6 +109,18 @@ def student_model_states(
     return ModelStates(parameters=big, gradients=big, optimizer=0, host_bytes=host)
 
 
+def cpu_gathered_bytes(
+    params: int, largest_module: int, persistent_params: int, ds: DeepSpeedSettings
+) -> int:
+    """A ZeRO-3 model's gathered bf16 weights on a CPU process (measured, gkd.runtime.memory): the prefetch
+    bucket is a count of parameters gathered ahead, not a buffer, and no more than the whole model is ever
+    gathered; the same for a ZeRO-3 student and teacher (`teacher_residency`)."""
+    live = min(
+        largest_module + ds.stage3_prefetch_bucket_size, max(ds.stage3_max_live_parameters, largest_module)
+    )
+    return min(live + persistent_params, params) * BYTES_BF16
+
+
 @lru_cache(maxsize=256)
 def effective_deepspeed(ds: DeepSpeedSettings, params: int) -> DeepSpeedSettings:
     """The settings with every bucket capped at the model's parameter count: DeepSpeed allocates its reduction
@@ -191,7 +203,7 @@ def teacher_residency(
     gathered = live * BYTES_BF16 + persistent_params * BYTES_BF16
     prefetch = ds.stage3_prefetch_bucket_size * BYTES_BF16
     if device == "cpu":
-        gathered, prefetch = min(live + persistent_params, params) * BYTES_BF16, 0
+        gathered, prefetch = cpu_gathered_bytes(params, largest_module, persistent_params, ds), 0
     if placement == "zero3":
         return TeacherResidency(parameters=full // gpus + gathered, buffers=prefetch, host_bytes=0)
     if placement == "zero3_offload":
