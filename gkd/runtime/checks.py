@@ -279,6 +279,14 @@ def tensor_parallel_blocker(config: Any) -> str | None:
 
 
 def check_out(out: Path) -> None:
+    if out.is_symlink():
+        # The run's folder is renamed onto OUT when it is done, which replaces no link (it failed after the
+        # whole run): refused before it starts, naming the folder to give instead.
+        target = os.readlink(out)
+        where = out.resolve() if out.exists() else None
+        fix = f"give the folder itself (--out {where})" if where is not None else "name a real folder"
+        what = "" if where is not None else ", which leads nowhere"
+        raise InputError(f"--out {out} is a symbolic link to {target}{what}; {fix}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; name a new or empty folder")
     if out.exists() and any(out.iterdir()):
@@ -289,6 +297,21 @@ def check_out(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InputError(f"cannot write in {parent}; choose a writable --out")
+
+
+def check_out_outside_data(out: Path, sources: list[str | None]) -> None:
+    """OUT must not lie inside a data folder (a `datasets` folder) the run reads: the run's own files would
+    change that folder, and with it the data's identity, so the run could never be resumed."""
+    where = out.resolve()
+    for source in sources:
+        if source is None or not Path(source).is_dir():
+            continue
+        folder = Path(source).resolve()
+        if where == folder or folder in where.parents:
+            raise InputError(
+                f"--out {out} is inside the data folder {source}: the run's files would change the data it "
+                f"reads (and a resume would refuse it as changed); choose an --out outside {source}"
+            )
 
 
 def check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: Any = click.echo) -> Any:

@@ -64,6 +64,7 @@ from gkd.runtime.checks import (
     check_data,
     check_offline_disk,
     check_out,
+    check_out_outside_data,
     check_weight_files,
     eval_batches_in_one_pass,
     load_or_plan,
@@ -261,6 +262,7 @@ def run_job(
     check_out(out_path)
     if data is not None and not Path(data).exists():
         raise InputError(f"data source {data} does not exist; give a .txt or .jsonl file or a dataset folder")
+    check_out_outside_data(out_path, [data, eval_data])
     plan = load_or_plan(target, processes=world, echo=echo)
     _check_runnable(plan, world)
     total = steps if steps is not None else int(plan.inputs["config"]["training"]["steps"])

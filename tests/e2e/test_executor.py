@@ -78,3 +78,33 @@ def test_out_must_be_new_and_plans_must_match(plan_file: Path, tmp_path: Path) -
         _run(plan_file, taken)
     with pytest.raises(InputError, match="made for 2 GPUs but this run has 4 processes"):
         checks.load_or_plan(str(plan_file), processes=4, echo=lambda _: None)
+
+
+@pytest.mark.parametrize("target", ["empty", "missing", "loop"])
+def test_a_symlink_as_out_is_refused_before_the_run(plan_file: Path, tmp_path: Path, target: str) -> None:
+    """A link to an empty folder, a dangling link and a loop: the run's folder cannot be renamed onto a link,
+    which failed after the whole run; refused before anything starts."""
+    link = tmp_path / "out"
+    if target == "empty":
+        (tmp_path / "real").mkdir()
+        link.symlink_to(tmp_path / "real")
+    elif target == "missing":
+        link.symlink_to(tmp_path / "nowhere")
+    else:
+        link.symlink_to(link)
+    fix = f"--out {tmp_path / 'real'}" if target == "empty" else "leads nowhere"
+    with pytest.raises(InputError, match=f"is a symbolic link .*{fix}"):
+        _run(plan_file, link)
+    assert link.is_symlink() and not list(tmp_path.glob(".out.*"))
+
+
+def test_out_inside_the_data_folder_is_refused(plan_file: Path, tmp_path: Path) -> None:
+    """A run writing into its own `datasets` folder changes its data's identity: it could never resume."""
+    data = tmp_path / "data"  # refused before the folder is read: its files need not be a dataset's
+    data.mkdir()
+    (data / "data-00000-of-00001.arrow").write_bytes(b"")
+    with pytest.raises(InputError, match="is inside the data folder"):
+        executor.run_job(
+            str(plan_file), data=str(data), out=str(data / "run"), processes=2, steps=4, echo=lambda _: None
+        )
+    assert not (data / "run").exists()
