@@ -34,7 +34,7 @@ from typing import Any
 
 import click
 
-from gkd.errors import InputError
+from gkd.errors import InputError, shown
 
 BASELINE_VERSION = 1
 DEFAULT_KEY = "default"  # the headline job (`gkd plan` with no arguments)
@@ -168,13 +168,47 @@ def _load(path: Path) -> dict[str, Record]:
             f"the baseline {path} is not a version-{BASELINE_VERSION} gkd baseline; "
             f"recreate it with {_command(str(path), 'CONFIG...', '--update')}"
         )
-    try:
-        return {key: Record(**entry) for key, entry in data["entries"].items()}
-    except TypeError:
-        raise InputError(
-            f"the baseline {path} has malformed entries; "
-            f"recreate it with {_command(str(path), 'CONFIG...', '--update')}"
-        ) from None
+    records = {}
+    for key, entry in data["entries"].items():
+        try:
+            records[key] = _read_record(entry)
+        except (TypeError, ValueError) as err:
+            raise InputError(
+                f"the baseline {path} has a malformed entry for {shown(key)} ({err}); "
+                f"recreate it with {_command(str(path), 'CONFIG...', '--update')}"
+            ) from None
+    return records
+
+
+# Each field of a baseline record and the types it may hold (JSON has no int/float distinction for a
+# figure like 10.0; a bool is an int to Python, so it is refused where a number is wanted).
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "fits": (bool,),
+    "peak_bytes": (int,),
+    "host_bytes": (int,),
+    "step_seconds": (int, float),
+    "strategy": (str,),
+    "measured_peak_bytes": (int,),
+}
+
+
+def _read_record(entry: Any) -> Record:
+    """A baseline record read as data: every field of the right type and not negative, else ValueError."""
+    if not isinstance(entry, dict):
+        raise ValueError("not a mapping")
+    unknown = sorted(set(entry) - set(_RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {shown(unknown[0])}")
+    for name, types in _RECORD_FIELDS.items():
+        if name not in entry:
+            if name == "measured_peak_bytes":
+                continue
+            raise ValueError(f"{name} is missing")
+        value = entry[name]
+        number = types != (bool,) and types != (str,)
+        if not isinstance(value, types) or (number and (isinstance(value, bool) or value < 0)):
+            raise ValueError(f"{name} is {shown(value)}")
+    return Record(**entry)
 
 
 def _save(path: Path, records: dict[str, Record]) -> None:

@@ -146,3 +146,26 @@ def test_tolerance_parsing() -> None:
     for bad in ("-1%", "100%", "x"):
         with pytest.raises(InputError, match="tolerance"):
             parse_tolerance(bad)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"peak_bytes": "big"},
+        {"fits": "yes"},
+        {"step_seconds": None},
+        {"strategy": 5},
+        {"host_bytes": -1},
+        {"peak_bytes": True},
+        {"measured_peak_bytes": 1.5},
+    ],
+)
+def test_a_record_with_wrong_types_is_one_line(folder: Path, fields: dict[str, object]) -> None:
+    """A hand-edited record of the right keys but wrong types was a traceback deep in the comparison."""
+    assert check("tiny.yaml", "--update").exit_code == 0
+    edit(folder / "base.json", "tiny.yaml", **fields)
+    r = check()
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "malformed entry for 'tiny.yaml'" in lines[0]
+    assert next(iter(fields)) in lines[0]
