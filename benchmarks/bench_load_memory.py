@@ -156,7 +156,7 @@ def write_checkpoint(folder: Path, config: dict[str, Any], *, shards: int = 2) -
 # The loads, in 2 processes
 
 
-def _plan(teacher: Path, student: Path, placement: str) -> Any:
+def _plan(teacher: Path, student: Path, placement: str, device: str = "cuda") -> Any:
     from gkd.config import Config
     from gkd.planner.pipeline import plan as make_plan
 
@@ -166,7 +166,7 @@ def _plan(teacher: Path, student: Path, placement: str) -> Any:
                 "teacher": str(teacher),
                 "student": str(student),
                 "methods": [{"name": "kd"}, {"name": "minilmv2"}],
-                "hardware": {"gpus": 2, "gpu_memory": "80GiB"},
+                "hardware": {"gpus": 2, "gpu_memory": "80GiB", "device": device},
                 "training": {"seq_len": 64, "global_batch": 2, "micro_batch": [1], "steps": 2},
                 "overrides": {"student_zero_stage": 3, "teacher_placement": placement},
             }
@@ -308,7 +308,8 @@ def run_job(teacher: Path, student: Path, work: Path) -> list[str]:
     from gkd.runtime.engines import host_memory_needed
     from gkd.runtime.executor import run_job as gkd_run
 
-    plan = _plan(teacher, student, "zero3_offload")
+    # Planned as `gkd run` plans a run on this machine's CPU processes (hardware.device: cpu).
+    plan = _plan(teacher, student, "zero3_offload", device="cpu")
     plan_path = work / "plan.json"
     plan_path.write_text(plan.to_json())
     corpus = work / "corpus.txt"

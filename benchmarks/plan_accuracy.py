@@ -170,7 +170,8 @@ def write_case(folder: Path, case: Case, *, seq_len: int = 64, micro_batch: int 
 
 class NodeSampler(threading.Thread):
     """The node's host memory while a run goes on: every `interval` seconds the sum of the PSS
-    (/proc/PID/smaps_rollup) of this process's live descendants, its workers; `peak` is the largest sum."""
+    (/proc/PID/smaps_rollup) of this process's workers (its descendants forked from it, which share its
+    command line: not a compiler that builds a DeepSpeed op); `peak` is the largest sum."""
 
     def __init__(self, interval: float = 0.02) -> None:
         super().__init__(daemon=True)
@@ -185,9 +186,15 @@ class NodeSampler(threading.Thread):
         from gkd.runtime.memory import host_memory
 
         me = psutil.Process()
+        command = me.cmdline()
         while not self._done.is_set():
             total = 0
             for child in me.children(recursive=True):
+                try:
+                    if child.cmdline() != command:
+                        continue
+                except psutil.Error:  # gone meanwhile
+                    continue
                 m = host_memory(Path(f"/proc/{child.pid}/smaps_rollup"))
                 total += m.pss if m is not None else 0
             self.peak = max(self.peak, total)
