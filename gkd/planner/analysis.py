@@ -193,6 +193,13 @@ def resident_tensors(
             ),
         ),
     ]
+    if hw.device == "cpu" and strategy.student_offload != "none":
+        # An offloaded optimizer's fp32 gradient partition, allocated with the engine and kept for the whole
+        # run (DeepSpeed: stage3.py grad_partitions_flat_buffer, stage_1_and_2.py
+        # initialize_optimizer_states); on a GPU it is host memory (in the offload's host bytes), on the CPU
+        # the process's own.
+        grads = 4 * trainable // hw.gpus
+        static.append(TensorAlloc(name="student.offload_gradients", bytes=grads, category="gradients"))
     for ti, t in enumerate(teachers):
         r = teacher_residency(
             params=t.params,
