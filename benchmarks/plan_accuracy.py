@@ -25,11 +25,10 @@ Exit code 1 when a case fails to run. `check_bounds` (used by tests/memory) says
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -170,11 +169,12 @@ def write_case(folder: Path, case: Case, *, seq_len: int = 64, micro_batch: int 
 
 class NodeSampler(threading.Thread):
     """The node's host memory while a run goes on: every `interval` seconds the sum of the PSS
-    (/proc/PID/smaps_rollup) of this process's workers (its descendants forked from it, which share its
-    command line: not a compiler that builds a DeepSpeed op); `peak` is the largest sum."""
+    (/proc/PID/smaps_rollup) of the workers of the `gkd run` process `pid` (its descendants forked from it,
+    which share its command line: not a compiler that builds a DeepSpeed op); `peak` is the largest sum."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
         super().__init__(daemon=True)
+        self.pid = pid
         self.interval = interval
         self.peak = 0
         self.samples = 0
@@ -185,11 +185,18 @@ class NodeSampler(threading.Thread):
 
         from gkd.runtime.memory import host_memory
 
-        me = psutil.Process()
-        command = me.cmdline()
+        try:
+            parent = psutil.Process(self.pid)
+            command = parent.cmdline()
+        except psutil.Error:  # the run ended before the first sample
+            return
         while not self._done.is_set():
             total = 0
-            for child in me.children(recursive=True):
+            try:
+                children = parent.children(recursive=True)
+            except psutil.Error:
+                break
+            for child in children:
                 try:
                     if child.cmdline() != command:
                         continue
@@ -210,17 +217,23 @@ class NodeSampler(threading.Thread):
 def run_case(case: Case, folder: Path, *, steps: int) -> dict[str, Any]:
     """Run the case with `gkd run` on 2 processes; its plan, run.json, log rows and the node's sampled peak
     of the workers' summed PSS (`NodeSampler`)."""
-    from gkd.runtime.executor import run_job
 
     config = write_case(folder, case)
     out = folder / "out"
-    sampler = NodeSampler()
-    sampler.start()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            run_job(str(config), steps=steps, out=str(out), processes=2, echo=lambda *_a, **_k: None)
-    finally:
-        node_peak = sampler.stop()
+    # `gkd run` in a process of its own, as a user starts it: its workers share pages with a small, idle
+    # parent. Forked from a long-lived process (a test runner) that keeps touching its own memory, the
+    # workers' PSS shares of the inherited pages would move during the run, which is not the run's memory.
+    command = [sys.executable, "-m", "gkd.cli", "run", str(config), "--steps", str(steps), "--out", str(out)]
+    command += ["--processes", "2"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        sampler = NodeSampler(run.pid)
+        sampler.start()
+        try:
+            stdout, stderr = run.communicate(timeout=900)
+        finally:
+            node_peak = sampler.stop()
+    if run.returncode != 0:
+        raise RuntimeError(f"gkd run of {case.name!r} exited {run.returncode}: {(stderr or stdout)[-2000:]}")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return {
         "plan": json.loads((out / "plan.json").read_text()),
