@@ -169,12 +169,14 @@ def write_case(folder: Path, case: Case, *, seq_len: int = 64, micro_batch: int 
 
 class NodeSampler(threading.Thread):
     """The node's host memory while a run goes on: every `interval` seconds the sum of the PSS
-    (/proc/PID/smaps_rollup) of the workers of the `gkd run` process `pid` (its descendants forked from it,
-    which share its command line: not a compiler that builds a DeepSpeed op); `peak` is the largest sum."""
+    (/proc/PID/smaps_rollup) of the workers of the `gkd run` process `pid` started with `command` (its
+    descendants forked from it, which share that command line: not a compiler that builds a DeepSpeed op);
+    `peak` is the largest sum. The command is given, not read from the process: read at once after it is
+    started, it can still be the command of the process that forked it, before its exec."""
 
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
+    def __init__(self, pid: int, command: list[str], interval: float = 0.02) -> None:
         super().__init__(daemon=True)
-        self.pid = pid
+        self.pid, self.command = pid, command
         self.interval = interval
         self.peak = 0
         self.samples = 0
@@ -187,7 +189,6 @@ class NodeSampler(threading.Thread):
 
         try:
             parent = psutil.Process(self.pid)
-            command = parent.cmdline()
         except psutil.Error:  # the run ended before the first sample
             return
         while not self._done.is_set():
@@ -198,7 +199,7 @@ class NodeSampler(threading.Thread):
                 break
             for child in children:
                 try:
-                    if child.cmdline() != command:
+                    if child.cmdline() != self.command:
                         continue
                 except psutil.Error:  # gone meanwhile
                     continue
@@ -226,7 +227,7 @@ def run_case(case: Case, folder: Path, *, steps: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "gkd.cli", "run", str(config), "--steps", str(steps), "--out", str(out)]
     command += ["--processes", "2"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
-        sampler = NodeSampler(run.pid)
+        sampler = NodeSampler(run.pid, command)
         sampler.start()
         try:
             stdout, stderr = run.communicate(timeout=900)
@@ -234,6 +235,8 @@ def run_case(case: Case, folder: Path, *, steps: int) -> dict[str, Any]:
             node_peak = sampler.stop()
     if run.returncode != 0:
         raise RuntimeError(f"gkd run of {case.name!r} exited {run.returncode}: {(stderr or stdout)[-2000:]}")
+    if not node_peak:
+        raise RuntimeError(f"no worker of the gkd run of {case.name!r} was sampled")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return {
         "plan": json.loads((out / "plan.json").read_text()),
