@@ -150,6 +150,22 @@ class WorkloadInfo:
     topk_bytes: int
 
 
+def _residency(teacher: Any, config: Any, placement: str, tensor_parallel: int) -> Any:
+    """Teacher `teacher`'s residency under `placement` on the config's hardware (device and host sides)."""
+    hw = config.hardware
+    return teacher_residency(
+        params=teacher.params,
+        largest_module=teacher.largest_module,
+        persistent_params=teacher.persistent_params,
+        placement=placement,
+        gpus=hw.gpus,
+        gpus_per_node=hw.local_gpus,
+        tensor_parallel=tensor_parallel,
+        ds=effective_deepspeed(config.deepspeed, teacher.params),
+        device=hw.device,
+    )
+
+
 def resident_tensors(
     *,
     config: Config,
@@ -201,17 +217,7 @@ def resident_tensors(
         grads = 4 * trainable // hw.gpus
         static.append(TensorAlloc(name="student.offload_gradients", bytes=grads, category="gradients"))
     for ti, t in enumerate(teachers):
-        r = teacher_residency(
-            params=t.params,
-            largest_module=t.largest_module,
-            persistent_params=t.persistent_params,
-            placement=placement,
-            gpus=hw.gpus,
-            gpus_per_node=hw.local_gpus,
-            tensor_parallel=strategy.tensor_parallel,
-            ds=effective_deepspeed(config.deepspeed, t.params),
-            device=hw.device,
-        )
+        r = _residency(t, config, placement, strategy.tensor_parallel)
         if online:
             static.append(
                 TensorAlloc(name=f"teacher{ti}.parameters", bytes=r.parameters, category="parameters")
@@ -269,16 +275,7 @@ def host_parts(
     ]
     steady = states.host_bytes
     for t in teachers:
-        r = teacher_residency(
-            params=t.params,
-            largest_module=t.largest_module,
-            persistent_params=t.persistent_params,
-            placement=placement,
-            gpus=hw.gpus,
-            gpus_per_node=hw.local_gpus,
-            tensor_parallel=strategy.tensor_parallel,
-            ds=effective_deepspeed(config.deepspeed, t.params),
-        )
+        r = _residency(t, config, placement, strategy.tensor_parallel)
         loads.append(
             ModelLoad(
                 params=t.params,
@@ -401,16 +398,7 @@ def build_workload(
         disk = tr.steps * tr.global_batch * seq * (tr.offline_topk * (BYTES_BF16 + 4) + 4) // hw.nodes
         allocs = []
         for ti, t in enumerate(teachers):
-            r = teacher_residency(
-                params=t.params,
-                largest_module=t.largest_module,
-                persistent_params=t.persistent_params,
-                placement=strategy.offline_teacher_placement,
-                gpus=hw.gpus,
-                gpus_per_node=hw.local_gpus,
-                tensor_parallel=1,
-                ds=effective_deepspeed(config.deepspeed, t.params),
-            )
+            r = _residency(t, config, strategy.offline_teacher_placement, 1)
             allocs += [
                 TensorAlloc(
                     name=f"offline.teacher{ti}.parameters", bytes=r.parameters, category="parameters"
