@@ -126,7 +126,11 @@ def methods(name: str | None, as_json: bool) -> None:
     metavar="NAME[,NAME...]",
     help="Distillation methods, comma-separated (e.g. kd,minilmv2).",
 )
-@click.option("--gpus", metavar="N", help="Number of GPUs.")
+@click.option(
+    "--gpus",
+    metavar="N",
+    help="Number of GPUs, on nodes of hardware.gpus_per_node (8 by default): --gpus 16 plans 2 nodes.",
+)
 @click.option("--gpu-memory", metavar="SIZE", help="Memory per GPU, e.g. 40GiB.")
 @click.option("--host-memory", metavar="SIZE", help="Host memory per node, e.g. 1TiB.")
 @click.option("--seq-len", metavar="N", help="Sequence length.")

@@ -74,7 +74,8 @@ OPTIMIZERS = {"adamw": 8, "adam": 8, "sgd": 4}  # optimizer state bytes per para
 # case-blind); any other name is looked up as torch.optim.<name>, which "Sgd" is not, and ZeRO-Offload refuses
 # torch optimizers. OPTIMIZERS above still sizes sgd's state for the memory model.
 TRAINING_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
-# Names for hardware.interconnect. Only a label: the cost model reads hardware.interconnect_bandwidth.
+# Names for hardware.interconnect. Only a label: the cost model reads hardware.interconnect_bandwidth
+# (within a node) and hardware.inter_node_bandwidth (between nodes).
 INTERCONNECTS = ("nvlink", "pcie", "infiniband", "ethernet")
 DEVICES = ("cuda", "cpu")
 DTYPES = ("bfloat16", "float16")
@@ -183,6 +184,9 @@ class HardwareConfig:
     interconnect_bandwidth: float = (
         150e9  # bytes/s per GPU for ring collectives (NVLink3 bus bandwidth, A100)
     )
+    # bytes/s per GPU between nodes: its own share of the node's network, one 200 Gb/s InfiniBand HDR adapter
+    # per GPU (DGX A100: 8 per node); used for the part of a collective that crosses nodes (gkd.planner.cost).
+    inter_node_bandwidth: float = 25e9
     host_link_bandwidth: float = 20e9  # bytes/s per GPU, pinned host <-> GPU (PCIe 4 x16, effective)
     disk_bandwidth: float = 5e9  # bytes/s per node (NVMe RAID read)
     cpu_adam_params_per_s: float = 1e9  # parameters per second one rank's CPU Adam updates
@@ -210,6 +214,7 @@ class HardwareConfig:
         for name in (
             "peak_flops",
             "interconnect_bandwidth",
+            "inter_node_bandwidth",
             "host_link_bandwidth",
             "disk_bandwidth",
             "cpu_adam_params_per_s",

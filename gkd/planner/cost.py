@@ -9,7 +9,12 @@ Rules (per GPU):
 - FLOPs (Kaplan et al. 2020; Narayanan et al. 2021): forward 2 * params * tokens plus attention
   4 * b * s^2 * hidden per layer; training is 3x forward; a recomputed layer adds one layer forward.
 - Ring collectives move (N-1)/N of the buffer per GPU for all-gather and reduce-scatter, twice that for
-  all-reduce. ZeRO-0/1 all-reduce gradients once per step; ZeRO-2 reduce-scatters every micro-step and
+  all-reduce. Over several nodes (hardware.gpus_per_node each) a collective is hierarchical, as NCCL runs it:
+  within each node ring(g) of the buffer per GPU over the interconnect, and between nodes each GPU exchanges
+  its 1/g share with its peers on the other nodes, ring(nodes) of that share, over `inter_node_bandwidth`
+  (`collective`); the inter-node bytes per GPU and step are reported (`StepCost.inter_node_bytes`). Tensor
+  parallelism stays within a node (gkd.planner.search), so its all-reduces never cross nodes.
+  ZeRO-0/1 all-reduce gradients once per step; ZeRO-2 reduce-scatters every micro-step and
   all-gathers weights after the step; ZeRO-3 gathers weights in forward and backward and reduce-scatters
   gradients every micro-step. A ZeRO-3 teacher gathers all its weights every micro-step; a tensor-parallel
   teacher all-reduces activations twice per layer.
@@ -50,6 +55,8 @@ class StepCost:
     step_time_s: float
     tokens_per_s: float
     parts: dict[str, float]  # seconds per step, by component
+    inter_node_bytes: float = 0.0  # bytes per GPU per step sent between nodes (0 on one node)
+    inter_node_s: float = 0.0  # seconds of the step's collectives spent on the links between nodes
 
 
 def forward_flops(m: ModelShape, batch: int, seq: int) -> float:
@@ -62,6 +69,30 @@ def layer_forward_flops(m: ModelShape, batch: int, seq: int) -> float:
 
 def ring(n: int) -> float:
     return (n - 1) / n if n > 1 else 0.0
+
+
+@dataclass
+class _Traffic:
+    """The inter-node share of a step's collectives, summed as `step_cost` adds them up."""
+
+    bytes: float = 0.0
+    seconds: float = 0.0
+
+
+def collective(
+    hw: HardwareConfig, size: float, gpus: int, traffic: _Traffic | None = None, *, times: int = 1
+) -> float:
+    """Seconds of `times` all-gathers or reduce-scatters (an all-reduce is two) of a `size`-byte buffer over
+    `gpus` GPUs laid out node by node (hardware.gpus_per_node each), bandwidth only: ring(g) of the buffer
+    per GPU within a node, then ring(nodes) of each GPU's 1/g share between nodes (see the module
+    docstring). Adds the inter-node part to `traffic`."""
+    local = min(gpus, hw.gpus_per_node)
+    nodes = -(-gpus // hw.gpus_per_node)
+    inter = times * ring(nodes) * size / local
+    if traffic is not None:
+        traffic.bytes += inter
+        traffic.seconds += inter / hw.inter_node_bandwidth
+    return times * ring(local) * size / hw.interconnect_bandwidth + inter / hw.inter_node_bandwidth
 
 
 def step_cost(
@@ -90,13 +121,15 @@ def step_cost(
     b = micro_batch
     p_s = 2.0 * student_trainable  # bf16 bytes of the student (and extras)
 
+    per_micro = _Traffic()  # the inter-node share of each micro-step's collectives
+
     # Teacher phase, per micro-step.
     t_compute = t_comm = t_host = 0.0
     if placement != "offline":
         for t in teachers:
             t_compute += forward_flops(t, b, seq) / flops
             if placement in ("zero3", "zero3_offload"):
-                t_comm += ring(n) * 2.0 * t.params / bw + t.layers * alpha
+                t_comm += collective(hw, 2.0 * t.params, n, per_micro) + t.layers * alpha
             if placement == "zero3_offload":
                 t_host += 2.0 * t.params / n / host
             if placement == "tensor_parallel":
@@ -112,9 +145,9 @@ def step_cost(
     s_comm = s_host = 0.0
     buckets = max(1, round(p_s / 2 / reduce_bucket))
     if stage == 2:
-        s_comm += ring(n) * p_s / bw + buckets * alpha
+        s_comm += collective(hw, p_s, n, per_micro) + buckets * alpha
     if stage == 3:
-        s_comm += 3.0 * ring(n) * p_s / bw + 3 * student.layers * alpha
+        s_comm += collective(hw, p_s, n, per_micro, times=3) + 3 * student.layers * alpha
     if offload == "optimizer+parameters":
         s_host += 2.0 * p_s / n / host
     if offload != "none":
@@ -123,10 +156,11 @@ def step_cost(
 
     # Once per step.
     boundary = 0.0
+    once = _Traffic()
     if stage in (0, 1):
-        boundary += 2.0 * ring(n) * p_s / bw + buckets * alpha
+        boundary += collective(hw, p_s, n, once, times=2) + buckets * alpha
     if stage in (1, 2) and offload == "none":
-        boundary += ring(n) * p_s / bw
+        boundary += collective(hw, p_s, n, once)
     local = student_trainable / (n if stage >= 1 else 1)
     if offload != "none":
         optimizer = local / hw.cpu_adam_params_per_s + p_s / n / host
@@ -143,7 +177,11 @@ def step_cost(
     }
     step = grad_accum * (teacher_phase + student_phase) + boundary + optimizer
     return StepCost(
-        step_time_s=step, tokens_per_s=global_batch * seq / step if step > 0 else 0.0, parts=parts
+        step_time_s=step,
+        tokens_per_s=global_batch * seq / step if step > 0 else 0.0,
+        parts=parts,
+        inter_node_bytes=grad_accum * per_micro.bytes + once.bytes,
+        inter_node_s=grad_accum * per_micro.seconds + once.seconds,
     )
 
 

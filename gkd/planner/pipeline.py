@@ -349,6 +349,9 @@ def emit(
         "candidates": result.considered,
         "replayed": result.evaluated,
     }
+    if config.hardware.nodes > 1:  # the collectives' share between nodes (gkd.planner.cost.collective)
+        estimates["inter_node_bytes_per_gpu"] = round(best.cost.inter_node_bytes)
+        estimates["inter_node_s"] = round(best.cost.inter_node_s, 4)
     if best.info is not None:  # the host memory's parts; host_bytes is the largest (gkd.planner.memory)
         h = best.info.host
         estimates["host_parts_bytes"] = {"steady": h.steady, "load": h.load, "save": h.save}

@@ -132,6 +132,13 @@ def render(plan: Plan, *, explain: bool = False) -> str:
     lines.append(
         f"Estimates: step {e.get('step_time_s', 0):.2f} s, {e.get('tokens_per_s', 0):,.0f} tokens/s ({parts})"
     )
+    if "inter_node_bytes_per_gpu" in e:
+        lines.append(
+            f"  between nodes: {hw.get('gpus')} GPUs on {hw['gpus'] // hw['gpus_per_node']} nodes of "
+            f"{hw['gpus_per_node']}; {size(e['inter_node_bytes_per_gpu'])} per GPU per step cross them at "
+            f"{hw.get('inter_node_bandwidth', 0) / 1e9:g} GB/s, {e['inter_node_s']:.2f} s of the step's "
+            "collectives (in the transfer parts above)"
+        )
     if "offline_teacher_pass_s" in e:
         lines.append(
             f"  offline teacher pass: {e['offline_teacher_pass_s'] / 3600:.1f} h for "
