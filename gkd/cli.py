@@ -285,6 +285,28 @@ def check(
     show_default=True,
     help="Micro-batches per process in one evaluation.",
 )
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    help="Nodes of a multi-node run, each starting this command with its --node-rank (docs/run.md).",
+)
+@click.option(
+    "--node-rank", type=click.IntRange(min=0), help="This node's rank, 0 to nnodes - 1 (0: the master)."
+)
+@click.option("--master-addr", metavar="HOST", help="Node 0's address, reachable from every node.")
+@click.option(
+    "--master-port",
+    type=click.IntRange(min=1, max=65535),
+    help="The port node 0 listens on for the rendezvous (default 29500).",
+)
+@click.option(
+    "--rendezvous-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long the ranks of a multi-node or launched run wait for each other to join.",
+)
 @_user_errors
 def run(
     target: str | None,
@@ -300,11 +322,17 @@ def run(
     eval_data: str | None,
     eval_every: int,
     eval_batches: int,
+    nnodes: int | None,
+    node_rank: int | None,
+    master_addr: str | None,
+    master_port: int | None,
+    rendezvous_timeout: float,
 ) -> None:
     """Train: run a plan (or plan CONFIG for this machine first) on DeepSpeed and save the student.
 
     Exit code 1 when the job does not fit or a worker fails; 2 for bad input; 130 on Ctrl-C and 143 on
-    SIGTERM (a run with a checkpoint is kept, to --resume).
+    SIGTERM (a run with a checkpoint is kept, to --resume). Under torchrun, the deepspeed launcher or srun
+    (RANK and WORLD_SIZE, or SLURM_PROCID, set) each process is one rank of the job.
     """
     from gkd.errors import GkdError
     from gkd.runtime.executor import run_job
@@ -324,6 +352,11 @@ def run(
             eval_data=eval_data,
             eval_every=eval_every,
             eval_batches=eval_batches,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            rendezvous_timeout=rendezvous_timeout,
         )
     except InputError:
         raise

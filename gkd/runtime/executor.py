@@ -45,15 +45,18 @@ runs) and holds checkpoints is found by `--resume --out OUT`, and a new run over
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import secrets
 import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -70,7 +73,23 @@ from gkd.runtime.checks import (
     load_or_plan,
     tokenizer_note,
 )
-from gkd.runtime.launch import WorkerFailedError, default_processes, launch
+from gkd.runtime.cluster import (
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT_S,
+    ClusterEnv,
+    Rendezvous,
+    from_environment,
+)
+from gkd.runtime.launch import (
+    NodeSpec,
+    WorkerFailedError,
+    default_processes,
+    init_deepspeed,
+    launch,
+    one_line,
+    prepare_cpu,
+    setup_worker,
+)
 from gkd.runtime.settings import RunSettings, write_run_json
 from gkd.runtime.signals import Terminated, interruption, sigterm_raises, stop, stops_on_sigterm
 from gkd.runtime.worker import train_worker
@@ -201,10 +220,90 @@ def run_job(
     eval_every: int = 0,
     eval_batches: int = 8,
     discard_partial: bool = False,
+    nnodes: int | None = None,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    rendezvous_timeout: float = DEFAULT_TIMEOUT_S,
     echo: Any = click.echo,
-) -> Path:
-    """The body of `gkd run` (see the module docstring); returns OUT."""
+) -> Path | None:
+    """The body of `gkd run` (see the module docstring); returns OUT (None on a rank other than 0 of a job
+    that a launcher started). Three ways in: gkd's own workers on this node (no launcher); one rank of a job
+    that torchrun, the deepspeed launcher or srun started (`gkd.runtime.cluster`); or this node's workers of
+    a job of `nnodes` nodes (`--nnodes`), each of them such a rank."""
+    job: dict[str, Any] = {
+        "target": target,
+        "data": data,
+        "steps": steps,
+        "out": out,
+        "seed": seed,
+        "resume": resume,
+        "save_every": save_every,
+        "keep_last": keep_last,
+        "eval_data": eval_data,
+        "eval_every": eval_every,
+        "eval_batches": eval_batches,
+        "discard_partial": discard_partial,
+    }
+    if rendezvous_timeout <= 0:
+        raise InputError(f"--rendezvous-timeout must be more than 0 seconds, got {rendezvous_timeout:g}")
+    launched = from_environment()
+    node_flags = [
+        flag
+        for flag, value in (
+            ("--nnodes", nnodes),
+            ("--node-rank", node_rank),
+            ("--master-addr", master_addr),
+            ("--master-port", master_port),
+        )
+        if value is not None
+    ]
+    if launched is not None and node_flags:
+        raise InputError(
+            f"this gkd run was started by {launched.source} (RANK {launched.rank} of WORLD_SIZE "
+            f"{launched.world}), which places the ranks; drop {', '.join(node_flags)}"
+        )
+    if launched is None and node_flags:
+        return _run_nodes(
+            job,
+            processes=processes,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            timeout_s=rendezvous_timeout,
+            echo=echo,
+        )
+    if launched is None:
+        return _run_job(**job, processes=processes, start=_launch_workers, echo=echo)
+    if processes is not None and processes != launched.world:
+        raise InputError(
+            f"--processes {processes} contradicts {launched.source}, which started {launched.world} ranks "
+            f"(WORLD_SIZE); drop --processes, or start {processes} ranks"
+        )
+    return _run_as_rank(launched, job, timeout_s=rendezvous_timeout, echo=echo)
 
+
+def _run_job(
+    target: str | None,
+    *,
+    data: str | None,
+    steps: int | None,
+    out: str | None,
+    processes: int | None,
+    seed: int | None,
+    resume: bool,
+    save_every: int,
+    keep_last: int,
+    eval_data: str | None,
+    eval_every: int,
+    eval_batches: int,
+    discard_partial: bool,
+    start: Start,
+    echo: Any,
+) -> Path:
+    """A run of `processes` ranks (all of this node's, or those of a launched job: `start`), checked and
+    published by this process."""
     from gkd.runtime.engines import has_weights
 
     world = processes if processes is not None else default_processes()
@@ -320,8 +419,10 @@ def run_job(
                 echo(f"Note: removing {stray}, left by an interrupted run of {out_path}")
                 shutil.rmtree(stray, ignore_errors=True)
         check_out(out_path)
-        echo(_starting(world))
-        _run_and_publish(tmp, out_path, plan, settings, world)
+        echo(
+            _starting(world) if start is _launch_workers else f"Starting as rank 0 of the job's {world} ranks"
+        )
+        _run_and_publish(tmp, out_path, plan, settings, world, start)
     echo(
         f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {out_path / 'log.jsonl'}"
     )
@@ -341,49 +442,335 @@ def _check_runnable(plan: Plan, world: int) -> None:
     check_host_memory(plan, world=world, available=available_host_memory(), cuda=cuda)
 
 
-def _run_and_publish(tmp: Path, out_path: Path, plan: Plan, settings: RunSettings, world: int) -> None:
+# How the ranks of a checked run are started: `start(plan, settings, world, tmp, out_path)` returns when every
+# rank is done (gkd's own workers: `_launch_workers`; a launched job: `_train_joined` on rank 0).
+Start = Callable[[Plan, RunSettings, int, Path, Path], None]
+
+
+def _launch_workers(plan: Plan, settings: RunSettings, world: int, tmp: Path, out_path: Path) -> None:
+    launch(train_worker, (plan.to_json(), settings), processes=world, cpu_ops=cpu_ops(plan))
+
+
+def _run_and_publish(
+    tmp: Path, out_path: Path, plan: Plan, settings: RunSettings, world: int, start: Start
+) -> None:
     """Run the workers in the temporary folder `tmp` and rename it to OUT. A run that fails or is interrupted
     (Ctrl-C, SIGTERM: one line and exit 130 or 143, `signals.stop`) before its first checkpoint leaves
     nothing; after one, OUT is published so that the run can be resumed. When OUT cannot take the folder
     (something appeared in it meanwhile), `tmp` is kept and OutputKeptError names it: a finished run's result
     is never removed."""
-    kept = False
-    try:
+
+    def run() -> None:
         tmp.mkdir()
         (tmp / "plan.json").write_text(plan.to_json())
         write_run_json(tmp, settings, plan, world, completed=0)
-        launch(train_worker, (plan.to_json(), settings), processes=world, cpu_ops=cpu_ops(plan))
+        start(plan, settings, world, tmp, out_path)
+
+    _run_in(tmp, out_path, run)
+
+
+def _run_in(tmp: Path, out_path: Path, run: Callable[[], None]) -> None:
+    """`run()` writes the run into `tmp`; then `tmp` becomes OUT (see `_run_and_publish`)."""
+    kept = False
+    try:
+        run()
         try:
             _publish(tmp, out_path)
         except OutputKeptError:
             kept = True
             raise
     except (WorkerFailedError, KeyboardInterrupt, Terminated) as err:
-        if not _is_done(tmp):
-            # Not done: a student folder there is cut short (or not yet renamed); OUT gets none.
-            for partial in (tmp / "student", tmp / "student.partial"):
-                shutil.rmtree(partial, ignore_errors=True)
-        if not _has_checkpoint(tmp) and not _is_done(tmp):
-            if isinstance(err, WorkerFailedError):
-                raise
-            stop(err, "; the unfinished run was removed")
-        # The checkpoints are worth keeping: publish what there is, so that the run can be resumed.
-        what = str(err) if isinstance(err, WorkerFailedError) else interruption(err)
         try:
-            _publish(tmp, out_path)
-        except OutputKeptError as failed:
+            _settle(tmp, out_path, err)
+        except OutputKeptError:
             kept = True
-            raise OutputKeptError(
-                f"{what}; {failed.reason}, so its checkpoints are kept in {tmp}: resume with "
-                f"`gkd run --resume --out {tmp}`"
-            ) from None
-        resume = f"resume from its last checkpoint with `gkd run --resume --out {out_path}`"
-        if isinstance(err, WorkerFailedError):
-            raise WorkerFailedError(f"{err}; {resume}") from None
-        stop(err, f"; {resume}")
+            raise
     finally:
         if not kept:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _settle(tmp: Path, out_path: Path, err: BaseException) -> NoReturn:
+    """After a failure or an interruption of the run in `tmp`: publish it when it has a checkpoint (to
+    resume), else remove it; then raise `err`'s error or stop as its signal asks."""
+    if not _is_done(tmp):
+        # Not done: a student folder there is cut short (or not yet renamed); OUT gets none.
+        for partial in (tmp / "student", tmp / "student.partial"):
+            shutil.rmtree(partial, ignore_errors=True)
+    if not _has_checkpoint(tmp) and not _is_done(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):
+            raise err
+        stop(err, "; the unfinished run was removed")
+    # The checkpoints are worth keeping: publish what there is, so that the run can be resumed.
+    what = str(err) if isinstance(err, Exception) else interruption(err)
+    try:
+        _publish(tmp, out_path)
+    except OutputKeptError as failed:
+        raise OutputKeptError(
+            f"{what}; {failed.reason}, so its checkpoints are kept in {tmp}: resume with "
+            f"`gkd run --resume --out {tmp}`"
+        ) from None
+    resume = f"resume from its last checkpoint with `gkd run --resume --out {out_path}`"
+    if isinstance(err, Exception):
+        raise WorkerFailedError(f"{err}; {resume}") from None
+    stop(err, f"; {resume}")
+
+
+# Written by rank 0 into the run's folder: a node that finds it (with this run's id) shares that folder.
+RUN_ID_FILE = ".gkd-run-id"
+
+
+def _run_as_rank(env: ClusterEnv, job: dict[str, Any], *, timeout_s: float, echo: Any) -> Path | None:
+    """One rank of a launched job (gkd.runtime.cluster): rank 0 checks, plans for the job's world size and
+    publishes OUT as `_run_job` does for gkd's own workers; the other ranks wait for its plan and train."""
+    import torch
+
+    if job["resume"]:
+        raise InputError(
+            f"--resume under {env.source} is not supported yet; resume the run with gkd's own workers: "
+            f"`gkd run --resume --out {job['out'] or 'DIR'}`"
+        )
+    # What DeepSpeed reads (srun sets SLURM_* only).
+    os.environ.update(
+        {
+            "RANK": str(env.rank),
+            "WORLD_SIZE": str(env.world),
+            "LOCAL_RANK": str(env.local_rank),
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        }
+    )
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        prepare_cpu()
+    setup_worker(env.local_rank, env.local_world, use_cuda)
+    rendezvous = Rendezvous(env, timeout_s)
+    rendezvous.join()
+    if env.rank == 0:
+
+        def start(plan: Plan, settings: RunSettings, world: int, tmp: Path, out_path: Path) -> None:
+            _train_joined(env, rendezvous, plan, settings, tmp=tmp, out_path=out_path, run_id="")
+
+        try:
+            return _run_job(**job, processes=env.world, start=start, echo=echo)
+        except BaseException as err:
+            rendezvous.abort(err)  # the others stop with this line (they no longer listen once training)
+            raise
+    published = rendezvous.wait_for_job()
+    settings = RunSettings(**{**published["settings"], "notes": tuple(published["settings"]["notes"])})
+    _train_joined(
+        env,
+        rendezvous,
+        Plan.from_json(published["plan"]),
+        settings,
+        tmp=Path(published["tmp"]),
+        out_path=Path(published["out"]),
+        run_id=published["run_id"],
+    )
+    return None
+
+
+def _train_joined(
+    env: ClusterEnv,
+    rendezvous: Rendezvous,
+    plan: Plan,
+    settings: RunSettings,
+    *,
+    tmp: Path,
+    out_path: Path,
+    run_id: str,
+) -> None:
+    """Train as rank `env.rank` of a launched job. Rank 0 (run_id "") hands its plan and settings to the
+    others first; local rank 0 of each other node builds that node's token cache and, on node-local disks,
+    the node's own run folder (published to its OUT at the end, as rank 0 publishes the shared one)."""
+    import torch
+
+    own = None  # this node's run folder, when the run's folder is not shared with rank 0
+    try:
+        if env.rank == 0:
+            run_id = secrets.token_hex(8)
+            (tmp / RUN_ID_FILE).write_text(run_id)
+            absolute = dataclasses.replace(settings, out=str(tmp.absolute()))
+            rendezvous.publish(
+                {
+                    "plan": plan.to_json(),
+                    "settings": dataclasses.asdict(absolute),
+                    "tmp": str(tmp.absolute()),
+                    "out": str(out_path.absolute()),
+                    "run_id": run_id,
+                }
+            )
+            _note_partial(tmp, out_path)
+            rendezvous.node_done()
+        elif env.local_rank == 0:
+            # The token cache is per machine (GKD_CACHE_DIR): built here once for the node's ranks.
+            check_data(plan, settings.data, env.world, settings.seed, lambda _: None)
+            if settings.eval_data is not None:
+                check_data(plan, settings.eval_data, env.world, settings.seed, lambda _: None)
+            own = _node_folder(tmp, out_path, run_id)
+            if own is not None:
+                _note_partial(own, out_path)
+            rendezvous.node_done()
+        else:
+            rendezvous.wait_node()
+        rendezvous.ready()
+        if env.rank == 0:
+            (tmp / RUN_ID_FILE).unlink()  # every node has looked for it
+        rendezvous.init_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_deepspeed(torch.cuda.is_available())
+    except BaseException as err:
+        rendezvous.abort(err)
+        raise
+    if own is None:
+        _train_rank(env, plan, settings)
+    else:
+        _run_in(own, out_path, lambda: _train_rank(env, plan, settings))
+
+
+def _train_rank(env: ClusterEnv, plan: Plan, settings: RunSettings) -> None:
+    """`train_worker` in this process; a failure becomes WorkerFailedError, one line naming the rank and a
+    file with its traceback (also handed to torchrun's error file, which its summary prints)."""
+    import torch.distributed as dist
+
+    try:
+        train_worker(env.rank, env.world, plan.to_json(), settings)
+        dist.barrier()  # every rank is done (the student saved, run.json written) before OUT is published
+    except GkdError:
+        raise
+    except Exception as err:
+        trace = Path(tempfile.mkdtemp(prefix="gkd-run-errors-")) / f"rank{env.rank}.traceback.txt"
+        trace.write_text(traceback.format_exc())
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            with contextlib.suppress(Exception):
+                ErrorHandler().record_exception(err)
+        # A peer that stopped (on another node: its own line is there) breaks this rank's collective.
+        lost = any(t in str(err) for t in ("Connection reset by peer", "Connection closed by peer"))
+        why = "lost the connection to another rank, which stopped (see its node's output)" if lost else ""
+        what = why or one_line(err)
+        raise WorkerFailedError(f"worker {env.rank} failed: {what} (traceback: {trace})") from None
+    dist.destroy_process_group()
+
+
+def _node_folder(tmp: Path, out_path: Path, run_id: str) -> Path | None:
+    """This node's folder of the run: None when rank 0's `tmp` is visible here (shared storage), else `tmp`
+    made on this node's disk, for its ranks' checkpoint parts (OUT must be new here too)."""
+
+    def shared() -> bool:
+        try:
+            return (tmp / RUN_ID_FILE).read_text() == run_id
+        except OSError:
+            return False
+
+    if shared():
+        return None
+    check_out(out_path)
+    try:
+        tmp.mkdir(parents=True)
+    except FileExistsError:
+        # A shared file system that showed the folder late (a stale cache of its parent): mkdir asks the
+        # server, so the folder is there; its id file follows.
+        for _ in range(50):
+            if shared():
+                return None
+            time.sleep(0.1)
+        raise InputError(
+            f"{tmp} exists on this node but is not this run's folder; remove it and start the run again"
+        ) from None
+    except OSError as err:
+        raise InputError(f"cannot create {tmp} on this node ({err.strerror or err})") from None
+    return tmp
+
+
+# Where `gkd run --nnodes` tells its workers to note the run folder they own, for the clean-up after a
+# worker that was killed (it cleans up after itself otherwise).
+_STATE_ENV = "GKD_NODE_STATE"
+
+
+def _note_partial(tmp: Path, out_path: Path) -> None:
+    state = os.environ.get(_STATE_ENV)
+    if state:
+        note = {"tmp": str(tmp.absolute()), "out": str(out_path.absolute())}
+        (Path(state) / f"partial-{os.getpid()}.json").write_text(json.dumps(note))
+
+
+def _run_nodes(
+    job: dict[str, Any],
+    *,
+    processes: int | None,
+    nnodes: int | None,
+    node_rank: int | None,
+    master_addr: str | None,
+    master_port: int | None,
+    timeout_s: float,
+    echo: Any,
+) -> None:
+    """`gkd run --nnodes N --node-rank R --master-addr HOST`: this node's workers of a job of N nodes, each a
+    rank of it as under torchrun (`_run_as_rank`); one line and exit code like gkd's own workers."""
+    if nnodes is None:
+        raise InputError("--node-rank, --master-addr and --master-port go with --nnodes N; give --nnodes")
+    if nnodes < 1:
+        raise InputError(f"--nnodes must be at least 1, got {nnodes}")
+    if node_rank is None and nnodes > 1:
+        raise InputError(
+            f"--nnodes {nnodes} needs --node-rank R on each node (0 on the master, up to {nnodes - 1})"
+        )
+    node_rank = node_rank or 0
+    if not 0 <= node_rank < nnodes:
+        raise InputError(
+            f"--node-rank {node_rank} is out of range for --nnodes {nnodes}: give 0 to {nnodes - 1}"
+        )
+    if master_addr is None and nnodes > 1:
+        raise InputError(
+            f"--nnodes {nnodes} needs --master-addr HOST: node 0's address, reachable from every node"
+        )
+    port = DEFAULT_PORT if master_port is None else master_port
+    if not 0 < port < 65536:
+        raise InputError(f"--master-port {port} is not a TCP port (1 to 65535)")
+    per_node = processes if processes is not None else default_processes()
+    world = nnodes * per_node
+    first = node_rank * per_node
+    echo(
+        f"Node {node_rank} of {nnodes}: starting {per_node} worker process{'es' if per_node > 1 else ''}, "
+        f"ranks {first} to {first + per_node - 1} of {world} ({'CUDA' if _cuda() else 'CPU, gloo'}), "
+        f"meeting at {master_addr or '127.0.0.1'}:{port}"
+    )
+    state = Path(tempfile.mkdtemp(prefix="gkd-node-"))
+    node = NodeSpec(
+        nnodes=nnodes, node_rank=node_rank, master_addr=master_addr or "127.0.0.1", master_port=port
+    )
+    previous = os.environ.get(_STATE_ENV)
+    os.environ[_STATE_ENV] = str(state)
+    try:
+        launch(_node_worker, (job, timeout_s), processes=per_node, node=node)
+    except (WorkerFailedError, KeyboardInterrupt, Terminated) as err:
+        # A worker killed before it could clean up left its run folder: settle it as it would have.
+        for note in state.glob("partial-*.json"):
+            left = json.loads(note.read_text())
+            if Path(left["tmp"]).is_dir():
+                _settle(Path(left["tmp"]), Path(left["out"]), err)
+        raise
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(_STATE_ENV, None)
+        else:
+            os.environ[_STATE_ENV] = previous
+
+
+def _node_worker(rank: int, world: int, job: dict[str, Any], timeout_s: float) -> None:
+    """One worker of `gkd run --nnodes` (gkd.runtime.launch set its rank in the environment)."""
+    env = from_environment()
+    assert env is not None and env.rank == rank and env.world == world
+    _run_as_rank(env, job, timeout_s=timeout_s, echo=click.echo if rank == 0 else lambda _: None)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _publish(tmp: Path, out_path: Path) -> None:

@@ -11,7 +11,10 @@ left waiting in a collective would otherwise wait for its peers forever), and `t
 run.
 
 Design choices:
-- Single node only; this slice has no multi-node launcher.
+- One node's workers. A job of several nodes (`node`, from `gkd run --nnodes`) starts this node's workers
+  with global ranks; they meet the other nodes' workers through gkd.runtime.cluster, which also serves
+  workers that torchrun or srun started. A worker's failure is reported on its own node; the other nodes'
+  workers fail on the closed connections of their collectives.
 - The rendezvous port is found free by the parent and bound by rank 0 a moment later; another process can
   take it in between (two runs starting at once). Rank 0 then records that, and the parent starts the
   workers again on another port, up to `PORT_ATTEMPTS` times.
@@ -45,6 +48,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,60 +82,106 @@ class _PortTakenError(RuntimeError):
 PORT_ATTEMPTS = 3
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """The first line of `err`, after its type's name unless gkd raised it (its message says it all)."""
     text = str(err).strip().splitlines()
+    if text and isinstance(err, GkdError):
+        return text[0]
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSpec:
+    """This node's place in a job of several (`gkd run --nnodes`): its workers get global ranks
+    node_rank x processes + local rank, and meet at master_addr:master_port (gkd.runtime.cluster)."""
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+
+def setup_worker(local_rank: int, local_world: int, use_cuda: bool) -> None:
+    """What every worker process does first, whoever started it: its device or its share of the cores, and
+    quiet libraries."""
+    import logging
+    import warnings
+
+    import torch
+
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    import deepspeed
+
+    # The run's own progress lines are what the user reads: DeepSpeed logs its whole config at INFO and
+    # warns about hooks it cannot attach where gkd attaches them itself (gkd.runtime.engines), torch warns
+    # about a deprecated collective that DeepSpeed calls, and building the CPU comm op prints.
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def init_deepspeed(use_cuda: bool) -> None:
+    """DeepSpeed's communication over the process group (made from the environment when there is none)."""
+    import io
+
+    import deepspeed
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+
+
+def prepare_cpu() -> None:
+    """Before CPU workers start (and are forked): see the module docstring."""
+    # Naming the CPU accelerator spares DeepSpeed its detection and the warning it prints about it.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import importlib
+
+    # No shared-memory op (see the module docstring): DeepSpeed's process group then uses gloo alone.
+    # (`deepspeed.comm.torch` as an attribute is torch itself, which deepspeed.comm re-exports.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def _worker(
     local_rank: int,
     fn: Callable[..., None],
     args: Sequence[Any],
-    world: int,
+    processes: int,
     port: int,
     errors: str,
     use_cuda: bool,
     parent: int,
+    node: NodeSpec | None,
 ) -> None:
-    """The body of one worker: environment, process group, `fn`, and the error file on failure."""
+    """The body of one worker: environment, process group, `fn`, and the error file on failure. With a
+    `node`, `fn` makes the process group itself (gkd.runtime.cluster)."""
     _die_with(parent)
+    rank = local_rank if node is None else node.node_rank * processes + local_rank
+    world = processes if node is None else node.nnodes * processes
     os.environ.update(
         {
-            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_ADDR": "127.0.0.1" if node is None else node.master_addr,
             "MASTER_PORT": str(port),
-            "RANK": str(local_rank),
+            "RANK": str(rank),
             "LOCAL_RANK": str(local_rank),
             "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(processes),
         }
     )
+    if node is not None:
+        os.environ.update({"GROUP_RANK": str(node.node_rank), "GKD_NODE_LAUNCH": "1"})
     code = 0
     try:
-        import torch
-
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        import contextlib
-        import io
-        import logging
-        import warnings
-
-        import deepspeed
-
-        # The run's own progress lines are what the user reads: DeepSpeed logs its whole config at INFO and
-        # warns about hooks it cannot attach where gkd attaches them itself (gkd.runtime.engines), torch
-        # warns about a deprecated collective that DeepSpeed calls, and building the CPU comm op prints.
-        deepspeed.utils.logger.setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-        with contextlib.redirect_stdout(io.StringIO()):
+        if node is None:
+            setup_worker(local_rank, processes, use_cuda)
             try:
-                deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+                init_deepspeed(use_cuda)
             except Exception as err:
                 if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
                     raise _PortTakenError(str(err)) from err
                 raise
-        fn(local_rank, world, *args)
+        fn(rank, world, *args)
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -139,16 +189,19 @@ def _worker(
             dist.destroy_process_group()
     except BaseException as err:  # every failure must reach the parent, whatever it is
         code = 2 if isinstance(err, InputError) else 1
-        trace = Path(errors) / f"rank{local_rank}.traceback.txt"
+        trace = Path(errors) / f"rank{rank}.traceback.txt"
         trace.write_text(traceback.format_exc())
         kind = "input" if code == 2 else "port" if isinstance(err, _PortTakenError) else "error"
+        # A WorkerFailedError (a rank of a job of several nodes) names its rank and traceback itself.
+        kind = "reported" if isinstance(err, WorkerFailedError) else kind
+        said = code == 2 or kind == "reported"
         record = {
-            "rank": local_rank,
+            "rank": rank,
             "kind": kind,
-            "message": str(err).strip().splitlines()[0] if code == 2 and str(err).strip() else _one_line(err),
+            "message": str(err).strip().splitlines()[0] if said and str(err).strip() else one_line(err),
             "traceback": str(trace),
         }
-        (Path(errors) / f"rank{local_rank}.json").write_text(json.dumps(record))
+        (Path(errors) / f"rank{rank}.json").write_text(json.dumps(record))
     sys.stdout.flush()
     sys.stderr.flush()
     if code:
@@ -189,6 +242,9 @@ def _failure(errors: Path, exit_codes: dict[int, int | None]) -> GkdError:
     bad = {r: c for r, c in exit_codes.items() if c not in (0, None)}
     silent = {r: c for r, c in bad.items() if r not in recorded and c != -signal.SIGTERM}
     killed = any(c == -signal.SIGKILL for c in silent.values())
+    reported = [r for r in records if r["kind"] == "reported"]
+    if reported and not silent:
+        return WorkerFailedError(reported[0]["message"])
     if records and not silent:
         first = records[0]
         return WorkerFailedError(
@@ -258,10 +314,12 @@ def launch(
     processes: int,
     timeout_s: float | None = None,
     cpu_ops: Sequence[str] = (),
+    node: NodeSpec | None = None,
 ) -> None:
     """Run `fn(rank, world, *args)` in `processes` workers (see the module docstring); returns when all
     succeeded, raises InputError or WorkerFailedError otherwise. `fn` and `args` must be picklable when the
-    workers are spawned (CUDA). `cpu_ops`: DeepSpeed ops loaded before forking CPU workers."""
+    workers are spawned (CUDA). `cpu_ops`: DeepSpeed ops loaded before forking CPU workers. `node`: this
+    node's workers of a job of several nodes (global ranks; no port retries: every node names the port)."""
     import torch
 
     if processes < 1:
@@ -273,20 +331,14 @@ def launch(
             f"use --processes {torch.cuda.device_count()} or fewer"
         )
     if not use_cuda:
-        # Imported once here, so that the forked workers share it instead of importing it each; naming the
-        # CPU accelerator spares DeepSpeed its detection and the warning it prints about it.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import importlib
-
-        # No shared-memory op (see the module docstring): DeepSpeed's process group then uses gloo alone.
-        # (`deepspeed.comm.torch` as an attribute is torch itself, which deepspeed.comm re-exports.)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # Imported once here, so that the forked workers share it instead of importing it each.
+        prepare_cpu()
         preload_cpu_ops(cpu_ops)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    for attempt in range(PORT_ATTEMPTS):
+    for attempt in range(PORT_ATTEMPTS if node is None else 1):
         errors = Path(tempfile.mkdtemp(prefix="gkd-run-errors-"))
         try:
-            _run_workers(fn, args, processes, errors, use_cuda, deadline, timeout_s)
+            _run_workers(fn, args, processes, errors, use_cuda, deadline, timeout_s, node)
             shutil.rmtree(errors, ignore_errors=True)  # kept only when a worker failed
             return
         except _PortTakenError:
@@ -312,13 +364,16 @@ def _run_workers(
     use_cuda: bool,
     deadline: float | None,
     timeout_s: float | None,
+    node: NodeSpec | None,
 ) -> None:
     """One start of the workers on a fresh port; raises _PortTakenError when the port was taken meanwhile."""
     import torch.multiprocessing as mp
 
+    port = free_port() if node is None else node.master_port
+    first = 0 if node is None else node.node_rank * processes  # the global rank of local worker 0
     context = mp.start_processes(
         _worker,
-        args=(fn, tuple(args), processes, free_port(), str(errors), use_cuda, os.getpid()),
+        args=(fn, tuple(args), processes, port, str(errors), use_cuda, os.getpid(), node),
         nprocs=processes,
         join=False,
         start_method="spawn" if use_cuda else "fork",
@@ -332,7 +387,7 @@ def _run_workers(
                 # torch has terminated the other workers already.
                 if _port_taken(errors):
                     raise _PortTakenError() from None
-                exit_codes = {i: p.exitcode for i, p in enumerate(context.processes)}
+                exit_codes = {first + i: p.exitcode for i, p in enumerate(context.processes)}
                 failure = _failure(errors, exit_codes)
                 if "traceback: " not in str(failure):
                     shutil.rmtree(errors, ignore_errors=True)  # kept only where the message points to it

@@ -113,7 +113,12 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     hf_logging.disable_progress_bar()  # the save's shard bar; the run prints its own progress
     plan = Plan.from_json(plan_json)
     config = plan.inputs["config"]
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    # The launcher set this process's device (its local rank: `rank` is global on several nodes).
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     host_start = host_memory()  # the process before any model: the footprint the plan's host bytes add to
     meter = StepMemory(device, every=settings.log_every)  # measured memory against the plan, per step
     phase = _Phases(enabled=rank == 0)
