@@ -29,78 +29,6 @@ from typing import Any
 
 from gkd.errors import InputError
 
-FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt", "bloom", "glm", "bert")
-
-# transformers model_type values gkd can build, and the family each belongs to by default.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "mistral": "mistral",
-    "gpt2": "gpt2",
-    "opt": "opt",
-    "bloom": "bloom",
-    "glm": "glm",
-    "bert": "bert",
-}
-
-# Keys a config.json must state for each model_type (each entry: accepted spellings of one key).
-_REQUIRED_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "llama": (
-        ("hidden_size",),
-        ("num_hidden_layers",),
-        ("num_attention_heads",),
-        ("intermediate_size",),
-        ("vocab_size",),
-    ),
-    "qwen2": (
-        ("hidden_size",),
-        ("num_hidden_layers",),
-        ("num_attention_heads",),
-        ("intermediate_size",),
-        ("vocab_size",),
-    ),
-    "mistral": (
-        ("hidden_size",),
-        ("num_hidden_layers",),
-        ("num_attention_heads",),
-        ("intermediate_size",),
-        ("vocab_size",),
-    ),
-    "glm": (
-        ("hidden_size",),
-        ("num_hidden_layers",),
-        ("num_attention_heads",),
-        ("intermediate_size",),
-        ("vocab_size",),
-    ),
-    "gpt2": (
-        ("n_embd", "hidden_size"),
-        ("n_layer", "num_hidden_layers"),
-        ("n_head", "num_attention_heads"),
-        ("vocab_size",),
-    ),
-    "opt": (
-        ("hidden_size",),
-        ("num_hidden_layers",),
-        ("num_attention_heads",),
-        ("ffn_dim",),
-        ("vocab_size",),
-    ),
-    "bloom": (
-        ("hidden_size", "n_embed"),
-        ("n_layer", "num_hidden_layers"),
-        ("n_head", "num_attention_heads"),
-        ("vocab_size",),
-    ),
-    "bert": (
-        ("hidden_size",),
-        ("num_hidden_layers",),
-        ("num_attention_heads",),
-        ("intermediate_size",),
-        ("vocab_size",),
-    ),
-}
-
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -109,9 +37,7 @@ class ModelSpec:
     """Everything the planner needs to know about one model's shape. Plain data; JSON-friendly."""
 
     name: str  # preset name, or the folder / file it came from
-    family: (
-        str  # one of FAMILIES (the model's lineage; `model_type` names the transformers class that builds it)
-    )
+    family: str  # the model's lineage (its model_type unless mapped; `model_type` names what builds it)
     layers: int
     hidden: int
     heads: int
@@ -128,12 +54,17 @@ class ModelSpec:
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # Attention head size when the config sets it explicitly (0: hidden // heads).
     attn_head_dim: int = 0
+    # An encoder with a masked-LM head (BERT-like) rather than a decoder with a causal-LM head.
+    encoder: bool = False
+    # Positions are a learned embedding table (GPT-2, OPT, BERT): sequences cannot exceed max_positions.
+    learned_positions: bool = False
+    # Where the blocks, attention, MLP, norms and head are (`gkd.architecture.ModelLayout.to_dict()`); found
+    # from the built model, never from a per-architecture table.
+    layout: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise InputError(
-                f"model {self.name}: unknown family {self.family!r}; use one of {', '.join(FAMILIES)}"
-            )
+        if not self.family or not isinstance(self.family, str):
+            raise InputError(f"model {self.name}: family must be a non-empty string, got {self.family!r}")
         for key in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
@@ -158,7 +89,7 @@ class ModelSpec:
 
     @property
     def is_encoder(self) -> bool:
-        return self.family == "bert"
+        return self.encoder
 
     @property
     def model_type(self) -> str:
@@ -498,32 +429,152 @@ def spec_from_config(
     dtype: str | None = None,
     family: str | None = None,
 ) -> ModelSpec:
-    """A ModelSpec from a transformers config dict (as in config.json). The dict is validated, then completed
-    with transformers' defaults for the keys it does not set (dropout, eps, ...), never for shape keys."""
+    """A ModelSpec from a transformers config dict (as in config.json), for any architecture transformers
+    implements whose parts `gkd.architecture.map_layout` finds. The dict is validated, then completed with
+    transformers' defaults for the keys it does not set (dropout, eps, ...), never for shape keys."""
     model_type = config.get("model_type")
     if not model_type:
-        raise InputError(
-            f'model {name}: config has no "model_type"; add one of {", ".join(SUPPORTED_MODEL_TYPES)}'
-        )
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InputError(
-            f"model {name}: unsupported architecture {model_type!r}; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    missing = [names[0] for names in _REQUIRED_KEYS[model_type] if not any(k in config for k in names)]
+        raise InputError(f'model {name}: config has no "model_type"; add the transformers model type')
+    config_class = _config_class(model_type, config, name)
+    missing = _missing_shape_keys(config, config_class)
     if missing:
         raise InputError(f"model {name}: config.json is incomplete, missing {', '.join(missing)}")
     _check_raw_dims(config, name)
     hf = _hf_config(config, name)
-    family = family or SUPPORTED_MODEL_TYPES[model_type]
-    fields = _shape_fields(model_type, hf)
+    if getattr(hf, "final_logit_softcapping", None):
+        raise InputError(
+            f"model {name}: final_logit_softcapping is set; the fused logit losses take the LM head's input "
+            "and weight and would skip the cap, so set it to null to distil the uncapped logits"
+        )
+    encoder = _is_encoder(model_type, name)
+    fields = _shape_fields(hf)
+    layout = _map(model_type, hf, name, fields, encoder)
+    ffn = layout.ffn or _config_ffn(hf)
     if dtype is None:
         dtype = _dtype_name(config.get("torch_dtype") or config.get("dtype"))
     hf_dict = hf.to_dict()
     hf_dict["model_type"] = model_type
+    # The release that wrote the dict says nothing about the model, and would key every cache on it.
+    hf_dict.pop("transformers_version", None)
     return ModelSpec(
-        name=name, family=family, dtype=dtype, description=description, hf_config=hf_dict, **fields
+        name=name,
+        family=family or model_type,
+        dtype=dtype,
+        description=description,
+        hf_config=hf_dict,
+        ffn=ffn,
+        activation=_activation(_activation_name(hf), gated=layout.gated),
+        encoder=encoder,
+        learned_positions=layout.learned_positions,
+        layout=layout.to_dict(),
+        **fields,
     )
+
+
+# Spellings of the shape keys besides the standard name and the config class's own attribute_map.
+_SHAPE_KEYS: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("n_embd", "n_embed", "d_model"),
+    "num_hidden_layers": ("n_layer", "num_layers"),
+    "num_attention_heads": ("n_head", "num_heads"),
+    "vocab_size": (),
+}
+# FFN widths: required when the config class takes one (GPT-2's n_inner and BLOOM's 4 x hidden are optional).
+_FFN_KEYS = ("intermediate_size", "ffn_dim", "d_ff")
+
+
+def _config_class(model_type: str, config: dict[str, Any], name: str) -> Any:
+    from transformers import CONFIG_MAPPING, __version__
+
+    if model_type in CONFIG_MAPPING:
+        return CONFIG_MAPPING[model_type]
+    if "auto_map" in config:
+        raise InputError(
+            f"model {name}: architecture {model_type!r} is custom code shipped with the model (auto_map), "
+            "not part of transformers; gkd builds only architectures transformers implements"
+        )
+    close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; check model_type or upgrade transformers"
+    raise InputError(
+        f"model {name}: unsupported architecture {model_type!r}: transformers {__version__} "
+        f"does not implement it{hint}"
+    )
+
+
+def _missing_shape_keys(config: dict[str, Any], config_class: Any) -> list[str]:
+    """Shape keys the config must state (a default would silently plan some other model's size)."""
+    import inspect
+
+    aliases = dict(getattr(config_class, "attribute_map", {}) or {})
+    missing = []
+    for key, spellings in _SHAPE_KEYS.items():
+        names = {key, *spellings, aliases.get(key, key)}
+        if not any(n in config for n in names):
+            missing.append(key)
+    parameters = inspect.signature(config_class.__init__).parameters
+    ffn_keys = [k for k in _FFN_KEYS if k in parameters]
+    if ffn_keys and not any(k in config or aliases.get(k, k) in config for k in ffn_keys):
+        missing.append(ffn_keys[0])
+    return missing
+
+
+def _is_encoder(model_type: str, name: str) -> bool:
+    """Encoders have a masked-LM head in transformers (and possibly a causal one too, as BERT does, which
+    gkd does not use); decoders a causal-LM head only."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return True
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    raise InputError(
+        f"model {name}: transformers has no causal or masked language-model head for {model_type!r}; "
+        "gkd distils language models only"
+    )
+
+
+_LAYOUTS: dict[str, Any] = {}
+
+
+def _map(model_type: str, hf: Any, name: str, fields: dict[str, Any], encoder: bool) -> Any:
+    """The architecture's layout, found on a two-block meta model (cached per config within the process)."""
+    import torch
+
+    from gkd.architecture import map_layout
+
+    key = json.dumps([model_type, hf.to_dict()], sort_keys=True, default=str)
+    if key not in _LAYOUTS:
+        config = _with_layers(copy.deepcopy(hf), 2)
+        auto = _auto_class(encoder)
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(config)
+        except Exception as err:  # any failure to build from a valid config is a problem with the config
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+            raise InputError(f"model {name}: transformers cannot build it: {first_line}") from None
+        head_dim = fields["attn_head_dim"] or fields["hidden"] // fields["heads"]
+        _LAYOUTS[key] = map_layout(
+            model, name=name, hidden=fields["hidden"], heads=fields["heads"], head_dim=head_dim, blocks=2
+        )
+    return _LAYOUTS[key]
+
+
+def _auto_class(encoder: bool) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if encoder else AutoModelForCausalLM
+
+
+def _with_layers(hf: Any, num_layers: int) -> Any:
+    """`hf` set to `num_layers` blocks (through the config class's own spelling of the key), with per-layer
+    lists (layer_types, ...) cut to match."""
+    hf.num_hidden_layers = num_layers  # attribute_map routes it to n_layer etc.
+    for key, value in list(vars(hf).items()):
+        if key == "layer_types" and isinstance(value, list):
+            setattr(hf, key, value[:num_layers])
+    return hf
 
 
 def _check_raw_dims(config: dict[str, Any], name: str) -> None:
@@ -581,58 +632,39 @@ def _activation(name: str, gated: bool) -> str:
     return "gelu" if name.startswith("gelu") else name
 
 
-def _shape_fields(model_type: str, hf: Any) -> dict[str, Any]:
-    """ModelSpec shape fields read from a transformers config object (defaults already applied)."""
+def _activation_name(hf: Any) -> str:
+    for key in ("hidden_activation", "hidden_act", "activation_function"):
+        value = getattr(hf, key, None)
+        if isinstance(value, str) and value:
+            return value
+    return "gelu"  # BLOOM's config names none; its MLP is GELU
+
+
+def _config_ffn(hf: Any) -> int:
+    """The expert FFN width of a mixture-of-experts config (the layout cannot read it off a linear layer)."""
+    for key in ("moe_intermediate_size", "intermediate_size", "ffn_dim"):
+        value = getattr(hf, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 4 * int(hf.hidden_size)
+
+
+def _shape_fields(hf: Any) -> dict[str, Any]:
+    """ModelSpec shape fields read from a transformers config object (defaults already applied; the standard
+    names reach every architecture's own spelling through its attribute_map)."""
     hidden = int(hf.hidden_size)
     heads = int(hf.num_attention_heads)
-    common: dict[str, Any] = {
+    head_dim = getattr(hf, "head_dim", None) or hidden // heads
+    max_positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "seq_length", None) or 2048
+    return {
         "layers": int(hf.num_hidden_layers),
         "hidden": hidden,
         "heads": heads,
+        "kv_heads": int(getattr(hf, "num_key_value_heads", None) or heads),
         "vocab": int(hf.vocab_size),
         "tied_embeddings": bool(getattr(hf, "tie_word_embeddings", True)),
-    }
-    if model_type in ("llama", "qwen2", "mistral", "glm"):
-        head_dim = getattr(hf, "head_dim", None) or hidden // heads
-        return {
-            **common,
-            "kv_heads": int(hf.num_key_value_heads or heads),
-            "ffn": int(hf.intermediate_size),
-            "activation": _activation(hf.hidden_act, gated=True),
-            "max_positions": int(hf.max_position_embeddings),
-            "attn_head_dim": 0 if head_dim * heads == hidden else int(head_dim),
-        }
-    if model_type == "gpt2":
-        return {
-            **common,
-            "kv_heads": heads,
-            "ffn": int(hf.n_inner or 4 * hidden),
-            "activation": _activation(hf.activation_function, gated=False),
-            "max_positions": int(hf.n_positions),
-        }
-    if model_type == "opt":
-        return {
-            **common,
-            "kv_heads": heads,
-            "ffn": int(hf.ffn_dim),
-            "activation": _activation(hf.activation_function, gated=False),
-            "max_positions": int(hf.max_position_embeddings),
-        }
-    if model_type == "bloom":
-        return {
-            **common,
-            "kv_heads": heads,
-            "ffn": 4 * hidden,
-            "activation": "gelu",
-            "max_positions": int(getattr(hf, "seq_length", 2048) or 2048),
-        }
-    # bert
-    return {
-        **common,
-        "kv_heads": heads,
-        "ffn": int(hf.intermediate_size),
-        "activation": _activation(hf.hidden_act, gated=False),
-        "max_positions": int(hf.max_position_embeddings),
+        "max_positions": int(max_positions),
+        "attn_head_dim": 0 if head_dim * heads == hidden else int(head_dim),
     }
 
 
@@ -653,22 +685,19 @@ def hf_config_object(spec: ModelSpec, *, num_layers: int | None = None) -> Any:
 
     config = dict(spec.hf_config)
     model_type = config.pop("model_type")
+    hf = AutoConfig.for_model(model_type, **config)
     if num_layers is not None:
         if num_layers < 1:
             raise InputError(f"num_layers must be at least 1, got {num_layers}")
-        key = "n_layer" if model_type in ("gpt2", "bloom") else "num_hidden_layers"
-        config[key] = num_layers
-        config.pop("num_hidden_layers" if key == "n_layer" else "n_layer", None)
-        if isinstance(config.get("layer_types"), list):
-            config["layer_types"] = config["layer_types"][:num_layers]
-    return AutoConfig.for_model(model_type, **config)
+        _with_layers(hf, num_layers)
+    return hf
 
 
 def supports_attention_interface(spec: ModelSpec) -> bool:
     """Whether the model's attention goes through transformers' attention functions (sdpa, eager, or one
     registered with `AttentionInterface`). BLOOM's does not: it always materialises the attention matrix and
     its q/k/v/scores/probs cannot be captured by an attention-function hook."""
-    return spec.model_type != "bloom"
+    return bool(spec.layout.get("attention_interface", True))
 
 
 def build_model(
@@ -686,10 +715,9 @@ def build_model(
     dtype: a torch dtype; None means the spec's dtype.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     config = hf_config_object(spec, num_layers=num_layers)
-    auto = AutoModelForMaskedLM if spec.is_encoder else AutoModelForCausalLM
+    auto = _auto_class(spec.is_encoder)
     if not supports_attention_interface(spec):
         # BLOOM computes attention in its own code (ALiBi + baddbmm); transformers refuses "sdpa" for it.
         attn_implementation = "eager"

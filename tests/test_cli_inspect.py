@@ -69,7 +69,7 @@ def _bad_inputs(tmp_path: Path) -> list[list[str]]:
     incomplete.parent.mkdir()
     incomplete.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     unsupported = tmp_path / "t5.json"
-    unsupported.write_text(json.dumps({"model_type": "t5", "d_model": 64}))
+    unsupported.write_text(json.dumps({"model_type": "not-a-model", "d_model": 64}))
     heads = tmp_path / "heads.json"
     heads.write_text(
         json.dumps(
@@ -98,7 +98,7 @@ def test_bad_input_exit_2_one_line_no_traceback(tmp_path: Path) -> None:
         "did you mean llama-2-7b",
         "not valid JSON",
         "incomplete",
-        "unsupported architecture 't5'",
+        "unsupported architecture 'not-a-model'",
         "5 attention heads do not divide hidden size 64",
         "learned positions",
     ]

@@ -10,7 +10,6 @@ import torch
 
 from gkd.errors import InputError
 from gkd.models import (
-    FAMILIES,
     ModelSpec,
     build_model,
     count_parameters,
@@ -139,9 +138,9 @@ def test_build_shallow_copy_on_cpu() -> None:
     assert out.shape == (2, 5, spec.vocab)
 
 
-def test_every_family_has_a_preset() -> None:
+def test_presets_cover_the_historical_families() -> None:
     families = {resolve_model(n).family for n in preset_names()}
-    assert families == set(FAMILIES)
+    assert {"llama", "qwen2", "mistral", "gpt2", "opt", "bloom", "glm", "bert"} <= families
 
 
 def test_checkpoint_folder_and_config_json(tmp_path: Path) -> None:
@@ -178,6 +177,9 @@ LLAMA = {
 }
 
 
+BART = {"layers": 2, "attention_heads": 4, "ffn_dim": 128}
+
+
 @pytest.mark.parametrize(
     ("payload", "needle"),
     [
@@ -185,7 +187,29 @@ LLAMA = {
         ("[1, 2]", "JSON object"),
         ({k: v for k, v in LLAMA.items() if k != "intermediate_size"}, "missing intermediate_size"),
         ({k: v for k, v in LLAMA.items() if k != "model_type"}, "model_type"),
-        ({**LLAMA, "model_type": "t5"}, "unsupported architecture 't5'; supported: llama"),
+        (
+            {
+                "model_type": "t5",
+                "d_model": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "d_ff": 128,
+                "vocab_size": 256,
+            },
+            "no causal or masked language-model head",
+        ),
+        (
+            {
+                **{f"{side}_{key}": value for side in ("encoder", "decoder") for key, value in BART.items()},
+                "model_type": "bart",
+                "d_model": 64,
+                "vocab_size": 256,
+            },
+            "encoder-decoder models are not supported",
+        ),
+        ({**LLAMA, "model_type": "lama"}, "unsupported architecture 'lama'"),
+        ({**LLAMA, "model_type": "mine", "auto_map": {"AutoConfig": "x.y"}}, "custom code"),
+        ({**LLAMA, "model_type": "gemma2", "head_dim": 16}, "final_logit_softcapping"),
         ({**LLAMA, "num_attention_heads": 3}, "3 attention heads do not divide hidden size 64"),
         ({**LLAMA, "num_key_value_heads": 3}, "3 key/value heads do not divide 4 attention heads"),
         ({**LLAMA, "hidden_size": -64}, "positive integer"),

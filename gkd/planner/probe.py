@@ -100,13 +100,13 @@ def sliding_window(spec: Any) -> int | None:
     window = spec.hf_config.get("sliding_window")
     if not isinstance(window, int) or window <= 0:
         return None
-    if spec.model_type == "qwen2" and not spec.hf_config.get("use_sliding_window"):
+    if spec.hf_config.get("use_sliding_window") is False:  # Qwen2/Qwen3 name a window and switch it off
         return None
     return window
 
 
 def _learned_positions(spec: Any) -> bool:
-    return spec.model_type in ("gpt2", "bert", "opt")
+    return bool(spec.learned_positions)
 
 
 def probe_lengths(spec: Any, seq_len: int) -> tuple[str, int, int] | None:

@@ -68,52 +68,17 @@ class _Layout:
     mlp_out: str
 
 
-_LLAMA_LIKE = _Layout(
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    head="lm_head",
-    attention="self_attn",
-    out_proj="self_attn.o_proj",
-    mlp_out="mlp",
-)
-LAYOUTS: dict[str, _Layout] = {
-    "llama": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "glm": _LLAMA_LIKE,
-    "gpt2": _Layout(
-        embed="transformer.wte",
-        final_norm="transformer.ln_f",
-        head="lm_head",
-        attention="attn",
-        out_proj="attn.c_proj",
-        mlp_out="mlp",
-    ),
-    "opt": _Layout(
-        embed="model.decoder.embed_tokens",
-        final_norm="model.decoder.final_layer_norm",
-        head="lm_head",
-        attention="self_attn",
-        out_proj="self_attn.out_proj",
-        mlp_out="fc2",
-    ),
-    "bloom": _Layout(
-        embed="transformer.word_embeddings",
-        final_norm="transformer.ln_f",
-        head="lm_head",
-        attention="self_attention",
-        out_proj="self_attention.dense",
-        mlp_out="mlp.dense_4h_to_h",
-    ),
-    "bert": _Layout(
-        embed="bert.embeddings",
-        final_norm=None,
-        head="cls.predictions.decoder",
-        attention="attention.self",
-        out_proj="attention.output.dense",
-        mlp_out="output.dense",
-    ),
-}
+def layout_of(spec: ModelSpec) -> _Layout:
+    """The module paths of `spec`'s architecture, from the layout gkd.architecture found on the model."""
+    found = spec.layout
+    return _Layout(
+        embed=found["embed"],
+        final_norm=found["final_norm"],
+        head=found["head"],
+        attention=found["attention"],
+        out_proj=found["out_proj"],
+        mlp_out=found["mlp"],
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,7 +336,7 @@ def _find_user(
 
 
 def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
-    layout = LAYOUTS[spec.model_type]
+    layout = layout_of(spec)
     b, t = graph.micro_batch, graph.seq_len
     hd = spec.head_dim
     width = spec.heads * hd
@@ -506,7 +471,7 @@ def _attention_nodes(
     while qk is not None and _op(qk) not in ("matmul", "bmm", "baddbmm"):
         qk = (
             graph.node(qk.inputs[0])
-            if qk.inputs and _op(qk) in ("add", "mul", "div", "to", "where", "masked_fill", "view")
+            if qk.inputs and _op(qk) in ("add", "mul", "div", "to", "where", "masked_fill", "view", "tanh")
             else None
         )
     qk = need(qk, "the QK^T matmul")

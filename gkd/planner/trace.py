@@ -49,17 +49,10 @@ from typing import Any
 
 from gkd.models import ModelSpec, build_model, supports_attention_interface
 
-# Where each architecture keeps its stack of layers.
-LAYER_CONTAINERS: dict[str, str] = {
-    "llama": "model.layers",
-    "qwen2": "model.layers",
-    "mistral": "model.layers",
-    "glm": "model.layers",
-    "gpt2": "transformer.h",
-    "opt": "model.decoder.layers",
-    "bloom": "transformer.h",
-    "bert": "bert.encoder.layer",
-}
+
+def layer_container(spec: ModelSpec) -> str:
+    """Where the model keeps its stack of blocks, e.g. "model.layers" (found by gkd.architecture)."""
+    return str(spec.layout["layers"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,7 +150,7 @@ def _check_sizes(spec: ModelSpec, micro_batch: int, seq_len: int) -> None:
 
     if micro_batch < 1 or seq_len < 1:
         raise InputError(f"micro-batch and sequence length must be positive, got {micro_batch} and {seq_len}")
-    if spec.model_type in ("gpt2", "bert", "opt") and seq_len > spec.max_positions:
+    if spec.learned_positions and seq_len > spec.max_positions:
         raise InputError(
             f"sequence length {seq_len} exceeds {spec.name}'s {spec.max_positions} learned positions; "
             f"use --seq-len {spec.max_positions} or less"
@@ -213,7 +206,7 @@ def trace_graph(
         attn_implementation=attn_implementation,
         traced_layers=traced_layers,
         total_layers=spec.layers,
-        layer_container=LAYER_CONTAINERS[spec.model_type],
+        layer_container=layer_container(spec),
         nodes=nodes,
     )
     _GRAPHS[key] = graph
@@ -318,7 +311,7 @@ def trace_saved(
     mode, model, inputs = _fake_model(spec, micro_batch, seq_len, traced_layers)
     if supports_attention_interface(spec):
         model.set_attn_implementation(attn_implementation)
-    layers = _layers(model, LAYER_CONTAINERS[spec.model_type])
+    layers = _layers(model, layer_container(spec))
     if checkpointing:
         for layer in layers:
             _checkpoint_forward(layer)
