@@ -74,6 +74,12 @@ OPTIMIZERS = {"adamw": 8, "adam": 8, "sgd": 4}  # optimizer state bytes per para
 # case-blind); any other name is looked up as torch.optim.<name>, which "Sgd" is not, and ZeRO-Offload refuses
 # torch optimizers. OPTIMIZERS above still sizes sgd's state for the memory model.
 TRAINING_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
+# training.lr_schedule: the learning rate after the warmup (gkd.planner.pipeline emits DeepSpeed's scheduler).
+LR_SCHEDULES = ("constant", "linear", "cosine")
+# training.report_to: where the log rows go besides log.jsonl (gkd.runtime.reporting).
+REPORTERS = ("tensorboard", "wandb")
+# torch's and DeepSpeed's default Adam betas.
+DEFAULT_BETAS = (0.9, 0.999)
 # Names for hardware.interconnect. Only a label: the cost model reads hardware.interconnect_bandwidth
 # (within a node) and hardware.inter_node_bandwidth (between nodes).
 INTERCONNECTS = ("nvlink", "pcie", "infiniband", "ethernet")
@@ -280,8 +286,13 @@ class TrainingConfig:
 
     micro_batch: the per-GPU micro-batch sizes the search may pick from; empty means auto (every power of two
     that divides the per-GPU batch, and the per-GPU batch itself). steps and offline_topk size the disk an
-    offline teacher pass needs. optimizer, lr and weight_decay go into the student's DeepSpeed optimizer
-    config (`gkd.planner.pipeline`); "adam" keeps Adam's L2 weight decay, "adamw" decouples it.
+    offline teacher pass needs. optimizer, lr, weight_decay and adam_betas go into the student's DeepSpeed
+    optimizer config (`gkd.planner.pipeline`); "adam" keeps Adam's L2 weight decay, "adamw" decouples it.
+
+    lr_schedule, warmup_steps / warmup_ratio and min_lr become one of DeepSpeed's schedulers (see
+    docs/config.md for the formula): the rate rises linearly from min_lr to lr over the warmup, then stays
+    (constant) or falls to min_lr at `steps` (linear, cosine). clip_grad is DeepSpeed's gradient clipping
+    (0: none). report_to names where the log rows go besides log.jsonl.
     """
 
     seq_len: int = 512
@@ -293,6 +304,13 @@ class TrainingConfig:
     weight_decay: float = 0.0
     steps: int = 1000
     offline_topk: int = 64
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr: float = 0.0
+    clip_grad: float = 1.0
+    adam_betas: tuple[float, float] = DEFAULT_BETAS
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _int(self.seq_len, "training.seq_len")
@@ -320,6 +338,45 @@ class TrainingConfig:
         _positive(self.weight_decay, "training.weight_decay", allow_zero=True)
         _int(self.steps, "training.steps")
         _int(self.offline_topk, "training.offline_topk")
+        self._check_schedule()
+        if not isinstance(self.report_to, tuple) or any(r not in REPORTERS for r in self.report_to):
+            raise InputError(
+                f"training.report_to must list some of {', '.join(REPORTERS)}, got {shown(self.report_to)}"
+            )
+
+    def _check_schedule(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(
+                f"training.lr_schedule {shown(self.lr_schedule)} is not one of {', '.join(LR_SCHEDULES)}"
+            )
+        _int(self.warmup_steps, "training.warmup_steps", minimum=0)
+        _positive(self.warmup_ratio, "training.warmup_ratio", allow_zero=True)
+        if self.warmup_ratio >= 1:
+            raise InputError(
+                f"training.warmup_ratio is the fraction of training.steps spent warming up, below 1; got "
+                f"{shown(self.warmup_ratio)}"
+            )
+        if self.warmup_steps and self.warmup_ratio:
+            raise InputError("training gives both warmup_steps and warmup_ratio; keep one")
+        _positive(self.min_lr, "training.min_lr", allow_zero=True)
+        if self.min_lr > self.lr:
+            raise InputError(
+                f"training.min_lr ({self.min_lr}) is above training.lr ({self.lr}); the schedule goes from "
+                "min_lr up to lr and back, so lower min_lr"
+            )
+        _positive(self.clip_grad, "training.clip_grad", allow_zero=True)
+        betas = self.adam_betas
+        if not isinstance(betas, tuple) or len(betas) != 2:
+            raise InputError(f"training.adam_betas must be two numbers like [0.9, 0.999], got {shown(betas)}")
+        for beta in betas:
+            _positive(beta, "training.adam_betas entry", allow_zero=True)
+            if beta >= 1:
+                raise InputError(f"training.adam_betas entries must be below 1, got {shown(beta)}")
+
+    @property
+    def warmup(self) -> int:
+        """The warmup in steps: warmup_steps, or warmup_ratio of `steps` rounded up."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.steps)
 
     def per_gpu_batch(self, gpus: int) -> int:
         if self.global_batch % gpus:
@@ -381,6 +438,68 @@ class Overrides:
             )
 
 
+@dataclass(frozen=True, kw_only=True)
+class StudentInit:
+    """`student_init: {from: teacher, layers: [0, 2, 4] | every: k}`: the student starts from the teacher's
+    embeddings, the listed blocks (student block i from teacher block layers[i]) and its head
+    (gkd.runtime.student_init). `every: k` lists the teacher's blocks 0, k, 2k, ...; either way the list holds
+    one teacher block per student block, each named once."""
+
+    source: str = "teacher"  # `from` in files ("from" is a Python keyword)
+    layers: tuple[int, ...] = ()
+    every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source != "teacher":
+            raise InputError(
+                f"student_init.from {shown(self.source)} is not a model to copy from; write from: teacher "
+                "(the first teacher)"
+            )
+        if not isinstance(self.layers, tuple):
+            raise InputError(
+                f"student_init.layers must be a list of teacher layer indices, got {shown(self.layers)}"
+            )
+        if bool(self.layers) == bool(self.every):
+            raise InputError(
+                "student_init needs exactly one of layers (e.g. layers: [0, 2, 4, 6]) or every (every: 2)"
+            )
+        for layer in self.layers:
+            _int(layer, "student_init.layers entry", minimum=0)
+        if len(set(self.layers)) != len(self.layers):
+            raise InputError(f"student_init.layers {list(self.layers)} names a layer twice; list each once")
+        if self.every:
+            _int(self.every, "student_init.every")
+
+    def teacher_layers(self, teacher_layers: int) -> tuple[int, ...]:
+        """The teacher block each student block starts from, in student order."""
+        return self.layers or tuple(range(0, teacher_layers, self.every))
+
+    def to_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"from": self.source}
+        if self.layers:
+            entry["layers"] = list(self.layers)
+        else:
+            entry["every"] = self.every
+        return entry
+
+
+def student_init_from(value: Any) -> StudentInit | None:
+    """The student_init section of a config file or resolved config (None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InputError(
+            f"student_init must be a mapping like {{from: teacher, every: 2}}, got {shown(value, 40)}"
+        )
+    unknown = set(value) - {"from", "layers", "every"}
+    if unknown:
+        raise InputError(f"student_init has unknown keys {sorted(unknown)}; use from, layers or every")
+    layers = value.get("layers") or ()
+    if isinstance(layers, list):
+        layers = tuple(layers)
+    return StudentInit(source=value.get("from", "teacher"), layers=layers, every=value.get("every") or 0)
+
+
 # The longest path and file name the file systems gkd runs on take (Linux PATH_MAX and NAME_MAX, in bytes).
 _PATH_MAX = 4096
 _NAME_MAX = 255
@@ -417,6 +536,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     overrides: Overrides = field(default_factory=Overrides)
+    student_init: StudentInit | None = None
     base_dir: str = ""  # folder of the config file; model paths are relative to it
     # Of teacher, student and methods, those a config file left out (their defaults are the headline job's,
     # which a user's file almost never means); planning refuses them unless a flag gave them meanwhile.
@@ -475,6 +595,7 @@ class Config:
         out["training"]["micro_batch"] = list(self.training.micro_batch) or "auto"
         rl = self.overrides.recompute_layers
         out["overrides"]["recompute_layers"] = None if rl is None else list(rl)
+        out["student_init"] = self.student_init.to_entry() if self.student_init else None
         out.pop("base_dir")
         out.pop("unset")
         return out
@@ -577,7 +698,17 @@ def _methods(value: Any) -> tuple[MethodConfig, ...]:
 def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Config:
     if not isinstance(data, Mapping):
         raise InputError("the config must be a mapping with teacher, student, methods, hardware, training")
-    allowed = {"teacher", "teachers", "student", "methods", "hardware", "training", "deepspeed", "overrides"}
+    allowed = {
+        "teacher",
+        "teachers",
+        "student",
+        "methods",
+        "hardware",
+        "training",
+        "deepspeed",
+        "overrides",
+        "student_init",
+    }
     unknown = set(data) - allowed
     if unknown:
         raise InputError(
@@ -604,6 +735,11 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
     training = dict(data.get("training") or {})
     if "micro_batch" in training:
         training["micro_batch"] = _micro_batch(training["micro_batch"])
+    for key in ("adam_betas", "report_to"):  # lists in a file, tuples in the frozen section
+        if isinstance(training.get(key), list):
+            training[key] = tuple(training[key])
+    if isinstance(training.get("report_to"), str):
+        training["report_to"] = (training["report_to"],)
     kwargs["training"] = _section(TrainingConfig, training, "training")
     kwargs["deepspeed"] = _section(DeepSpeedSettings, data.get("deepspeed"), "deepspeed")
     overrides = dict(data.get("overrides") or {})
@@ -615,6 +751,7 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
             raise InputError("overrides.recompute_layers must be a list of student layer indices or 'none'")
         overrides["recompute_layers"] = tuple(rl)
     kwargs["overrides"] = _section(Overrides, overrides, "overrides")
+    kwargs["student_init"] = student_init_from(data.get("student_init"))
     return Config(**kwargs)
 
 
@@ -874,6 +1011,7 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         training=training,
         deepspeed=out.deepspeed,
         overrides=out.overrides,
+        student_init=out.student_init,
         base_dir=out.base_dir,
         unset=out.unset,
     )

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gkd.config import TRAINING_OPTIMIZERS, Config, TrainingConfig
+from gkd.config import DEFAULT_BETAS, TRAINING_OPTIMIZERS, Config, TrainingConfig
 from gkd.errors import GkdError, InputError
 from gkd.planner.facts import ModelFacts, model_facts
 from gkd.planner.plan import PLAN_VERSION, Alternative, PassRecord, Plan
@@ -164,6 +164,14 @@ def plan(config: Config) -> Plan:
         lambda v: f"{', '.join(t.name for t in v[0])} -> {v[1].name}",
     )
     teachers, student = specs
+    if config.student_init is not None:
+        from gkd.runtime.student_init import check_student_init
+
+        runner.run(
+            "student_init",
+            lambda: check_student_init(config.student_init, teachers[0], student),
+            lambda layers: f"student blocks from teacher blocks {list(layers)}",
+        )
     threshold = config.deepspeed.stage3_param_persistence_threshold
     seq = config.training.seq_len
     topk, smallest = config.training.offline_topk, min(t.vocab for t in teachers)
@@ -240,11 +248,34 @@ def _optimizer_config(tr: TrainingConfig, *, offloaded: bool) -> dict[str, Any]:
     repeats it exactly: DeepSpeed's fused Adam on the CPU did not (its state after some steps differs once
     reloaded)."""
     params: dict[str, Any] = {"lr": tr.lr, "weight_decay": tr.weight_decay}
+    if tuple(tr.adam_betas) != DEFAULT_BETAS:  # left out at the default: plans made before it stay valid
+        params["betas"] = list(tr.adam_betas)
     if tr.optimizer == "adam":
         params["adam_w_mode"] = False
     if tr.optimizer in ("adam", "adamw") and not offloaded:
         params["torch_adam"] = True
     return {"type": TRAINING_OPTIMIZERS[tr.optimizer], "params": params}
+
+
+def _scheduler_config(tr: TrainingConfig) -> dict[str, Any] | None:
+    """The student's DeepSpeed learning-rate scheduler (deepspeed/runtime/lr_schedules.py), or None for a
+    constant rate without warmup (plans made before schedules stay valid). All three warm up linearly from
+    min_lr to lr over `tr.warmup` steps (DeepSpeed counts at least 2); then WarmupLR holds lr, WarmupDecayLR
+    falls linearly and WarmupCosineLR along a half cosine to min_lr at `tr.steps`. WarmupDecayLR's
+    warmup_min_lr is both where its warmup starts and where its decay ends; WarmupCosineLR takes both ends as
+    ratios of the optimizer's lr. docs/config.md gives the formula step by step."""
+    if tr.lr_schedule == "constant" and tr.warmup == 0:
+        return None
+    warmup = {"warmup_num_steps": max(1, tr.warmup), "warmup_type": "linear"}
+    if tr.lr_schedule == "constant":
+        params = {"warmup_min_lr": tr.min_lr, "warmup_max_lr": tr.lr, **warmup}
+        return {"type": "WarmupLR", "params": params}
+    if tr.lr_schedule == "linear":
+        params = {"total_num_steps": tr.steps, "warmup_min_lr": tr.min_lr, "warmup_max_lr": tr.lr, **warmup}
+        return {"type": "WarmupDecayLR", "params": params}
+    ratio = tr.min_lr / tr.lr
+    params = {"total_num_steps": tr.steps, "warmup_min_ratio": ratio, "cos_min_ratio": ratio, **warmup}
+    return {"type": "WarmupCosineLR", "params": params}
 
 
 def deepspeed_configs(
@@ -284,8 +315,11 @@ def deepspeed_configs(
         dtype_key: {"enabled": True},
         "zero_optimization": zero,
         "optimizer": _optimizer_config(tr, offloaded=s.student_offload != "none"),
-        "gradient_clipping": 1.0,
+        "gradient_clipping": tr.clip_grad,
     }
+    scheduler = _scheduler_config(tr)
+    if scheduler is not None:
+        student["scheduler"] = scheduler
     placement = s.offline_teacher_placement if s.teacher_placement == "offline" else s.teacher_placement
     teacher_configs: list[dict[str, Any] | None] = []
     for t in t_facts:

@@ -367,6 +367,11 @@ def check_weight_files(plan: Plan) -> None:
     for ref in dict.fromkeys([*config["teachers"], config["student"]]):
         if has_weights(ref):
             check_weights(ref, load_spec(ref))
+    if config.get("student_init") and not has_weights(config["teachers"][0]):
+        raise InputError(
+            f"student_init copies the teacher's weights, but teacher {config['teachers'][0]} has none (a "
+            "preset or config.json); give a checkpoint folder with weights or drop student_init"
+        )
 
 
 def tokenizer_note(ref: str) -> str | None:

@@ -374,6 +374,10 @@ def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
         partitioned=placed and stage3,
         ds_config=plan.deepspeed.get("student"),
     )
+    if config.get("student_init"):  # gkd.runtime.student_init: the teacher's tensors, in the same placement
+        from gkd.runtime.student_init import apply_student_init
+
+        apply_student_init(student, config, t_specs[0], s_spec, stage3=placed and stage3)
     placement = plan.strategy.teacher_placement
     if placement == "offline":
         placement = plan.strategy.offline_teacher_placement or "replicated"

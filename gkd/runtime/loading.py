@@ -321,6 +321,22 @@ def missing_parameters(model: Any, keys: Any) -> list[str]:
     return [n for n, p in model.named_parameters() if id(p) not in filled]
 
 
+def copy_stored(stored: StoredTensor, param: Any, destination: _Destination) -> None:
+    """Read this rank's range of `stored` into `param` at `destination`: straight into the parameter's memory
+    where the destination allows, else through a staging buffer of that range (also used by
+    `gkd.runtime.student_init`)."""
+    import torch
+
+    start, stop = destination.wanted(param)
+    out = destination.direct(param, stored.dtype)
+    if out is not None:
+        stored.read(start, stop, out)
+        return
+    staging = torch.empty(stop - start, dtype=stored.dtype)
+    stored.read(start, stop, staging)
+    destination.put(param, staging)
+
+
 def fill_from_checkpoint(model: Any, folder: Path, destination: _Destination) -> None:
     """Fill every parameter of `model` from the weights files of `folder`, file by file and tensor by tensor
     (see the module docstring); InputError for a damaged file or a parameter no file holds."""
@@ -361,15 +377,7 @@ def fill_from_checkpoint(model: Any, folder: Path, destination: _Destination) ->
                         f"makes it {list(full)}: the weights belong to another model; put them next to the "
                         "config.json they were saved with"
                     )
-                start, stop = destination.wanted(param)
-                out = destination.direct(param, stored.dtype)
-                if out is not None:
-                    stored.read(start, stop, out)
-                else:
-                    staging = torch.empty(stop - start, dtype=stored.dtype)
-                    stored.read(start, stop, staging)
-                    destination.put(param, staging)
-                    del staging
+                copy_stored(stored, param, destination)
                 filled.add(id(param))
     missing = [n for n, p in unique if id(p) not in filled]
     if missing:

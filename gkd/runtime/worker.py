@@ -21,6 +21,7 @@ from gkd.runtime.checkpoints import (
     save_checkpoint,
 )
 from gkd.runtime.memory import MemoryRecord, StepMemory, host_memory, predicted_device_bytes
+from gkd.runtime.reporting import Reporters, check_reporters, perplexity
 from gkd.runtime.save import save_student
 from gkd.runtime.settings import RunSettings, write_run_json
 
@@ -83,7 +84,7 @@ class _Progress:
     def update(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
+        info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
         if "eval_loss" in row:
             self.last_eval = f"  eval {row['eval_loss']:.4f}"
             info += self.last_eval
@@ -113,6 +114,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     hf_logging.disable_progress_bar()  # the save's shard bar; the run prints its own progress
     plan = Plan.from_json(plan_json)
     config = plan.inputs["config"]
+    report_to = list(config["training"].get("report_to") or [])
+    check_reporters(report_to)  # before any model is loaded
     # The launcher set this process's device (its local rank: `rank` is global on several nodes).
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -158,7 +161,10 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         position = restore_checkpoint(engine, out / CHECKPOINTS, settings.resume_tag, rank=rank)
         for _ in range(position):  # the data stream is deterministic: skip what was done
             next(stream)
+    apply_schedule(engine)
+    _schedule_note(plan, settings.steps, rank)
     log = (out / "log.jsonl").open("a") if rank == 0 else None
+    reporters = Reporters(report_to, out, config) if rank == 0 and report_to else None
     meter.start(engine, engines.teachers, engines.teacher_engines)  # gkd.runtime.memory: per step and rank
     host_load = host_memory()  # the models built, placed (and restored)
     pss = gather_ints([host_start.pss if host_start else 0, host_load.pss if host_load else 0], device)
@@ -181,6 +187,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             # Sums over this rank's micro-batches: total loss, each term, tokens.
             sums = torch.zeros(2 + len(names), dtype=torch.float64)
             meter.begin(step, last=step + 1 == settings.steps)
+            lr = float(engine.get_lr()[0])  # the rate this step's optimizer update uses
             for micro in range(accum):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
                 module.resolved, module.step, module.total_steps = resolved, step, settings.steps
@@ -219,6 +226,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
                 "loss": sums[0].item() / n,
                 "terms": {name: sums[1 + j].item() / n for j, name in enumerate(names)},
                 "tokens": int(sums[-1].item()),
+                "lr": lr,
+                "grad_norm": _grad_norm(engine),
                 "seconds": round(seconds, 4),
                 "tokens_per_s": round(sums[-1].item() / seconds, 1),
                 "peak_memory_bytes": max(memory["device_peak_bytes"]),
@@ -232,9 +241,12 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             if settings.eval_data is not None and (last or due):
                 held_out = data_stream(settings.eval_data)  # the same micro-batches at every evaluation
                 row["eval_loss"] = evaluate(engine, module.student, held_out, settings.eval_batches, device)
+                row["eval_perplexity"] = perplexity(row["eval_loss"])
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+            if reporters is not None:
+                reporters.log(row)
             progress.update(row)
             if settings.save_every and (step + 1) % settings.save_every == 0:
                 # Complete or absent, whatever moment a rank dies at (gkd.runtime.checkpoints); every rank
@@ -257,6 +269,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         progress.close()
         if log is not None:
             log.close()
+        if reporters is not None:
+            reporters.close()
     # The end of a run, in an order that no kill can turn into a done run without its student: the student
     # (and its tokenizer), then run.json's completed_steps, which is what makes the run done (a resume of a
     # run that is not done loads its last checkpoint and saves again), then what only a resume needed.
@@ -278,6 +292,37 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     if rank == 0 and plan.strategy.teacher_placement == "offline":
         # The stored top-k is only needed to resume, and this run is done.
         shutil.rmtree(out / TOPK_DIR, ignore_errors=True)
+
+
+def apply_schedule(engine: Any) -> None:
+    """Set the optimizer's rate to the scheduler's for the step about to run. DeepSpeed advances its
+    scheduler after each optimizer step, so left alone the first step would run at the scheduler's
+    not-started value (0 for WarmupCosineLR, min_lr for the others) and step s at iteration s-2; applying
+    iteration 0 before the first step gives step s iteration s-1 (docs/config.md). A restored checkpoint
+    holds the scheduler's iteration, which is applied again, so a resumed run's rates are the uninterrupted
+    run's."""
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        scheduler.step(max(0, scheduler.last_batch_iteration))
+
+
+def _grad_norm(engine: Any) -> float | None:
+    """The global gradient norm of the last optimizer step, before clipping (None where DeepSpeed does not
+    compute it)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _schedule_note(plan: Plan, steps: int, rank: int) -> None:
+    """Say once when the run's length is not the one its schedule spans (`gkd run --steps`)."""
+    training = plan.inputs["config"]["training"]
+    planned = int(training.get("steps", steps))
+    if rank == 0 and training.get("lr_schedule", "constant") != "constant" and planned != steps:
+        print(
+            f"Note: the {training['lr_schedule']} learning-rate schedule spans training.steps ({planned}), "
+            f"not this run's {steps} steps; set training.steps to change it",
+            flush=True,
+        )
 
 
 def evaluate(engine: Any, student: Any, stream: Any, n: int, device: Any) -> float:
