@@ -49,7 +49,6 @@ from gkd.planner.memory import (
     HostMemory,
     ModelLoad,
     cpu_chunk_rows,
-    cpu_gathered_bytes,
     deepspeed_buffers,
     effective_deepspeed,
     host_memory,
@@ -58,6 +57,8 @@ from gkd.planner.memory import (
     student_states_on,
     teacher_placement_on,
     teacher_residency,
+    zero3_gather_buffer_bytes,
+    zero3_gathered_bytes,
 )
 from gkd.planner.plan import Strategy, TapCost, TensorAlloc
 from gkd.planner.schedule import LossTerm, ModelActivity, Workload
@@ -162,7 +163,6 @@ def _residency(teacher: Any, config: Any, placement: str, tensor_parallel: int) 
         gpus_per_node=hw.local_gpus,
         tensor_parallel=tensor_parallel,
         ds=effective_deepspeed(config.deepspeed, teacher.params),
-        device=hw.device,
     )
 
 
@@ -191,12 +191,14 @@ def resident_tensors(
         offload=student_states_on(hw.device, strategy.student_offload),
         optimizer=tr.optimizer,
     )
-    parameters = states.parameters
-    if hw.device == "cpu" and strategy.student_zero_stage == 3:
-        # A CPU process gathers a ZeRO-3 student ahead as it does a teacher (up to the whole model), not one
-        # module at a time (measured: GKD_MEASURE=sites shows the whole tiny student gathered).
-        gathered = cpu_gathered_bytes(trainable, student.largest_module, student.persistent_params, ds)
+    parameters, gather_buffer = states.parameters, 0
+    if strategy.student_zero_stage == 3:
+        # DeepSpeed gathers a ZeRO-3 student ahead as it does a teacher (up to max-live plus the running
+        # module), not one module at a time as its estimator's 2L assumes; with the prefetch group's
+        # all-gather buffer (gkd.planner.memory.zero3_gathered_bytes, zero3_gather_buffer_bytes).
+        gathered = zero3_gathered_bytes(trainable, student.largest_module, student.persistent_params, ds)
         parameters += gathered - 2 * student.largest_module
+        gather_buffer = zero3_gather_buffer_bytes(trainable, student.persistent_params, ds)
     static = [
         TensorAlloc(name="student.parameters", bytes=parameters, category="parameters"),
         TensorAlloc(name="student.gradients", bytes=states.gradients, category="gradients"),
@@ -205,7 +207,10 @@ def resident_tensors(
             name="student.buckets",
             category="buffers",
             bytes=deepspeed_buffers(
-                stage=strategy.student_zero_stage, offload=strategy.student_offload, ds=ds, device=hw.device
+                stage=strategy.student_zero_stage,
+                offload=strategy.student_offload,
+                ds=ds,
+                gather_buffer=gather_buffer,
             ),
         ),
     ]

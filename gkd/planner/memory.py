@@ -20,11 +20,13 @@ L the parameters of the largest single module (what DeepSpeed's `model_to_params
 
 s is the optimizer state bytes per parameter (8 for Adam: momentum and variance in fp32); DeepSpeed's
 estimators assume Adam. 2 bf16 weights, 2 bf16 grads, 4 fp32 grads, 4 fp32 master weights. In ZeRO-3, 4L is
-the gathered bf16 weight and gradient of the largest module. The host columns are DeepSpeed's (including its
-1.5 buffer factor); without offload DeepSpeed's estimator reports the host memory needed to *load* the model
-whole, which gkd never needs (`gkd.runtime.loading` builds models under zero.Init or on the meta device and
-fills them tensor by tensor), so the steady state is 0; what loading and the final save do hold on the host
-is counted apart (`host_memory`, at the end of this file).
+the gathered bf16 weight and gradient of the largest module; the plan counts the gathered weights as
+DeepSpeed holds them (`zero3_gathered_bytes`: max-live plus the largest module) in place of the first 2L,
+and the all-gather buffer with the buffers (`deepspeed_buffers`). The host columns are DeepSpeed's
+(including its 1.5 buffer factor); without offload DeepSpeed's estimator reports the host memory needed to
+*load* the model whole, which gkd never needs (`gkd.runtime.loading` builds models under zero.Init or on
+the meta device and fills them tensor by tensor), so the steady state is 0; what loading and the final
+save do hold on the host is counted apart (`host_memory`, at the end of this file).
 DeepSpeed's ZeRO-3 estimator without offload omits the bf16 weight partition (2P/N) that stage 3 keeps; gkd
 follows the estimator here and lets the measured runs (gkd check) say whether the 2P/N matters.
 
@@ -109,39 +111,72 @@ def student_model_states(
     return ModelStates(parameters=big, gradients=big, optimizer=0, host_bytes=host)
 
 
-def cpu_gathered_bytes(
+def zero3_gathered_bytes(
     params: int, largest_module: int, persistent_params: int, ds: DeepSpeedSettings
 ) -> int:
-    """A ZeRO-3 model's gathered bf16 weights on a CPU process (measured, gkd.runtime.memory): the prefetch
-    bucket is a count of parameters gathered ahead, not a buffer, and no more than the whole model is ever
-    gathered; the same for a ZeRO-3 student and teacher (`teacher_residency`)."""
-    live = min(
-        largest_module + ds.stage3_prefetch_bucket_size, max(ds.stage3_max_live_parameters, largest_module)
-    )
-    return min(live + persistent_params, params) * BYTES_BF16
+    """Bytes of a ZeRO-3 model's weights held gathered at once (bf16), for a student and a teacher, on any
+    device, with `ds` the settings gkd emits (`effective_deepspeed`).
+
+    DeepSpeed's parameter coordinator (partitioned_param_coordinator.py `fetch_sub_module`) gathers the
+    running module's parameters whatever it holds, then prefetches the next ones in its recorded trace while
+    it holds fewer than stage3_max_live_parameters (M), at most the prefetch bucket at a time and one
+    parameter past either limit; a module's parameters are released after its forward (or backward). The
+    prefetch bucket does not bound what is held: prefetched parameters stay gathered until their module
+    has run, so the gathered set grows to M (measured: benchmarks/bench_zero3_gathered.py, an inference
+    forward on 2 CPU processes holds M plus about one module from its second forward, whatever the
+    bucket). gkd therefore emits M no larger than the prefetch bucket, and counts M plus the largest module
+    (the running module, or the one parameter past M), no more than the whole model, plus the small tensors
+    kept gathered (below the persistence threshold). The code path is DeepSpeed's, not the device's, so
+    the rule is the same on CUDA and on CPU processes; the CPU figures are measured (bench_zero3_gathered,
+    benchmarks/plan_accuracy.py), the CUDA ones not yet (benchmarks/device/gpu_run.py would).
+    """
+    sharded = max(params - persistent_params, 0)
+    live = min(ds.stage3_max_live_parameters + largest_module, sharded)
+    return (live + persistent_params) * BYTES_BF16
+
+
+def zero3_gather_buffer_bytes(params: int, persistent_params: int, ds: DeepSpeedSettings) -> int:
+    """Bytes of the all-gather buffer a ZeRO-3 model holds beside its gathered weights (bf16). DeepSpeed
+    gathers each prefetch group into one flat buffer and copies every parameter out of it when the first is
+    waited for (partition_parameters.py `_all_gather_dtype`, `AllGatherCoalescedHandle.wait`); the handle,
+    and with it the buffer, lives until the group's last parameter is used. A group is at most what may be
+    prefetched at once: max-live (no more than the prefetch bucket in gkd's settings), no more than the
+    partitioned weights. Measured on 2 CPU processes (benchmarks/bench_zero3_gathered.py: about one bucket
+    of storage beyond the gathered weights); the same code runs on CUDA."""
+    sharded = max(params - persistent_params, 0)
+    group = min(ds.stage3_max_live_parameters, ds.stage3_prefetch_bucket_size, sharded)
+    return group * BYTES_BF16
 
 
 @lru_cache(maxsize=256)
 def effective_deepspeed(ds: DeepSpeedSettings, params: int) -> DeepSpeedSettings:
-    """The settings with every bucket capped at the model's parameter count: DeepSpeed allocates its reduction
-    buckets at full size whatever the model (stage_1_and_2.py `setup_buckets`), so a bucket larger than the
-    model only wastes memory. The emitted DeepSpeed config carries these capped values."""
+    """The settings gkd emits and plans with: every bucket capped at the model's parameter count (DeepSpeed
+    allocates its reduction buckets at full size whatever the model, stage_1_and_2.py `setup_buckets`, so a
+    bucket larger than the model only wastes memory), and stage3_max_live_parameters capped at the
+    prefetch bucket: DeepSpeed keeps prefetching until it holds max-live parameters gathered, so with its
+    default (1e9) a ZeRO-3 model under 1e9 parameters is gathered whole from its second forward
+    (`zero3_gathered_bytes`). The cap makes the working set the bucket plus the running module, as planned;
+    the price is less prefetch while a module larger than the bucket runs (raise the bucket for more, and
+    the plan counts it). The emitted DeepSpeed config carries these capped values."""
     cap = max(params, 1)
+    prefetch = min(ds.stage3_prefetch_bucket_size, cap)
     return replace(
         ds,
         reduce_bucket_size=min(ds.reduce_bucket_size, cap),
         allgather_bucket_size=min(ds.allgather_bucket_size, cap),
-        stage3_prefetch_bucket_size=min(ds.stage3_prefetch_bucket_size, cap),
+        stage3_prefetch_bucket_size=prefetch,
+        stage3_max_live_parameters=min(ds.stage3_max_live_parameters, prefetch),
     )
 
 
-def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings, device: str = "cuda") -> int:
-    """GPU bytes of DeepSpeed's gradient-reduction buffers for the student engine (bf16 elements).
+def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings, gather_buffer: int = 0) -> int:
+    """Device bytes of DeepSpeed's buffers for the student engine (bf16 elements).
 
     ZeRO-0: one flattening bucket for the gradient all-reduce. ZeRO-1/2: two reduction buckets (DeepSpeed
     double-buffers them when overlap_comm is on, which gkd's config sets; `setup_buckets` in
     stage_1_and_2.py); the parameter all-gather works in place and allocates nothing. ZeRO-3: one reduction
-    bucket (stage3.py) plus the prefetch bucket of weights gathered ahead of use.
+    bucket (stage3.py) plus `gather_buffer`, the prefetch group's all-gather buffer
+    (`zero3_gather_buffer_bytes`), on every device.
     """
     del offload  # the offloaded optimizer's pinned host buffers are on the host
     reduce = ds.reduce_bucket_size * BYTES_BF16
@@ -149,9 +184,7 @@ def deepspeed_buffers(*, stage: int, offload: str, ds: DeepSpeedSettings, device
         return reduce
     if stage in (1, 2):
         return 2 * reduce
-    if device == "cpu":  # no prefetch buffer (see teacher_residency)
-        return reduce
-    return reduce + ds.stage3_prefetch_bucket_size * BYTES_BF16
+    return reduce + gather_buffer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,21 +206,20 @@ def teacher_residency(
     gpus_per_node: int,
     tensor_parallel: int,
     ds: DeepSpeedSettings,
-    device: str = "cuda",
 ) -> TeacherResidency:
     """Resident bytes of an inference-only teacher (bf16 weights, no gradients, no optimizer).
 
     replicated: all weights on every GPU. tensor_parallel: weights split t ways (Megatron-style; embedding and
     head split by vocabulary). zero3: weights partitioned over N GPUs, plus the gathered working set during
-    the forward: the largest module and the prefetch bucket (capped by stage3_max_live_parameters), plus the
-    small tensors kept gathered (below the persistence threshold). zero3_offload: as zero3, but the partitions
-    live in pinned host memory (2P bytes per node) and stream to the GPU layer by layer with prefetch.
-    offline: no teacher during training (its top-k outputs are read from disk).
+    the forward (`zero3_gathered_bytes`: max-live plus the largest module, and the small tensors kept
+    gathered below the persistence threshold) and the prefetch group's all-gather buffer
+    (`zero3_gather_buffer_bytes`). zero3_offload: as zero3, but the partitions live in pinned host memory
+    (2P bytes per node) and stream to the GPU with prefetch. offline: no teacher during training (its top-k
+    outputs are read from disk).
 
-    device "cpu" (measured on CPU runs, gkd.runtime.memory): the prefetch bucket is a count of parameters
-    gathered ahead, not a buffer of its own, and no more than the whole model is ever gathered; so the
-    gathered set is capped at the model and there are no prefetch buffers. The same is likely of CUDA runs,
-    where the rule stays as it was until a GPU run measures it (benchmarks/device/gpu_run.py).
+    The working set follows DeepSpeed's code, the same on CUDA and CPU processes (measured on the CPU:
+    benchmarks/bench_zero3_gathered.py, benchmarks/plan_accuracy.py); a CPU process holds a zero3_offload
+    teacher's host partitions in its own memory (`teacher_placement_on`).
     """
     nodes = max(1, gpus // gpus_per_node)
     full = params * BYTES_BF16
@@ -197,13 +229,8 @@ def teacher_residency(
         return TeacherResidency(parameters=full // tensor_parallel, buffers=0, host_bytes=0)
     if placement == "offline":
         return TeacherResidency(parameters=0, buffers=0, host_bytes=0)
-    live = min(
-        largest_module + ds.stage3_prefetch_bucket_size, max(ds.stage3_max_live_parameters, largest_module)
-    )
-    gathered = live * BYTES_BF16 + persistent_params * BYTES_BF16
-    prefetch = ds.stage3_prefetch_bucket_size * BYTES_BF16
-    if device == "cpu":
-        gathered, prefetch = cpu_gathered_bytes(params, largest_module, persistent_params, ds), 0
+    gathered = zero3_gathered_bytes(params, largest_module, persistent_params, ds)
+    prefetch = zero3_gather_buffer_bytes(params, persistent_params, ds)
     if placement == "zero3":
         return TeacherResidency(parameters=full // gpus + gathered, buffers=prefetch, host_bytes=0)
     if placement == "zero3_offload":

@@ -282,7 +282,8 @@ def deepspeed_configs(
     config: Config, result: Evaluated, t_facts: tuple[ModelFacts, ...], trainable: int
 ) -> dict[str, Any]:
     """The DeepSpeed configs the runtime passes to deepspeed.initialize (student) and to the teacher engines;
-    bucket sizes capped at each model's size (see gkd.planner.memory.effective_deepspeed)."""
+    bucket sizes capped at each model's size and max-live at the prefetch bucket (see
+    gkd.planner.memory.effective_deepspeed)."""
     from gkd.planner.memory import effective_deepspeed
 
     s = result.strategy

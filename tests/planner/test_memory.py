@@ -3,12 +3,14 @@ teacher residency per placement, and the monotonicity of per-GPU model states in
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gkd.config import DeepSpeedSettings
-from gkd.planner.memory import student_model_states, teacher_residency
+from gkd.planner.memory import effective_deepspeed, student_model_states, teacher_residency
 
 # (params, largest module): GPT-2-XL-like, LLaMA-7B, GLM-10B, OPT-13B, LLaMA-70B shapes
 SIZES = [
@@ -156,7 +158,9 @@ def test_more_gpus_never_raise_per_gpu_model_states(params, largest_frac, n, ext
     ],
 )
 def test_teacher_residency(placement, params_bytes, host):
-    ds = DeepSpeedSettings(stage3_prefetch_bucket_size=1000)
+    # As gkd emits them: max-live capped at the 1000-element bucket, so the working set is that plus the
+    # largest module, plus the persistent tensors, and the all-gather buffer is one bucket.
+    ds = effective_deepspeed(DeepSpeedSettings(stage3_prefetch_bucket_size=1000), 10**9)
     r = teacher_residency(
         params=10**9,
         largest_module=10**7,
@@ -173,12 +177,14 @@ def test_teacher_residency(placement, params_bytes, host):
 
 
 def test_buffers_per_stage_and_cap():
-    from gkd.planner.memory import deepspeed_buffers, effective_deepspeed
+    from gkd.planner.memory import deepspeed_buffers
 
     ds = DeepSpeedSettings()
     assert deepspeed_buffers(stage=0, offload="none", ds=ds) == 10**9
     assert deepspeed_buffers(stage=2, offload="none", ds=ds) == 2 * 10**9
-    assert deepspeed_buffers(stage=3, offload="none", ds=ds) == 10**9 + 10**8
+    assert deepspeed_buffers(stage=3, offload="none", ds=ds, gather_buffer=10**8) == 10**9 + 10**8
     small = effective_deepspeed(ds, 1234)
     assert (small.reduce_bucket_size, small.stage3_prefetch_bucket_size) == (1234, 1234)
-    assert effective_deepspeed(ds, 10**12) == ds
+    assert small.stage3_max_live_parameters == 1234
+    # Large models keep the buckets; max-live comes down to the prefetch bucket.
+    assert effective_deepspeed(ds, 10**12) == replace(ds, stage3_max_live_parameters=50_000_000)
