@@ -32,9 +32,12 @@ def _is_plan_file(path: Path) -> bool:
 _PLAN_ONLY_KEYS = frozenset({"strategy", "schedule", "inputs", "alternatives", "provenance", "peak_bytes"})
 
 
-def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) -> Plan:
+def load_or_plan(
+    target: str | None, *, processes: int, echo: Any = click.echo, per_node: int | None = None
+) -> Plan:
     """The plan to run: read from a plan file (its GPU count must be the world size), or planned from a config
-    (or the headline job when `target` is None) for `processes` GPUs."""
+    (or the headline job when `target` is None) for `processes` GPUs, `per_node` of them on each node when
+    the run spans nodes (`hardware.gpus_per_node`)."""
     from gkd.config import apply_flags, default_config
 
     if target is not None:
@@ -66,6 +69,10 @@ def load_or_plan(target: str | None, *, processes: int, echo: Any = click.echo) 
     config = _load_run_config(target, processes) if target is not None else default_config()
     _check_global_batch(config.training.global_batch, processes, target)
     config = apply_flags(config, gpus=processes)
+    if per_node is not None:
+        config = dataclasses.replace(
+            config, hardware=dataclasses.replace(config.hardware, gpus_per_node=per_node)
+        )
     if not _cuda():  # CPU processes: the plan counts the CPU code paths (gkd.config.HardwareConfig.device)
         config = dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device="cpu"))
     ov = config.overrides

@@ -301,6 +301,7 @@ def _run_job(
     discard_partial: bool,
     start: Start,
     echo: Any,
+    per_node: int | None = None,
 ) -> Path:
     """A run of `processes` ranks (all of this node's, or those of a launched job: `start`), checked and
     published by this process."""
@@ -362,7 +363,7 @@ def _run_job(
     if data is not None and not Path(data).exists():
         raise InputError(f"data source {data} does not exist; give a .txt or .jsonl file or a dataset folder")
     check_out_outside_data(out_path, [data, eval_data])
-    plan = load_or_plan(target, processes=world, echo=echo)
+    plan = load_or_plan(target, processes=world, echo=echo, per_node=per_node)
     _check_runnable(plan, world)
     total = steps if steps is not None else int(plan.inputs["config"]["training"]["steps"])
     if total < 1:
@@ -553,7 +554,9 @@ def _run_as_rank(env: ClusterEnv, job: dict[str, Any], *, timeout_s: float, echo
             _train_joined(env, rendezvous, plan, settings, tmp=tmp, out_path=out_path, run_id="")
 
         try:
-            return _run_job(**job, processes=env.world, start=start, echo=echo)
+            # The plan spans the job's nodes: as many GPUs per node as this node has ranks.
+            per_node = env.local_world if env.world > env.local_world else None
+            return _run_job(**job, processes=env.world, start=start, echo=echo, per_node=per_node)
         except BaseException as err:
             rendezvous.abort(err)  # the others stop with this line (they no longer listen once training)
             raise
