@@ -7,7 +7,11 @@ trip of offloaded optimizer states and the optimizer update itself.
 
 Rules (per GPU):
 - FLOPs (Kaplan et al. 2020; Narayanan et al. 2021): forward 2 * params * tokens plus attention
-  4 * b * s^2 * hidden per layer; training is 3x forward; a recomputed layer adds one layer forward.
+  4 * b * s^2 * hidden per layer; training is 3x forward; a recomputed layer adds one layer forward. For a
+  mixture-of-experts model `params` there are its active parameters (a token runs through k of each layer's
+  E experts; Fedus et al. 2022), while every transfer below (ZeRO gathers, host-link streaming of offloaded
+  weights, gradient collectives) moves all of them: each expert is gathered or streamed whether or not a
+  token of this micro-batch is routed to it.
 - Ring collectives move (N-1)/N of the buffer per GPU for all-gather and reduce-scatter, twice that for
   all-reduce. Over several nodes (hardware.gpus_per_node each) a collective is hierarchical, as NCCL runs it:
   within each node ring(g) of the buffer per GPU over the interconnect, and between nodes each GPU exchanges
@@ -48,6 +52,17 @@ class ModelShape:
     layers: int
     hidden: int
     layer_params: int
+    # Parameters a token runs through (routed experts only, gkd.planner.moe); None: all of them (dense).
+    active_params: int | None = None
+    active_layer_params: int | None = None
+
+    @property
+    def compute_params(self) -> int:
+        return self.params if self.active_params is None else self.active_params
+
+    @property
+    def compute_layer_params(self) -> int:
+        return self.layer_params if self.active_layer_params is None else self.active_layer_params
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,11 +75,11 @@ class StepCost:
 
 
 def forward_flops(m: ModelShape, batch: int, seq: int) -> float:
-    return 2.0 * m.params * batch * seq + 4.0 * batch * seq * seq * m.hidden * m.layers
+    return 2.0 * m.compute_params * batch * seq + 4.0 * batch * seq * seq * m.hidden * m.layers
 
 
 def layer_forward_flops(m: ModelShape, batch: int, seq: int) -> float:
-    return 2.0 * m.layer_params * batch * seq + 4.0 * batch * seq * seq * m.hidden
+    return 2.0 * m.compute_layer_params * batch * seq + 4.0 * batch * seq * seq * m.hidden
 
 
 def ring(n: int) -> float:

@@ -59,6 +59,26 @@ class ModelFacts:
     tap_bytes: dict[str, int]  # tap kind -> bytes (per layer for layered kinds)
     saved_kinds: dict[str, tuple[str, ...]]  # attention path -> tap kinds a layer saves anyway
     source: str = ""  # where the activation bytes came from
+    # Mixture-of-experts (gkd.planner.moe; all 0 for a dense model): experts per layer, experts each token is
+    # routed to, and the parameters of every routed expert of the model (part of `params`).
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_params: int = 0
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token's forward runs through (`params` for a dense model): what compute counts."""
+        from gkd.planner.moe import active_params
+
+        return active_params(self.params, self.expert_params, self.experts, self.experts_per_token)
+
+    @property
+    def active_layer_params(self) -> int:
+        """One layer's parameters a token runs through (`layer_params` for a dense model)."""
+        from gkd.planner.moe import active_params
+
+        per_layer = self.expert_params // self.layers if self.layers else 0
+        return active_params(self.layer_params, per_layer, self.experts, self.experts_per_token)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -77,7 +97,14 @@ class ModelFacts:
 
 
 # The sources whose code computes the facts: a change to any of them invalidates the cached entries.
-FACTS_SOURCES = ("models.py", "planner/trace.py", "planner/taps.py", "planner/facts.py", "planner/probe.py")
+FACTS_SOURCES = (
+    "models.py",
+    "planner/trace.py",
+    "planner/taps.py",
+    "planner/facts.py",
+    "planner/probe.py",
+    "planner/moe.py",
+)
 
 
 def facts_key(spec: Any, regime: str, persistence_threshold: int, kernels: str = KERNELS) -> dict[str, Any]:
@@ -186,15 +213,18 @@ def _facts(spec: Any, seq_len: int, params: dict[str, int], activations: dict[st
 
 
 def parameter_facts(spec: Any, *, persistence_threshold: int = 100_000) -> dict[str, int]:
-    """Parameter counts from meta-device builds with one and two layers (no storage is allocated).
+    """Parameter counts from meta-device builds with one and two layers (no storage is allocated), and for a
+    mixture-of-experts model its expert counts (gkd.planner.moe.moe_parameter_facts).
 
     largest_module is DeepSpeed's "largest layer" (`model_to_params` in deepspeed/runtime/zero/stage3.py):
     the most parameters any single module holds directly. persistent_params counts the elements of tensors at
     or below ZeRO-3's persistence threshold, which stay gathered on every GPU.
     """
     from gkd.models import build_model, count_parameters
+    from gkd.planner.moe import moe_parameter_facts
 
     one = build_model(spec, device="meta", num_layers=1)
+    two = None
     largest = 0
     for module in one.modules():
         largest = max(largest, sum(p.numel() for p in module.parameters(recurse=False)))
@@ -221,6 +251,7 @@ def parameter_facts(spec: Any, *, persistence_threshold: int = 100_000) -> dict[
         "largest_module": largest,
         "persistent_params": persist,
         "head_params": head_params,
+        **moe_parameter_facts(spec, one, two),
     }
 
 

@@ -7,6 +7,9 @@ JSON (`--json`) is plain data with these keys:
 - "model": the ModelSpec fields (name, family, model_type, layers, hidden, heads, kv_heads, head_dim, ffn,
   activation, vocab, tied_embeddings, max_positions, dtype, description);
 - "parameters": exact parameter count (tied weights once);
+- "experts": for a mixture-of-experts model (else absent) {"per_layer", "per_token", "expert_parameters",
+  "active_parameters"}: experts per layer, experts each token is routed to, the parameters of every routed
+  expert, and the parameters one token's forward runs through (gkd.planner.moe);
 - "micro_batch", "seq_len": the sizes every byte figure is for;
 - "activations": {"per_layer_saved_bytes", "non_layer_saved_bytes", "total_saved_bytes"}, each a dict with
   keys "sdpa", "eager", "sdpa_full_recompute", "eager_full_recompute"; total = layers x per-layer + non-layer;
@@ -21,6 +24,8 @@ import json
 from typing import Any
 
 from gkd.models import ModelSpec, count_parameters
+from gkd.planner.facts import parameter_facts
+from gkd.planner.moe import active_params
 from gkd.planner.taps import ATTENTION_PATHS, build_catalogue
 
 _KEYS = [(a, r) for a in ATTENTION_PATHS for r in (False, True)]
@@ -36,9 +41,25 @@ def inspect_data(spec: ModelSpec, *, seq_len: int, micro_batch: int) -> dict[str
     per_layer = dict(catalogue.layer_activations[0].saved_bytes)
     non_layer = dict(catalogue.non_layer_saved_bytes)
     total = {_key(a, r): catalogue.saved_bytes_total(a, recompute=r) for a, r in _KEYS}
+    moe = parameter_facts(spec)
+    experts = (
+        {
+            "experts": {
+                "per_layer": moe["experts"],
+                "per_token": moe["experts_per_token"],
+                "expert_parameters": moe["expert_params"],
+                "active_parameters": active_params(
+                    moe["params"], moe["expert_params"], moe["experts"], moe["experts_per_token"]
+                ),
+            }
+        }
+        if moe["experts"]
+        else {}
+    )
     return {
         "model": spec.to_dict(),
         "parameters": count_parameters(spec),
+        **experts,
         "micro_batch": micro_batch,
         "seq_len": seq_len,
         "activations": {
@@ -112,6 +133,13 @@ def _print_tables(data: dict[str, Any]) -> None:
     )
     parameters = data["parameters"]
     console.print(f"parameters: {parameters:,} ({parameters / 1e9:.2f}B)")
+    if "experts" in data:
+        e = data["experts"]
+        console.print(
+            f"mixture of experts: {e['per_token']} of {e['per_layer']} experts per token; active parameters "
+            f"{e['active_parameters']:,} ({e['active_parameters'] / 1e9:.2f}B), routed experts "
+            f"{e['expert_parameters']:,}"
+        )
 
     sizes = f"micro-batch {data['micro_batch']}, sequence {data['seq_len']}"
     act = data["activations"]

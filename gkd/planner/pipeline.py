@@ -228,6 +228,9 @@ def _facts_summary(f: ModelFacts) -> dict[str, Any]:
     return {
         "name": f.name,
         "params": f.params,
+        "active_params": f.active_params,
+        "experts": f.experts,
+        "experts_per_token": f.experts_per_token,
         "layers": f.layers,
         "hidden": f.hidden,
         "heads": f.heads,
@@ -392,13 +395,14 @@ def emit(
         estimates["host_parts_bytes"] = {"steady": h.steady, "load": h.load, "save": h.save}
     if best.strategy.teacher_placement == "offline":
         flops = config.hardware.peak_flops * config.hardware.flops_efficiency
-        from gkd.planner.cost import ModelShape, forward_flops
+        from gkd.planner.cost import forward_flops
+        from gkd.planner.search import model_shape
 
         tokens_total = tr.steps * tr.global_batch * tr.seq_len
         per_gpu = tokens_total / config.hardware.gpus
         t_time = sum(
             forward_flops(
-                ModelShape(params=t.params, layers=t.layers, hidden=t.hidden, layer_params=t.layer_params),
+                model_shape(t),
                 1,
                 tr.seq_len,
             )

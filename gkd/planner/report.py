@@ -38,6 +38,19 @@ def param_count(n: int, digits: int = 1) -> str:
     return str(n)
 
 
+def model_size(summary: dict[str, Any], digits: int = 1) -> str:
+    """A model's parameter count; for a mixture-of-experts model its total (what memory holds) and active
+    parameters (what a token's forward runs through, what compute counts) with its routing."""
+    total = param_count(summary.get("params", 0), digits=digits)
+    experts = summary.get("experts", 0)
+    if not experts:
+        return total
+    active = param_count(summary.get("active_params", 0), digits=digits)
+    return (
+        f"{total} total, {active} active: {summary.get('experts_per_token')} of {experts} experts per token"
+    )
+
+
 def _layers(ids: tuple[int, ...]) -> str:
     if not ids:
         return "none"
@@ -64,8 +77,8 @@ def render(plan: Plan, *, explain: bool = False) -> str:
     teachers = models.get("teachers", [])
     lines: list[str] = []
     methods = " + ".join(m["name"] for m in cfg.get("methods", []))
-    tnames = ", ".join(f"{t['name']} ({param_count(t['params'])})" for t in teachers)
-    student = f"{st.get('name')} ({param_count(st.get('params', 0), digits=2)})"
+    tnames = ", ".join(f"{t['name']} ({model_size(t)})" for t in teachers)
+    student = f"{st.get('name')} ({model_size(st, digits=2)})"
     lines.append(f"gkd plan: {tnames} -> {student} with {methods}")
     gpu = gpu_label(hw.get("gpu_name", ""), plan.budget_bytes)
     lines.append(

@@ -102,8 +102,16 @@ class SearchResult:
     considered: int
 
 
-def _shape(f: ModelFacts) -> ModelShape:
-    return ModelShape(params=f.params, layers=f.layers, hidden=f.hidden, layer_params=f.layer_params)
+def model_shape(f: ModelFacts) -> ModelShape:
+    """What the cost model needs of a model's facts (its active parameters too, for compute)."""
+    return ModelShape(
+        params=f.params,
+        layers=f.layers,
+        hidden=f.hidden,
+        layer_params=f.layer_params,
+        active_params=f.active_params,
+        active_layer_params=f.active_layer_params,
+    )
 
 
 def micro_batch_choices(config: Config) -> list[int]:
@@ -150,7 +158,17 @@ def candidates(
     per_gpu = config.training.per_gpu_batch(config.hardware.gpus)
     local = config.hardware.local_gpus
     placements: list[tuple[str, int]] = [("replicated", 1), ("zero3", 1), ("zero3_offload", 1)]
-    for tp in tensor_parallel_degrees(local, [t.heads for t in teachers]):
+    # A mixture-of-experts teacher is not split: DeepSpeed's automatic tensor parallelism splits linear
+    # layers, not the 3-D tensors that hold a layer's experts (gkd.planner.moe).
+    splittable = not any(t.experts for t in teachers)
+    if not splittable and ov.teacher_placement == "tensor_parallel":
+        from gkd.errors import InputError
+
+        raise InputError(
+            "a mixture-of-experts teacher cannot be tensor parallel (its experts are 3-D tensors "
+            "that DeepSpeed's automatic tensor parallelism does not split); use another teacher_placement"
+        )
+    for tp in tensor_parallel_degrees(local, [t.heads for t in teachers]) if splittable else []:
         placements.append(("tensor_parallel", tp))
     from gkd.errors import InputError
 
@@ -239,8 +257,8 @@ class _Evaluator:
     def __init__(self, config: Config, student: ModelFacts, teachers: tuple[ModelFacts, ...], resolved: Any):
         self.config, self.student, self.teachers, self.resolved = config, student, teachers, resolved
         self.budget = config.hardware.gpu_memory_bytes
-        self.s_shape = _shape(student)
-        self.t_shapes = tuple(_shape(t) for t in teachers)
+        self.s_shape = model_shape(student)
+        self.t_shapes = tuple(model_shape(t) for t in teachers)
         self.trainable = student.params + resolved.num_extra_parameters
 
     def cost(self, s: Strategy, topk: int = 0) -> StepCost:

@@ -5,7 +5,9 @@ Tap names (shared contract): `emb`, `hidden[i]` (i = 0..L; hidden[0] is layer 0'
 layer i-1's output), `q[i]`, `k[i]`, `v[i]` (as the attention function receives them, after RoPE, k/v before
 any GQA repeat), `scores[i]` (masked, scaled QK^T before softmax), `probs[i]` (after softmax), `context[i]`
 (attention output before the out-projection), `mlp_out[i]` (MLP block output, before the residual add),
-`final` (after the final norm; hidden[L] where the model has none), `logits`.
+`final` (after the final norm; hidden[L] where the model has none), `logits`, and for mixture-of-experts
+models `router_logits[i]` (layer i's router output, one logit per expert and token, before the softmax and
+top-k; captured like transformers' `output_router_logits`, see gkd.planner.moe).
 
 How the runtime captures each tap (`Tap.capture`):
 - "module_output": a forward hook on `module_path` (first element of the output);
@@ -39,6 +41,7 @@ from typing import Any
 
 from gkd.errors import InputError
 from gkd.models import ModelSpec, supports_attention_interface
+from gkd.planner.moe import layer_router
 from gkd.planner.probe import dtype_bytes
 from gkd.planner.trace import (
     TracedGraph,
@@ -49,7 +52,7 @@ from gkd.planner.trace import (
 )
 
 CAPTURE_METHODS = ("module_output", "module_input", "attention_fn", "attention_module", "lm_head_input")
-LAYER_KINDS = ("hidden", "q", "k", "v", "scores", "probs", "context", "mlp_out")
+LAYER_KINDS = ("hidden", "q", "k", "v", "scores", "probs", "context", "mlp_out", "router_logits")
 ATTENTION_KINDS = ("q", "k", "v", "scores", "probs")
 ATTENTION_PATHS = ("sdpa", "eager")
 # (attention path, full recompute) of every saved-tensor trace the catalogue reads.
@@ -86,7 +89,7 @@ class Tap:
     """One named tensor: where it is, how it is captured, and what it costs."""
 
     name: str  # e.g. "hidden[3]"
-    kind: str  # emb, hidden, q, k, v, scores, probs, context, mlp_out, final, logits
+    kind: str  # emb, hidden, q, k, v, scores, probs, context, mlp_out, router_logits, final, logits
     layer: int | None  # layer index for per-layer kinds (hidden[i]: i), None for emb / final / logits
     fx_node: str  # node in the traced shallow graph (layer 0's node for every layer)
     module_path: str  # the module the capture hooks (for this layer)
@@ -158,9 +161,15 @@ class TapCatalogue:
         kind = name.split("[", 1)[0]
         if kind in self.unavailable:
             raise InputError(f"tap {name} is not available for {self.model}: {self.unavailable[kind]}")
+        if kind == "router_logits" and not any(t.kind == kind for t in self.taps):
+            raise InputError(
+                f"tap {name} is not available for {self.model}: it is a dense model (no mixture-of-experts "
+                "router); router taps need a mixture-of-experts model on both sides"
+            )
         raise InputError(
             f"unknown tap {name!r} for {self.model}; taps are emb, hidden[0..L], q/k/v/scores/probs/"
-            f"context/mlp_out[0..L-1], final, logits with L = {len(self.layer_activations)}"
+            f"context/mlp_out[0..L-1] (router_logits[0..L-1] for mixture-of-experts models), final, logits "
+            f"with L = {len(self.layer_activations)}"
         )
 
     def names(self) -> list[str]:
@@ -284,6 +293,15 @@ def _last_with_shape(
     return None
 
 
+def _first_with_shape(nodes: tuple[TracedNode, ...], shape: tuple[int, ...]) -> TracedNode | None:
+    """The first node of `nodes` with `shape` or its (B*T, ...) form (a router's logits, before the softmax
+    and top-k that follow with the same shape)."""
+    for node in nodes:
+        if node.op == "call_function" and node.shape in (shape, _flat(shape)):
+            return node
+    return None
+
+
 def _external_input(
     graph: TracedGraph, nodes: tuple[TracedNode, ...], shape: tuple[int, ...]
 ) -> TracedNode | None:
@@ -351,6 +369,9 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
         "probs": ("B", spec.heads, "T", "T"),
         "logits": ("B", "T", spec.vocab),
     }
+    router = layer_router(spec, graph.layer_path(0))
+    if router is not None:
+        dims["router_logits"] = ("B", "T", router[1])
 
     def concrete(kind: str) -> tuple[int, ...]:
         return tuple(b if d == "B" else t if d == "T" else int(d) for d in dims[kind])
@@ -402,6 +423,14 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
         if layout.final_norm
         else layer_out
     )
+    router_logits = (
+        need(
+            _first_with_shape(graph.nodes_in(graph.layer_path(0, router[0])), concrete("router_logits")),
+            "the router logits",
+        )
+        if router is not None
+        else None
+    )
     attention = _attention_nodes(graph, graph.nodes_in(graph.layer_path(0, layout.attention)), concrete, need)
     attention_capture = "attention_fn" if supports_attention_interface(spec) else "attention_module"
 
@@ -433,6 +462,18 @@ def _locate_taps(spec: ModelSpec, graph: TracedGraph) -> tuple[Tap, ...]:
                 "context",
             )
         )
+        if router is not None and router_logits is not None:
+            taps.append(
+                make(
+                    f"router_logits[{i}]",
+                    "router_logits",
+                    i,
+                    router_logits,
+                    graph.layer_path(i, router[0]),
+                    "module_output",
+                    "router_logits",
+                )
+            )
         taps.append(
             make(
                 f"mlp_out[{i}]",

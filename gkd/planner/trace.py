@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gkd.models import ModelSpec, build_model, supports_attention_interface
+from gkd.planner.moe import grouped_mm_any_dtype
 
 
 def layer_container(spec: ModelSpec) -> str:
@@ -188,7 +189,10 @@ def trace_graph(
     if has_switch:
         fx_config.do_not_emit_stack_traces = True
     try:
-        exported = torch.export.export(model, (), _inputs(spec, micro_batch, seq_len, "meta"), strict=False)
+        with grouped_mm_any_dtype():  # MoE experts (gkd.planner.moe)
+            exported = torch.export.export(
+                model, (), _inputs(spec, micro_batch, seq_len, "meta"), strict=False
+            )
     finally:
         if has_switch:
             fx_config.do_not_emit_stack_traces = emit_traces
@@ -316,7 +320,8 @@ def trace_saved(
         for layer in layers:
             _checkpoint_forward(layer)
     try:
-        context = [mode, _as_eager_run()] + ([_cuda_kernels()] if kernels == "cuda" else [])
+        context = [mode, _as_eager_run(), grouped_mm_any_dtype()]
+        context += [_cuda_kernels()] if kernels == "cuda" else []
         tensors = record_saved_tensors(model, layers, inputs, context=context)
     finally:
         for layer in layers:

@@ -1,0 +1,232 @@
+"""Mixture-of-experts models in the planner: a layer's saved-for-backward bytes equal a real CPU training
+forward, parameters are counted in total (memory) and active (compute), the router logits are taps whose
+module path captures what transformers reports as `router_logits`, FLOPs count the routed experts while
+transfers count every expert, and the plan report shows both counts."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from test_taps import measured_layer_bytes
+
+from gkd.config import Config
+from gkd.errors import InputError
+from gkd.models import ModelSpec, build_model, spec_from_config
+from gkd.planner.cost import ModelShape, forward_flops, step_cost
+from gkd.planner.facts import compute_facts
+from gkd.planner.moe import check_uniform_layers
+from gkd.planner.taps import build_catalogue
+
+B, T = 2, 24
+LAYERS, HIDDEN, FFN, EXPERTS, TOP_K = 2, 64, 96, 4, 2
+MIXTRAL: dict[str, Any] = {
+    "model_type": "mixtral",
+    "num_hidden_layers": LAYERS,
+    "hidden_size": HIDDEN,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": FFN,
+    "num_local_experts": EXPERTS,
+    "num_experts_per_tok": TOP_K,
+    "vocab_size": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def mixtral(dtype: str = "float32", layers: int = LAYERS) -> ModelSpec:
+    return spec_from_config({**MIXTRAL, "num_hidden_layers": layers}, name="small-mixtral", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_saved_bytes_match_real_cpu_run(dtype: str) -> None:
+    spec = mixtral(dtype)
+    catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
+    for attention in ("sdpa", "eager"):
+        predicted = catalogue.layer_activations[0].saved(attention)
+        measured = measured_layer_bytes(spec, attention)
+        assert abs(predicted - measured) <= 0.02 * measured, (dtype, attention, predicted, measured)
+
+
+def test_full_recompute_bytes_match_real_checkpointed_run() -> None:
+    spec = mixtral()
+    catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
+    predicted = catalogue.layer_activations[0].saved("sdpa", recompute=True)
+    measured = measured_layer_bytes(spec, "sdpa", checkpointing=True)
+    assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_total_and_active_parameters(layers: int) -> None:
+    spec = mixtral(layers=layers)
+    facts = compute_facts(spec, seq_len=T)
+    whole = sum(p.numel() for p in build_model(spec, device="meta").parameters())
+    # Each expert is a SwiGLU MLP: gate and up (hidden -> ffn) and down (ffn -> hidden), no biases.
+    per_expert = 3 * HIDDEN * FFN
+    assert facts.params == whole
+    assert (facts.experts, facts.experts_per_token) == (EXPERTS, TOP_K)
+    assert facts.expert_params == layers * EXPERTS * per_expert
+    assert facts.active_params == whole - layers * (EXPERTS - TOP_K) * per_expert
+    assert facts.active_layer_params == facts.layer_params - (EXPERTS - TOP_K) * per_expert
+
+
+def test_dense_models_are_all_active() -> None:
+    spec = spec_from_config(
+        {k: v for k, v in MIXTRAL.items() if "expert" not in k} | {"model_type": "mistral"}, name="dense"
+    )
+    facts = compute_facts(spec, seq_len=T)
+    assert (facts.experts, facts.expert_params) == (0, 0)
+    assert facts.active_params == facts.params and facts.active_layer_params == facts.layer_params
+
+
+def test_router_logits_taps_capture_what_transformers_reports() -> None:
+    spec = mixtral()
+    catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
+    routers = [t for t in catalogue.taps if t.kind == "router_logits"]
+    assert [t.name for t in routers] == [f"router_logits[{i}]" for i in range(LAYERS)]
+    for i, tap in enumerate(routers):
+        assert tap.capture == "module_output" and tap.module_path == f"model.layers.{i}.mlp.gate"
+        assert tap.shape == (B, T, EXPERTS) and tap.tokens_flattened
+        assert tap.nbytes == B * T * EXPERTS * 4 == tap.bytes_at(B, T)
+    assert routers[0].bytes_at(3, 40) == 3 * 40 * EXPERTS * 4
+
+    # A forward hook on each tap's module (first element of its output) sees transformers' router_logits.
+    torch.manual_seed(0)
+    model = build_model(spec, device="cpu")
+    seen: dict[str, torch.Tensor] = {}
+    for tap in routers:
+        module = model.get_submodule(tap.module_path)
+        module.register_forward_hook(lambda _m, _a, out, name=tap.name: seen.__setitem__(name, out[0]))
+    out = model(input_ids=torch.randint(0, spec.vocab, (B, T)), output_router_logits=True, use_cache=False)
+    for i, tap in enumerate(routers):
+        assert torch.equal(seen[tap.name].view(tap.shape), out.router_logits[i].view(tap.shape))
+
+
+def test_router_taps_of_a_dense_model_are_input_errors() -> None:
+    spec = spec_from_config(
+        {k: v for k, v in MIXTRAL.items() if "expert" not in k} | {"model_type": "mistral"}, name="dense"
+    )
+    catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
+    assert not any(t.kind == "router_logits" for t in catalogue.taps)
+    with pytest.raises(InputError, match="dense model"):
+        catalogue.get("router_logits[0]")
+
+
+def test_flops_count_routed_experts_and_transfers_count_all() -> None:
+    total, active = 140_000_000_000, 39_000_000_000
+    dense = ModelShape(params=total, layers=56, hidden=6144, layer_params=total // 56)
+    moe = ModelShape(
+        params=total,
+        layers=56,
+        hidden=6144,
+        layer_params=total // 56,
+        active_params=active,
+        active_layer_params=active // 56,
+    )
+    attention = 4.0 * 2 * 512 * 512 * 6144 * 56
+    assert forward_flops(moe, 2, 512) == 2.0 * active * 2 * 512 + attention
+    assert forward_flops(dense, 2, 512) == 2.0 * total * 2 * 512 + attention
+    hw = Config.from_dict(
+        {"teacher": "tiny-llama-teacher", "student": "tiny-llama-student", "methods": ["kd"]}
+    ).hardware
+    student = ModelShape(params=7_000_000_000, layers=32, hidden=4096, layer_params=200_000_000)
+
+    def parts(teacher: ModelShape) -> dict[str, float]:
+        return step_cost(
+            hw=hw,
+            student=student,
+            student_trainable=student.params,
+            teachers=(teacher,),
+            stage=3,
+            offload="none",
+            placement="zero3_offload",
+            tensor_parallel=1,
+            micro_batch=2,
+            grad_accum=4,
+            seq=512,
+            recomputed_layers=0,
+            global_batch=64,
+        ).parts
+
+    moe_parts, dense_parts = parts(moe), parts(dense)
+    # Streaming an offloaded teacher moves every expert; computing runs the routed ones only.
+    assert moe_parts["teacher_transfer"] == dense_parts["teacher_transfer"] > 0
+    assert moe_parts["teacher_compute"] < dense_parts["teacher_compute"]
+
+
+def test_plan_report_shows_total_and_active_parameters(tmp_path: Any) -> None:
+    import json
+
+    from gkd.planner.pipeline import plan
+    from gkd.planner.report import render
+
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps({**MIXTRAL, "vocab_size": 256, "max_position_embeddings": 512}))
+    config = Config.from_dict(
+        {
+            "teacher": str(path),
+            "student": "tiny-llama-student",
+            "methods": ["kd"],
+            "hardware": {"gpus": 2},
+            "training": {"seq_len": 64, "global_batch": 4},
+        }
+    )
+    result = plan(config)
+    teacher = result.inputs["models"]["teachers"][0]
+    facts = compute_facts(
+        spec_from_config(json.loads(path.read_text()), name="t", dtype="bfloat16"), seq_len=64
+    )
+    assert teacher["params"] == facts.params and teacher["active_params"] == facts.active_params
+    first = render(result).splitlines()[0]
+    assert f"{teacher['params'] / 1e3:.1f}K total, {teacher['active_params'] / 1e3:.1f}K active" in first
+    assert "2 of 4 experts per token" in first
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("mlp_only_layers", [0]), ("decoder_sparse_step", 2), ("first_k_dense_replace", 1)]
+)
+def test_moe_layers_that_differ_are_refused(key: str, value: Any) -> None:
+    with pytest.raises(InputError, match=key):
+        check_uniform_layers(SimpleNamespace(name="m", hf_config={key: value}))
+    check_uniform_layers(SimpleNamespace(name="m", hf_config={}))
+
+
+def test_a_moe_teacher_is_never_tensor_parallel(tmp_path: Any) -> None:
+    import json
+
+    from gkd.planner.pipeline import plan
+
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps({**MIXTRAL, "vocab_size": 256, "max_position_embeddings": 512}))
+    config = {
+        "teacher": str(path),
+        "student": "tiny-llama-student",
+        "methods": ["kd"],
+        "hardware": {"gpus": 2},
+        "training": {"seq_len": 64, "global_batch": 4},
+    }
+    result = plan(Config.from_dict(config))
+    assert all(a.strategy.teacher_placement != "tensor_parallel" for a in result.alternatives)
+    with pytest.raises(InputError, match="mixture-of-experts teacher cannot be tensor parallel"):
+        plan(Config.from_dict({**config, "overrides": {"teacher_placement": "tensor_parallel"}}))
+
+
+def test_inspect_reports_experts_and_active_parameters() -> None:
+    from gkd.planner.inspect import inspect_data
+
+    spec = mixtral()
+    data = inspect_data(spec, seq_len=T, micro_batch=1)
+    facts = compute_facts(spec, seq_len=T)
+    assert data["experts"] == {
+        "per_layer": EXPERTS,
+        "per_token": TOP_K,
+        "expert_parameters": facts.expert_params,
+        "active_parameters": facts.active_params,
+    }
+    assert any(t["kind"] == "router_logits" for t in data["taps"])
+    dense = spec_from_config(
+        {k: v for k, v in MIXTRAL.items() if "expert" not in k} | {"model_type": "mistral"}, name="d"
+    )
+    assert "experts" not in inspect_data(dense, seq_len=T, micro_batch=1)
