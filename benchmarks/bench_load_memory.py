@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_load_memory.py            # ~2.2 GB teacher; a few minutes
     .venv/bin/python benchmarks/bench_load_memory.py --no-job   # the loads only
     .venv/bin/python benchmarks/bench_load_memory.py --job-only # the headline-shaped job only
+    .venv/bin/python benchmarks/bench_load_memory.py --tensor-parallel-only  # the tensor-parallel rows only
 
 1. Writes a Llama-style teacher checkpoint (TinyLlama's shape, 1.1B parameters, bf16, two or more safetensors
    shards, written tensor by tensor so the writer never holds the model) into a temporary folder, removed at
@@ -13,7 +14,9 @@
    way (`from_pretrained` whole on every rank, then cast: what `build_models` did before). A thread samples
    each rank's private memory (Private_Clean + Private_Dirty of /proc/self/smaps_rollup) every 10 ms during
    the load; the rank's fixed overhead is its private memory just before loading. Acceptance for the
-   partitioned loads: peak - overhead <= 0.6 x the checkpoint's size.
+   partitioned loads: peak - overhead <= 0.6 x the checkpoint's size. Then as a `tensor_parallel` teacher
+   split 2 ways: built on the meta device, each rank filling only its slices from the files, against the
+   path before (whole on each rank's host, then split by AutoTP); each rank's peak against its slices.
 3. Unless --no-job: a scaled-down job shaped like the headline (ZeRO-3 student, ZeRO-3-offload teacher,
    kd + minilmv2) run by `gkd run`'s own code (`run_job`) for 2 steps on 2 processes, the parent sampling the
    workers' private memory and PSS; their per-node sum (peak over the run) is set against the plan's host
@@ -267,6 +270,79 @@ def run_loads(teacher: Path, student: Path, size: int, work: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A tensor-parallel teacher, 2 ways (gkd.runtime.tensor_parallel)
+
+
+def _tp_load_worker(rank: int, world: int, teacher: str, how: str, out: str) -> None:
+    """Build the teacher split 2 ways as `gkd run` now does (`tensor_parallel`: on meta, each rank filling its
+    slices from the files) or as it did before (`old-tensor_parallel`: whole on the host, then split by
+    AutoTP), sampling this rank's private memory."""
+    import gc
+
+    import torch
+
+    from gkd.planner.specs import load_spec
+    from gkd.runtime.loading import build_whole
+    from gkd.runtime.tensor_parallel import (
+        TensorParallelSource,
+        build_tensor_parallel,
+        place_tensor_parallel,
+    )
+
+    spec, bf16 = load_spec(teacher), torch.bfloat16
+    gc.collect()
+    before = private_bytes()
+    start = time.perf_counter()
+    with Sampler(private_bytes) as sampler:
+        if how == "tensor_parallel":
+            source = TensorParallelSource(spec=spec, weights=teacher, seed=0, attention="sdpa", dtype=bf16)
+            split, _ = build_tensor_parallel(source, tp=world)
+        else:
+            whole = build_whole(
+                spec, weights=teacher, seed=0, attention="sdpa", dtype=bf16, device=torch.device("cpu")
+            )
+            split, _ = place_tensor_parallel(whole, tp=world, dtype=bf16)
+            del whole
+            gc.collect()
+    seconds = time.perf_counter() - start
+    result = {
+        "before": before[0],
+        "peak": sampler.peak[0],
+        "peak_pss": sampler.peak_pss,
+        "after": private_bytes()[0],
+        "kept": sum(p.numel() * p.element_size() for p in split.module.parameters()),
+        "seconds": seconds,
+    }
+    Path(out, f"{how}.{rank}.json").write_text(json.dumps(result))
+
+
+def run_tensor_parallel(teacher: Path, size: int, work: Path) -> list[str]:
+    """The tensor-parallel rows: per rank, grown = peak - overhead against kept (its slices)."""
+    from gkd.runtime.launch import launch
+
+    lines = [
+        "",
+        f"Tensor-parallel teacher, 2 ways (checkpoint {size / GB:.2f} GB); MiB per rank; "
+        "kept: the rank's slices",
+        f"{'placement':<24}{'overhead':>9}{'peak':>7}{'grown':>7}{'PSS':>7}{'kept':>7}{'load s':>8}  verdict",
+    ]
+    for how in ("tensor_parallel", "old-tensor_parallel"):
+        launch(_tp_load_worker, (str(teacher), how, str(work)), processes=2)
+        for rank in range(2):
+            r = json.loads((work / f"{how}.{rank}.json").read_text())
+            grown = r["peak"] - r["before"]
+            if how == "tensor_parallel":
+                verdict = f"grown = {grown / r['kept']:.2f} x its slices, {grown / size:.2f} x the checkpoint"
+            else:
+                verdict = f"before: whole per rank, then split: {grown / size:.2f} x the checkpoint"
+            lines.append(
+                f"{how + f'[{rank}]':<24}{r['before'] / MiB:>9.0f}{r['peak'] / MiB:>7.0f}{grown / MiB:>7.0f}"
+                f"{r['peak_pss'] / MiB:>7.0f}{r['kept'] / MiB:>7.0f}{r['seconds']:>8.1f}  {verdict}"
+            )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The headline-shaped job
 
 
@@ -391,6 +467,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-job", action="store_true", help="only the loads, not the headline-shaped job")
     parser.add_argument("--job-only", action="store_true", help="only the headline-shaped job, not the loads")
+    parser.add_argument(
+        "--tensor-parallel-only", action="store_true", help="only the tensor-parallel teacher's loads"
+    )
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     work = Path(tempfile.mkdtemp(prefix="gkd-bench-load-"))
@@ -400,9 +479,13 @@ def main() -> None:
         student = work / "student.json"
         student.write_text(json.dumps(STUDENT))
         print(f"wrote {size / GB:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
+        if args.tensor_parallel_only:
+            print("\n".join(run_tensor_parallel(work / "teacher", size, work)), flush=True)
+            return
         if not args.job_only:
             lines = run_loads(work / "teacher", student, size, work)
             print("\n".join(lines), flush=True)
+            print("\n".join(run_tensor_parallel(work / "teacher", size, work)), flush=True)
         if not args.no_job:
             job = run_job(work / "teacher", student, work)
             print("\n".join(job), flush=True)

@@ -238,7 +238,9 @@ _LOAD_HOW = {
     "replicated": "device",
     "zero3": "partitioned",
     "zero3_offload": "partitioned",
-    "tensor_parallel": "host",
+    # Built on meta and split empty by AutoTP, each rank filling its slices on its device from the files
+    # (gkd.runtime.tensor_parallel.build_tensor_parallel): one tensor staged at a time, as "device".
+    "tensor_parallel": "device",
 }
 
 

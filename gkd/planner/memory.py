@@ -264,8 +264,8 @@ class ModelLoad:
 
     how: "partitioned" (under zero.Init, each rank filling its own slice: ZeRO-3 student, zero3 and
     zero3_offload teachers), "device" (built on meta and filled tensor by tensor onto the GPU: ZeRO-0/1/2
-    student, replicated teacher), "host" (whole on the host of each rank: a tensor-parallel teacher, which
-    AutoTP splits from a whole model) or "none" (not built: an offline teacher during training).
+    student, replicated teacher, a tensor-parallel teacher's slices), "host" (whole on the host of each
+    rank) or "none" (not built: an offline teacher during training).
     resident: host bytes per node the model keeps once loaded (a zero3_offload teacher's partitions; 0 else).
     """
 

@@ -31,8 +31,9 @@ Design choices:
   bare config.json is randomly initialised from the run's seed, the same whatever the placement and the
   number of workers. Inside workers (a process group exists), a ZeRO-3 student and a zero3/zero3_offload
   teacher are built under `deepspeed.zero.Init` with the plan's DeepSpeed config for them, each rank filling
-  only its own partition; the others are built on the meta device and filled onto the worker's device (a
-  tensor-parallel teacher on the host, whole, for AutoTP to split). Without a process group (a
+  only its own partition; a tensor-parallel teacher is built when it is placed, on the meta device, AutoTP
+  splitting the empty model and each rank filling only its own slices (`gkd.runtime.tensor_parallel`); the
+  others are built on the meta device and filled onto the worker's device. Without a process group (a
   single-process reference) every model is built whole on the CPU, with the same weights. Parameters come in
   the training dtype, non-persistent buffers (RoPE's frequencies) in float32, as `from_pretrained` gives
   them. Distilling from a random teacher only exercises the machinery; the run says so.
@@ -153,7 +154,7 @@ class Models:
     """The run's models before placement, and how to resolve its methods at a step."""
 
     student: Any  # a transformers model with its LM head
-    teachers: list[Any]
+    teachers: list[Any]  # modules; a tensor-parallel teacher in workers: its TensorParallelSource
     loss: Any  # gkd.methods.DistillLoss
     student_spec: Any
     teacher_specs: list[Any]
@@ -384,19 +385,32 @@ def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
     teachers, pretrained = [], []
     for i, (ref, spec) in enumerate(zip(teacher_refs, t_specs, strict=True)):
         cfg = plan.deepspeed["teachers"][i] if i < len(plan.deepspeed.get("teachers", [])) else None
+        pretrained.append(has_weights(ref))
+        if placed and placement == "tensor_parallel" and cfg is not None:
+            # Built when placed, each rank materialising only its slice (gkd.runtime.tensor_parallel).
+            from gkd.runtime.tensor_parallel import TensorParallelSource
+
+            teachers.append(
+                TensorParallelSource(
+                    spec=spec,
+                    weights=ref if has_weights(ref) else None,
+                    seed=seed + 1 + i,
+                    attention="eager" if spec.family == "bloom" else attention,
+                    dtype=dtype,
+                )
+            )
+            continue
         teacher = _build(
             ref,
             spec,
             seed=seed + 1 + i,
             dtype=dtype,
             attention=attention,
-            # A tensor-parallel teacher is split by AutoTP from a whole model on the host.
-            device=torch.device("cpu") if placement == "tensor_parallel" else device,
+            device=device,
             partitioned=placed and placement in ("zero3", "zero3_offload") and cfg is not None,
             ds_config=cfg,
         )
         teachers.append(teacher.eval().requires_grad_(False))
-        pretrained.append(has_weights(ref))
     torch.manual_seed(seed + 1000)
     loss = DistillLoss(resolved, t_specs, s_spec).to(dtype)
     apply_recompute(student, plan.strategy.recompute_layers)
@@ -546,11 +560,16 @@ def place_teacher(
     if placement == "replicated" or cfg is None:
         return teacher.to(device), None
     if placement == "tensor_parallel":
-        from gkd.runtime.tensor_parallel import place_tensor_parallel
-
-        return place_tensor_parallel(
-            teacher.to(device), tp=int(cfg["tensor_parallel"]["tp_size"]), dtype=dtype
+        from gkd.runtime.tensor_parallel import (
+            TensorParallelSource,
+            build_tensor_parallel,
+            place_tensor_parallel,
         )
+
+        tp = int(cfg["tensor_parallel"]["tp_size"])
+        if isinstance(teacher, TensorParallelSource):
+            return build_tensor_parallel(teacher, tp=tp)
+        return place_tensor_parallel(teacher.to(device), tp=tp, dtype=dtype)
     import deepspeed
 
     t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=dict(cfg))

@@ -6,6 +6,10 @@ parameter on `device` tensor by tensor; `build_partitioned(spec, ds_config, ...)
 fills each rank's slice of every parameter. Both take their weights from a checkpoint folder
 (`weights=ref`) or from a fixed-seed random initialisation (`weights=None`, `seed=...`).
 
+A tensor-parallel teacher (`gkd.runtime.tensor_parallel.build_tensor_parallel`) is filled through
+`fill_from_checkpoint` too, each rank reading only its AutoTP slice of each parameter (`_Slices`,
+`read_slice`).
+
 What a rank holds while loading (besides what it keeps):
 - partitioned: one module at a time while `zero.Init` builds it (uninitialised, in the training dtype), then
   a staging buffer of its slice of one tensor where the partition is not on the host in the file's dtype;
@@ -212,10 +216,19 @@ def _open_bin(path: Path) -> list[StoredTensor]:
 
 class _Destination:
     """Where the values of a model's parameters go: `wanted(param)` is the range of the flattened parameter
-    this rank holds, `put(param, start, values)` stores it."""
+    this rank holds, `put(param, start, values)` stores it; `fill(param, stored)` reads it from a file."""
 
     def wanted(self, param: Any) -> tuple[int, int]:
         raise NotImplementedError
+
+    def full_shape(self, param: Any) -> tuple[int, ...]:
+        """The whole parameter's shape, as the file must hold it."""
+        return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+    def fill(self, param: Any, stored: StoredTensor) -> list[Any]:
+        """Read this rank's part of `param` from `stored`; the parameters filled (here `param`)."""
+        copy_stored(stored, param, self)
+        return [param]
 
     def direct(self, param: Any, dtype: Any) -> Any:
         """A CPU tensor of the wanted range's elements to read the file's bytes into, or None to stage."""
@@ -285,6 +298,83 @@ class _Whole(_Destination):
     def put(self, param: Any, values: Any) -> None:
         # A fresh staging buffer per tensor: on the CPU in the training dtype it becomes the parameter.
         self._install(param, values.reshape(param.shape).to(device=self.device, dtype=self.dtype))
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A rank's tensor-parallel slice of a tensor: the ranges `ranges` of dimension `dim`, in this order
+    (one range for a plain split; one per sub-parameter for a fused weight, e.g. GLM's gate_up_proj)."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        width = sum(b - a for a, b in self.ranges)
+        return (*full[: self.dim], width, *full[self.dim + 1 :])
+
+    def of(self, tensor: Any) -> Any:
+        """This slice of the whole `tensor` (a view when it is one range)."""
+        import torch
+
+        parts = [tensor.narrow(self.dim, a, b - a) for a, b in self.ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+
+
+def read_slice(stored: StoredTensor, piece: Slice, out: Any) -> None:
+    """Read the slice `piece` of `stored` into `out` (a contiguous CPU tensor of the slice's shape in the
+    file's dtype): one positioned read per contiguous run of the slice in the file, so nothing outside the
+    slice is read or held (a split of dimension 0 is one run per range; a split of dimension 1 of a matrix
+    one run per row and range)."""
+    outer = 1
+    for d in stored.shape[: piece.dim]:
+        outer *= d
+    inner = 1
+    for d in stored.shape[piece.dim + 1 :]:
+        inner *= d
+    size = stored.shape[piece.dim]
+    width = sum(b - a for a, b in piece.ranges)
+    flat = out.view(-1)
+    for o in range(outer):
+        at = o * width * inner
+        for a, b in piece.ranges:
+            n = (b - a) * inner
+            start = (o * size + a) * inner
+            if n:  # a rank may hold none of a small dimension
+                stored.read(start, start + n, flat.narrow(0, at, n))
+            at += n
+
+
+class _Slices(_Destination):
+    """Each rank's tensor-parallel slice of each parameter (`gkd.runtime.tensor_parallel`), allocated
+    already (on the device): `slices[id(param)]` is the slice a parameter holds (None: whole), `full` the
+    whole shapes, `tied[id(param)]` the parameters that held the same tensor before the split (AutoTP unties
+    an LM head it splits from the embedding that shares its weight), filled from the same stored tensor."""
+
+    def __init__(
+        self, slices: dict[int, Slice | None], full: dict[int, tuple[int, ...]], tied: dict[int, list[Any]]
+    ) -> None:
+        self.slices, self.full, self.tied = slices, full, tied
+
+    def full_shape(self, param: Any) -> tuple[int, ...]:
+        return self.full[id(param)]
+
+    def fill(self, param: Any, stored: StoredTensor) -> list[Any]:
+        import torch
+
+        targets = [param, *self.tied.get(id(param), [])]
+        for target in targets:
+            piece = self.slices[id(target)]
+            data = target.data
+            direct = data.device.type == "cpu" and data.dtype == stored.dtype and data.is_contiguous()
+            out = data if direct else torch.empty(data.shape, dtype=stored.dtype)
+            if piece is None:
+                stored.read(0, stored.numel, out.view(-1))
+            else:
+                read_slice(stored, piece, out)
+            if not direct:
+                data.copy_(out)
+                del out
+        return targets
 
 
 def _owners(model: Any) -> dict[int, list[tuple[Any, str]]]:
@@ -370,15 +460,14 @@ def fill_from_checkpoint(model: Any, folder: Path, destination: _Destination) ->
                 param = params.get(key)
                 if param is None or id(param) in filled:
                     continue
-                full = tuple(getattr(param, "ds_shape", None) or param.shape)
+                full = destination.full_shape(param)
                 if full != stored.shape:
                     raise InputError(
                         f"{path} holds {stored.name} of shape {list(stored.shape)} but the model's config "
                         f"makes it {list(full)}: the weights belong to another model; put them next to the "
                         "config.json they were saved with"
                     )
-                copy_stored(stored, param, destination)
-                filled.add(id(param))
+                filled.update(id(p) for p in destination.fill(param, stored))
     missing = [n for n, p in unique if id(p) not in filled]
     if missing:
         raise InputError(
