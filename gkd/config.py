@@ -85,6 +85,9 @@ DEFAULT_BETAS = (0.9, 0.999)
 INTERCONNECTS = ("nvlink", "pcie", "infiniband", "ethernet")
 DEVICES = ("cuda", "cpu")
 DTYPES = ("bfloat16", "float16")
+# How `gkd run` reads the records of --data (gkd.runtime.records) and which tokens its loss trains on.
+DATA_FORMATS = ("auto", "text", "chat", "prompt_completion")
+LOSS_MASKS = ("auto", "all", "completion")
 
 
 def parse_bytes(value: Any, what: str) -> int:
@@ -390,6 +393,47 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """How `gkd run` reads its --data source (gkd.runtime.records) and which tokens the loss trains on.
+
+    format: "text" (the `text_field` of each record), "chat" (a "messages" list, rendered with the teacher
+    tokenizer's chat template), "prompt_completion" ("prompt" and "completion" fields), or "auto" (chat when
+    the records have "messages", prompt_completion when they have "prompt" and "completion", else text).
+    loss_mask: "completion" trains on the completion tokens only (the assistant turns of a chat), for the
+    hard and the distillation terms alike; "all" on every token; "auto" is completion for chat and
+    prompt/completion records and all for text. split and subset pick a split and a configuration of a
+    dataset folder or hub id (a single data file is its own "train" split); streaming reads the records one
+    by one instead of through a datasets Arrow copy of the source.
+    """
+
+    format: str = "auto"
+    text_field: str = "text"
+    split: str = "train"
+    subset: str | None = None
+    loss_mask: str = "auto"
+    streaming: bool = False
+
+    def __post_init__(self) -> None:
+        _choice(self.format, DATA_FORMATS, "data.format")
+        _choice(self.loss_mask, LOSS_MASKS, "data.loss_mask")
+        for name in ("text_field", "split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise InputError(f"data.{name} must be a non-empty name, got {shown(value)}")
+        if self.subset is not None and (not isinstance(self.subset, str) or not self.subset.strip()):
+            raise InputError(
+                f"data.subset must be a configuration name or left out, got {shown(self.subset)}"
+            )
+        if not isinstance(self.streaming, bool):
+            raise InputError(f"data.streaming must be true or false, got {shown(self.streaming)}")
+        if self.format == "text" and self.loss_mask == "completion":
+            raise InputError(
+                "data.loss_mask completion needs records with a completion (format chat or "
+                "prompt_completion); text records train on every token"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Overrides:
     """Choices pinned by the user; None leaves a choice to the search."""
 
@@ -534,6 +578,7 @@ class Config:
     methods: tuple[MethodConfig, ...] = (MethodConfig(name="kd"), MethodConfig(name="minilmv2"))
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     overrides: Overrides = field(default_factory=Overrides)
     student_init: StudentInit | None = None
@@ -705,6 +750,7 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         "methods",
         "hardware",
         "training",
+        "data",
         "deepspeed",
         "overrides",
         "student_init",
@@ -725,7 +771,7 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         kwargs["student"] = data["student"]
     if "methods" in data:
         kwargs["methods"] = _methods(data["methods"])
-    for section in ("hardware", "training", "deepspeed", "overrides"):
+    for section in ("hardware", "training", "data", "deepspeed", "overrides"):
         if data.get(section) is not None and not isinstance(data[section], Mapping):
             raise InputError(
                 f"{section} must be a mapping of settings (e.g. {section}: {{...}}), got "
@@ -741,6 +787,7 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
     if isinstance(training.get("report_to"), str):
         training["report_to"] = (training["report_to"],)
     kwargs["training"] = _section(TrainingConfig, training, "training")
+    kwargs["data"] = _section(DataConfig, data.get("data"), "data")
     kwargs["deepspeed"] = _section(DeepSpeedSettings, data.get("deepspeed"), "deepspeed")
     overrides = dict(data.get("overrides") or {})
     if overrides.get("recompute_layers") is not None:

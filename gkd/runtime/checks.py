@@ -326,7 +326,7 @@ def check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: An
     a source not seen before is tokenised here, once, for all of them (see gkd.runtime.tokens). Returns the
     source's stored ids (a TokenFile)."""
     from gkd.planner.specs import load_spec
-    from gkd.runtime.data import batches, load_tokenizer, prepare_tokens
+    from gkd.runtime.data import batches, data_options, load_tokenizer, prepare_tokens
 
     config = plan.inputs["config"]
     t_ref, s_ref = config["teachers"][0], config["student"]
@@ -338,7 +338,8 @@ def check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: An
                 f"the tokenizer has {tokenizer.vocab_size} tokens but {spec.name} has a vocabulary of "
                 f"{spec.vocab}; distil models that share the teacher's tokenizer"
             )
-    stored, built = prepare_tokens(data, tokenizer, show_progress=True)
+    options = data_options(config)
+    stored, built = prepare_tokens(data, tokenizer, options=options, show_progress=True)
     if built and data is not None:
         echo(
             f"Tokenized {data}: {stored.documents:,} documents, {stored.tokens:,} tokens "
@@ -353,6 +354,7 @@ def check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: An
         rank=0,
         world=processes,
         seed=seed,
+        options=options,
     )
     return stored
 

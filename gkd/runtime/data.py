@@ -7,15 +7,21 @@ Two entry points:
   nothing is ever downloaded. Presets and folders without tokenizer files get the built-in `ByteTokenizer`
   (UTF-8 bytes as ids 0..255, with pad / bos / eos / mask on four ASCII control codes that text never
   holds), which needs a vocabulary of at least 256 ids, so it fits every preset, the tiny ones included.
-- `batches(source, tokenizer, ...)`: documents from the built-in corpus, a `.txt` file, a `.jsonl` file or a
-  `datasets.save_to_disk` folder; tokenised, joined with eos and packed into rows of exactly `seq_len` tokens.
+- `batches(source, tokenizer, ..., options)`: documents from the built-in corpus, a `.txt` or `.jsonl` file,
+  or anything gkd.runtime.records opens through `datasets` (data files, folders, `save_to_disk` folders,
+  cached hub ids), as text, chat or prompt/completion records (the config's `data` section, `options`);
+  tokenised, joined with eos and packed into rows of exactly `seq_len` tokens.
 
 Design choices:
 
 - Packing, not padding. Every row is full, so the attention mask is all True and no compute goes to pad
   tokens; the final partial row is dropped. Documents are encoded without the tokenizer's own special
   tokens (no per-document BOS / CLS) and each one is followed by eos, so document boundaries stay visible to
-  the model.
+  the model. Each row also carries position ids that restart at every document (and at the row's start):
+  gkd.runtime.step gives them to the models so that packed documents do not attend to each other.
+- Completion-only data (chat, prompt/completion) stores a per-token loss mask: labels are -100 outside the
+  completion, and "loss_mask" marks the positions whose output predicts a completion token, which every loss
+  term reads (gkd.runtime.step).
 - The source is tokenised once, streamed document by document, into a flat file of ids in the cache
   (gkd.runtime.tokens), keyed by the source's path, size and modification time and the tokenizer's files.
   Every rank memory-maps that file and reads only the rows of its batches, so a corpus of billions of tokens
@@ -30,7 +36,8 @@ Design choices:
   positions and -100 elsewhere. Special tokens (the eos separators) are never chosen, as in transformers'
   `DataCollatorForLanguageModeling`. The generator is seeded from (seed, rank, batch index), so masking is
   deterministic and independent across ranks.
-- Causal labels are a copy of input_ids: the model (and `gkd.methods.losses.task_loss`) shifts them.
+- Causal labels are a copy of input_ids (-100 where a token is not trained): the model (and
+  `gkd.methods.losses.task_loss`) shifts them.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,9 +55,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from gkd.config import DataConfig
 from gkd.errors import InputError, shown
 from gkd.models import ModelSpec, preset_names
-from gkd.runtime.tokens import TokenFile, file_identity, stored_tokens
+from gkd.runtime.records import (
+    DATASET_FILES,
+    FORMS,
+    ChatTemplate,
+    chat_template,
+    check_fields,
+    detect_format,
+    is_hub_id,
+    open_records,
+    segments,
+)
+from gkd.runtime.tokens import Document, TokenFile, file_identity, stored_tokens
 
 OBJECTIVES = ("causal", "mlm")
 
@@ -76,10 +96,12 @@ _TOKENIZER_IDENTITY_FILES = frozenset(
         "special_tokens_map.json",
         "added_tokens.json",
         "sentencepiece.bpe.model",
+        "chat_template.jinja",  # the chat template, when not in tokenizer_config.json
+        "chat_template.json",
     )
 )
 
-_SOURCE_FORMS = 'a .txt file, a .jsonl file with a "text" field per line, or a datasets.save_to_disk folder'
+SOURCE_FORMS = FORMS
 
 
 class Tokenizer(Protocol):
@@ -233,46 +255,127 @@ def _tokenizer_folder(ref: str) -> Path | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_documents(source: str | None) -> list[str]:
-    """The documents of a data source (None: the built-in corpus), in file order."""
-    return [text for text, _ in _source(source)[2]()]
+def data_options(config: Mapping[str, Any]) -> DataConfig:
+    """The data section of a plan's config (its defaults for plans written before it had one)."""
+    return DataConfig(**dict(config.get("data") or {}))
 
 
-def _source(source: str | None) -> tuple[str, int, Callable[[], Iterator[tuple[str, int]]]]:
-    """(identity, total progress units, documents) of a data source. The identity changes when the source
-    is edited; documents() streams (text, progress units) pairs, the units being bytes read (rows for a
-    dataset folder), and raises InputError at the first bad document."""
+def read_documents(
+    source: str | None, options: DataConfig | None = None, tokenizer: Tokenizer | None = None
+) -> list[str]:
+    """The documents of a data source (None: the built-in corpus), in file order, as text (a chat record as
+    its rendered conversation)."""
+    found = _source(source, options or DataConfig(), tokenizer or ByteTokenizer())
+    return [doc if isinstance(doc, str) else "".join(text for text, _ in doc) for doc, _ in found.documents()]
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An opened source: `identity` changes when it (or how it is read) changes; `total` progress units
+    (None: unknown); `masked`: its documents carry a loss mask; `documents()` streams (document, progress
+    units) pairs, the units being bytes read (records for a dataset), and raises InputError at the first bad
+    record."""
+
+    identity: str
+    total: int | None
+    masked: bool
+    documents: Callable[[], Iterator[tuple[Document, int]]]
+
+
+def _source(source: str | None, options: DataConfig, tokenizer: Tokenizer) -> _Found:
     if source is None:
         text = resources.files("gkd").joinpath("data/corpus.txt").read_text(encoding="utf-8")
         identity = f"builtin {hashlib.sha256(text.encode()).hexdigest()}"
         lines = _text_documents(text)
-        return identity, len(lines), lambda: ((line, 1) for line in lines)
+        _resolve_format("text", options, "the built-in corpus")
+        return _Found(identity, len(lines), False, lambda: ((line, 1) for line in lines))
     path = Path(source).expanduser()
     try:
-        if path.is_dir():
-            return _folder_source(path)
+        is_dir = path.is_dir()
         exists, regular = path.exists(), path.is_file()
     except OSError as err:  # a name too long for the file system, a folder that cannot be searched
         raise InputError(
             f"cannot read data source {shown(source)}: {err.strerror or type(err).__name__}"
         ) from None
-    if not exists:
-        raise InputError(f"data source {shown(source)} does not exist; give {_SOURCE_FORMS}")
-    if not regular:  # a FIFO or a device: neither has an end to tokenise up to
-        raise InputError(f"data source {shown(source)} is not a regular file; give {_SOURCE_FORMS}")
     suffix = path.suffix.lower()
+    if (
+        is_dir
+        or (regular and suffix in DATASET_FILES and suffix != ".jsonl")
+        or (not exists and is_hub_id(source))
+    ):
+        return _dataset_source(source, options, tokenizer)
+    if not exists:
+        raise InputError(f"data source {shown(source)} does not exist; give {SOURCE_FORMS}")
+    if not regular:  # a FIFO or a device: neither has an end to tokenise up to
+        raise InputError(f"data source {shown(source)} is not a regular file; give {SOURCE_FORMS}")
     if suffix not in (".txt", ".jsonl"):
         raise InputError(
-            f"data source {source} has an unsupported type {suffix or '(none)'}; give {_SOURCE_FORMS}"
+            f"data source {source} has an unsupported type {suffix or '(none)'}; give {SOURCE_FORMS}"
         )
     try:
-        identity = f"file {file_identity([path])}"
+        files = file_identity([path])
     except OSError as err:
         raise InputError(
             f"cannot read data source {path}: {err.strerror or err.__class__.__name__}"
         ) from None
-    reader = _text_lines if suffix == ".txt" else _jsonl_lines
-    return identity, path.stat().st_size, lambda: reader(path)
+    if suffix == ".txt":
+        form, masked = _resolve_format("text", options, str(path))
+        return _Found(
+            _identity("file", files, form, masked, options),
+            path.stat().st_size,
+            False,
+            lambda: _text_lines(path),
+        )
+    first = next((record for _, record, _ in _jsonl_records(path)), {})
+    form, masked = _resolve_format(detect_format(list(first)), options, str(path))
+    template = chat_template(tokenizer) if form != "text" else None
+    return _Found(
+        _identity("file", files, form, masked, options),
+        path.stat().st_size,
+        masked,
+        lambda: _jsonl_documents(path, form, options.text_field, template),
+    )
+
+
+def _resolve_format(detected: str, options: DataConfig, name: str) -> tuple[str, bool]:
+    """(format, masked): data.format (auto: `detected`) and whether the loss mask is the completion's."""
+    form = detected if options.format == "auto" else options.format
+    if form == "text" and options.loss_mask == "completion":
+        raise InputError(
+            f"data.loss_mask is completion but {name} holds text records, which have no completion; use "
+            "chat or prompt/completion records, or data.loss_mask all"
+        )
+    masked = options.loss_mask == "completion" or (options.loss_mask == "auto" and form != "text")
+    return form, masked
+
+
+def _identity(kind: str, files: Any, form: str, masked: bool, options: DataConfig) -> str:
+    """What the stored ids depend on besides the tokenizer: the files and how their records are read."""
+    how = f"{form} field={options.text_field} split={options.split} subset={options.subset} masked={masked}"
+    return f"{kind} {files} {how}"
+
+
+def _dataset_source(source: str, options: DataConfig, tokenizer: Tokenizer) -> _Found:
+    """A source read through `datasets` (gkd.runtime.records): data files, folders and hub ids."""
+    records = open_records(source, split=options.split, subset=options.subset, streaming=options.streaming)
+    columns = records.columns
+    if columns is None:  # a stream whose fields are known only once read
+        columns = list(next(records.rows(), {}))
+    form, masked = _resolve_format(detect_format(columns), options, source)
+    check_fields(columns, form, options.text_field, f"data source {source}")
+    template = chat_template(tokenizer) if form != "text" else None
+    # Streamed sources are identified by their files too: the stored ids are built once from them.
+    identity = _identity("dataset", file_identity(records.files), form, masked, options)
+
+    def documents() -> Iterator[tuple[Document, int]]:
+        for number, record in enumerate(records.rows(), start=1):
+            doc = segments(
+                record, form, options.text_field, template, f"data source {source} record {number}"
+            )
+            if doc:
+                yield (doc[0][0] if form == "text" else doc), 1
+
+    return _Found(identity, records.total, masked, documents)
 
 
 # The most bytes one document (a line of a .txt or .jsonl file) may hold, unless GKD_MAX_DOCUMENT_BYTES says
@@ -351,7 +454,8 @@ def _text_lines(path: Path) -> Iterator[tuple[str, int]]:
             yield text, size
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[str, int]]:
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any], int]]:
+    """(line number, record, bytes) of each non-empty line of a .jsonl file."""
     for number, line, size in _lines(path):
         if not line.strip():
             continue
@@ -366,18 +470,41 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[str, int]]:
                 f"{path} line {number} nests its JSON too deeply to read; keep each line a flat object "
                 'with a "text" field'
             ) from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise InputError(f'{path} line {number} has no "text" string field; give every line one')
+        if not isinstance(record, dict):
+            raise InputError(f"{path} line {number} is not a JSON object; write one object per line")
         if "\\u" in line:  # only an escape can give a lone surrogate: the line itself is valid UTF-8
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise InputError(
-                    f"{path} line {number}: its text holds a lone surrogate ({shown(text[err.start])}, "
-                    "from a broken \\u escape), which is not a character; fix or drop that escape"
-                ) from None
-        yield text, size
+            _no_surrogates(record, f"{path} line {number}")
+        yield number, record, size
+
+
+def _no_surrogates(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(
+                f"{where}: its text holds a lone surrogate ({shown(value[err.start])}, "
+                "from a broken \\u escape), which is not a character; fix or drop that escape"
+            ) from None
+    elif isinstance(value, dict):
+        for item in value.values():
+            _no_surrogates(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _no_surrogates(item, where)
+
+
+def _jsonl_documents(
+    path: Path, form: str, text_field: str, template: ChatTemplate | None
+) -> Iterator[tuple[Document, int]]:
+    for number, record, size in _jsonl_records(path):
+        if form == "text" and not isinstance(record.get(text_field), str):
+            raise InputError(
+                f"{path} line {number} has no {json.dumps(text_field)} string field; give every line one"
+            )
+        doc = segments(record, form, text_field, template, f"{path} line {number}")
+        if doc:
+            yield (doc[0][0] if form == "text" else doc), size
 
 
 def _json_int(digits: str) -> int | float:
@@ -386,80 +513,46 @@ def _json_int(digits: str) -> int | float:
     return int(digits) if len(digits) <= 4000 else float(digits)
 
 
-# Rows read from a dataset folder at once.
-_DATASET_BATCH = 1000
-
-
-def _folder_source(path: Path) -> tuple[str, int, Callable[[], Iterator[tuple[str, int]]]]:
-    """A `datasets.save_to_disk` folder (a Dataset, or a DatasetDict's train split), "text" column."""
-    try:
-        import datasets
-    except ImportError:
-        raise InputError(
-            f"data source {path} is a folder, which needs the datasets package; `pip install datasets` or "
-            "give a .txt or .jsonl file"
-        ) from None
-    try:
-        dataset = datasets.load_from_disk(str(path))
-    except Exception as err:  # datasets raises FileNotFoundError, ValueError, ... for foreign folders
-        raise InputError(
-            f"cannot load data folder {path} ({err.__class__.__name__}); give a folder written by "
-            "datasets' save_to_disk, or a .txt or .jsonl file"
-        ) from None
-    if isinstance(dataset, dict):  # a DatasetDict: pick the training split
-        splits = sorted(dataset)
-        if "train" in dataset:
-            dataset = dataset["train"]
-        elif len(splits) == 1:
-            dataset = dataset[splits[0]]
-        else:
-            raise InputError(
-                f"data folder {path} has splits {', '.join(splits)} and none is 'train'; "
-                "save only the split to train on"
-            )
-    if "text" not in dataset.column_names:
-        raise InputError(
-            f'data folder {path} has no "text" column (columns: {", ".join(dataset.column_names)}); '
-            'rename the text column to "text"'
-        )
-
-    def documents() -> Iterator[tuple[str, int]]:
-        for chunk in dataset.iter(batch_size=_DATASET_BATCH):
-            texts = chunk["text"]
-            for i, text in enumerate(texts):
-                if isinstance(text, str) and text:
-                    yield text, len(texts) if i == 0 else 0
-
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return f"folder {file_identity(files)}", len(dataset), documents
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Tokens, packing and batches
 # ----------------------------------------------------------------------------------------------------------
 
 
 def prepare_tokens(
-    source: str | None, tokenizer: Tokenizer, *, show_progress: bool = False
+    source: str | None,
+    tokenizer: Tokenizer,
+    *,
+    options: DataConfig | None = None,
+    show_progress: bool = False,
 ) -> tuple[TokenFile, bool]:
     """The source's ids, each document followed by eos when the tokenizer has one, stored once on disk (see
-    gkd.runtime.tokens); and whether this call tokenised it. `show_progress`: a progress bar on a terminal
-    while a large source is tokenised."""
-    identity, total, documents = _source(source)
+    gkd.runtime.tokens) with where each document starts and, for chat and prompt/completion records, which
+    tokens the loss trains on; and whether this call tokenised it. `options`: the config's data section.
+    `show_progress`: a progress bar on a terminal while a large source is tokenised."""
+    found = _source(source, options or DataConfig(), tokenizer)
     if source is not None:
         max_document_bytes()  # a bad setting is refused even where the ids are stored and nothing is read
-    key = hashlib.sha256(f"{identity}\n{tokenizer.identity()}".encode()).hexdigest()[:32]
+    # The store's layout is part of the key: entries of an older layout are never read.
+    key = hashlib.sha256(f"{_STORE_LAYOUT}\n{found.identity}\n{tokenizer.identity()}".encode()).hexdigest()[
+        :32
+    ]
     name = source if source is not None else "the built-in corpus"
-    large = source is not None and (Path(source).expanduser().is_dir() or total >= _BAR_MIN_BYTES)
-    with _tokenizing_bar(f"Tokenizing {name}", total, show_progress and large) as advance:
+    by_records = source is not None and not Path(source).expanduser().is_file()
+    large = source is not None and found.total is not None and (by_records or found.total >= _BAR_MIN_BYTES)
+    with _tokenizing_bar(f"Tokenizing {name}", found.total or 0, show_progress and large) as advance:
         return stored_tokens(
             key,
-            documents,
+            found.documents,
             tokenizer.encode_batch,
             eos_id=tokenizer.eos_id,
             vocab_size=tokenizer.vocab_size,
+            masked=found.masked,
             progress=advance,
         )
+
+
+# The stored ids' layout (gkd.runtime.tokens): ids, document starts and the optional loss mask.
+_STORE_LAYOUT = "ids+docs+mask"
 
 
 # Files smaller than this tokenise in about a second: no bar. (A dataset folder counts rows, not bytes: it
@@ -492,9 +585,12 @@ def batches(
     rank: int = 0,
     world: int = 1,
     seed: int = 0,
+    options: DataConfig | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless iterator of micro-batches for one rank: "input_ids" and "labels" (micro_batch, seq_len)
-    long, "attention_mask" (micro_batch, seq_len) bool. objective: "causal" (decoders) or "mlm" (encoders).
+    """An endless iterator of micro-batches for one rank, each (micro_batch, seq_len): "input_ids",
+    "labels" and "position_ids" long, "attention_mask" bool, and, for data with a completion loss mask,
+    "loss_mask" bool (see `_Rows.take`). objective: "causal" (decoders) or "mlm" (encoders). `options`: the
+    config's data section (how the source's records are read).
 
     The source is tokenised (or its stored ids found) before this returns, so a bad source raises InputError
     here, not at the first `next`.
@@ -505,7 +601,12 @@ def batches(
             "the mlm objective needs a tokenizer with a mask token and this one has none; "
             "use the encoder's own tokenizer folder"
         )
-    stored, _ = prepare_tokens(source, tokenizer)
+    stored, _ = prepare_tokens(source, tokenizer, options=options)
+    if objective == "mlm" and stored.masked:
+        raise InputError(
+            "chat and prompt/completion data train a decoder on its completions; an encoder (mlm) student "
+            "needs text records (data.format text, or data.loss_mask all)"
+        )
     count = stored.tokens // seq_len  # the final partial row is dropped
     needed = world * micro_batch
     if count < needed:
@@ -515,7 +616,7 @@ def batches(
             f"micro_batch {micro_batch} need {needed} rows, at least {needed * seq_len} tokens; "
             "use more data or lower seq_len / micro_batch"
         )
-    rows = stored.ids()[: count * seq_len].reshape(count, seq_len)
+    rows = _Rows(stored, seq_len, count)
     return _generate(
         rows, tokenizer, micro_batch=micro_batch, objective=objective, rank=rank, world=world, seed=seed
     )
@@ -531,8 +632,44 @@ def _check_args(*, seq_len: int, micro_batch: int, objective: str, rank: int, wo
         raise InputError(f"rank must be an integer in 0..{world - 1}, got {shown(rank)}")
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The stored ids cut into `count` rows of `seq_len` tokens (the final partial row dropped)."""
+
+    stored: TokenFile
+    seq_len: int
+    count: int
+
+    def take(self, picked: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows `picked` as a batch: "input_ids", "attention_mask" (all True: rows are full), "position_ids"
+        (counting from 0 at each document's start and at the row's start, so that models whose attention
+        reads them keep documents apart, see gkd.runtime.step), and for masked data "trained" (the token is
+        a target of the loss) and "loss_mask" (the position's output is trained: the next token is a trained
+        token of the same document; the row's last position looks at the first token of the next row)."""
+        seq_len = self.seq_len
+        ids = self.stored.ids()
+        where = picked[:, None].astype(np.int64) * seq_len + np.arange(seq_len)  # token offsets (B, T)
+        starts = self.stored.starts()
+        document = np.searchsorted(starts, where, side="right") - 1
+        begin = np.maximum(starts[np.maximum(document, 0)] if len(starts) else 0, where[:, :1])
+        out = {
+            "input_ids": torch.from_numpy(ids[where].astype(np.int64)),
+            "attention_mask": torch.ones(where.shape, dtype=torch.bool),
+            "position_ids": torch.from_numpy(where - begin),
+        }
+        flags = self.stored.trained()
+        if flags is not None:
+            following = np.minimum(where + 1, self.stored.tokens - 1)
+            same = (np.searchsorted(starts, following, side="right") - 1 == document) & (
+                where + 1 < self.stored.tokens
+            )
+            out["trained"] = torch.from_numpy(flags[where].astype(bool))
+            out["loss_mask"] = torch.from_numpy(flags[following].astype(bool) & same)
+        return out
+
+
 def _generate(
-    rows: np.ndarray,
+    rows: _Rows,
     tokenizer: Tokenizer,
     *,
     micro_batch: int,
@@ -547,16 +684,19 @@ def _generate(
     epoch = 0
     index = 0
     while True:
-        order = torch.randperm(rows.shape[0], generator=_generator(seed, epoch))
+        order = torch.randperm(rows.count, generator=_generator(seed, epoch))
         pending = torch.cat([pending, order[rank::world]])
         epoch += 1
         full = len(pending) // micro_batch * micro_batch
         for start in range(0, full, micro_batch):
             # Only this batch's rows are read from the stored ids.
-            input_ids = torch.from_numpy(rows[pending[start : start + micro_batch].numpy()].astype(np.int64))
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            batch = rows.take(pending[start : start + micro_batch].numpy())
+            input_ids = batch["input_ids"]
             if objective == "causal":
-                yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.clone()}
+                # Labels are the input ids (the model shifts them), -100 where a token is not a target.
+                trained = batch.pop("trained", None)
+                labels = input_ids.clone() if trained is None else input_ids.masked_fill(~trained, -100)
+                yield {**batch, "labels": labels}
             else:
                 assert ordinary is not None and tokenizer.mask_id is not None
                 masked, labels = mask_tokens(
@@ -566,7 +706,7 @@ def _generate(
                     special_ids=special,
                     generator=_generator(seed, rank, index),
                 )
-                yield {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+                yield {**batch, "input_ids": masked, "labels": labels}
             index += 1
         pending = pending[full:]
 

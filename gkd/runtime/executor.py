@@ -90,6 +90,7 @@ from gkd.runtime.launch import (
     prepare_cpu,
     setup_worker,
 )
+from gkd.runtime.records import check_exists, source_ref
 from gkd.runtime.settings import RunSettings, write_run_json
 from gkd.runtime.signals import Terminated, interruption, sigterm_raises, stop, stops_on_sigterm
 from gkd.runtime.worker import train_worker
@@ -320,15 +321,13 @@ def _run_job(
         raise InputError("--eval-every must be 0 or more and --eval-batches at least 1")
     if eval_every and eval_data is None:
         raise InputError("--eval-every needs held-out text to evaluate on: give --eval-data PATH")
-    if eval_data is not None and not Path(eval_data).exists():
-        raise InputError(
-            f"eval data {eval_data} does not exist; give a .txt or .jsonl file or a dataset folder"
-        )
+    if eval_data is not None:
+        check_exists(eval_data, "eval data")
     if resume and (eval_data is not None or eval_every):
         raise InputError("a resumed run keeps its own evaluation settings; drop --eval-data / --eval-every")
     # Stored absolute in run.json, so that a resume from another folder reads the same files.
-    data = str(Path(data).resolve()) if data is not None and not resume else data
-    eval_data = str(Path(eval_data).resolve()) if eval_data is not None else None
+    data = source_ref(data) if data is not None and not resume else data
+    eval_data = source_ref(eval_data) if eval_data is not None else None
     if resume and discard_partial:
         raise InputError(
             "--discard-partial starts a run over; it cannot go with --resume, which continues one"
@@ -360,8 +359,8 @@ def _run_job(
             f"`gkd run --resume --out {out_path}`, or start over with --discard-partial (which removes it)"
         )
     check_out(out_path)
-    if data is not None and not Path(data).exists():
-        raise InputError(f"data source {data} does not exist; give a .txt or .jsonl file or a dataset folder")
+    if data is not None:
+        check_exists(data, "data source")
     check_out_outside_data(out_path, [data, eval_data])
     plan = load_or_plan(target, processes=world, echo=echo, per_node=per_node)
     _check_runnable(plan, world)

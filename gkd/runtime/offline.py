@@ -113,6 +113,8 @@ def write_pass(
 ) -> int:
     """Run `teacher` on the next `records` micro-batches of `stream` and store their top-k; returns bytes.
     `progress(done)` is called after each micro-batch."""
+    from gkd.runtime.step import packed_inputs
+
     folder.mkdir(parents=True, exist_ok=True)
     idx_path, lp_path, marker = _paths(folder, rank, index)
     marker.unlink(missing_ok=True)
@@ -123,6 +125,8 @@ def write_pass(
             "input_ids": batch["input_ids"].to(device),
             "attention_mask": batch["attention_mask"].long().to(device),
         }
+        if "position_ids" in batch:  # packed documents kept apart (gkd.runtime.step.packed_inputs)
+            inputs = packed_inputs(teacher, {**inputs, "position_ids": batch["position_ids"].to(device)})
         if getattr(getattr(teacher, "config", None), "use_cache", False):
             inputs["use_cache"] = False
         with torch.no_grad(), capture_taps(teacher, {"logits"}) as taps:

@@ -9,7 +9,11 @@ Usage:
 `batch` maps "input_ids" (B, T), optionally "attention_mask" (B, T; bool or 0/1, True = real token), "labels"
 and any further model inputs (e.g. "token_type_ids"), which are passed to every model unchanged. Fields in
 LOSS_BATCH_KEYS (e.g. MGSKD's "phrase_spans") are for losses only: they reach them as `ctx.aux["batch"]`
-and never reach a model.
+and never reach a model. "loss_mask" (B, T; bool, optional) marks the positions whose outputs the loss
+trains (completion-only data, gkd.runtime.data): every term, hard and distillation alike, reads the
+attention mask and it together as `ctx.mask`, and the labels carry -100 outside it. "position_ids" (B, T)
+count from 0 at each packed document's start: a model whose forward takes them gets them without the
+all-ones attention mask, so that transformers builds a mask that keeps the documents apart (`packed_inputs`).
 
 The order of operations (see `gkd.methods.hooks` for what each hook-op call may do):
 1. build the step's hook ops from `resolved` and install them all: they stay active around every forward
@@ -56,6 +60,8 @@ from gkd.runtime.capture import capture_taps, transformer_layers
 
 # Batch fields that losses read and models must not see.
 LOSS_BATCH_KEYS = ("phrase_spans",)
+# The batch field that restricts the loss to some positions (completion tokens); never a model input.
+LOSS_MASK_KEY = "loss_mask"
 
 
 @dataclass(kw_only=True)
@@ -73,19 +79,22 @@ class StepRunner:
 
     @property
     def mask(self) -> Tensor:
-        """(B, T) bool, True = real token (all True when the batch has no attention mask)."""
+        """(B, T) bool, True = a real token whose outputs the loss trains: the attention mask (all True when
+        the batch has none), and the batch's loss mask where it has one."""
         ids = self.batch["input_ids"]
         mask = self.batch.get("attention_mask")
         if mask is None:
-            return torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
-        return mask.bool()
+            mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+        trained = self.batch.get(LOSS_MASK_KEY)
+        return mask.bool() if trained is None else mask.bool() & trained.bool()
 
     @property
     def labels(self) -> Tensor | None:
         return self.batch.get("labels")
 
     def model_inputs(self) -> dict[str, Any]:
-        inputs = {k: v for k, v in self.batch.items() if k != "labels" and k not in LOSS_BATCH_KEYS}
+        skip = {"labels", LOSS_MASK_KEY, *LOSS_BATCH_KEYS}
+        inputs = {k: v for k, v in self.batch.items() if k not in skip}
         if "attention_mask" in inputs and inputs["attention_mask"] is not None:
             inputs["attention_mask"] = inputs["attention_mask"].long()
         return inputs
@@ -190,6 +199,35 @@ def _gathered(weights: Iterable[Tensor | None]) -> Iterator[None]:
         yield
 
 
+def packed_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """`inputs` as `model` takes packed rows: with "position_ids" (reset at each document's start), a model
+    whose forward takes them gets them, no attention mask while that mask is all True (packed rows are
+    full) and no key/value cache: transformers' mask builders then find the documents in the position ids
+    and keep their attention apart (`masking_utils.find_packed_sequence_indices`, for sdpa, eager, flex
+    and flash attention alike). A model whose forward takes no position ids (BLOOM's ALiBi) keeps the
+    attention mask, and its documents attend to each other as before. Which families keep documents apart
+    in the installed transformers is checked by tests/runtime/test_packing.py."""
+    if inputs.get("position_ids") is None:
+        return inputs
+    if not _takes(model, "position_ids"):
+        return {k: v for k, v in inputs.items() if k != "position_ids"}
+    mask = inputs.get("attention_mask")
+    if mask is not None and bool(mask.all()):
+        inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    if _takes(model, "use_cache"):
+        # transformers reads packed documents from the position ids only when no key/value cache is made.
+        inputs = {**inputs, "use_cache": False}
+    return inputs
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether the model's forward takes the keyword `name`."""
+    import inspect
+
+    # Named, not merely accepted through **kwargs: a forward that only passes them on may drop them.
+    return name in inspect.signature(model.forward).parameters
+
+
 def run_captured(
     model: nn.Module,
     names: Iterable[str],
@@ -200,6 +238,7 @@ def run_captured(
     consumed: set[str] | None = None,
 ) -> dict[str, Tensor]:
     wanted = set(names)
+    inputs = packed_inputs(model, inputs)
     if getattr(getattr(model, "config", None), "use_cache", False):
         # A training step never reuses keys and values; a cache would also be sized for the model's own layer
         # count, which a module swap (Theseus) changes.

@@ -4,7 +4,15 @@
 folder, `GKD_CACHE_DIR` or ~/.cache/gkd, below `tokens/`), building it first when it is not there: the
 documents are encoded in batches (a transformers tokenizer encodes a batch on all cores) and their ids,
 each document followed by eos, are appended to a flat file of uint16 ids (uint32 for vocabularies over
-65,536). `TokenFile.ids()` maps that file read-only.
+65,536). `TokenFile.ids()` maps that file read-only. Beside it, `.docs` holds where each document starts
+(int64 token offsets: packed rows reset their position ids there, so that documents do not attend to each
+other), and, for data with a loss mask (chat and prompt/completion records), `.mask` holds one byte a token:
+1 where the token is a target of the loss (a completion token), 0 where it is only context (the prompt).
+
+A document is a text, or a sequence of (text, trained) segments: each segment is encoded on its own and
+the ids joined, so a segment's tokens are exactly the ones its flag covers (encoding the joined text could
+merge tokens across a prompt/completion boundary). The eos after a document is trained when its last
+segment is: the model learns to stop after a completion.
 
 Why on disk rather than in memory: a distillation corpus is often billions of tokens. Held as Python ints
 they take about 36 bytes each, and every rank would tokenize the whole source again at every start. Stored
@@ -27,10 +35,11 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 
@@ -46,21 +55,41 @@ BATCH_CHARS = 8 << 20
 # A temporary file not written to for this long belongs to a run that is gone, whichever machine ran it.
 STALE_PARTIAL_S = 24 * 3600
 
+# A document: a text (all of it trained), or (text, trained) segments encoded one by one and joined.
+Document = Union[str, Sequence[tuple[str, bool]]]  # noqa: UP007 (a runtime alias on Python 3.10)
+
 
 @dataclass(frozen=True)
 class TokenFile:
-    """A stored token sequence: `tokens` ids of `dtype` in `path`, from `documents` documents."""
+    """A stored token sequence: `tokens` ids of `dtype` in `path`, from `documents` documents; `masked`:
+    a per-token loss mask is stored beside them."""
 
     path: Path
     tokens: int
     documents: int
     dtype: str
+    masked: bool = False
 
     def ids(self) -> np.ndarray:
         """The ids, memory-mapped read-only (an empty array for an empty source)."""
         if self.tokens == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.tokens,))
+
+    def starts(self) -> np.ndarray:
+        """The token offset at which each document starts (int64, ascending), memory-mapped read-only."""
+        if self.documents == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.memmap(self.path.with_suffix(".docs"), dtype=np.int64, mode="r", shape=(self.documents,))
+
+    def trained(self) -> np.ndarray | None:
+        """Per token, 1 where it is a target of the loss and 0 where it is context only (uint8, memory-mapped
+        read-only); None when every token is trained."""
+        if not self.masked:
+            return None
+        if self.tokens == 0:
+            return np.zeros(0, dtype=np.uint8)
+        return np.memmap(self.path.with_suffix(".mask"), dtype=np.uint8, mode="r", shape=(self.tokens,))
 
 
 def token_dir() -> Path:
@@ -74,49 +103,57 @@ def id_dtype(vocab_size: int) -> str:
 
 def stored_tokens(
     key: str,
-    documents: Callable[[], Iterator[tuple[str, int]]],
+    documents: Callable[[], Iterator[tuple[Document, int]]],
     encode_batch: Callable[[list[str]], list[list[int]]],
     *,
     eos_id: int | None,
     vocab_size: int,
+    masked: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[TokenFile, bool]:
     """The token file stored under `key`, and whether it was built by this call.
 
-    `documents()` yields (text, units of progress it stands for, e.g. the bytes read); `progress(units)` is
-    called as the documents are consumed. Raises InputError when the folder cannot be written.
+    `documents()` yields (document, units of progress it stands for, e.g. the bytes read); `progress(units)`
+    is called as the documents are consumed. `masked`: store each token's loss-mask flag too (documents
+    given as segments). Raises InputError when the folder cannot be written.
     """
     found = _lookup(key)
     if found is not None:
         return found, False
     folder = token_dir()
     dtype = id_dtype(vocab_size)
-    partial = folder / f"{key}.bin{_partial_suffix()}"
+    suffix = _partial_suffix()
+    partials = {kind: folder / f"{key}.{kind}{suffix}" for kind in ("bin", "docs", "mask")}
     try:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(folder)
         tokens = count = 0
-        with open(partial, "wb") as f:
+        with contextlib.ExitStack() as files:
+            out = {kind: files.enter_context(open(path, "wb")) for kind, path in partials.items()}
             for batch in _batches(documents()):
-                texts = [text for text, _ in batch]
-                encoded = encode_batch(texts)
-                tail = [] if eos_id is None else [eos_id]
-                # chain, not ids + tail: a long document's list of ids is not copied.
-                flat = np.fromiter(chain.from_iterable(chain(ids, tail) for ids in encoded), dtype=np.int64)
-                if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-                    bad = int(flat.max() if flat.max() >= vocab_size else flat.min())
+                ids, flags, lengths = _encode(batch, encode_batch, eos_id)
+                if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                    bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
                     raise InputError(
                         f"the tokenizer produced id {bad}, outside its {vocab_size} tokens; check its files"
                     )
-                flat.astype(dtype).tofile(f)
-                tokens += int(flat.size)
+                ids.astype(dtype).tofile(out["bin"])
+                (tokens + np.concatenate(([0], np.cumsum(lengths)[:-1]))).astype(np.int64).tofile(out["docs"])
+                if masked:
+                    flags.tofile(out["mask"])
+                tokens += int(ids.size)
                 count += len(batch)
                 if progress is not None:
                     progress(sum(units for _, units in batch))
-        entry = TokenFile(path=folder / f"{key}.bin", tokens=tokens, documents=count, dtype=dtype)
-        partial.replace(entry.path)
-        meta = folder / f"{key}.json{_partial_suffix()}"
-        meta.write_text(json.dumps({"tokens": tokens, "documents": count, "dtype": dtype}))
+        entry = TokenFile(
+            path=folder / f"{key}.bin", tokens=tokens, documents=count, dtype=dtype, masked=masked
+        )
+        partials["bin"].replace(entry.path)
+        partials["docs"].replace(entry.path.with_suffix(".docs"))
+        if masked:
+            partials["mask"].replace(entry.path.with_suffix(".mask"))
+        meta = folder / f"{key}.json{suffix}"
+        meta.write_text(json.dumps({"tokens": tokens, "documents": count, "dtype": dtype, "masked": masked}))
         meta.replace(folder / f"{key}.json")
     except OSError as err:
         raise InputError(
@@ -124,24 +161,58 @@ def stored_tokens(
             "space there or set GKD_CACHE_DIR to a writable folder with room"
         ) from None
     finally:
-        with contextlib.suppress(OSError):  # absent once renamed; unreachable when the folder is not one
-            partial.unlink(missing_ok=True)
+        for partial in partials.values():
+            with contextlib.suppress(OSError):  # absent once renamed; unreachable when the folder is not one
+                partial.unlink(missing_ok=True)
     return entry, True
 
 
-def _batches(stream: Iterator[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
+def _encode(
+    batch: list[tuple[Document, int]],
+    encode_batch: Callable[[list[str]], list[list[int]]],
+    eos_id: int | None,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A batch of documents as (ids int64, trained flags uint8, tokens per document), each document followed
+    by eos. Every segment of the batch goes to one `encode_batch` call."""
+    segments = [[(doc, True)] if isinstance(doc, str) else list(doc) for doc, _ in batch]
+    encoded = iter(encode_batch([text for doc in segments for text, _ in doc]))
+    tail = [] if eos_id is None else [eos_id]
+    pieces: list[list[int]] = []
+    flags: list[np.ndarray] = []
+    lengths: list[int] = []
+    for doc in segments:
+        length = 0
+        for _, trained in doc:
+            ids = next(encoded)
+            pieces.append(ids)
+            flags.append(np.full(len(ids), trained, dtype=np.uint8))
+            length += len(ids)
+        pieces.append(tail)
+        flags.append(np.full(len(tail), bool(doc and doc[-1][1]), dtype=np.uint8))
+        lengths.append(length + len(tail))
+    # chain, not concatenation of lists: a long document's list of ids is not copied.
+    ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int64)
+    return ids, np.concatenate(flags) if flags else np.zeros(0, dtype=np.uint8), lengths
+
+
+def _batches(stream: Iterator[tuple[Document, int]]) -> Iterator[list[tuple[Document, int]]]:
     """The documents in batches of at most BATCH_DOCUMENTS documents and (past the first) BATCH_CHARS
     characters."""
-    batch: list[tuple[str, int]] = []
+    batch: list[tuple[Document, int]] = []
     chars = 0
     for item in stream:
-        if batch and (len(batch) == BATCH_DOCUMENTS or chars + len(item[0]) > BATCH_CHARS):
+        size = _chars(item[0])
+        if batch and (len(batch) == BATCH_DOCUMENTS or chars + size > BATCH_CHARS):
             yield batch
             batch, chars = [], 0
         batch.append(item)
-        chars += len(item[0])
+        chars += size
     if batch:
         yield batch
+
+
+def _chars(document: Document) -> int:
+    return len(document) if isinstance(document, str) else sum(len(text) for text, _ in document)
 
 
 def _partial_suffix() -> str:
@@ -177,10 +248,15 @@ def _lookup(key: str) -> TokenFile | None:
             tokens=int(meta["tokens"]),
             documents=int(meta["documents"]),
             dtype=str(meta["dtype"]),
+            masked=bool(meta["masked"]),
         )
         if entry.dtype not in ("uint16", "uint32"):
             return None
         if entry.path.stat().st_size != entry.tokens * np.dtype(entry.dtype).itemsize:
+            return None
+        if entry.path.with_suffix(".docs").stat().st_size != entry.documents * 8:
+            return None
+        if entry.masked and entry.path.with_suffix(".mask").stat().st_size != entry.tokens:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

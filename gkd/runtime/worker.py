@@ -107,7 +107,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
-    from gkd.runtime.data import batches, load_tokenizer
+    from gkd.runtime.data import batches, data_options, load_tokenizer
     from gkd.runtime.engines import build_models, make_engines
     from gkd.runtime.offline import TOPK_DIR, OfflineTeacher, stored_taps
 
@@ -139,6 +139,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             rank=rank,
             world=world,
             seed=settings.seed,
+            options=data_options(config),
         )
 
     out = Path(settings.out)
@@ -331,6 +332,8 @@ def evaluate(engine: Any, student: Any, stream: Any, n: int, device: Any) -> flo
     import torch
     import torch.distributed as dist
 
+    from gkd.runtime.step import packed_inputs
+
     engine.eval()
     total = torch.zeros(1, dtype=torch.float64)
     with torch.no_grad():
@@ -341,6 +344,8 @@ def evaluate(engine: Any, student: Any, stream: Any, n: int, device: Any) -> flo
                 "attention_mask": batch["attention_mask"].long().to(device),
                 "labels": batch["labels"].to(device),
             }
+            if "position_ids" in batch:  # packed documents kept apart (gkd.runtime.step.packed_inputs)
+                inputs = packed_inputs(student, {**inputs, "position_ids": batch["position_ids"].to(device)})
             if getattr(student.config, "use_cache", False):
                 inputs["use_cache"] = False
             total += float(student(**inputs).loss.float())

@@ -28,7 +28,7 @@ from gkd.planner.plan import Plan
 from gkd.runtime.data import batches, load_tokenizer
 from gkd.runtime.engines import available_host_memory, build_models
 from gkd.runtime.executor import run_job
-from gkd.runtime.step import distill_step
+from gkd.runtime.step import distill_step, packed_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -102,9 +102,14 @@ def _stored(
     from gkd.runtime.offline import stored_taps
 
     served = stored_taps(resolved)[0]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].long()}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"].long(),
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+    }
     with torch.no_grad(), capture_taps(models.teachers[0], {"logits"}) as taps:
-        models.teachers[0](**inputs, use_cache=False)
+        models.teachers[0](**packed_inputs(models.teachers[0], inputs))
     target = topk_targets(taps["logits"], config["training"]["offline_topk"], temperature=served.temperature)
     target = TopK(target.indices, target.logprobs.to(torch.bfloat16))
     return [dict.fromkeys(served.names, target)]
@@ -121,10 +126,15 @@ def _own_loss(out: Path, plan: Plan, source: str, *, batches_per_rank: int, worl
         stream = _rank_stream(plan, models, source, rank=rank, world=world)
         for _ in range(batches_per_rank):
             b = next(stream)
+            # As the run's evaluation feeds it: packed documents kept apart by their position ids.
+            inputs = {
+                "input_ids": b["input_ids"],
+                "attention_mask": b["attention_mask"].long(),
+                "position_ids": b["position_ids"],
+                "labels": b["labels"],
+            }
             with torch.no_grad():
-                out_ = student(
-                    input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(), labels=b["labels"]
-                )
+                out_ = student(**packed_inputs(student, inputs))
             losses.append(float(out_.loss.float()))
     return sum(losses) / len(losses)
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from collections import Counter
-from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -199,40 +197,9 @@ def test_folder_without_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         read_documents(str(tmp_path))
 
 
-def test_folder_with_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    class FakeDataset:
-        def __init__(self, columns: dict[str, list[object]]) -> None:
-            self.columns = columns
-            self.column_names = list(columns)
-
-        def __len__(self) -> int:
-            return len(next(iter(self.columns.values())))
-
-        def iter(self, batch_size: int) -> Iterator[dict[str, list[object]]]:
-            rows = len(self)
-            for start in range(0, rows, batch_size):
-                yield {k: v[start : start + batch_size] for k, v in self.columns.items()}
-
-    loaded: list[str] = []
-
-    def load_from_disk(path: str) -> object:
-        loaded.append(path)
-        return {"test": FakeDataset({"text": ["x"]}), "train": FakeDataset({"text": ["one", "", "two"]})}
-
-    fake = types.ModuleType("datasets")
-    fake.load_from_disk = load_from_disk  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    assert read_documents(str(tmp_path)) == ["one", "two"]
-    assert loaded == [str(tmp_path)]
-
-    fake.load_from_disk = lambda path: FakeDataset({"content": ["a"]})  # type: ignore[attr-defined]
-    with pytest.raises(InputError, match='no "text" column'):
-        read_documents(str(tmp_path))
-
-
 def test_unsupported_and_missing_sources(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"unsupported type \.csv.*\.txt.*\.jsonl"):
-        read_documents(_write(tmp_path / "a.csv", "text\nx\n"))
+    with pytest.raises(InputError, match=r"unsupported type \.docx.*\.txt.*\.jsonl"):
+        read_documents(_write(tmp_path / "a.docx", "text\nx\n"))
     with pytest.raises(InputError, match="does not exist"):
         read_documents(str(tmp_path / "missing.txt"))
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
@@ -373,7 +340,7 @@ def test_builtin_corpus_causal_batches(llama512: ModelSpec) -> None:
     tok = load_tokenizer("tiny-llama-student", llama512)
     assert isinstance(tok, ByteTokenizer)
     for batch in islice(batches(None, tok, seq_len=64, micro_batch=3, objective="causal", seed=1), 4):
-        assert set(batch) == {"input_ids", "attention_mask", "labels"}
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
         assert batch["input_ids"].shape == batch["labels"].shape == (3, 64)
         assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
         assert batch["attention_mask"].dtype == torch.bool and bool(batch["attention_mask"].all())

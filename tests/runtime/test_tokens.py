@@ -59,7 +59,7 @@ def test_tokenised_once_and_the_same_batches_again(tmp_path: Path, own_cache: Pa
     assert tok.encoded == 3000  # the second and third use read the stored ids
     again = _take(str(source), tok, 5, rank=1, world=2, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    assert sorted(p.suffix for p in (own_cache / "tokens").iterdir()) == [".bin", ".json"]
+    assert sorted(p.suffix for p in (own_cache / "tokens").iterdir()) == [".bin", ".docs", ".json"]
 
 
 def test_an_edited_source_is_tokenised_again(tmp_path: Path) -> None:
