@@ -18,6 +18,8 @@ from gkd.runtime.executor import run_job
 
 pytestmark = pytest.mark.slow
 
+CORPUS = Path(__file__).resolve().parents[2] / "gkd" / "data" / "corpus.txt"
+
 STEPS, WARMUP, LR, MIN_LR = 7, 3, 1e-3, 1e-4
 CONFIG = {
     "teacher": "tiny-llama-teacher",
@@ -58,7 +60,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("schedule")
     (root / "job.yaml").write_text(yaml.safe_dump(CONFIG))
     out = root / "run"
-    run_job(str(root / "job.yaml"), out=str(out), processes=2, save_every=3, echo=lambda _: None)
+    run_job(
+        str(root / "job.yaml"),
+        out=str(out),
+        processes=2,
+        save_every=3,
+        eval_data=str(CORPUS),  # evaluated at the last step
+        eval_batches=1,
+        echo=lambda _: None,
+    )
     return out
 
 
@@ -85,11 +95,21 @@ def test_tensorboard_holds_the_log_rows(run: Path) -> None:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     rows = _rows(run)
-    for tag, key in (("train/lr", "lr"), ("train/loss", "loss"), ("train/grad_norm", "grad_norm")):
+    for tag, key in (
+        ("train/lr", "lr"),
+        ("train/loss", "loss"),
+        ("train/grad_norm", "grad_norm"),
+        ("eval/loss", "eval_loss"),
+        ("eval/perplexity", "eval_perplexity"),
+    ):
         scalars = events.Scalars(tag)
-        assert [s.step for s in scalars] == [r["step"] for r in rows]
-        for s, r in zip(scalars, rows, strict=True):  # TensorBoard stores float32
-            assert math.isclose(s.value, r[key], rel_tol=1e-6), (tag, s.step, s.value, r[key])
+        assert [s.step for s in scalars] == [r["step"] for r in rows if key in r], tag
+        for s in scalars:  # TensorBoard stores float32
+            value = rows[s.step - 1][key]
+            assert math.isclose(s.value, value, rel_tol=1e-6), (tag, s.step, s.value, value)
+    # Evaluated at the last step only, with its perplexity.
+    assert [r["step"] for r in rows if "eval_loss" in r] == [STEPS]
+    assert math.isclose(rows[-1]["eval_perplexity"], math.exp(rows[-1]["eval_loss"]), rel_tol=1e-12)
 
 
 def test_a_resumed_run_keeps_the_schedule(run: Path, tmp_path: Path) -> None:
