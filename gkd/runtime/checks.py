@@ -150,6 +150,13 @@ def check_plan(plan: Plan) -> None:
     _check_strategy_choices(s, config.hardware.local_gpus)
     teachers = [load_spec(config.model_path(t)) for t in config.teachers]
     student = load_spec(config.model_path(config.student))
+    if config.student_init is not None:  # as planning checks it (gkd.runtime.student_init)
+        from gkd.runtime.student_init import check_student_init
+
+        try:
+            check_student_init(config.student_init, teachers[0], student)
+        except InputError as err:
+            raise InputError(f"inputs.config.student_init: {err}") from None
     bad_layers = [x for x in s.recompute_layers if x >= student.layers]
     if bad_layers:
         raise InputError(

@@ -153,3 +153,14 @@ def test_a_teacher_without_weights_is_refused_before_any_worker(tmp_path: Path) 
     ):
         run_job(str(path), out=str(tmp_path / "out"), processes=2, echo=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_file_is_checked_as_planning_checks_it(tmp_path: Path) -> None:
+    from gkd.runtime.checks import check_plan
+
+    teacher, student = _models(tmp_path)
+    data = json.loads(gkd.plan(_config(teacher, student, 2)).to_json())
+    check_plan(Plan.from_json(json.dumps(data)))
+    data["inputs"]["config"]["student_init"] = {"from": "teacher", "layers": [0, 1, 2]}
+    with pytest.raises(InputError, match=r"inputs.config.student_init: layers lists 3 of the teacher's 4"):
+        check_plan(Plan.from_json(json.dumps(data)))
