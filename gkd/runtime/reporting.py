@@ -14,7 +14,7 @@ Design choices:
   writes again at their steps.
 - W&B is initialised with the resolved config and in OUT; its own environment variables (WANDB_PROJECT,
   WANDB_MODE=offline or disabled, ...) apply as usual. The project is "gkd" unless WANDB_PROJECT says
-  otherwise.
+  otherwise. The W&B run's id is kept in OUT/wandb-run-id, so a resumed gkd run continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 from gkd.errors import InputError
 
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID = "wandb-run-id"  # in OUT: the W&B run a resume continues
 # The package each reporter needs, and the extra that installs it.
 _NEEDS = {"tensorboard": ("tensorboard", "gkd[tensorboard]"), "wandb": ("wandb", "gkd[wandb]")}
 
@@ -82,8 +84,12 @@ class Reporters:
         if "wandb" in names:
             import wandb
 
+            # One W&B run per gkd run: a resume continues the W&B run its first start made.
+            id_file = out / WANDB_ID
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
+            id_file.write_text(run_id + "\n")
             project = os.environ.get("WANDB_PROJECT", "gkd")
-            self.wandb = wandb.init(project=project, dir=str(out), config=config)
+            self.wandb = wandb.init(project=project, dir=str(out), config=config, id=run_id, resume="allow")
 
     def log(self, row: dict[str, Any]) -> None:
         values, step = scalars(row), int(row["step"])

@@ -62,14 +62,20 @@ def test_wandb_gets_the_rows_at_their_steps(tmp_path: Path, monkeypatch: Any) ->
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     monkeypatch.setenv("WANDB_PROJECT", "distil")
-    reporters = Reporters(["wandb"], tmp_path, {"student": "s"})
-    reporters.log(ROW)
-    reporters.close()
-    assert calls == [
-        ("init", {"project": "distil", "dir": str(tmp_path), "config": {"student": "s"}}),
-        ("log", (scalars(ROW), 3)),
-        ("finish", None),
-    ]
+    for _ in range(2):  # a run, then its resume
+        reporters = Reporters(["wandb"], tmp_path, {"student": "s"})
+        reporters.log(ROW)
+        reporters.close()
+    run_id = (tmp_path / "wandb-run-id").read_text().strip()
+    start = {
+        "project": "distil",
+        "dir": str(tmp_path),
+        "config": {"student": "s"},
+        "id": run_id,
+        "resume": "allow",
+    }
+    # The resume continues the same W&B run.
+    assert calls == [("init", start), ("log", (scalars(ROW), 3)), ("finish", None)] * 2
 
 
 def test_a_missing_package_is_one_line(monkeypatch: Any) -> None:
