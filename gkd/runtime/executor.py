@@ -524,6 +524,19 @@ RUN_ID_FILE = ".gkd-run-id"
 def _run_as_rank(env: ClusterEnv, job: dict[str, Any], *, timeout_s: float, echo: Any) -> Path | None:
     """One rank of a launched job (gkd.runtime.cluster): rank 0 checks, plans for the job's world size and
     publishes OUT as `_run_job` does for gkd's own workers; the other ranks wait for its plan and train."""
+    try:
+        return _rank(env, job, timeout_s=timeout_s, echo=echo)
+    except Exception as err:
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # torchrun's summary of a failed job prints the error file of each failed worker.
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            with contextlib.suppress(Exception):
+                ErrorHandler().record_exception(err)
+        raise
+
+
+def _rank(env: ClusterEnv, job: dict[str, Any], *, timeout_s: float, echo: Any) -> Path | None:
     import torch
 
     if job["resume"]:
@@ -643,11 +656,6 @@ def _train_rank(env: ClusterEnv, plan: Plan, settings: RunSettings) -> None:
     except Exception as err:
         trace = Path(tempfile.mkdtemp(prefix="gkd-run-errors-")) / f"rank{env.rank}.traceback.txt"
         trace.write_text(traceback.format_exc())
-        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-            with contextlib.suppress(Exception):
-                ErrorHandler().record_exception(err)
         # A peer that stopped (on another node: its own line is there) breaks this rank's collective.
         lost = any(t in str(err) for t in ("Connection reset by peer", "Connection closed by peer"))
         why = "lost the connection to another rank, which stopped (see its node's output)" if lost else ""
@@ -748,9 +756,15 @@ def _run_nodes(
     try:
         launch(_node_worker, (job, timeout_s), processes=per_node, node=node)
     except (WorkerFailedError, KeyboardInterrupt, Terminated) as err:
-        # A worker killed before it could clean up left its run folder: settle it as it would have.
-        for note in state.glob("partial-*.json"):
-            left = json.loads(note.read_text())
+        # A worker killed before it could clean up (the parent's SIGTERM, SIGKILL) left its run folder and,
+        # on rank 0, OUT's lock file: settle them as it would have.
+        notes = [json.loads(note.read_text()) for note in state.glob("partial-*.json")]
+        outs = {Path(n["out"]) for n in notes} | ({Path(job["out"])} if job["out"] else set())
+        for out in outs:
+            if out.parent.is_dir():
+                with contextlib.suppress(InputError), _out_lock(out):  # unless a run holds it
+                    pass
+        for left in notes:
             if Path(left["tmp"]).is_dir():
                 _settle(Path(left["tmp"]), Path(left["out"]), err)
         raise
