@@ -211,6 +211,8 @@ def test_the_plans_host_memory_is_the_largest_of_loading_training_and_saving() -
 _FIRST_IMPORT_UNDER_ZERO_INIT = """
 import os, sys, torch, deepspeed
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from gkd.runtime.launch import prepare_cpu
+prepare_cpu()  # no shared-memory op to JIT-build, as in gkd run
 deepspeed.init_distributed("gloo")
 assert "transformers.models.llama.modeling_llama" not in sys.modules
 from gkd.models import build_model, resolve_model
