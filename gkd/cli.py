@@ -227,7 +227,9 @@ def check(
 @click.option(
     "--data",
     type=click.Path(),
-    help="Training text: .txt, .jsonl or a datasets folder (default: the built-in corpus).",
+    help="Training data: a .txt/.jsonl/.json/.parquet/.csv/.arrow file, a dataset folder or a cached hub "
+    "dataset id; text, chat or prompt/completion records (see the config's data section; default: the "
+    "built-in corpus).",
 )
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: training.steps).")
 @click.option(
@@ -269,7 +271,7 @@ def check(
 @click.option(
     "--eval-data",
     type=click.Path(),
-    help="Held-out text (.txt, .jsonl or a datasets folder): the student's own loss on it, at the end.",
+    help="Held-out data (the forms of --data): the student's own loss on it, at the end.",
 )
 @click.option(
     "--eval-every",

@@ -1056,6 +1056,7 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         methods=out.methods,
         hardware=hardware,
         training=training,
+        data=out.data,
         deepspeed=out.deepspeed,
         overrides=out.overrides,
         student_init=out.student_init,

@@ -346,3 +346,42 @@ def test_chat_data_trains(tmp_path: Path, chat_tokenizer: HFTokenizer) -> None:
     source = _jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
     losses = _two_steps(TINY, source, DataConfig(), chat_tokenizer)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_the_completion_mask_applies_to_the_hard_and_the_soft_term(
+    tmp_path: Path, chat_tokenizer: HFTokenizer
+) -> None:
+    """kd's soft term (KL at T=2, x T^2) and its hard term (next-token cross-entropy) of a distillation step
+    on chat data equal plain-torch references taken over the completion positions only, and differ from the
+    same terms over every position."""
+    import torch.nn.functional as F
+
+    from gkd.planner.pipeline import plan as make_plan
+    from gkd.runtime.engines import build_models
+    from gkd.runtime.step import distill_step, packed_inputs
+
+    models = build_models(make_plan(Config.from_dict(TINY)), seed=0, total_steps=1)
+    source = _jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    batch = next(batches(source, chat_tokenizer, seq_len=32, micro_batch=2, objective="causal", seed=0))
+    out = distill_step(models.student, models.teachers, models.loss, batch, models.resolver.at(0), 0, 1)
+    inputs = packed_inputs(
+        models.student, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    )
+    with torch.no_grad():
+        s = models.student(**inputs).logits.float()
+        t = models.teachers[0](**inputs).logits.float()
+
+    def soft(mask: torch.Tensor) -> float:
+        kl = (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum(-1)
+        return float(kl[mask].mean() * 4)
+
+    def hard(labels: torch.Tensor) -> float:
+        return float(F.cross_entropy(s[:, :-1].reshape(-1, s.shape[-1]), labels[:, 1:].reshape(-1)))
+
+    mask, labels = batch["loss_mask"], batch["labels"]
+    assert 0 < int(mask.sum()) < mask.numel()
+    assert float(out.terms["kd.soft"].detach()) == pytest.approx(soft(mask), rel=1e-4)
+    assert float(out.terms["kd.hard"].detach()) == pytest.approx(hard(labels), rel=1e-4)
+    everywhere = torch.ones_like(mask)
+    assert abs(soft(everywhere) - soft(mask)) > 1e-3 * soft(mask)
+    assert abs(hard(batch["input_ids"]) - hard(labels)) > 1e-3 * hard(labels)
