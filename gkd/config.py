@@ -631,6 +631,10 @@ class Config:
         for folder in (self.base_dir, "."):
             if folder and (Path(folder) / path).exists():
                 return str((Path(folder) / path).resolve())
+        from gkd.hub import is_hub_id, snapshot_folder
+
+        if is_hub_id(ref):  # a Hugging Face Hub id: its snapshot folder in the local cache
+            return str(snapshot_folder(ref))
         return ref
 
     def to_dict(self) -> dict[str, Any]:

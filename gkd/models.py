@@ -371,7 +371,8 @@ def preset_names() -> list[str]:
 
 
 def resolve_model(ref: str) -> ModelSpec:
-    """A ModelSpec from a preset name, a path to a config.json, or a checkpoint folder holding config.json.
+    """A ModelSpec from a preset name, a path to a config.json, a checkpoint folder holding config.json, or a
+    Hugging Face Hub id (`org/name[@revision]`, read from the local cache, see gkd.hub).
 
     Weights are never read. Raises InputError for anything unusable, with a message saying how to fix it.
     """
@@ -394,6 +395,10 @@ def resolve_model(ref: str) -> ModelSpec:
         return _spec_from_file(config_path, name=ref)
     if path.is_file():
         return _spec_from_file(path, name=ref)
+    from gkd.hub import is_hub_id, snapshot_folder
+
+    if is_hub_id(ref):
+        return _spec_from_file(snapshot_folder(ref) / "config.json", name=ref)
     if "/" in ref or ref.endswith(".json"):
         raise InputError(f"no such file or folder: {ref}")
     close = difflib.get_close_matches(ref, preset_names(), n=3, cutoff=0.5)
@@ -402,7 +407,9 @@ def resolve_model(ref: str) -> ModelSpec:
         if close
         else "run `gkd inspect` with one of " + ", ".join(preset_names())
     )
-    raise InputError(f"unknown model {ref!r}: not a preset, config.json or checkpoint folder; {hint}")
+    raise InputError(
+        f"unknown model {ref!r}: not a preset, config.json, checkpoint folder or hub id (org/name); {hint}"
+    )
 
 
 def _spec_from_file(path: Path, *, name: str) -> ModelSpec:
@@ -568,12 +575,13 @@ def _auto_class(encoder: bool) -> Any:
 
 
 def _with_layers(hf: Any, num_layers: int) -> Any:
-    """`hf` set to `num_layers` blocks (through the config class's own spelling of the key), with per-layer
-    lists (layer_types, ...) cut to match."""
+    """`hf` set to `num_layers` blocks (through the config class's own spelling of the key), with its
+    per-layer attention types (layer_types) fitted to match."""
     hf.num_hidden_layers = num_layers  # attribute_map routes it to n_layer etc.
-    for key, value in list(vars(hf).items()):
-        if key == "layer_types" and isinstance(value, list):
-            setattr(hf, key, value[:num_layers])
+    value = getattr(hf, "layer_types", None)
+    if isinstance(value, list) and value:
+        # Cut to the first blocks; a one-layer model mapped with two blocks repeats its pattern.
+        hf.layer_types = [value[i % len(value)] for i in range(num_layers)]
     return hf
 
 

@@ -42,8 +42,13 @@ def spec_entry(ref: str) -> dict[str, Any]:
 
 
 def load_spec(ref: str) -> Any:
-    """A ModelSpec for `ref`, through the disk cache (building one imports transformers)."""
+    """A ModelSpec for `ref`, through the disk cache (building one imports transformers). A Hugging Face Hub
+    id is read from its snapshot folder in the local cache (gkd.hub), keyed like any folder by content."""
+    from gkd.hub import hub_name, is_hub_id, snapshot_folder
     from gkd.models import ModelSpec
+
+    if is_hub_id(ref):
+        ref = str(snapshot_folder(ref))
 
     def compute() -> dict[str, Any]:
         from gkd.status import status
@@ -57,4 +62,5 @@ def load_spec(ref: str) -> Any:
         return ModelSpec(**{**data, "name": ref})
     # A file or folder: named by its file (or folder) name rather than a long path; says where it was read.
     config = p / "config.json" if p.is_dir() else p
-    return ModelSpec(**{**data, "name": p.name if p.is_dir() else p.stem, "description": f"from {config}"})
+    name = hub_name(p) or (p.name if p.is_dir() else p.stem)
+    return ModelSpec(**{**data, "name": name, "description": f"from {config}"})

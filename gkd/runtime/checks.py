@@ -376,11 +376,13 @@ def eval_batches_in_one_pass(plan: Plan, stored: Any, world: int) -> int:
 def check_weight_files(plan: Plan) -> None:
     """The weight files of every model given as a checkpoint folder, checked against its config.json before
     any worker loads them (headers only; `gkd.runtime.engines.check_weights`)."""
+    from gkd.hub import fetch_weights
     from gkd.planner.specs import load_spec
     from gkd.runtime.engines import check_weights, has_weights
 
     config = plan.inputs["config"]
     for ref in dict.fromkeys([*config["teachers"], config["student"]]):
+        fetch_weights(ref)  # a model from the Hugging Face cache: its weights, downloaded if allowed
         if has_weights(ref):
             check_weights(ref, load_spec(ref))
     if config.get("student_init") and not has_weights(config["teachers"][0]):

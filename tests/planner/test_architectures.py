@@ -20,7 +20,7 @@ _BASE = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "intermediate_size": 96,
-    "vocab_size": 128,
+    "vocab_size": 256,  # the built-in byte tokenizer's, so the run test can train them
     "pad_token_id": 0,
     "bos_token_id": 1,
     "eos_token_id": 2,
