@@ -37,6 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 GiB = 1 << 30
 
 
+def _version(dist: str) -> str:
+    """The installed release of `dist`, as the child processes import it (PYTHONPATH included)."""
+    code = f"import importlib.metadata as m; print(m.version({dist!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip() or "?"
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -97,6 +104,7 @@ def main() -> None:
     print(
         f"# gkd plan timings  machine={platform.node()} cpus={os.cpu_count()} "
         f"python={platform.python_version()} commit={commit.stdout.strip() or '?'} "
+        f"torch={_version('torch')} transformers={_version('transformers')} "
         f"cache={args.cache or 'a fresh one per config'} "
         f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )

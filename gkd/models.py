@@ -365,6 +365,11 @@ _PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
 _PRESET_FAMILY = {"glm-10b": "glm", "glm-10b-icetk": "glm"}
 
 
+def preset_config(name: str) -> dict[str, Any] | None:
+    """The transformers config dict of preset `name` (a copy), or None for any other name."""
+    return copy.deepcopy(_PRESETS[name][2]) if name in _PRESETS else None
+
+
 def preset_names() -> list[str]:
     """Names of the built-in presets, in catalogue order."""
     return list(_PRESETS)

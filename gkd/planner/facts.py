@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gkd.planner.cache import cache_dir, cached
+from gkd.planner.cache import cache_dir, cached, modeling_fingerprint
 from gkd.planner.probe import Poly
 from gkd.status import status
 
@@ -99,6 +99,7 @@ class ModelFacts:
 # The sources whose code computes the facts: a change to any of them invalidates the cached entries.
 FACTS_SOURCES = (
     "models.py",
+    "architecture.py",
     "planner/trace.py",
     "planner/taps.py",
     "planner/facts.py",
@@ -111,6 +112,7 @@ def facts_key(spec: Any, regime: str, persistence_threshold: int, kernels: str =
     """The cache key of a model's facts entry for one regime (what the entry depends on besides sources)."""
     key = {
         "v": FACTS_VERSION,
+        "modeling": modeling_fingerprint(spec.model_type),  # transformers' code for it, by content
         "hf": spec.hf_config,
         "dtype": spec.dtype,
         "regime": regime,

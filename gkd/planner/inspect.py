@@ -82,7 +82,7 @@ def run_inspect(model: str, *, seq_len: int | None, micro_batch: int, as_json: b
 
     The report is cached on disk with the planner's facts (`GKD_CACHE_DIR`), keyed by the model's config,
     the sizes and the sources that compute it, so inspecting a model again needs no torch."""
-    from gkd.planner.cache import cache_dir, cached
+    from gkd.planner.cache import cache_dir, cached, modeling_fingerprint
     from gkd.planner.facts import FACTS_SOURCES
     from gkd.planner.specs import load_spec
     from gkd.status import status
@@ -90,7 +90,13 @@ def run_inspect(model: str, *, seq_len: int | None, micro_batch: int, as_json: b
     spec = load_spec(model)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, spec.max_positions)
-    key = {"spec": spec.to_dict(), "hf": spec.hf_config, "micro_batch": micro_batch, "seq_len": seq_len}
+    key = {
+        "spec": spec.to_dict(),
+        "hf": spec.hf_config,
+        "modeling": modeling_fingerprint(spec.model_type),
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+    }
 
     def compute() -> dict[str, Any]:
         with status(f"tracing {spec.name} (cached afterwards in {cache_dir()})"):

@@ -4,17 +4,21 @@ Tracing a model costs seconds (importing torch, torch.export and transformers al
 2-core machine), which would make the first plan of every preset slow. The pack holds the planner's cache
 entries (`gkd.planner.cache`, kinds "specs" and "facts") for every preset and every model of the reference
 configs, at every probe regime a plan can ask for. They are ordinary cache entries: the same keys, which hash
-the inputs, the content of the gkd sources that compute them and the torch and transformers versions. So
-the pack is used exactly when it holds what this install would compute, and is ignored otherwise (other
-versions, edited sources: the planner traces as before and caches the result in the user's cache).
+the inputs, the content of the gkd sources that compute them, the content of transformers' code for each
+architecture (`gkd.planner.cache.modeling_fingerprint`) and the torch release. So the pack is used exactly
+when it holds what this install would compute, and is ignored otherwise (edited sources, an architecture whose
+transformers code changed, another torch: the planner traces as before and caches the result in the user's
+cache). A transformers release that does not touch an architecture's code keeps its entries.
 
-Rebuild it after changing the sources that compute specs or facts (gkd/models.py, gkd/planner/trace.py,
-taps.py, probe.py, facts.py) or the pinned torch / transformers; `tests/planner/test_pack.py` fails until
-then:
+Rebuild it after changing the sources that compute specs or facts (gkd/models.py, gkd/architecture.py,
+gkd/planner/trace.py, taps.py, probe.py, facts.py, moe.py), after a transformers upgrade that changes a
+packed architecture's code, or after a torch upgrade; `tests/planner/test_pack.py` fails until then, on any
+installed release (it never skips):
 
     python -m gkd.planner.pack            # or: make pack
 
-MANIFEST.json records the versions the pack was built with and each entry's model and regime.
+MANIFEST.json records the torch and transformers releases the pack was built with (for people; keys do not
+use the transformers release) and each entry's model and regime.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gkd.planner.cache import PACK_DIR, entry_path, stored_value, tool_versions
+from gkd.planner.cache import PACK_DIR, entry_path, recorded_versions, stored_value
 
 _ROOT = Path(__file__).resolve().parent.parent.parent
 REFERENCE_CONFIGS = _ROOT / "configs" / "reference"
@@ -111,7 +115,7 @@ def build(out: Path = PACK_DIR) -> dict[str, Any]:
             (out / relative).parent.mkdir(parents=True, exist_ok=True)
             # The pack holds plain values: the checksum guards the user's cache, the pack ships read-only.
             (out / relative).write_text(json.dumps(stored_value(scratch / relative)))
-        manifest = {"versions": tool_versions(), "entries": dict(sorted(entries.items()))}
+        manifest = {"versions": recorded_versions(), "entries": dict(sorted(entries.items()))}
         (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
         return manifest
     finally:

@@ -1,7 +1,8 @@
 """Model specs for the planner, through the disk cache: building a ModelSpec imports transformers (about
 2 s), reading a cached one imports nothing.
 
-An entry is keyed by the preset's name or the content of the config.json (`spec_key`), never by a path, and
+An entry is keyed by the preset's name or the content of the config.json (`spec_key`) and by the content of
+transformers' code for its architecture (`modeling_fingerprint`), never by a path, and
 holds no path (`spec_entry`), so the same file in another folder (a fresh clone, another user's copy) finds
 the same entry, including the one shipped in the pack (gkd.planner.pack). `load_spec` names the spec as the
 caller gave it.
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
-from gkd.planner.cache import cached
+from gkd.planner.cache import cached, modeling_fingerprint
 
 # The sources whose code builds a ModelSpec: a change to them invalidates cached specs.
-SPEC_SOURCES = ("models.py", "planner/specs.py")
+SPEC_SOURCES = ("models.py", "architecture.py", "planner/specs.py")
 
 
 def spec_key(ref: str) -> Any:
@@ -26,8 +28,27 @@ def spec_key(ref: str) -> Any:
     p = Path(ref).expanduser()
     target = p / "config.json" if p.is_dir() else p
     if target.is_file():
-        return {"config": hashlib.sha256(target.read_bytes()).hexdigest()}
-    return {"ref": ref}
+        text = target.read_bytes()
+        return {
+            "config": hashlib.sha256(text).hexdigest(),
+            "modeling": modeling_fingerprint(_model_type(text)),
+        }
+    return {"ref": ref, "modeling": modeling_fingerprint(_model_type(ref))}
+
+
+def _model_type(source: bytes | str) -> str:
+    """The model_type of a config file's bytes or of a preset name ("" when there is none to read): what
+    the spec's transformers code is keyed by (gkd.planner.cache.modeling_fingerprint)."""
+    if isinstance(source, str):
+        from gkd.models import preset_config
+
+        config = preset_config(source)
+        return str(config.get("model_type", "")) if config else ""
+    try:
+        value = json.loads(source)
+    except ValueError:
+        return ""
+    return str(value.get("model_type", "")) if isinstance(value, dict) else ""
 
 
 def spec_entry(ref: str) -> dict[str, Any]:
