@@ -63,7 +63,16 @@ _CONSTRAINT_FIELD = {
     "equal_heads": ("heads", "attention head count", "head counts"),
     "equal_kv_heads": ("kv_heads", "key/value head count", "key/value head counts"),
     "equal_vocab": ("vocab", "vocabulary", "vocabularies"),
+    "equal_experts": ("experts", "expert count", "expert counts"),
 }
+
+
+def _constraint_value(model: Any, attr: str) -> Any:
+    if attr == "experts":  # not a ModelSpec field: read from its config (gkd.planner.moe)
+        from gkd.planner.moe import config_experts
+
+        return config_experts(model)
+    return getattr(model, attr)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,8 +240,13 @@ def _methods_without(constraint: str) -> str:
 def _check_constraints(spec: MethodSpec, teachers: Sequence[Any], student: Any) -> None:
     for c in spec.constraints:
         attr, words, plural = _CONSTRAINT_FIELD[c]
+        if attr == "experts" and not _constraint_value(student, attr):
+            raise InputError(
+                f"method {spec.name!r} reads the router of a mixture-of-experts model but the student "
+                f"{student.name} is a dense model; use a mixture-of-experts student and teacher"
+            )
         for teacher in teachers:
-            s_val, t_val = getattr(student, attr), getattr(teacher, attr)
+            s_val, t_val = _constraint_value(student, attr), _constraint_value(teacher, attr)
             if s_val != t_val:
                 raise InputError(
                     f"method {spec.name!r} needs equal {words} but the student {student.name} has {s_val} "

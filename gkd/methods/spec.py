@@ -26,7 +26,7 @@ from typing import Any
 from gkd.errors import InputError
 
 # Tap kinds of the shared catalogue. Layered kinds take an index; the others do not.
-LAYERED_KINDS = ("hidden", "q", "k", "v", "scores", "probs", "context", "mlp_out")
+LAYERED_KINDS = ("hidden", "q", "k", "v", "scores", "probs", "context", "mlp_out", "router_logits")
 GLOBAL_KINDS = ("emb", "final", "logits")
 # Stored teacher outputs that replace a live teacher forward (offline distillation): `topk` is a teacher's
 # top-k (indices, log-probs) per token, written by an offline teacher pass (`gkd.methods.divergence.TopK`).
@@ -45,7 +45,7 @@ KERNELS = (
     "hidden_loss",
     "torch",  # plain torch in the method library (hard losses, relation losses without a fused kernel)
 )
-CONSTRAINTS = ("equal_hidden", "equal_heads", "equal_vocab", "equal_kv_heads")
+CONSTRAINTS = ("equal_hidden", "equal_heads", "equal_vocab", "equal_kv_heads", "equal_experts")
 AGGREGATIONS = ("single", "sum", "mean", "weighted", "custom")
 TEACHER_MODES = ("single", "multi", "assistants")
 HARD_LOSSES = ("auto", "mlm", "causal_lm", "classification", "none")

@@ -34,6 +34,18 @@ from gkd.errors import InputError
 _MIXED_LAYER_KEYS = (("mlp_only_layers", []), ("decoder_sparse_step", 1), ("first_k_dense_replace", 0))
 
 
+# Config keys for the experts per layer, in the spellings of transformers' MoE configs (Mixtral and Phi-MoE,
+# Qwen-MoE and OLMoE, DeepSeek); read only where no model is built (resolving methods imports no torch).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def config_experts(spec: Any) -> int:
+    """Experts per layer of `spec` from its config (0 for a dense model), without building it."""
+    if not (spec.layout or {}).get("moe"):
+        return 0
+    return next((int(spec.hf_config[k]) for k in _EXPERT_KEYS if spec.hf_config.get(k)), 0)
+
+
 def experts_modules(module: Any) -> list[Any]:
     """The experts modules under `module`: those with `num_experts` holding 3-D tensors, experts first."""
     found = []

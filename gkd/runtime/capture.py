@@ -10,7 +10,9 @@ Where each tensor comes from (tap names are the shared catalogue, layer indices 
   layer i-1 (forward hook); `mlp_out[i]`: the output of layer i's MLP block before the residual add (llama /
   qwen2 / mistral / gpt2 `mlp`, OPT `fc2` (reshaped back to (B, T, hidden)), BERT `output.dense`; BLOOM's
   `mlp` adds the residual inside, so there it includes it); `final`: the final norm's output, or
-  `hidden[L]` for models without one (BERT); `logits`: the model output's `.logits`.
+  `hidden[L]` for models without one (BERT); `logits`: the model output's `.logits`; `router_logits[i]`
+  (mixture-of-experts models): the first output of layer i's router (the module the model records as its
+  `router_logits`, see gkd.planner.moe), reshaped from (B*T, experts) to (B, T, experts).
 - `q`, `k`, `v`, `scores`, `probs`, `context`: from a registered attention function
   (transformers `AttentionInterface`) that the model is switched to for the duration of the context. q is
   (B, heads, T, d) and k / v are (B, kv_heads, T, d) as the attention function receives them (after RoPE);
@@ -51,7 +53,9 @@ from torch import Tensor, nn
 
 from gkd.errors import InputError
 
-_NAME = re.compile(r"^(emb|final|logits)$|^(hidden|q|k|v|scores|probs|context|mlp_out)\[(\d+)\]$")
+_NAME = re.compile(
+    r"^(emb|final|logits)$|^(hidden|q|k|v|scores|probs|context|mlp_out|router_logits)\[(\d+)\]$"
+)
 _ATTN_KINDS = frozenset({"q", "k", "v", "scores", "probs", "context"})
 _LAYER_PATHS = (
     "model.layers",
@@ -84,7 +88,7 @@ def parse_tap(name: str) -> tuple[str, int | None]:
     if m is None:
         raise InputError(
             f"unknown tap {name!r}; taps are emb, final, logits, or "
-            "hidden/q/k/v/scores/probs/context/mlp_out[i]"
+            "hidden/q/k/v/scores/probs/context/mlp_out/router_logits[i]"
         )
     if m.group(1):
         return m.group(1), None
@@ -132,6 +136,17 @@ def _mlp(layer: nn.Module) -> nn.Module:
         if isinstance(found, nn.Module):
             return found
     raise InputError(f"cannot find the MLP block of {type(layer).__name__} for an mlp_out tap")
+
+
+def _router(model: nn.Module, layer: nn.Module) -> nn.Module:
+    from gkd.planner.moe import router_path
+
+    path = router_path(model, layer)
+    if path is None:
+        raise InputError(
+            f"{type(model).__name__} has no mixture-of-experts router in its layers for a router_logits tap"
+        )
+    return layer.get_submodule(path)
 
 
 def _first(output: Any) -> Tensor:
@@ -339,6 +354,7 @@ def capture_taps(
     handles: list[Any] = []
     want_hidden: set[int] = set()
     want_mlp: set[int] = set()
+    want_router: set[int] = set()
     want_emb = want_final = want_logits = False
     for kind, idx in requested:
         if idx is not None:
@@ -354,6 +370,8 @@ def capture_taps(
             want_hidden.add(idx)  # type: ignore[arg-type]
         elif kind == "mlp_out":
             want_mlp.add(idx)  # type: ignore[arg-type]
+        elif kind == "router_logits":
+            want_router.add(idx)  # type: ignore[arg-type]
         elif kind == "emb":
             want_emb = True
         elif kind == "final":
@@ -396,7 +414,7 @@ def capture_taps(
         handles.append(final_norm.register_forward_hook(final_hook))
 
     layer_shape: dict[int, torch.Size] = {}
-    for i in sorted(want_mlp):
+    for i in sorted(want_mlp | want_router):
         # OPT runs its MLP on flattened tokens: restore (B, T, hidden) from the layer input's shape.
         def shape_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i) -> None:
             layer_shape[i] = (args[0] if args else kwargs["hidden_states"]).shape
@@ -406,7 +424,15 @@ def capture_taps(
             taps[f"mlp_out[{i}]"] = x.view(layer_shape[i]) if x.dim() == 2 else x
 
         handles.append(layers[i].register_forward_pre_hook(shape_hook, with_kwargs=True))
-        handles.append(_mlp(layers[i]).register_forward_hook(mlp_hook))
+        if i in want_mlp:
+            handles.append(_mlp(layers[i]).register_forward_hook(mlp_hook))
+    for i in sorted(want_router):
+
+        def router_hook(_m: nn.Module, _args: Any, output: Any, i: int = i) -> None:
+            x = _first(output)
+            taps[f"router_logits[{i}]"] = x.view(*layer_shape[i][:2], x.shape[-1])
+
+        handles.append(_router(model, layers[i]).register_forward_hook(router_hook))
 
     if want_logits:
 

@@ -1,6 +1,7 @@
 """Mixture-of-experts models end to end: a tiny Mixtral-shaped teacher and student plan and train for 3 steps
 in 2 CPU processes (gloo, DeepSpeed), in the 100B+ MoE reference plan's shape (ZeRO-3 student, ZeRO-3
-teacher with its weights, every expert, offloaded to the host); the first loss equals the single-process
+teacher with its weights, every expert, offloaded to the host), with kd and router_kl (the routers' logits
+captured on both sides, the router loss computed layer by layer); the first loss equals the single-process
 step."""
 
 from __future__ import annotations
@@ -49,17 +50,19 @@ def test_moe_teacher_and_student_train_in_two_processes(tmp_path: Path, models_d
     config: dict[str, Any] = {
         "teacher": str(paths["teacher"]),
         "student": str(paths["student"]),
-        "methods": [{"name": "kd"}],
+        "methods": [{"name": "kd"}, {"name": "router_kl"}],
         "hardware": {"gpus": 2, "gpu_memory": "8GiB", "host_memory": "16GiB", "cuda_context": "64MiB"},
         "training": {"seq_len": 32, "global_batch": 4, "micro_batch": [2], "steps": STEPS, "lr": 3e-3},
         "deepspeed": {"stage3_param_persistence_threshold": 0},
-        "overrides": {"student_zero_stage": 3, "teacher_placement": "zero3_offload"},
+        "overrides": {"student_zero_stage": 3, "teacher_placement": "zero3_offload", "tap_loss": "layerwise"},
     }
     plan = make_plan(Config.from_dict(config))
     assert plan.fits
     teacher = plan.inputs["models"]["teachers"][0]
     assert (teacher["experts"], teacher["experts_per_token"]) == (4, 2)
     assert teacher["active_params"] < teacher["params"]
+    routers = {t.tap for t in plan.strategy.taps if t.method == "router_kl"}
+    assert routers == {"router_logits[0]", "router_logits[1]", "router_logits[3]"}
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
 
@@ -76,6 +79,7 @@ def test_moe_teacher_and_student_train_in_two_processes(tmp_path: Path, models_d
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(r["terms"]["router_kl.loss"] > 0 for r in rows)
 
     # The first step's loss equals the same step in one process without DeepSpeed (both ranks' micro-batch).
     from gkd.runtime.data import batches, load_tokenizer

@@ -50,6 +50,35 @@ def model_specs(family: str = "llama", teachers: int = 1) -> tuple[list[ModelSpe
     return t, resolve_model(f"tiny-{family}-student")
 
 
+MOE_CONFIG: dict[str, Any] = {
+    "model_type": "mixtral",
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def moe_spec(layers: int, hidden: int, experts: int = 4) -> ModelSpec:
+    """A tiny Mixtral-shaped mixture-of-experts model (FFN 2 x hidden per expert)."""
+    config = MOE_CONFIG | {
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+    }
+    config["num_local_experts"] = experts
+    return spec_from_config(config, name=f"tiny-moe-{layers}x{hidden}-{experts}", dtype="float32")
+
+
+def moe_specs() -> tuple[list[ModelSpec], ModelSpec]:
+    """A tiny mixture-of-experts teacher (4 layers, hidden 64) and student (2 layers, hidden 32), 4 experts
+    each, for methods that read routers (router_kl)."""
+    return [moe_spec(4, 64)], moe_spec(2, 32)
+
+
 def truncated_teacher_specs(family: str = "llama", layers: int = 2) -> tuple[list[ModelSpec], ModelSpec]:
     """tiny-<family>-teacher and a student of the same width with `layers` layers (a truncated teacher), for
     methods that need equal hidden sizes and head counts (Theseus, DIITO, PKD, ...)."""
@@ -72,6 +101,10 @@ def tap_shape(name: str, spec: ModelSpec, batch: int, seq: int) -> tuple[int, ..
         return (batch, spec.heads, seq, seq)
     if kind == "context":
         return (batch, seq, spec.heads * spec.head_dim)
+    if kind == "router_logits":
+        from gkd.planner.moe import config_experts
+
+        return (batch, seq, config_experts(spec))
     return (batch, seq, spec.hidden)
 
 

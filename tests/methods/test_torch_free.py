@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from method_checks import FAMILIES, second_teacher, truncated_teacher_specs
+from method_checks import FAMILIES, moe_specs, second_teacher, truncated_teacher_specs
 
 from gkd.config import load_config
 from gkd.errors import InputError
@@ -77,6 +77,8 @@ def _setups() -> dict[str, list[tuple[list[ModelSpec], ModelSpec]]]:
         _, truncated = truncated_teacher_specs(family)
         pair = [teacher, second_teacher(family)]
         out[family] = [([teacher], student), ([teacher], truncated), (pair, student)]
+    # Methods that read a mixture-of-experts router (router_kl): a tiny Mixtral pair.
+    out["mixtral"] = [moe_specs()]
     return out
 
 

@@ -36,13 +36,29 @@ MIXTRAL: dict[str, Any] = {
 }
 
 
-def mixtral(dtype: str = "float32", layers: int = LAYERS) -> ModelSpec:
-    return spec_from_config({**MIXTRAL, "num_hidden_layers": layers}, name="small-mixtral", dtype=dtype)
+EXPERT_FFN = 48
+# Qwen2-MoE: experts of their own width (moe_intermediate_size) and a shared expert that every token runs
+# through, with a gate of its own: always active, so not among the routed experts.
+QWEN2_MOE: dict[str, Any] = {
+    **{k: v for k, v in MIXTRAL.items() if k != "num_local_experts"},
+    "model_type": "qwen2_moe",
+    "num_experts": EXPERTS,
+    "moe_intermediate_size": EXPERT_FFN,
+    "shared_expert_intermediate_size": 80,
+}
+MOE_CONFIGS = {"mixtral": (MIXTRAL, FFN), "qwen2_moe": (QWEN2_MOE, EXPERT_FFN)}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_layer_saved_bytes_match_real_cpu_run(dtype: str) -> None:
-    spec = mixtral(dtype)
+def moe_spec(dtype: str = "float32", layers: int = LAYERS, family: str = "mixtral") -> ModelSpec:
+    config = MOE_CONFIGS[family][0]
+    return spec_from_config({**config, "num_hidden_layers": layers}, name=f"small-{family}", dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype"), [("mixtral", "float32"), ("mixtral", "bfloat16"), ("qwen2_moe", "float32")]
+)
+def test_layer_saved_bytes_match_real_cpu_run(family: str, dtype: str) -> None:
+    spec = moe_spec(dtype, family=family)
     catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
     for attention in ("sdpa", "eager"):
         predicted = catalogue.layer_activations[0].saved(attention)
@@ -51,20 +67,20 @@ def test_layer_saved_bytes_match_real_cpu_run(dtype: str) -> None:
 
 
 def test_full_recompute_bytes_match_real_checkpointed_run() -> None:
-    spec = mixtral()
+    spec = moe_spec()
     catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
     predicted = catalogue.layer_activations[0].saved("sdpa", recompute=True)
     measured = measured_layer_bytes(spec, "sdpa", checkpointing=True)
     assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured)
 
 
-@pytest.mark.parametrize("layers", [1, 3])
-def test_total_and_active_parameters(layers: int) -> None:
-    spec = mixtral(layers=layers)
+@pytest.mark.parametrize(("family", "layers"), [("mixtral", 1), ("mixtral", 3), ("qwen2_moe", 3)])
+def test_total_and_active_parameters(family: str, layers: int) -> None:
+    spec = moe_spec(layers=layers, family=family)
     facts = compute_facts(spec, seq_len=T)
     whole = sum(p.numel() for p in build_model(spec, device="meta").parameters())
     # Each expert is a SwiGLU MLP: gate and up (hidden -> ffn) and down (ffn -> hidden), no biases.
-    per_expert = 3 * HIDDEN * FFN
+    per_expert = 3 * HIDDEN * MOE_CONFIGS[family][1]
     assert facts.params == whole
     assert (facts.experts, facts.experts_per_token) == (EXPERTS, TOP_K)
     assert facts.expert_params == layers * EXPERTS * per_expert
@@ -82,7 +98,7 @@ def test_dense_models_are_all_active() -> None:
 
 
 def test_router_logits_taps_capture_what_transformers_reports() -> None:
-    spec = mixtral()
+    spec = moe_spec()
     catalogue = build_catalogue(spec, micro_batch=B, seq_len=T)
     routers = [t for t in catalogue.taps if t.kind == "router_logits"]
     assert [t.name for t in routers] == [f"router_logits[{i}]" for i in range(LAYERS)]
@@ -216,7 +232,7 @@ def test_a_moe_teacher_is_never_tensor_parallel(tmp_path: Any) -> None:
 def test_inspect_reports_experts_and_active_parameters() -> None:
     from gkd.planner.inspect import inspect_data
 
-    spec = mixtral()
+    spec = moe_spec()
     data = inspect_data(spec, seq_len=T, micro_batch=1)
     facts = compute_facts(spec, seq_len=T)
     assert data["experts"] == {
@@ -230,3 +246,29 @@ def test_inspect_reports_experts_and_active_parameters() -> None:
         {k: v for k, v in MIXTRAL.items() if "expert" not in k} | {"model_type": "mistral"}, name="d"
     )
     assert "experts" not in inspect_data(dense, seq_len=T, micro_batch=1)
+
+
+def test_a_plan_counts_the_router_taps_a_method_reads(tmp_path: Any) -> None:
+    import json
+
+    from gkd.planner.pipeline import plan
+
+    paths = []
+    for name, layers, hidden in (("t", 4, 64), ("s", 2, 32)):
+        config = {**MIXTRAL, "num_hidden_layers": layers, "hidden_size": hidden, "vocab_size": 256}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(config | {"max_position_embeddings": 512}))
+    config = {
+        "teacher": str(paths[0]),
+        "student": str(paths[1]),
+        "methods": ["kd", "router_kl"],
+        "hardware": {"gpus": 2},
+        "training": {"seq_len": 64, "global_batch": 4, "micro_batch": [2]},
+    }
+    result = plan(Config.from_dict(config))
+    routers = {(t.model, t.tap): t.bytes for t in result.strategy.taps if t.method == "router_kl"}
+    # Student depths 1, 2 map to teacher depths 2, 4 (uniform); bfloat16 logits (the configs name no dtype),
+    # 4 experts, 2 x 64 tokens.
+    expected = ("student", "router_logits[0]"), ("student", "router_logits[1]")
+    expected += ("teacher0", "router_logits[1]"), ("teacher0", "router_logits[3]")
+    assert routers == dict.fromkeys(expected, 2 * 64 * EXPERTS * 2)
