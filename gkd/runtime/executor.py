@@ -103,6 +103,10 @@ def _starting(world: int) -> str:
     return f"Starting {world} worker processes ({where})"
 
 
+def _starting_line(world: int, start: Any) -> str:
+    return _starting(world) if start is _launch_workers else f"Starting as rank 0 of the job's {world} ranks"
+
+
 def cpu_ops(plan: Plan) -> tuple[str, ...]:
     """The DeepSpeed CPU ops a run's workers load, once before they fork (each a JIT build the first time):
     CPU Adam where the student's optimizer is offloaded and DeepSpeed runs its own kernel; none otherwise,
@@ -343,6 +347,7 @@ def _run_job(
             save_every=save_every,
             keep_last=keep_last,
             echo=echo,
+            start_ranks=start,
         )
     seed = 0 if seed is None else seed
     if out is not None and not out.strip():
@@ -419,9 +424,7 @@ def _run_job(
                 echo(f"Note: removing {stray}, left by an interrupted run of {out_path}")
                 shutil.rmtree(stray, ignore_errors=True)
         check_out(out_path)
-        echo(
-            _starting(world) if start is _launch_workers else f"Starting as rank 0 of the job's {world} ranks"
-        )
+        echo(_starting_line(world, start))
         _run_and_publish(tmp, out_path, plan, settings, world, start)
     echo(
         f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {out_path / 'log.jsonl'}"
@@ -539,11 +542,6 @@ def _run_as_rank(env: ClusterEnv, job: dict[str, Any], *, timeout_s: float, echo
 def _rank(env: ClusterEnv, job: dict[str, Any], *, timeout_s: float, echo: Any) -> Path | None:
     import torch
 
-    if job["resume"]:
-        raise InputError(
-            f"--resume under {env.source} is not supported yet; resume the run with gkd's own workers: "
-            f"`gkd run --resume --out {job['out'] or 'DIR'}`"
-        )
     # What DeepSpeed reads (srun sets SLURM_* only).
     os.environ.update(
         {
@@ -676,6 +674,11 @@ def _node_folder(tmp: Path, out_path: Path, run_id: str) -> Path | None:
 
     if shared():
         return None
+    if tmp == out_path:
+        raise InputError(
+            f"{out_path} on this node is not the folder rank 0 resumes: a resumed run of several nodes needs "
+            "its folder on storage that every node sees (docs/run.md, Clusters)"
+        )
     check_out(out_path)
     try:
         tmp.mkdir(parents=True)
@@ -701,7 +704,7 @@ _STATE_ENV = "GKD_NODE_STATE"
 
 def _note_partial(tmp: Path, out_path: Path) -> None:
     state = os.environ.get(_STATE_ENV)
-    if state:
+    if state and tmp.absolute() != out_path.absolute():  # a resumed run's folder is OUT: it stays
         note = {"tmp": str(tmp.absolute()), "out": str(out_path.absolute())}
         (Path(state) / f"partial-{os.getpid()}.json").write_text(json.dumps(note))
 
@@ -818,6 +821,7 @@ def _resume_job(
     save_every: int,
     keep_last: int,
     echo: Any,
+    start_ranks: Start,
 ) -> Path:
     """Continue the run in OUT from its latest complete checkpoint, with its own plan, data and seed; or
     finish a run whose steps are done but whose student was not saved."""
@@ -840,6 +844,7 @@ def _resume_job(
             save_every=save_every,
             keep_last=keep_last,
             echo=echo,
+            start_ranks=start_ranks,
         )
 
 
@@ -920,6 +925,7 @@ def _resume_locked(
     save_every: int,
     keep_last: int,
     echo: Any,
+    start_ranks: Start,
 ) -> Path:
     out = str(out_path)
     folder = out_path / CHECKPOINTS
@@ -1014,10 +1020,10 @@ def _resume_locked(
             shutil.rmtree(old)
     # completed_steps reaches `steps` only once the student is saved (what makes a run done).
     write_run_json(out_path, settings, plan, processes, completed=min(start, total - 1))
-    echo(_starting(processes))
+    echo(_starting_line(processes, start_ranks))
     try:
         with sigterm_raises():  # the workers are stopped with the parent; OUT stays as it is, to resume
-            launch(train_worker, (plan.to_json(), settings), processes=processes, cpu_ops=cpu_ops(plan))
+            start_ranks(plan, settings, processes, out_path, out_path)
     except (Terminated, KeyboardInterrupt) as err:
         stop(err, f"; resume again with `gkd run --resume --out {out}`")
     echo(f"Done: {total} steps; the student is in {out_path / 'student'}, the log in {log}")
