@@ -240,7 +240,7 @@ def check(
 @click.option(
     "--processes",
     type=click.IntRange(min=1),
-    help="Worker processes (default: one per CUDA device, else 2 on the CPU).",
+    help="Worker processes, per node with --nnodes (default: one per CUDA device, else 2 on the CPU).",
 )
 @click.option(
     "--seed",

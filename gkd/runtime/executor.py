@@ -36,6 +36,12 @@ done but whose student was not saved (stopped in between) is finished by `--resu
 checkpoint and saves. When a worker fails after a checkpoint was written, OUT is published anyway so that it
 can be resumed; bad input never leaves an OUT.
 
+Three ways in (`run_job`): gkd's own workers on this node (the parent above, `gkd.runtime.launch`); one
+rank of a job that torchrun, the deepspeed launcher or srun started (`_run_as_rank`: the ranks meet through
+`gkd.runtime.cluster`, global rank 0 does the parent's part above, in its own process, and trains as a rank
+too); or this node's workers of a job of `--nnodes` nodes (`_run_nodes`: gkd's launcher starts them with
+global ranks, and each is such a rank). docs/run.md, "Clusters", says what each node writes.
+
 One run at a time per OUT: the parent holds a lock (`.OUT.lock`, fcntl.flock) next to OUT for the whole run.
 The temporary folder is `.OUT.partial-PID-RANDOM`; one left by a parent that was killed (SIGKILL: no clean-up
 runs) and holds checkpoints is found by `--resume --out OUT`, and a new run over it is refused unless
