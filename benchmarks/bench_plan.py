@@ -16,7 +16,10 @@ modules.
 The machine may be shared, so the load average is printed before and after: CPU time is the figure that does
 not depend on other processes.
 
-    python benchmarks/bench_plan.py [--repeat 3] [--cache DIR] [CONFIG ...]
+    python benchmarks/bench_plan.py [--repeat 3] [--cache DIR] [--first-only] [CONFIG ...]
+
+`--first-only` times only the first plans and names the models each one traced; with another transformers
+release on PYTHONPATH it shows which packed architectures that release keeps (gkd.planner.cache).
 """
 
 from __future__ import annotations
@@ -87,12 +90,32 @@ def import_seconds() -> float:
     return statistics.median(times)
 
 
+def first_only(configs: list[str | None]) -> None:
+    """The first plan of each config from an empty cache, and the models it had to trace."""
+    worst = 0.0
+    for config in configs:
+        cache = tempfile.mkdtemp(prefix="gkd-bench-cache-")
+        wall, plan, _, cpu = plan_once(config, cache)
+        worst = max(worst, wall)
+        traced = sorted(p.name.rsplit("-", 1)[0] for p in Path(cache).glob("facts/*.json"))
+        print(
+            f"{config or '(no arguments: headline)':<52} fits {str(plan['fits']):<5} first {wall:5.2f} s "
+            f"(cpu {cpu:5.2f} s)  traced: {', '.join(traced) or 'nothing (all from the pack)'}"
+        )
+    print(f"# slowest first plan (empty cache, shipped pack): {worst:.2f} s (target: under 3 s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "configs", nargs="*", help="config files (default: configs/reference/*.yaml and no-args)"
     )
     parser.add_argument("--repeat", type=int, default=3, help="warm runs per config")
+    parser.add_argument(
+        "--first-only",
+        action="store_true",
+        help="only the first plan of each config, and which models it traced (the pack did not hold)",
+    )
     parser.add_argument(
         "--cache", help="facts cache folder (default: a fresh temporary one per config, so each starts cold)"
     )
@@ -108,6 +131,9 @@ def main() -> None:
         f"cache={args.cache or 'a fresh one per config'} "
         f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
+    if args.first_only:
+        first_only(configs)
+        return
     header = (
         f"{'config':<48} {'fits':<5} {'peak/GPU':>9} {'host':>9} {'disk':>9} {'first s':>7} {'traced s':>8} "
         f"{'traced cpu':>10} {'warm s (median, min-max)':>25} {'seq/2 s':>7}  strategy"

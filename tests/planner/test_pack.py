@@ -35,12 +35,15 @@ def test_pack_holds_exactly_the_entries_of_these_sources_and_versions():
 @pytest.mark.parametrize("ref", pack_models(), ids=lambda r: os.path.basename(r))
 def test_pack_entries_equal_a_fresh_trace(ref, monkeypatch):
     monkeypatch.setenv("GKD_NO_PACK", "1")  # nothing below may come from the pack
+    spec_path = PACK_DIR / cache.entry_path("specs", spec_key(ref), SPEC_SOURCES)
+    assert spec_path.is_file(), f"{REBUILD} (no spec entry for {ref}: gkd or its transformers code changed)"
     spec = load_spec(ref)
-    packed_spec = json.loads((PACK_DIR / cache.entry_path("specs", spec_key(ref), SPEC_SOURCES)).read_text())
+    packed_spec = json.loads(spec_path.read_text())
     assert packed_spec == json.loads(json.dumps(spec_entry(ref)))
     for regime in pack_regimes(spec):
         key = facts_key(spec, regime[0], 100_000)
         relative = cache.entry_path("facts", key, FACTS_SOURCES, name=spec.name)
+        assert (PACK_DIR / relative).is_file(), f"{REBUILD} (no {regime[0]} facts entry for {ref})"
         packed = json.loads((PACK_DIR / relative).read_text())
         fresh = json.loads(json.dumps(probe_entry(spec, regime, 100_000)))
         assert "polys" in fresh and packed == fresh
