@@ -172,34 +172,6 @@ def test_flops_count_routed_experts_and_transfers_count_all() -> None:
     assert moe_parts["teacher_compute"] < dense_parts["teacher_compute"]
 
 
-def test_plan_report_shows_total_and_active_parameters(tmp_path: Any) -> None:
-    import json
-
-    from gkd.planner.pipeline import plan
-    from gkd.planner.report import render
-
-    path = tmp_path / "moe.json"
-    path.write_text(json.dumps({**MIXTRAL, "vocab_size": 256, "max_position_embeddings": 512}))
-    config = Config.from_dict(
-        {
-            "teacher": str(path),
-            "student": "tiny-llama-student",
-            "methods": ["kd"],
-            "hardware": {"gpus": 2},
-            "training": {"seq_len": 64, "global_batch": 4},
-        }
-    )
-    result = plan(config)
-    teacher = result.inputs["models"]["teachers"][0]
-    facts = compute_facts(
-        spec_from_config(json.loads(path.read_text()), name="t", dtype="bfloat16"), seq_len=64
-    )
-    assert teacher["params"] == facts.params and teacher["active_params"] == facts.active_params
-    first = render(result).splitlines()[0]
-    assert f"{teacher['params'] / 1e3:.1f}K total, {teacher['active_params'] / 1e3:.1f}K active" in first
-    assert "2 of 4 experts per token" in first
-
-
 @pytest.mark.parametrize(
     ("key", "value"), [("mlp_only_layers", [0]), ("decoder_sparse_step", 2), ("first_k_dense_replace", 1)]
 )
@@ -207,26 +179,6 @@ def test_moe_layers_that_differ_are_refused(key: str, value: Any) -> None:
     with pytest.raises(InputError, match=key):
         check_uniform_layers(SimpleNamespace(name="m", hf_config={key: value}))
     check_uniform_layers(SimpleNamespace(name="m", hf_config={}))
-
-
-def test_a_moe_teacher_is_never_tensor_parallel(tmp_path: Any) -> None:
-    import json
-
-    from gkd.planner.pipeline import plan
-
-    path = tmp_path / "moe.json"
-    path.write_text(json.dumps({**MIXTRAL, "vocab_size": 256, "max_position_embeddings": 512}))
-    config = {
-        "teacher": str(path),
-        "student": "tiny-llama-student",
-        "methods": ["kd"],
-        "hardware": {"gpus": 2},
-        "training": {"seq_len": 64, "global_batch": 4},
-    }
-    result = plan(Config.from_dict(config))
-    assert all(a.strategy.teacher_placement != "tensor_parallel" for a in result.alternatives)
-    with pytest.raises(InputError, match="mixture-of-experts teacher cannot be tensor parallel"):
-        plan(Config.from_dict({**config, "overrides": {"teacher_placement": "tensor_parallel"}}))
 
 
 def test_inspect_reports_experts_and_active_parameters() -> None:
@@ -248,27 +200,58 @@ def test_inspect_reports_experts_and_active_parameters() -> None:
     assert "experts" not in inspect_data(dense, seq_len=T, micro_batch=1)
 
 
-def test_a_plan_counts_the_router_taps_a_method_reads(tmp_path: Any) -> None:
+@pytest.fixture(scope="module")
+def pair_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny MoE teacher (4 layers, hidden 64) and student (2 layers, hidden 32), 4 experts each, with kd and
+    router_kl on 2 GPUs at micro-batch 2 and sequence 64."""
     import json
 
-    from gkd.planner.pipeline import plan
-
+    root = tmp_path_factory.mktemp("moe")
     paths = []
-    for name, layers, hidden in (("t", 4, 64), ("s", 2, 32)):
+    for name, layers, hidden in (("teacher", 4, 64), ("student", 2, 32)):
         config = {**MIXTRAL, "num_hidden_layers": layers, "hidden_size": hidden, "vocab_size": 256}
-        paths.append(tmp_path / f"{name}.json")
+        paths.append(root / f"{name}.json")
         paths[-1].write_text(json.dumps(config | {"max_position_embeddings": 512}))
-    config = {
+    return {
         "teacher": str(paths[0]),
         "student": str(paths[1]),
         "methods": ["kd", "router_kl"],
         "hardware": {"gpus": 2},
         "training": {"seq_len": 64, "global_batch": 4, "micro_batch": [2]},
     }
-    result = plan(Config.from_dict(config))
+
+
+def test_plan_shows_total_and_active_parameters_and_counts_router_taps(pair_config: dict[str, Any]) -> None:
+    from gkd.models import resolve_model
+    from gkd.planner.facts import model_facts
+    from gkd.planner.pipeline import plan
+    from gkd.planner.report import render
+
+    result = plan(Config.from_dict(pair_config))
+    models = result.inputs["models"]
+    first = render(result).splitlines()[0]
+    for summary, path in (
+        (models["teachers"][0], pair_config["teacher"]),
+        (models["student"], pair_config["student"]),
+    ):
+        facts = model_facts(resolve_model(path), seq_len=64)  # the facts the plan used (cached)
+        assert (summary["params"], summary["active_params"]) == (facts.params, facts.active_params)
+        assert (summary["experts"], summary["experts_per_token"]) == (EXPERTS, TOP_K)
+    teacher = models["teachers"][0]
+    assert f"{teacher['params'] / 1e3:.1f}K total, {teacher['active_params'] / 1e3:.1f}K active" in first
+    assert first.count("2 of 4 experts per token") == 2
     routers = {(t.model, t.tap): t.bytes for t in result.strategy.taps if t.method == "router_kl"}
     # Student depths 1, 2 map to teacher depths 2, 4 (uniform); bfloat16 logits (the configs name no dtype),
     # 4 experts, 2 x 64 tokens.
     expected = ("student", "router_logits[0]"), ("student", "router_logits[1]")
     expected += ("teacher0", "router_logits[1]"), ("teacher0", "router_logits[3]")
     assert routers == dict.fromkeys(expected, 2 * 64 * EXPERTS * 2)
+    assert all(a.strategy.teacher_placement != "tensor_parallel" for a in result.alternatives)
+
+
+def test_a_moe_teacher_is_never_tensor_parallel(pair_config: dict[str, Any]) -> None:
+    from gkd.planner.pipeline import plan
+
+    pinned = {**pair_config, "overrides": {"teacher_placement": "tensor_parallel"}}
+    with pytest.raises(InputError, match="mixture-of-experts teacher cannot be tensor parallel"):
+        plan(Config.from_dict(pinned))
