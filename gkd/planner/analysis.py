@@ -29,8 +29,10 @@ CPU processes (`hardware.device: cpu`, set by `gkd run` without CUDA) run the ke
 plan counts those (`gkd.planner.memory`'s CPU rules): the (chunk x V) logits chunks in the 16-bit dtype rather
 than fp32, plus `KD_CPU_LIVE_TILES` fp32 tiles of the divergence on the plain and fused paths; offloaded
 student states and a zero3_offload teacher's partitions in the process's own memory (as without offload); no
-reserve (`reserve_bytes`). Not modelled on the CPU: the tiles of the attention-relation kernels' torch path
-and other divergences' extra temporaries (`benchmarks/plan_accuracy.py` measures what this leaves out).
+reserve (`reserve_bytes`); MiniLMv2's relation term allocates the relation kernel's torch-path score tiles
+and operand copies while it runs (`gkd.planner.cpu_relation`, a transient of its op). Not modelled on the CPU:
+the other relation methods' tiles and other divergences' extra temporaries (`benchmarks/plan_accuracy.py`
+measures what this leaves out).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gkd.config import Config
+from gkd.planner.cpu_relation import relation_cpu_workspace
 from gkd.planner.facts import ModelFacts
 from gkd.planner.memory import (
     BYTES_BF16,
@@ -394,6 +397,8 @@ def build_workload(
             name=f"{t.method}.{t.name}",
             taps=tuple(t.taps),
             logits=is_logit_term(t),
+            # The relation kernel's torch path (CPU) builds its score tiles in memory (cpu_relation).
+            workspace=relation_cpu_workspace(t, student, teachers, micro_batch=b, seq=seq) if cpu else 0,
         )
         for t in resolved.loss_terms
     )

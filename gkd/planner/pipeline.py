@@ -64,6 +64,8 @@ class TermView:
     weight: float
     taps: tuple[str, ...]
     hard: bool
+    relation_heads: int = 0  # MiniLMv2's resolved relation heads (a CPU plan's relation tiles)
+    relation_causal: bool = True  # whether its relations are causal (keys j <= i)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +87,8 @@ class MethodsView:
         return sum(n for _, n in self.extras)
 
     @classmethod
-    def from_resolved(cls, r: Any) -> MethodsView:
+    def from_resolved(cls, r: Any, *, student_is_encoder: bool = False) -> MethodsView:
+        options = {m.name: m.options for m in r.methods}
         return cls(
             teacher_taps=tuple(frozenset(t) for t in r.teacher_taps),
             student_taps=frozenset(r.student_taps),
@@ -97,6 +100,8 @@ class MethodsView:
                     weight=float(t.weight),
                     taps=tuple(t.taps),
                     hard=bool(getattr(t, "hard", False)),
+                    relation_heads=int(options.get(t.method, {}).get("relation_heads", 0)),
+                    relation_causal=_causal(options.get(t.method, {}), student_is_encoder),
                 )
                 for t in r.loss_terms
             ),
@@ -140,7 +145,13 @@ def load_methods(config: Config, teachers: list[Any], student: Any) -> MethodsVi
     resolved = resolve([m.to_entry() for m in config.methods], teachers, student)
     if resolved.chain:
         raise InputError(_chain_message(resolved.chain))
-    return MethodsView.from_resolved(resolved)
+    return MethodsView.from_resolved(resolved, student_is_encoder=bool(student.is_encoder))
+
+
+def _causal(options: dict[str, Any], student_is_encoder: bool) -> bool:
+    """A relation method's `causal` option as its loss reads it (auto: the student is a decoder)."""
+    causal = options.get("causal", "auto")
+    return (not student_is_encoder) if causal == "auto" else bool(causal)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ class LossTerm:
     name: str  # "method.term"
     taps: tuple[str, ...]
     logits: bool  # reads logits (the head-level loss) rather than intermediate taps
+    # Bytes the term's kernel allocates and frees while it runs (a CPU plan's relation tiles:
+    # gkd.planner.cpu_relation); 0 where the kernel works in on-chip memory.
+    workspace: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,6 +217,9 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
             teacher_reads = [x for x in term.taps if not x.startswith("s:")]
             student_reads = [x for x in term.taps if x.startswith("s:")]
             grad_bytes = sum(s_taps.get(x, (0, True))[0] for x in student_reads)
+            ws = f"ws:{term.name}@{where}"
+            work = (TensorAlloc(name=ws, bytes=term.workspace, category="loss_workspace"),)
+            work = work if term.workspace else ()
             if s.tap_loss == "layerwise" and where < st.layers:
                 grad = f"grad:{term.name}@{where}"
                 ops.append(
@@ -224,8 +230,11 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
                         layer=where,
                         taps=term.taps,
                         losses=(term.name,),
-                        allocs=(TensorAlloc(name=grad, bytes=grad_bytes, category="taps"),),
-                        frees=tuple(x for x in teacher_reads if last_read.get(x) == term.name),
+                        allocs=(TensorAlloc(name=grad, bytes=grad_bytes, category="taps"), *work),
+                        frees=(
+                            *(x for x in teacher_reads if last_read.get(x) == term.name),
+                            *(a.name for a in work),
+                        ),
                     )
                 )
                 grads_at.setdefault(where, []).append(grad)
@@ -247,7 +256,8 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
                         layer=-1,
                         taps=term.taps,
                         losses=(term.name,),
-                        allocs=tuple(extra),
+                        allocs=(*extra, *work),
+                        frees=tuple(a.name for a in work),
                     )
                 )
 
