@@ -96,22 +96,30 @@ def _inside(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + ".") or ancestor == ""
 
 
+def block_stacks(model: Any, blocks: int | None = None) -> list[str]:
+    """Paths of the outermost ModuleLists holding `blocks` (any number when None) blocks of one class with
+    parameters: the model's stack of layers (two for an encoder-decoder model)."""
+    import torch
+
+    stacks = [
+        path
+        for path, m in model.named_modules()
+        if isinstance(m, torch.nn.ModuleList)
+        and len(m) > 0
+        and (blocks is None or len(m) == blocks)
+        and len({type(b) for b in m}) == 1
+        and any(True for _ in m[0].parameters())
+    ]
+    return [p for p in stacks if not any(q != p and _inside(p, q) for q in stacks)]
+
+
 def map_layout(model: Any, *, name: str, hidden: int, heads: int, head_dim: int, blocks: int) -> ModelLayout:
     """The layout of `model` (built with `blocks` blocks). Raises InputError saying what cannot be found."""
-    import torch
 
     what = f"model {name}: cannot map {type(model).__name__}"
     modules = dict(model.named_modules())
 
-    stacks = [
-        path
-        for path, m in modules.items()
-        if isinstance(m, torch.nn.ModuleList)
-        and len(m) == blocks
-        and len({type(b) for b in m}) == 1
-        and any(True for _ in m[0].parameters())
-    ]
-    stacks = [p for p in stacks if not any(q != p and _inside(p, q) for q in stacks)]
+    stacks = block_stacks(model, blocks)
     if not stacks:
         raise InputError(f"{what}: no stack of blocks (a ModuleList of {blocks} blocks of one class)")
     if len(stacks) > 1:

@@ -116,9 +116,14 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
         found = _get_path(model, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
             return found
+    from gkd.architecture import block_stacks
+
+    stacks = block_stacks(model)  # any other architecture: its one stack of identical blocks
+    if len(stacks) == 1:
+        return _get_path(model, stacks[0])
     raise InputError(
-        f"cannot find the transformer layers of {type(model).__name__}; tap capture supports "
-        "llama, qwen2, mistral, gpt2, opt, bloom and bert layouts"
+        f"cannot find the transformer layers of {type(model).__name__}: it has {len(stacks)} stacks of "
+        "identical blocks, not one"
     )
 
 

@@ -101,3 +101,20 @@ def test_an_unmappable_architecture_is_refused_in_one_line(monkeypatch: pytest.M
         spec_from_config(config, name="odd", dtype="float32")
     message = str(info.value)
     assert "no attention module" in message and "MistralDecoderLayer" in message and "\n" not in message
+
+
+def test_tap_capture_finds_the_blocks_of_an_unlisted_layout() -> None:
+    """Run-time tap capture falls back to the same structural search when the blocks sit where no list of
+    paths looks (here one level down, under `backbone`)."""
+    import torch
+
+    from gkd.runtime.capture import transformer_layers
+
+    model = build_model(tiny("qwen3"), device="meta")
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = model.model
+
+    assert transformer_layers(Wrapped()) is model.model.layers
