@@ -86,9 +86,12 @@ def snapshot_folder(ref: str, *, weights: bool = False) -> Path:
         else f"the weights of model {ref} are not in the Hugging Face cache ({where})"
     )
     if offline:
-        hint = "and HF_HUB_OFFLINE=1 forbids downloading; download it once with `hf download " + repo + "`"
+        hint = (
+            f"and HF_HUB_OFFLINE=1 forbids downloading; download it once with `hf download {repo}` "
+            "(or unset HF_HUB_OFFLINE)"
+        )
     else:
-        hint = "and it could not be downloaded"
+        hint = "and it could not be downloaded from the Hugging Face Hub (no connection?)"
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -103,7 +106,7 @@ def snapshot_folder(ref: str, *, weights: bool = False) -> Path:
             )
         )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise InputError(f"{missing}, {hint} (or unset HF_HUB_OFFLINE)") from None
+        raise InputError(f"{missing}, {hint}") from None
     except HfHubHTTPError as err:  # no such repository, a gated one, no such revision, the Hub refusing
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"model {ref}: the Hugging Face Hub refused it: {first}") from None
@@ -114,7 +117,7 @@ def snapshot_folder(ref: str, *, weights: bool = False) -> Path:
             f"model {ref}: its snapshot in {folder} has no config.json; is it a model repository?"
         )
     if weights and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir()):
-        raise InputError(f"{missing}, {hint} (or unset HF_HUB_OFFLINE)")
+        raise InputError(f"{missing}, {hint}")
     return folder
 
 
