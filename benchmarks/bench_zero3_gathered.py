@@ -1,13 +1,15 @@
 """How many parameters a ZeRO-3 model holds gathered during an inference forward, by DeepSpeed setting.
 
-The plan counts a ZeRO-3 teacher's gathered working set as the largest module plus the prefetch bucket
-(`gkd.planner.memory.teacher_residency`). This probe measures what DeepSpeed holds: the tiny Llama teacher
-preset is built partitioned (as `gkd run` builds it) on 2 CPU processes, placed in a ZeRO-3 inference engine
-(no optimizer), and run forward 4 times under no_grad; after each module's forward, the number of elements
-whose parameters are gathered (ds_status not NOT_AVAILABLE) is read, after DeepSpeed's own release for that
-module, and the largest is printed per forward. The first forward records DeepSpeed's trace and releases each
-module's parameters at once (0); later ones prefetch from the trace and hold up to the max-live setting plus
-about one module, whatever the prefetch bucket: more than the plan counts when max-live exceeds the bucket.
+The tiny Llama teacher preset is built partitioned (as `gkd run` builds it) on 2 CPU processes, placed in a
+ZeRO-3 inference engine (no optimizer), and run forward 4 times under no_grad. Before each module's forward
+(after DeepSpeed's fetch and prefetch) and after it (after DeepSpeed's release), the number of elements whose
+parameters are gathered (ds_status not NOT_AVAILABLE) is read, and the largest is printed per forward; a
+storage tracker (gkd.runtime.memory's) gives the peak bytes of tensor storage created during each forward.
+The first forward records DeepSpeed's trace and gathers one module at a time; later ones prefetch from the
+trace and hold up to the max-live setting plus about one module, whatever the prefetch bucket, plus one
+prefetch group's all-gather buffer. The "gkd" rows use the max-live gkd emits (capped at the prefetch
+bucket, gkd.planner.memory.effective_deepspeed); "planned" is what the plan's rule counts for the row's
+settings (zero3_gathered_bytes, and with zero3_gather_buffer_bytes in KiB).
 
 Usage: python benchmarks/bench_zero3_gathered.py
 """
