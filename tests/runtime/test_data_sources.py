@@ -7,6 +7,7 @@ Nothing downloads: the hub id is a snapshot folder written into a Hugging Face c
 
 from __future__ import annotations
 
+import functools
 import json
 from itertools import islice
 from pathlib import Path
@@ -301,16 +302,22 @@ def test_an_encoder_refuses_completion_masked_data(tmp_path: Path, chat_tokenize
 # ---------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _plan(config: str) -> Any:
+    """The plan of a config (as JSON), made once for the tests that train on it."""
+    from gkd.planner.pipeline import plan as make_plan
+
+    return make_plan(Config.from_dict(json.loads(config)))
+
+
 def _two_steps(
     config: dict[str, Any], source: str, options: DataConfig, tokenizer: Any = None
 ) -> list[float]:
     """Two optimizer steps of the plan's distillation (kd + the hard loss) on `source`, in this process."""
-    from gkd.planner.pipeline import plan as make_plan
     from gkd.runtime.engines import build_models
     from gkd.runtime.step import distill_step
 
-    plan = make_plan(Config.from_dict(config))
-    models = build_models(plan, seed=0, total_steps=2)
+    models = build_models(_plan(json.dumps(config)), seed=0, total_steps=2)
     tokenizer = tokenizer or load_tokenizer(config["teacher"], models.teacher_specs[0])
     stream = batches(source, tokenizer, seq_len=32, micro_batch=2, objective="causal", options=options)
     optimizer = torch.optim.AdamW(models.student.parameters(), lr=1e-2)
@@ -356,11 +363,10 @@ def test_the_completion_mask_applies_to_the_hard_and_the_soft_term(
     same terms over every position."""
     import torch.nn.functional as F
 
-    from gkd.planner.pipeline import plan as make_plan
     from gkd.runtime.engines import build_models
     from gkd.runtime.step import distill_step, packed_inputs
 
-    models = build_models(make_plan(Config.from_dict(TINY)), seed=0, total_steps=1)
+    models = build_models(_plan(json.dumps(TINY)), seed=0, total_steps=1)
     source = _jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
     batch = next(batches(source, chat_tokenizer, seq_len=32, micro_batch=2, objective="causal", seed=0))
     out = distill_step(models.student, models.teachers, models.loss, batch, models.resolver.at(0), 0, 1)
