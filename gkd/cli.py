@@ -1,4 +1,4 @@
-"""The `gkd` command line: plan, run, export, check, inspect, methods.
+"""The `gkd` command line: plan, run, export, eval, check, inspect, methods.
 
 Each command is a thin wrapper: it parses flags, calls the library, and prints. Errors the user can fix
 (`gkd.errors.InputError`) become one line on stderr and exit code 2; a job that does not fit exits with 1.
@@ -392,6 +392,53 @@ def export(source: str, out: str) -> None:
     except GkdError as err:  # the folder could not be written
         click.echo(f"gkd: error: {err}", err=True)
         sys.exit(1)
+
+
+@main.command(name="eval")
+@click.argument("student")
+@click.option("--data", required=True, help="Held-out data, in any form `gkd run --data` reads.")
+@click.option("--teacher", help="A teacher with the student's vocabulary: its loss and the top-1 agreement.")
+@click.option(
+    "--seq-len", type=click.IntRange(min=1), help="Row length (default: the run's, else 512 or less)."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help="Rows per micro-batch (default: the run's, else 8)."
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    help="Seed of the row order and MLM masking (default: the run's, else 0).",
+)
+@click.option("--max-batches", type=click.IntRange(min=1), help="Evaluate at most this many micro-batches.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_user_errors
+def eval_(
+    student: str,
+    data: str,
+    teacher: str | None,
+    seq_len: int | None,
+    batch_size: int | None,
+    seed: int | None,
+    max_batches: int | None,
+    as_json: bool,
+) -> None:
+    """The held-out loss and perplexity of STUDENT on --data (and a teacher's, with their top-1 agreement).
+
+    STUDENT: a Hugging Face folder (a run's OUT/student: the run's settings are the defaults), a hub id in the
+    local cache, a preset or a config.json (these two: seeded random weights). See docs/eval.md.
+    """
+    from gkd.runtime.evaluate import run_eval
+
+    run_eval(
+        student,
+        data,
+        teacher=teacher,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        max_batches=max_batches,
+        as_json=as_json,
+    )
 
 
 def entry() -> None:

@@ -332,23 +332,13 @@ def evaluate(engine: Any, student: Any, stream: Any, n: int, device: Any) -> flo
     import torch
     import torch.distributed as dist
 
-    from gkd.runtime.step import packed_inputs
+    from gkd.runtime.evaluate import model_inputs  # as `gkd eval` feeds a saved student
 
     engine.eval()
     total = torch.zeros(1, dtype=torch.float64)
     with torch.no_grad():
         for _ in range(n):
-            batch = next(stream)
-            inputs = {
-                "input_ids": batch["input_ids"].to(device),
-                "attention_mask": batch["attention_mask"].long().to(device),
-                "labels": batch["labels"].to(device),
-            }
-            if "position_ids" in batch:  # packed documents kept apart (gkd.runtime.step.packed_inputs)
-                inputs = packed_inputs(student, {**inputs, "position_ids": batch["position_ids"].to(device)})
-            if getattr(student.config, "use_cache", False):
-                inputs["use_cache"] = False
-            total += float(student(**inputs).loss.float())
+            total += float(student(**model_inputs(student, next(stream), device)).loss.float())
     engine.train()
     total = total.to(device)
     dist.all_reduce(total)
