@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -89,3 +90,16 @@ def test_bad_input_exits_2_with_one_line(saved: Path, tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert expected in result.output and result.output.startswith("gkd: error:"), result.output
+
+
+def test_a_hub_id_from_the_local_cache(saved: Path, hub_cache: Any) -> None:
+    # The same weights under a hub id (the offline cache): the same figures as the folder.
+    from safetensors.torch import load_file, save_file
+
+    snapshot = hub_cache("org/tiny-student", LLAMA)
+    save_file(load_file(str(saved / "student" / "model.safetensors")), str(snapshot / "model.safetensors"))
+    data = str(saved / "held.txt")
+    by_id = _eval("org/tiny-student", "--data", data, "--seq-len", "16", "--json")
+    by_folder = _eval(str(saved / "student"), "--data", data, "--seq-len", "16", "--json")
+    assert by_id.exit_code == 0 and by_folder.exit_code == 0, by_id.output + by_folder.output
+    assert json.loads(by_id.output)["loss"] == json.loads(by_folder.output)["loss"]
