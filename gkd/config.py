@@ -88,6 +88,9 @@ DTYPES = ("bfloat16", "float16")
 # How `gkd run` reads the records of --data (gkd.runtime.records) and which tokens its loss trains on.
 DATA_FORMATS = ("auto", "text", "chat", "prompt_completion")
 LOSS_MASKS = ("auto", "all", "completion")
+# Where a run's training sequences come from (gkd.runtime.generation): the data ("off") or the student's own
+# samples for a fraction of the batches ("on_policy"); "sequence_kd" (the teacher's) is not built yet.
+GENERATION_MODES = ("off", "sequence_kd", "on_policy")
 
 
 def parse_bytes(value: Any, what: str) -> int:
@@ -434,6 +437,45 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """Where the training sequences come from (gkd.runtime.generation; docs/config.md).
+
+    mode: "off" (the data's sequences) or "on_policy": for a fraction `fraction` (the config's `lambda`, TRL's
+    `lmbda`) of the micro-batches, chosen from the seed and the step alone, the student samples completions
+    of up to `max_new_tokens` tokens for the batch's prompts (at `temperature`, nucleus `top_p`), and the
+    step trains on prompt + sample with the loss on the sampled tokens only. "sequence_kd" is refused.
+    """
+
+    mode: str = "off"
+    fraction: float = 0.5
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, GENERATION_MODES, "generation.mode")
+        if self.mode == "sequence_kd":
+            raise InputError("generation.mode sequence_kd is not built yet; use on_policy or off")
+        _positive(self.fraction, "generation.lambda", allow_zero=True)
+        if self.fraction > 1:
+            raise InputError(f"generation.lambda must be a fraction in 0..1, got {shown(self.fraction)}")
+        _int(self.max_new_tokens, "generation.max_new_tokens")
+        _positive(self.temperature, "generation.temperature")
+        _positive(self.top_p, "generation.top_p")
+        if self.top_p > 1:
+            raise InputError(f"generation.top_p must be in (0, 1], got {shown(self.top_p)}")
+
+    def to_entry(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "lambda": self.fraction,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
 class Overrides:
     """Choices pinned by the user; None leaves a choice to the search."""
 
@@ -579,6 +621,7 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     overrides: Overrides = field(default_factory=Overrides)
     student_init: StudentInit | None = None
@@ -614,6 +657,12 @@ class Config:
                 f"overrides.micro_batch {pinned} is not among training.micro_batch "
                 f"{', '.join(map(str, sizes))}; drop one of them"
             )
+        new = self.generation.max_new_tokens
+        if self.generation.mode != "off" and new >= self.training.seq_len:
+            raise InputError(
+                f"generation.max_new_tokens ({new}) must be below training.seq_len "
+                f"({self.training.seq_len}): prompt and sample share a row; lower it or raise seq_len"
+            )
         tp = self.overrides.tensor_parallel
         if tp is not None and self.hardware.local_gpus % tp:
             raise InputError(
@@ -647,6 +696,10 @@ class Config:
         out["student_init"] = self.student_init.to_entry() if self.student_init else None
         out.pop("base_dir")
         out.pop("unset")
+        # Left out while off: the configs (and plan keys) of runs that do not generate stay as they were.
+        out.pop("generation")
+        if self.generation.mode != "off":
+            out["generation"] = self.generation.to_entry()
         return out
 
     @classmethod
@@ -758,6 +811,7 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         "deepspeed",
         "overrides",
         "student_init",
+        "generation",
     }
     unknown = set(data) - allowed
     if unknown:
@@ -775,7 +829,7 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         kwargs["student"] = data["student"]
     if "methods" in data:
         kwargs["methods"] = _methods(data["methods"])
-    for section in ("hardware", "training", "data", "deepspeed", "overrides"):
+    for section in ("hardware", "training", "data", "generation", "deepspeed", "overrides"):
         if data.get(section) is not None and not isinstance(data[section], Mapping):
             raise InputError(
                 f"{section} must be a mapping of settings (e.g. {section}: {{...}}), got "
@@ -792,6 +846,9 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         training["report_to"] = (training["report_to"],)
     kwargs["training"] = _section(TrainingConfig, training, "training")
     kwargs["data"] = _section(DataConfig, data.get("data"), "data")
+    kwargs["generation"] = _section(
+        GenerationConfig, data.get("generation"), "generation", {"lambda": "fraction"}
+    )
     kwargs["deepspeed"] = _section(DeepSpeedSettings, data.get("deepspeed"), "deepspeed")
     overrides = dict(data.get("overrides") or {})
     if overrides.get("recompute_layers") is not None:
@@ -1061,6 +1118,7 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         hardware=hardware,
         training=training,
         data=out.data,
+        generation=out.generation,
         deepspeed=out.deepspeed,
         overrides=out.overrides,
         student_init=out.student_init,

@@ -15,13 +15,32 @@ import yaml
 
 from gkd.methods.combine import COMMON_OPTIONS
 from gkd.methods.registry import get, names
-from gkd.methods.spec import MethodSpec, TapSpec
+from gkd.methods.spec import STORED_KINDS, MethodSpec, TapSpec
+
+# Tap kinds read position by position: on a generated sequence the loss mask confines them to the sampled
+# tokens (gkd.runtime.generation), as it confines them to a completion in prompt/completion data.
+TOKENWISE_KINDS = ("logits", "final", "hidden")
 
 
 def _tap_text(tap: TapSpec) -> str:
     rule = f"@{tap.layers.describe()}" if tap.layers is not None else ""
     side = "" if tap.side == "both" else f" ({tap.side})"
     return f"{tap.kind}{rule}{side}"
+
+
+def on_generated(spec: MethodSpec) -> str:
+    """Whether the method applies to generated sequences (generation.mode on_policy): "yes" or "no: why"."""
+    kinds = {t.kind for t in spec.taps}
+    if not kinds:
+        return "no: it reads no taps of the sampled sequences"
+    if kinds & set(STORED_KINDS):
+        return "no: it reads an offline teacher pass, and samples need a live teacher to score them"
+    if spec.hook_ops:
+        return "no: its in-flight operations are not run on samples"
+    other = sorted(kinds - set(TOKENWISE_KINDS))
+    if other:
+        return f"no: its {', '.join(other)} taps relate positions, which the loss mask does not confine"
+    return "yes"
 
 
 def method_dict(spec: MethodSpec) -> dict[str, Any]:
@@ -38,6 +57,7 @@ def method_dict(spec: MethodSpec) -> dict[str, Any]:
         for t in spec.taps
     ]
     out["options"] = {o.name: {"default": o.default, "doc": o.doc} for o in spec.options}
+    out["generated_sequences"] = on_generated(spec)
     return out
 
 
@@ -70,6 +90,7 @@ def _row(spec: MethodSpec) -> list[str]:
         str(len(spec.stages) or 1),
         ", ".join(spec.constraints) or "-",
         spec.teachers,
+        on_generated(spec).split(":")[0],
     ]
 
 
@@ -105,6 +126,7 @@ def detail(spec: MethodSpec) -> str:
         lines.append("  trainable extras:")
         lines += [f"    {e.name}: {e.kind} {e.in_dim} -> {e.out_dim} (per {e.per})" for e in spec.extras]
     lines.append(f"  constraints: {', '.join(spec.constraints) or 'none'}")
+    lines.append(f"  generated sequences (generation.mode on_policy): {on_generated(spec)}")
     if spec.stages:
         lines.append("  stages:")
         lines += [
@@ -132,5 +154,6 @@ def run_methods(name: str | None, *, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([method_dict(s) for s in specs], indent=2, default=str))
         return
-    header = ["name", "paper", "taps", "loss terms", "stages", "constraints", "teachers"]
+    # samples: whether the method applies to generated sequences (`gkd methods NAME` says why not).
+    header = ["name", "paper", "taps", "loss terms", "stages", "constraints", "teachers", "samples"]
     click.echo(_table([_row(s) for s in specs], header))

@@ -109,6 +109,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
 
     from gkd.runtime.data import batches, data_options, load_tokenizer
     from gkd.runtime.engines import build_models, make_engines
+    from gkd.runtime.generation import policy_for
     from gkd.runtime.offline import TOPK_DIR, OfflineTeacher, stored_taps
 
     hf_logging.disable_progress_bar()  # the save's shard bar; the run prints its own progress
@@ -157,6 +158,15 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     engine, module = engines.student, engines.module
     module.tap_loss = plan.strategy.tap_loss  # layerwise: tap terms run (and free teacher taps) mid-forward
     served = stored_taps(models.resolver.at(0)) if readers else []
+    # generation.mode on_policy: the student samples some micro-batches' completions (gkd.runtime.generation).
+    policy = policy_for(
+        config,
+        placement=plan.strategy.teacher_placement,
+        encoder=models.student_spec.is_encoder,
+        seed=settings.seed,
+        rank=rank,
+        tokenizer=tokenizer,
+    )
     stream = data_stream()
     if settings.resume_tag:
         position = restore_checkpoint(engine, out / CHECKPOINTS, settings.resume_tag, rank=rank)
@@ -191,6 +201,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             lr = float(engine.get_lr()[0])  # the rate this step's optimizer update uses
             for micro in range(accum):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
+                if policy is not None:
+                    batch = policy.batch(module.student, batch, step=step, micro=micro)
                 module.resolved, module.step, module.total_steps = resolved, step, settings.steps
                 if readers:  # this micro-batch's record of the offline teacher pass
                     record = step * accum + micro
