@@ -14,12 +14,22 @@ for the newest complete one, with a note.
 unpickler (tensors, containers and an allow-list of the few DeepSpeed classes its checkpoints hold), in the
 parent, before any worker starts: DeepSpeed itself loads them with `weights_only=False`, and a pickle can
 run any code, so a checkpoint folder from elsewhere must never reach it unchecked.
+
+Another world size: DeepSpeed's ZeRO files are partitioned by rank, so a resume with another number of
+processes first converts the checkpoint into DeepSpeed's universal form (`to_universal`: one folder per
+parameter with its fp32 weights and Adam moments, which any number of ranks loads; DeepSpeed's
+`ds_to_universal`), written into a temporary folder and renamed to checkpoints/universal/step-N when whole;
+the workers then load it with DeepSpeed's `load_universal` setting (`restore_checkpoint`). It is made anew
+by each such resume (never reused: only files made from a checked checkpoint reach DeepSpeed's loader) and
+pruned with its source.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -34,6 +44,7 @@ from gkd.files import fsync_path, write_atomically
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "complete"  # the marker of a complete checkpoint, written last
+UNIVERSAL = "universal"  # checkpoints/universal/step-N: step-N converted for any number of processes
 _TAG = re.compile(r"step-([0-9]{1,12})")
 
 # Fault injection for tests and benchmarks/fault_injection.py: "RANK:STEP:POINT" makes rank RANK leave with
@@ -168,11 +179,13 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
     for old in tags:
         if (step_of(old.name) or 0) < oldest_kept:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(folder / UNIVERSAL / old.name, ignore_errors=True)
 
 
-def incomplete_reason(where: Path, world: int) -> str:
+def incomplete_reason(where: Path, world: int | None = None) -> str:
     """Why the checkpoint folder `where` cannot be resumed from ("" when it is complete): its marker or one
-    of the files the marker lists is missing or has another size, or it was made by another world size."""
+    of the files the marker lists is missing or has another size, or (given `world`) it was made by another
+    world size."""
     if not where.is_dir():
         return "it does not exist"
     try:
@@ -185,7 +198,7 @@ def incomplete_reason(where: Path, world: int) -> str:
         return "its writing was interrupted (no `complete` marker)"
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return "its `complete` marker is damaged"
-    if made_with != world:
+    if world is not None and made_with != world:
         return f"it was written by {made_with} processes, not {world}"
     for name, size in sorted(files.items()):
         path = where / str(name)
@@ -193,16 +206,16 @@ def incomplete_reason(where: Path, world: int) -> str:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, not the {size} written"
-    missing = [f"rng-rank{r}.pt" for r in range(world) if f"rng-rank{r}.pt" not in files]
+    missing = [f"rng-rank{r}.pt" for r in range(made_with) if f"rng-rank{r}.pt" not in files]
     if missing:
         return f"{missing[0]} is missing"
     return ""
 
 
-def resumable(folder: Path, world: int) -> tuple[str, str]:
+def resumable(folder: Path, world: int | None = None) -> tuple[str, str]:
     """(tag, note): the checkpoint a resume reads, `latest` when it is complete, else the complete one before
     it (the newest complete one when `latest` names none), with a one-line note saying why; InputError when
-    there is none."""
+    there is none. `world`: only checkpoints made by that many processes (None: any; `written_by` says)."""
     latest = folder / LATEST
     try:
         pointed = latest.read_text().strip() if latest.exists() else ""
@@ -281,16 +294,99 @@ def refusal(err: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def restore_checkpoint(engine: Any, folder: Path, tag: str, *, rank: int) -> int:
-    """Load what `save_checkpoint` wrote (after the models were built, which reseeds the generators); returns
-    this rank's data position (micro-batches read before the checkpoint)."""
+def written_by(where: Path) -> int:
+    """How many processes wrote the complete checkpoint `where` (its marker says)."""
+    return int(json.loads((where / COMPLETE).read_text())["world"])
+
+
+def partitioned(where: Path) -> bool:
+    """Whether the checkpoint `where` holds optimizer states partitioned by rank (ZeRO-1, 2 or 3, and
+    DeepSpeed's bf16 optimizer), which only DeepSpeed's universal form carries to another world size; a ZeRO-0
+    checkpoint holds the whole state in mp_rank_00_model_states.pt."""
+    return any(where.glob("*optim_states.pt"))
+
+
+def to_universal(folder: Path, tag: str) -> Path:
+    """Checkpoint `tag` of `folder` in DeepSpeed's universal form, in folder/universal/tag (see the module
+    docstring). Only checkpoints `check_loadable` passed may come here (the conversion unpickles them).
+    InputError, nothing left behind, when DeepSpeed cannot convert it; CheckpointWriteError when the disk
+    cannot take it."""
+    target = folder / UNIVERSAL / tag
+    # Made anew each time, never reused: DeepSpeed loads it with pickle's full power, and only files made
+    # here from a checked checkpoint may reach it. Folders of conversions that were killed go too (the
+    # caller holds OUT's lock: no other conversion runs).
+    if (folder / UNIVERSAL).is_dir():
+        for old in (folder / UNIVERSAL).iterdir():
+            if old.name == tag or old.name.startswith(f".{tag}.partial-"):
+                shutil.rmtree(old, ignore_errors=True)
+    # A folder of its own: DeepSpeed also writes a `latest_universal` pointer beside its output folder.
+    work = folder / UNIVERSAL / f".{tag}.partial-{os.getpid()}"
+    try:
+        with write_errors(f"the universal checkpoint {target}", folder):
+            work.mkdir(parents=True)
+            _convert(folder / tag, work / tag)
+            converted = work / tag
+            files = sorted(p for p in converted.rglob("*") if p.is_file())
+            for path in files:
+                fsync_path(path)
+            sizes = {str(p.relative_to(converted)): p.stat().st_size for p in files}
+            step = step_of(tag)
+            write_atomically(
+                converted / COMPLETE,
+                json.dumps({"step": step, "from_world": written_by(folder / tag), "files": sizes}),
+            )
+            converted.rename(target)
+            fsync_path(target.parent)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (folder / UNIVERSAL).rmdir()  # only when empty: a conversion that failed leaves nothing
+    return target
+
+
+def _convert(source: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal on one checkpoint folder, its printing kept out of the run's output."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(out),
+        num_extract_workers=1,  # no process pool: the parent stays one process
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # gkd's checkpoints do not carry DeepSpeed's universal_checkpoint_info
+    )
+    shown = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown):
+            ds_to_universal(args)
+    except OSError:
+        raise  # a write that failed: `write_errors` says so
+    except (
+        Exception
+    ) as err:  # DeepSpeed raises AssertionError, KeyError, RuntimeError, ... for what it cannot read
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(
+            f"checkpoint {source} cannot be converted for another number of processes "
+            f"({type(err).__name__}: {detail[:160]}); resume it with the number of processes that wrote it "
+            f"({written_by(source)})"
+        ) from None
+
+
+def restore_checkpoint(engine: Any, folder: Path, tag: str, *, rank: int, universal: bool = False) -> None:
+    """Load what `save_checkpoint` wrote (after the models were built, which reseeds the generators); from
+    folder/universal/tag where `universal` (a resume on another world size: the engine was made with
+    DeepSpeed's `load_universal` setting). A rank the checkpoint has no random-number state for (more ranks
+    than wrote it) takes rank 0's."""
     import torch
 
-    path, _ = engine.load_checkpoint(str(folder), tag=tag)
+    where = folder / UNIVERSAL if universal else folder
+    path, _ = engine.load_checkpoint(str(where), tag=tag)
     if path is None:
         raise InputError(f"cannot load checkpoint {tag} from {folder}; it is incomplete or from another run")
-    state = torch.load(folder / tag / f"rng-rank{rank}.pt", weights_only=True)
+    own = folder / tag / f"rng-rank{rank}.pt"
+    state = torch.load(own if own.is_file() else folder / tag / "rng-rank0.pt", weights_only=True)
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
-    return int(state["micro_batches"])

@@ -33,14 +33,20 @@ _PLAN_ONLY_KEYS = frozenset({"strategy", "schedule", "inputs", "alternatives", "
 
 
 def load_or_plan(
-    target: str | None, *, processes: int, echo: Any = click.echo, per_node: int | None = None
+    target: str | None,
+    *,
+    processes: int,
+    echo: Any = click.echo,
+    per_node: int | None = None,
+    config: Any = None,
 ) -> Plan:
     """The plan to run: read from a plan file (its GPU count must be the world size), or planned from a config
     (or the headline job when `target` is None) for `processes` GPUs, `per_node` of them on each node when
-    the run spans nodes (`hardware.gpus_per_node`)."""
+    the run spans nodes (`hardware.gpus_per_node`). `config`: plan that Config instead (a resumed run's own,
+    for another number of processes)."""
     from gkd.config import apply_flags, default_config
 
-    if target is not None:
+    if target is not None and config is None:
         path = Path(target)
         try:
             regular, folder, exists = path.is_file(), path.is_dir(), path.exists()
@@ -66,7 +72,8 @@ def load_or_plan(
             return plan
     from gkd.planner.pipeline import plan as make_plan
 
-    config = _load_run_config(target, processes) if target is not None else default_config()
+    if config is None:
+        config = _load_run_config(target, processes) if target is not None else default_config()
     _check_global_batch(config.training.global_batch, processes, target)
     config = apply_flags(config, gpus=processes)
     if per_node is not None:

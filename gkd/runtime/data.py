@@ -26,16 +26,19 @@ Design choices:
   (gkd.runtime.tokens), keyed by the source's path, size and modification time and the tokenizer's files.
   Every rank memory-maps that file and reads only the rows of its batches, so a corpus of billions of tokens
   costs 2 bytes a token on disk and next to nothing in memory, and a second run on it starts at once.
-- Rows are shuffled globally each epoch with a generator seeded from (seed, epoch), then rank r takes rows
-  r, r + world, ...: every rank computes the same permutation, so ranks see disjoint rows that together cover
-  the epoch, and a different split each epoch. A rank's batches are cut from the endless concatenation of its
-  epochs, so no row is ever dropped at an epoch boundary. A permutation holds 8 bytes per row (a corpus of
-  10^10 tokens in rows of 2048: 40 MB per rank).
+- Rows are shuffled globally each epoch with a generator seeded from (seed, epoch); the epochs' permutations,
+  end to end, are the run's one endless stream of rows. Global micro-batch k is the stream's next world x
+  micro_batch rows and rank r takes rows r, r + world, ... of it: every rank computes the same permutation,
+  so ranks see disjoint rows that together cover each epoch, a different split each epoch, and no row is
+  dropped at an epoch boundary. Since an optimizer step reads a contiguous stretch of the stream (global_batch
+  rows), a run that resumes at stream position `start` (steps done x global batch) with another number of
+  ranks or another micro-batch trains on exactly the rows the uninterrupted run would have. A permutation
+  holds 8 bytes per row (a corpus of 10^10 tokens in rows of 2048: 40 MB per rank).
 - MLM masking follows BERT (Devlin et al. 2019, section 3.1): 15% of positions are chosen, of those 80% become
   the mask id, 10% a random non-special id and 10% stay unchanged; labels hold the original id at chosen
   positions and -100 elsewhere. Special tokens (the eos separators) are never chosen, as in transformers'
-  `DataCollatorForLanguageModeling`. The generator is seeded from (seed, rank, batch index), so masking is
-  deterministic and independent across ranks.
+  `DataCollatorForLanguageModeling`. Each row is masked with a generator seeded from (seed, its stream
+  position), so masking is deterministic, and the same for a row whatever rank or micro-batch reads it.
 - Causal labels are a copy of input_ids (-100 where a token is not trained): the model (and
   `gkd.methods.losses.task_loss`) shifts them.
 """
@@ -72,6 +75,10 @@ from gkd.runtime.records import (
 from gkd.runtime.tokens import Document, TokenFile, file_identity, stored_tokens
 
 OBJECTIVES = ("causal", "mlm")
+
+# The third part of a row's masking seed (seed, position, _MASKING): keeps it apart from the epochs'
+# permutation seeds (seed, epoch).
+_MASKING = 1
 
 # Fractions of BERT masking (Devlin et al. 2019): positions chosen, and of those, masked / randomised.
 MLM_CHOOSE = 0.15
@@ -586,16 +593,22 @@ def batches(
     world: int = 1,
     seed: int = 0,
     options: DataConfig | None = None,
+    start: int = 0,
+    row_ids: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An endless iterator of micro-batches for one rank, each (micro_batch, seq_len): "input_ids",
     "labels" and "position_ids" long, "attention_mask" bool, and, for data with a completion loss mask,
     "loss_mask" bool (see `_Rows.take`). objective: "causal" (decoders) or "mlm" (encoders). `options`: the
-    config's data section (how the source's records are read).
+    config's data section (how the source's records are read). `start`: the stream position to begin at
+    (rows the run has trained on, over all ranks); `row_ids`: each batch also holds "row_ids" (micro_batch,)
+    long, the rows' numbers in the stored ids (for checks of what a run trained on).
 
     The source is tokenised (or its stored ids found) before this returns, so a bad source raises InputError
     here, not at the first `next`.
     """
     _check_args(seq_len=seq_len, micro_batch=micro_batch, objective=objective, rank=rank, world=world)
+    if not isinstance(start, int) or start < 0:
+        raise InputError(f"the stream position must be an integer >= 0, got {shown(start)}")
     if objective == "mlm" and tokenizer.mask_id is None:
         raise InputError(
             "the mlm objective needs a tokenizer with a mask token and this one has none; "
@@ -618,7 +631,15 @@ def batches(
         )
     rows = _Rows(stored, seq_len, count)
     return _generate(
-        rows, tokenizer, micro_batch=micro_batch, objective=objective, rank=rank, world=world, seed=seed
+        rows,
+        tokenizer,
+        micro_batch=micro_batch,
+        objective=objective,
+        rank=rank,
+        world=world,
+        seed=seed,
+        start=start,
+        row_ids=row_ids,
     )
 
 
@@ -677,38 +698,49 @@ def _generate(
     rank: int,
     world: int,
     seed: int,
+    start: int,
+    row_ids: bool,
 ) -> Iterator[dict[str, torch.Tensor]]:
     special = _special_ids(tokenizer)
     ordinary = _ordinary_ids(tokenizer.vocab_size, special) if objective == "mlm" else None
-    pending = torch.zeros(0, dtype=torch.long)  # this rank's row numbers not yet batched, across epochs
-    epoch = 0
-    index = 0
+    order, epoch = torch.zeros(0, dtype=torch.long), -1  # the permutation of the epoch last read
+    offsets = (torch.arange(micro_batch) * world + rank).tolist()  # this rank's rows in a global micro-batch
+    position = start
     while True:
-        order = torch.randperm(rows.count, generator=_generator(seed, epoch))
-        pending = torch.cat([pending, order[rank::world]])
-        epoch += 1
-        full = len(pending) // micro_batch * micro_batch
-        for start in range(0, full, micro_batch):
-            # Only this batch's rows are read from the stored ids.
-            batch = rows.take(pending[start : start + micro_batch].numpy())
-            input_ids = batch["input_ids"]
-            if objective == "causal":
-                # Labels are the input ids (the model shifts them), -100 where a token is not a target.
-                trained = batch.pop("trained", None)
-                labels = input_ids.clone() if trained is None else input_ids.masked_fill(~trained, -100)
-                yield {**batch, "labels": labels}
-            else:
-                assert ordinary is not None and tokenizer.mask_id is not None
-                masked, labels = mask_tokens(
-                    input_ids,
+        positions = [position + offset for offset in offsets]
+        picked = []
+        for p in positions:
+            if p // rows.count != epoch:
+                epoch = p // rows.count
+                order = torch.randperm(rows.count, generator=_generator(seed, epoch))
+            picked.append(int(order[p % rows.count]))
+        numbers = torch.tensor(picked, dtype=torch.long)
+        # Only this batch's rows are read from the stored ids.
+        batch = rows.take(numbers.numpy())
+        input_ids = batch["input_ids"]
+        if objective == "causal":
+            # Labels are the input ids (the model shifts them), -100 where a token is not a target.
+            trained = batch.pop("trained", None)
+            labels = input_ids.clone() if trained is None else input_ids.masked_fill(~trained, -100)
+            batch = {**batch, "labels": labels}
+        else:
+            assert ordinary is not None and tokenizer.mask_id is not None
+            masked, labels = [], []
+            for j, p in enumerate(positions):
+                row_masked, row_labels = mask_tokens(
+                    input_ids[j : j + 1],
                     mask_id=tokenizer.mask_id,
                     ordinary_ids=ordinary,
                     special_ids=special,
-                    generator=_generator(seed, rank, index),
+                    generator=_generator(seed, p, _MASKING),
                 )
-                yield {**batch, "input_ids": masked, "labels": labels}
-            index += 1
-        pending = pending[full:]
+                masked.append(row_masked)
+                labels.append(row_labels)
+            batch = {**batch, "input_ids": torch.cat(masked), "labels": torch.cat(labels)}
+        if row_ids:
+            batch["row_ids"] = numbers
+        yield batch
+        position += world * micro_batch
 
 
 def mask_tokens(

@@ -66,9 +66,19 @@ from typing import Any, NoReturn
 
 import click
 
-from gkd.errors import GkdError, InputError
+from gkd.errors import DoesNotFitError, GkdError, InputError
+from gkd.files import write_atomically
 from gkd.planner.plan import Plan
-from gkd.runtime.checkpoints import CHECKPOINTS, LATEST, check_loadable, resumable, step_of
+from gkd.runtime.checkpoints import (
+    CHECKPOINTS,
+    LATEST,
+    check_loadable,
+    partitioned,
+    resumable,
+    step_of,
+    to_universal,
+    written_by,
+)
 from gkd.runtime.checks import (
     check_data,
     check_offline_disk,
@@ -921,6 +931,72 @@ def _kept_log_rows(log: Path, start: int) -> list[str]:
     return kept
 
 
+def _stage_for(other_world: bool, universal: bool) -> int | None:
+    """The student ZeRO stage a resume's plan must have to load its checkpoint (None: any): on another world
+    size, ZeRO-1, 2 or 3 for a universal checkpoint (DeepSpeed loads none into ZeRO-0's optimizer) and ZeRO-0
+    for a ZeRO-0 checkpoint (whole, not partitioned)."""
+    if not other_world:
+        return None
+    return 1 if universal else 0
+
+
+def _replan(out_path: Path, processes: int, echo: Any, *, stage: int | None) -> Plan:
+    """The plan of the run in OUT made again for `processes` processes from its own config: the same job,
+    global batch and seed, so each step trains on the same rows (gkd.runtime.data). `stage`: 0 pins the
+    student's ZeRO stage to 0; 1 keeps it at 1 or more (see `_stage_for`). InputError, in one line, where the
+    job cannot run on that many."""
+    from gkd.config import Config
+
+    saved = load_or_plan(str(out_path / "plan.json"), processes=_planned_gpus(out_path), echo=lambda _: None)
+    config = Config.from_dict(saved.inputs["config"])
+    made_for = config.hardware.gpus
+    batch = config.training.global_batch
+    if batch % processes:
+        raise InputError(
+            f"the run in {out_path} has a global batch of {batch}, which {processes} processes do not "
+            "divide; a resumed run keeps its global batch, so resume with a number of processes that divides "
+            f"it (it was made with {made_for})"
+        )
+    # A resume runs gkd's own workers on this node: all of them are on one node (a multi-node run's config
+    # holds its ranks per node).
+    per_node = processes if config.hardware.gpus_per_node < processes else None
+    try:
+        plan = load_or_plan(None, processes=processes, echo=echo, config=config, per_node=per_node)
+        chosen = plan.strategy.student_zero_stage
+        if stage is not None and (chosen == 0) != (stage == 0):
+            loads = "ZeRO-0 only" if stage == 0 else "ZeRO-1, 2 or 3 only"
+            echo(
+                f"Note: the checkpoint loads into the student's {loads}, not the ZeRO-{chosen} planned for "
+                f"{processes} processes; planning again with ZeRO-{stage}"
+            )
+            pinned = dataclasses.replace(config.overrides, student_zero_stage=stage)
+            plan = load_or_plan(
+                None,
+                processes=processes,
+                echo=lambda _: None,
+                config=dataclasses.replace(config, overrides=pinned),
+                per_node=per_node,
+            )
+        return plan
+    except DoesNotFitError as err:
+        why = str(err).split("; ")[0]  # without the fix for a new job, which names a `gkd plan` command
+        raise InputError(
+            f"the run in {out_path} cannot continue on {processes} processes ({why}); resume with "
+            f"--processes {made_for} (as it was made) or more"
+        ) from None
+
+
+def _planned_gpus(out_path: Path) -> int:
+    """The GPU count OUT/plan.json was made for (the world size of the run's latest start)."""
+    try:
+        data = json.loads((out_path / "plan.json").read_text())
+        return int(data["inputs"]["config"]["hardware"]["gpus"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
+        raise InputError(
+            f"{out_path / 'plan.json'} is damaged (the run's plan); a resume needs it whole: restore it"
+        ) from None
+
+
 def _resume_locked(
     out_path: Path,
     *,
@@ -963,19 +1039,21 @@ def _resume_locked(
         )
     if not _has_checkpoint(out_path):
         raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
-    # DeepSpeed's ZeRO checkpoints are partitioned by rank: a resumed run keeps its number of processes.
-    made_with = int(previous["processes"])
-    if processes is None:
-        processes = made_with
-    elif processes != made_with:
-        raise InputError(
-            f"the run in {out} was made with {made_with} processes and a resumed run cannot change that (its "
-            f"checkpoints are partitioned by rank); run with --processes {made_with} or drop --processes"
-        )
-    plan = load_or_plan(str(out_path / "plan.json"), processes=processes, echo=echo)
+    made_with = int(previous["processes"])  # the world size of the run's latest start: OUT/plan.json's
+    processes = made_with if processes is None else processes
+    tag, note = resumable(folder)
+    written = written_by(folder / tag)
+    # DeepSpeed's ZeRO files are partitioned by rank: a checkpoint of another world size is converted into
+    # DeepSpeed's universal form, which it loads into ZeRO-1, 2 or 3. A ZeRO-0 checkpoint holds the whole
+    # state in one file, which any number of processes loads as ZeRO-0.
+    universal = written != processes and partitioned(folder / tag)
+    replanned = processes != made_with or written != processes
+    if replanned:
+        plan = _replan(out_path, processes, echo, stage=_stage_for(written != processes, universal))
+    else:
+        plan = load_or_plan(str(out_path / "plan.json"), processes=processes, echo=echo)
     _check_runnable(plan, processes)  # this machine may not be the one the run started on
     check_weight_files(plan)
-    tag, note = resumable(folder, processes)
     if note:
         echo(f"Note: {note}")
     start = step_of(tag) or 0
@@ -993,6 +1071,11 @@ def _resume_locked(
         )
     if previous.get("eval_data") is not None:
         check_data(plan, previous["eval_data"], processes, int(previous["seed"]), echo)
+    if universal:
+        echo(
+            f"Converting checkpoint {tag} of {written} processes for {processes} (DeepSpeed's universal form)"
+        )
+        to_universal(folder, tag)
     # Rows logged after the checkpoint are done again.
     log = out_path / "log.jsonl"
     rows = _kept_log_rows(log, start)
@@ -1007,6 +1090,7 @@ def _resume_locked(
         keep_last=keep_last or int(previous.get("keep_last", 0)),
         start_step=start,
         resume_tag=tag,
+        resume_universal=universal,
         eval_data=previous.get("eval_data"),
         eval_every=int(previous.get("eval_every", 0)),
         eval_batches=int(previous.get("eval_batches", 8)),
@@ -1020,6 +1104,13 @@ def _resume_locked(
     else:
         echo(f"Resuming at step {start} of {total}: {plan.strategy.describe()}")
     log.write_text("".join(r + "\n" for r in rows))
+    if replanned:
+        from gkd.runtime.offline import TOPK_DIR
+
+        # The run goes on with this plan (a later resume reads it); an offline teacher pass stored for
+        # another plan holds other ranks' micro-batches, so it is done again.
+        write_atomically(out_path / "plan.json", plan.to_json())
+        shutil.rmtree(out_path / TOPK_DIR, ignore_errors=True)
     # The run is not done: a student folder is from fewer steps (or cut short), and is saved again.
     for old in (out_path / "student", out_path / "student.partial"):
         if old.is_dir():

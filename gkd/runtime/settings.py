@@ -25,6 +25,7 @@ class RunSettings:
     keep_last: int = 0  # keep only this many of the newest checkpoints (0: all)
     start_step: int = 0  # steps already done (resume from the checkpoint `resume_tag`)
     resume_tag: str = ""
+    resume_universal: bool = False  # resume_tag was written by another world size: load its universal form
     eval_data: str | None = None  # held-out text: the student's own loss on it (None: no evaluation)
     eval_every: int = 0  # evaluate every this many steps (0: at the end only)
     eval_batches: int = 8  # micro-batches per rank in one evaluation

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -24,6 +25,10 @@ from gkd.runtime.memory import MemoryRecord, StepMemory, host_memory, predicted_
 from gkd.runtime.reporting import Reporters, check_reporters, perplexity
 from gkd.runtime.save import save_student
 from gkd.runtime.settings import RunSettings, write_run_json
+
+# GKD_RECORD_ROWS=1: each log row also holds "rows", the numbers of the rows (in the stored ids) that the step
+# trained on, over all ranks; for the tests that check what a resumed run trains on.
+RECORD_ROWS_ENV = "GKD_RECORD_ROWS"
 
 
 def gather_ints(values: list[int], device: Any) -> list[list[int]]:
@@ -129,8 +134,9 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     phase.start(f"loading the models ({', '.join(config['teachers'])} -> {config['student']})")
     models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
     tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
+    record_rows = os.environ.get(RECORD_ROWS_ENV, "") == "1"
 
-    def data_stream(source: str | None = settings.data) -> Any:
+    def data_stream(source: str | None = settings.data, start: int = 0, rows: bool = False) -> Any:
         return batches(
             source,
             tokenizer,
@@ -141,6 +147,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             world=world,
             seed=settings.seed,
             options=data_options(config),
+            start=start,
+            row_ids=rows,
         )
 
     out = Path(settings.out)
@@ -154,6 +162,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         # A resume that only saves the student (every step done): no step reads the teacher.
         models.teachers = [OfflineTeacher() for _ in models.teachers]
     phase.start("setting up the DeepSpeed engines")
+    if settings.resume_universal:  # a checkpoint of another world size, converted (gkd.runtime.checkpoints)
+        plan.deepspeed["student"] = {**plan.deepspeed["student"], "checkpoint": {"load_universal": True}}
     engines = make_engines(models, plan, device=device)
     engine, module = engines.student, engines.module
     module.tap_loss = plan.strategy.tap_loss  # layerwise: tap terms run (and free teacher taps) mid-forward
@@ -167,11 +177,15 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         rank=rank,
         tokenizer=tokenizer,
     )
-    stream = data_stream()
+    # Every step reads global_batch rows of the one stream of rows (gkd.runtime.data), whatever the world
+    # size: a resumed run starts after those of the steps done.
+    stream = data_stream(
+        start=settings.start_step * int(config["training"]["global_batch"]), rows=record_rows
+    )
     if settings.resume_tag:
-        position = restore_checkpoint(engine, out / CHECKPOINTS, settings.resume_tag, rank=rank)
-        for _ in range(position):  # the data stream is deterministic: skip what was done
-            next(stream)
+        restore_checkpoint(
+            engine, out / CHECKPOINTS, settings.resume_tag, rank=rank, universal=settings.resume_universal
+        )
     apply_schedule(engine)
     _schedule_note(plan, settings.steps, rank)
     log = (out / "log.jsonl").open("a") if rank == 0 else None
@@ -197,10 +211,14 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             start = time.perf_counter()
             # Sums over this rank's micro-batches: total loss, each term, tokens.
             sums = torch.zeros(2 + len(names), dtype=torch.float64)
+            rows: list[int] = []  # this step's row numbers (RECORD_ROWS_ENV)
             meter.begin(step, last=step + 1 == settings.steps)
             lr = float(engine.get_lr()[0])  # the rate this step's optimizer update uses
             for micro in range(accum):
-                batch = {k: v.to(device) for k, v in next(stream).items()}
+                batch = next(stream)
+                if record_rows:
+                    rows.extend(batch.pop("row_ids").tolist())
+                batch = {k: v.to(device) for k, v in batch.items()}
                 if policy is not None:
                     batch = policy.batch(module.student, batch, step=step, micro=micro)
                 module.resolved, module.step, module.total_steps = resolved, step, settings.steps
@@ -247,6 +265,8 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
                 "memory_source": meter.source,
                 "memory": memory,
             }
+            if record_rows:
+                row["rows"] = sorted(r for part in gather_ints(rows, device) for r in part)
             if not math.isfinite(row["loss"]):
                 raise RuntimeError(f"the loss is {row['loss']} at step {step + 1}")
             last = step + 1 == settings.steps
