@@ -26,14 +26,14 @@ pruned with its source.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
-import io
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -345,33 +345,34 @@ def to_universal(folder: Path, tag: str) -> Path:
 
 
 def _convert(source: Path, out: Path) -> None:
-    """DeepSpeed's ds_to_universal on one checkpoint folder, its printing kept out of the run's output."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    args = argparse.Namespace(
-        input_folder=str(source),
-        output_folder=str(out),
-        num_extract_workers=1,  # no process pool: the parent stays one process
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,  # gkd's checkpoints do not carry DeepSpeed's universal_checkpoint_info
+    """DeepSpeed's ds_to_universal on one checkpoint folder, in a process of its own: its torch ops would
+    start OpenMP's threads in this one, which the forked workers could then hang on; and its printing stays
+    out of the run's output."""
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(source),
+        "--output_folder",
+        str(out),
+        "--num_extract_workers",  # 1: no process pool
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",  # gkd's checkpoints do not carry DeepSpeed's universal_checkpoint_info
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace", check=False)
+    if done.returncode == 0:
+        return
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    detail = lines[-1] if lines else f"exit code {done.returncode}"  # the exception, last in its traceback
+    if "No space left on device" in done.stderr or "Disk quota exceeded" in done.stderr:
+        raise CheckpointWriteError(f"no space left on the device while writing {out}")
+    raise InputError(
+        f"checkpoint {source} cannot be converted for another number of processes ({detail[:160]}); resume "
+        f"it with the number of processes that wrote it ({written_by(source)})"
     )
-    shown = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown):
-            ds_to_universal(args)
-    except OSError:
-        raise  # a write that failed: `write_errors` says so
-    except (
-        Exception
-    ) as err:  # DeepSpeed raises AssertionError, KeyError, RuntimeError, ... for what it cannot read
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(
-            f"checkpoint {source} cannot be converted for another number of processes "
-            f"({type(err).__name__}: {detail[:160]}); resume it with the number of processes that wrote it "
-            f"({written_by(source)})"
-        ) from None
 
 
 def restore_checkpoint(engine: Any, folder: Path, tag: str, *, rank: int, universal: bool = False) -> None:
