@@ -364,6 +364,7 @@ def _run_job(
             keep_last=keep_last,
             echo=echo,
             start_ranks=start,
+            per_node=per_node,
         )
     seed = 0 if seed is None else seed
     if out is not None and not out.strip():
@@ -838,9 +839,11 @@ def _resume_job(
     keep_last: int,
     echo: Any,
     start_ranks: Start,
+    per_node: int | None = None,
 ) -> Path:
     """Continue the run in OUT from its latest complete checkpoint, with its own plan, data and seed; or
-    finish a run whose steps are done but whose student was not saved."""
+    finish a run whose steps are done but whose student was not saved. `per_node`: ranks per node of a
+    launched job that spans nodes (for a plan made again for another world size)."""
     if out is None:
         raise InputError("--resume continues the run in --out; name that folder with --out")
     if target is not None:
@@ -861,6 +864,7 @@ def _resume_job(
             keep_last=keep_last,
             echo=echo,
             start_ranks=start_ranks,
+            per_node=per_node,
         )
 
 
@@ -940,11 +944,14 @@ def _stage_for(other_world: bool, universal: bool) -> int | None:
     return 1 if universal else 0
 
 
-def _replan(out_path: Path, processes: int, echo: Any, *, stage: int | None) -> Plan:
+def _replan(
+    out_path: Path, processes: int, echo: Any, *, stage: int | None, per_node: int | None = None
+) -> Plan:
     """The plan of the run in OUT made again for `processes` processes from its own config: the same job,
     global batch and seed, so each step trains on the same rows (gkd.runtime.data). `stage`: 0 pins the
-    student's ZeRO stage to 0; 1 keeps it at 1 or more (see `_stage_for`). InputError, in one line, where the
-    job cannot run on that many."""
+    student's ZeRO stage to 0; 1 keeps it at 1 or more (see `_stage_for`). `per_node`: ranks per node of a
+    launched job over several nodes (None: one node). InputError, in one line, where the job cannot run on
+    that many."""
     from gkd.config import Config
 
     saved = load_or_plan(str(out_path / "plan.json"), processes=_planned_gpus(out_path), echo=lambda _: None)
@@ -957,9 +964,9 @@ def _replan(out_path: Path, processes: int, echo: Any, *, stage: int | None) -> 
             "divide; a resumed run keeps its global batch, so resume with a number of processes that divides "
             f"it (it was made with {made_for})"
         )
-    # A resume runs gkd's own workers on this node: all of them are on one node (a multi-node run's config
-    # holds its ranks per node).
-    per_node = processes if config.hardware.gpus_per_node < processes else None
+    if per_node is None and config.hardware.gpus_per_node < processes:
+        # gkd's own workers on this node: all on one node (a multi-node run's config holds its ranks per node)
+        per_node = processes
     try:
         plan = load_or_plan(None, processes=processes, echo=echo, config=config, per_node=per_node)
         chosen = plan.strategy.student_zero_stage
@@ -1008,6 +1015,7 @@ def _resume_locked(
     keep_last: int,
     echo: Any,
     start_ranks: Start,
+    per_node: int | None = None,
 ) -> Path:
     out = str(out_path)
     folder = out_path / CHECKPOINTS
@@ -1049,7 +1057,8 @@ def _resume_locked(
     universal = written != processes and partitioned(folder / tag)
     replanned = processes != made_with or written != processes
     if replanned:
-        plan = _replan(out_path, processes, echo, stage=_stage_for(written != processes, universal))
+        stage = _stage_for(written != processes, universal)
+        plan = _replan(out_path, processes, echo, stage=stage, per_node=per_node)
     else:
         plan = load_or_plan(str(out_path / "plan.json"), processes=processes, echo=echo)
     _check_runnable(plan, processes)  # this machine may not be the one the run started on
