@@ -10,7 +10,10 @@ the unpinned cases also change the micro-batch; the ZeRO-3 case pins the stage."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,6 @@ import yaml
 from click.testing import CliRunner
 
 from gkd.cli import main
-from gkd.runtime.executor import run_job
 from gkd.runtime.worker import RECORD_ROWS_ENV
 
 pytestmark = pytest.mark.slow
@@ -39,12 +41,24 @@ def _config(folder: Path, stage: int | None) -> str:
     return str(path)
 
 
+def _gkd_run(*args: str) -> list[str]:
+    """`gkd run ARGS` in a process of its own (what it printed): a forked CPU worker that runs with more than
+    one thread hangs in OpenMP when the process that forks it ran OpenMP work before (other tests in this
+    pytest process), so one-process runs are not started from here."""
+    env = {**os.environ, RECORD_ROWS_ENV: "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gkd", "run", *args], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.splitlines()
+
+
 def _reference(folder: Path, stage: int | None, processes: int) -> Path:
     """The uninterrupted run, with a checkpoint at step AT and the rows of each step in its log."""
     out = folder / "reference"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(RECORD_ROWS_ENV, "1")
-        run_job(_config(folder, stage), out=str(out), processes=processes, save_every=AT, echo=lambda _: None)
+    _gkd_run(
+        _config(folder, stage), "--out", str(out), "--processes", str(processes), "--save-every", str(AT)
+    )
     return out
 
 
@@ -89,11 +103,7 @@ def _check_resume(
 
 def _resume(reference: Path, to: Path, processes: int) -> tuple[Path, list[str]]:
     out = _stopped_at(reference, to)
-    said: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(RECORD_ROWS_ENV, "1")
-        run_job(None, out=str(out), resume=True, processes=processes, echo=said.append)
-    return out, said
+    return out, _gkd_run("--resume", "--out", str(out), "--processes", str(processes))
 
 
 def test_two_processes_resume_on_one(two_processes: Path, tmp_path: Path) -> None:
