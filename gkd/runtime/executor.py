@@ -390,7 +390,11 @@ def _run_job(
     if total < 1:
         raise InputError(f"--steps must be at least 1, got {total}")
     check_weight_files(plan)
-    data_tokens = check_data(plan, data, world, seed, echo).path.name
+    stored = check_data(plan, data, world, seed, echo)
+    from gkd.runtime.generation import check_generation  # imports torch: not at the CLI's start
+
+    check_generation(plan, stored)  # on-policy generation: prompts in the data, methods that apply
+    data_tokens = stored.path.name
     notes = []
     if eval_data is not None and data is not None and Path(eval_data).resolve() == Path(data).resolve():
         notes.append(f"--eval-data is the training data ({data}): eval_loss then measures training text")

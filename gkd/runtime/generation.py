@@ -38,6 +38,11 @@ from torch import Tensor, nn
 from gkd.config import GenerationConfig
 from gkd.errors import InputError
 
+NO_PROMPTS = (
+    "generation.mode on_policy needs chat or prompt/completion data (their prompts are what the student "
+    "completes) with data.loss_mask auto or completion; use such records in --data, or generation.mode off"
+)
+
 
 def seeded(*parts: int | str, device: Any = "cpu") -> torch.Generator:
     """A torch generator on `device` seeded from a tuple; hashing keeps distinct tuples apart."""
@@ -58,10 +63,7 @@ def is_sampled(fraction: float, *, seed: int, step: int, micro: int) -> bool:
 def prompts(batch: Mapping[str, Tensor]) -> list[Tensor]:
     """Each row's prompt ids (see the module docstring for the rule)."""
     if "loss_mask" not in batch or "labels" not in batch:
-        raise InputError(
-            "generation.mode on_policy needs chat or prompt/completion data (their prompts are what the "
-            "student completes); use such records in --data, or generation.mode off"
-        )
+        raise InputError(NO_PROMPTS)
     ids, trained = batch["input_ids"], batch["labels"] != -100
     position = batch.get("position_ids")
     if position is None:
@@ -219,25 +221,33 @@ class OnPolicy:
         return sampled_batch(found, completions, seq_len=self.seq_len, pad_id=self.pad_id)
 
 
-def policy_for(
-    config: Mapping[str, Any], *, placement: str, encoder: bool, seed: int, rank: int, tokenizer: Any
-) -> OnPolicy | None:
-    """The run's sampler from the plan's config (None when generation is off)."""
+def _settings(config: Mapping[str, Any]) -> GenerationConfig | None:
+    """The plan's generation settings (None when generation is off)."""
     entry = config.get("generation")
     if not entry or entry.get("mode", "off") == "off":
         return None
-    settings = GenerationConfig(
+    return GenerationConfig(
         mode=entry["mode"],
         fraction=entry["lambda"],
         max_new_tokens=entry["max_new_tokens"],
         temperature=entry["temperature"],
         top_p=entry["top_p"],
     )
-    if encoder:
-        raise InputError("generation.mode on_policy needs a decoder student; an encoder does not generate")
+
+
+def _refuse(config: Mapping[str, Any], *, placement: str, encoder: bool) -> None:
+    """One line for what on-policy generation cannot run: an encoder student, an offline teacher, a method
+    that does not apply to generated sequences."""
     from gkd.methods.registry import get
     from gkd.methods.report import on_generated
 
+    if encoder:
+        raise InputError("generation.mode on_policy needs a decoder student; an encoder does not generate")
+    if placement == "offline":
+        raise InputError(
+            "generation.mode on_policy scores the student's samples with a live teacher, but the plan runs "
+            "the teacher offline; plan with overrides.teacher_placement set to another placement"
+        )
     for method in config.get("methods", []):
         verdict = on_generated(get(method["name"]))
         if verdict != "yes":
@@ -246,11 +256,30 @@ def policy_for(
                 f"method {method['name']} does not apply to generated sequences ({why}); "
                 "drop it or set generation.mode off (`gkd methods` lists the methods that do)"
             )
-    if placement == "offline":
-        raise InputError(
-            "generation.mode on_policy scores the student's samples with a live teacher, but the plan runs "
-            "the teacher offline; plan with overrides.teacher_placement set to another placement"
-        )
+
+
+def check_generation(plan: Any, stored: Any) -> None:
+    """Before any process starts (`gkd run`): refuse, in one line, an on-policy job that cannot run, and
+    data without prompts (`stored`, the source's TokenFile, has no loss mask)."""
+    config = plan.inputs["config"]
+    if _settings(config) is None:
+        return
+    from gkd.planner.specs import load_spec
+
+    encoder = load_spec(config["student"]).is_encoder
+    _refuse(config, placement=plan.strategy.teacher_placement, encoder=encoder)
+    if not stored.masked:
+        raise InputError(NO_PROMPTS)
+
+
+def policy_for(
+    config: Mapping[str, Any], *, placement: str, encoder: bool, seed: int, rank: int, tokenizer: Any
+) -> OnPolicy | None:
+    """The run's sampler from the plan's config (None when generation is off)."""
+    settings = _settings(config)
+    if settings is None:
+        return None
+    _refuse(config, placement=placement, encoder=encoder)
     return OnPolicy(
         settings=settings,
         seed=seed,

@@ -1,7 +1,7 @@
 """On-policy distillation in real 2-process CPU runs of the tiny Llama presets on prompt/completion records:
 `lambda: 0` trains exactly as the run without generation, `lambda: 1` trains every micro-batch on the
-student's own samples, and a resumed on-policy run repeats the uninterrupted one (the same samples, so the
-same losses and the same final weights)."""
+student's own samples (a ZeRO-3 student), and a resumed on-policy run repeats the uninterrupted one (the
+same samples, so the same losses and the same final weights)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ MEASURED = ("seconds", "tokens_per_s", "peak_memory_bytes", "memory", "memory_so
 SEQ_LEN, GLOBAL_BATCH = 64, 8
 
 
-def _config(folder: Path, generation: dict[str, Any] | None) -> str:
+def _config(folder: Path, generation: dict[str, Any] | None, overrides: dict[str, Any] | None) -> str:
     lines = [
         "teacher: tiny-llama-teacher",
         "student: tiny-llama-student",
@@ -31,6 +31,8 @@ def _config(folder: Path, generation: dict[str, Any] | None) -> str:
     ]
     if generation is not None:
         lines.append(f"generation: {json.dumps(generation)}")
+    if overrides is not None:
+        lines.append(f"overrides: {json.dumps(overrides)}")
     path = folder / f"job-{len(list(folder.glob('job-*')))}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -46,10 +48,17 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _run(folder: Path, name: str, generation: dict[str, Any] | None, steps: int, **kw: Any) -> Path:
+def _run(
+    folder: Path,
+    name: str,
+    generation: dict[str, Any] | None,
+    steps: int,
+    overrides: dict[str, Any] | None = None,
+    **kw: Any,
+) -> Path:
     out = folder / name
     run_job(
-        _config(folder, generation),
+        _config(folder, generation, overrides),
         data=str(folder / "pairs.jsonl"),
         steps=steps,
         out=str(out),
@@ -85,7 +94,9 @@ def test_lambda_zero_trains_as_the_supervised_run(pairs: Path) -> None:
 
 def test_lambda_one_trains_on_samples_and_resumes_with_the_same_samples(pairs: Path, tmp_path: Path) -> None:
     always = {**ON_POLICY, "lambda": 1.0}
-    reference = _run(pairs, "lambda-1", always, 3, save_every=1)
+    # A ZeRO-3 student: its sampling forwards gather each layer's parameters on every rank, in step.
+    reference = _run(pairs, "lambda-1", always, 3, {"student_zero_stage": 3}, save_every=1)
+    assert json.loads((reference / "plan.json").read_text())["strategy"]["student_zero_stage"] == 3
     rows = _rows(reference)
     print("lambda 1:", [(r["loss"], r["tokens"]) for r in rows])
     # Every micro-batch is prompt + sample, right-padded: fewer real tokens than the data's full rows.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,34 @@ def test_a_run_refuses_what_cannot_train_on_samples() -> None:
     with pytest.raises(InputError, match="method minilmv2 does not apply to generated sequences"):
         policy_for({**config, "methods": [{"name": "minilmv2"}]}, placement="replicated", encoder=False, **kw)
     assert on_generated(get("kd")) == "yes" and on_generated(get("topk_kl")).startswith("no: ")
+
+
+@pytest.mark.parametrize(
+    ("methods", "pairs", "message"),
+    [
+        ("[jsd]", False, "needs chat or prompt/completion data"),
+        ("[kd, minilmv2]", True, "method minilmv2 does not apply to generated sequences"),
+    ],
+)
+def test_gkd_run_refuses_an_on_policy_job_before_any_process_starts(
+    tmp_path: Path, methods: str, pairs: bool, message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from gkd.cli import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"teacher: tiny-llama-teacher\nstudent: tiny-llama-student\nmethods: {methods}\n"
+        "training: {seq_len: 64, global_batch: 8, micro_batch: [2], steps: 1}\n"
+        "generation: {mode: on_policy, max_new_tokens: 8}\n"
+    )
+    args = ["run", str(config), "--out", str(tmp_path / "run")]
+    if pairs:
+        (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+        args += ["--data", str(tmp_path / "pairs.jsonl")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gkd: error: ") and message in lines[0], lines
+    assert not (tmp_path / "run").exists()
