@@ -1,7 +1,8 @@
 """On-policy distillation in real 2-process CPU runs of the tiny Llama presets on prompt/completion records:
 `lambda: 0` trains exactly as the run without generation, `lambda: 1` trains every micro-batch on the
-student's own samples (a ZeRO-3 student), and a resumed on-policy run repeats the uninterrupted one (the
-same samples, so the same losses and the same final weights)."""
+student's own samples, `lambda: 0.5` samples the micro-batches drawn from the seed and step (a ZeRO-3
+student), and a resumed on-policy run repeats the uninterrupted one (the same samples, so the same losses
+and the same final weights)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from gkd.runtime.executor import run_job
+from gkd.runtime.generation import is_sampled
 
 pytestmark = pytest.mark.slow
 
@@ -92,16 +94,28 @@ def test_lambda_zero_trains_as_the_supervised_run(pairs: Path) -> None:
     assert all(r["tokens"] == GLOBAL_BATCH * SEQ_LEN for r in never)  # the data's full packed rows
 
 
-def test_lambda_one_trains_on_samples_and_resumes_with_the_same_samples(pairs: Path, tmp_path: Path) -> None:
-    always = {**ON_POLICY, "lambda": 1.0}
-    # A ZeRO-3 student: its sampling forwards gather each layer's parameters on every rank, in step.
-    reference = _run(pairs, "lambda-1", always, 3, {"student_zero_stage": 3}, save_every=1)
-    assert json.loads((reference / "plan.json").read_text())["strategy"]["student_zero_stage"] == 3
-    rows = _rows(reference)
+def test_lambda_one_trains_every_micro_batch_on_samples(pairs: Path) -> None:
+    rows = _rows(_run(pairs, "lambda-1", {**ON_POLICY, "lambda": 1.0}, 2))
     print("lambda 1:", [(r["loss"], r["tokens"]) for r in rows])
     # Every micro-batch is prompt + sample, right-padded: fewer real tokens than the data's full rows.
     assert all(0 < r["tokens"] < GLOBAL_BATCH * SEQ_LEN for r in rows)
     assert all(r["loss"] > 0 for r in rows)
+
+
+def test_lambda_half_samples_the_drawn_micro_batches_and_resumes_with_the_same_samples(
+    pairs: Path, tmp_path: Path
+) -> None:
+    seed, steps, accum = 2, 3, GLOBAL_BATCH // (2 * 2)  # 2 processes, micro-batches of 2
+    drawn = [[is_sampled(0.5, seed=seed, step=s, micro=m) for m in range(accum)] for s in range(steps)]
+    assert any(map(any, drawn)) and not all(map(any, drawn)), drawn  # steps of both kinds
+    # A ZeRO-3 student: its sampling forwards gather each layer's parameters on every rank, in step.
+    half = {**ON_POLICY, "lambda": 0.5}
+    reference = _run(pairs, "lambda-half", half, steps, {"student_zero_stage": 3}, save_every=1, seed=seed)
+    assert json.loads((reference / "plan.json").read_text())["strategy"]["student_zero_stage"] == 3
+    rows = _rows(reference)
+    print("lambda 0.5:", drawn, [(r["loss"], r["tokens"]) for r in rows])
+    # A step whose micro-batches all come from the data has full rows; one with a sample has padding.
+    assert [r["tokens"] < GLOBAL_BATCH * SEQ_LEN for r in rows] == [any(d) for d in drawn]
     # Resumed after step 1: the same samples, so the same rows and the same final student.
     out = tmp_path / "resumed"
     shutil.copytree(reference, out, ignore=shutil.ignore_patterns("student"))
