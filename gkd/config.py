@@ -625,6 +625,9 @@ class Config:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     overrides: Overrides = field(default_factory=Overrides)
     student_init: StudentInit | None = None
+    # Model references (as written) whose custom code (auto_map) may run: `trust_remote_code: true` in the
+    # model's entry ({model: REF, trust_remote_code: true}); a plan records them as a top-level list.
+    trust_remote_code: tuple[str, ...] = ()
     base_dir: str = ""  # folder of the config file; model paths are relative to it
     # Of teacher, student and methods, those a config file left out (their defaults are the headline job's,
     # which a user's file almost never means); planning refuses them unless a flag gave them meanwhile.
@@ -646,6 +649,15 @@ class Config:
         for ref in self.teachers:
             _check_model_ref(ref, "teacher")
         _check_model_ref(self.student, "student")
+        for ref in self.trust_remote_code:
+            if ref not in (*self.teachers, self.student):
+                raise InputError(
+                    f"trust_remote_code names {shown(ref)}, which is not the teacher or the student; "
+                    "set trust_remote_code: true in that model's own entry"
+                )
+            from gkd.models import trust_remote_code
+
+            trust_remote_code(self.model_path(ref))
         if not self.methods:
             raise InputError("no methods given; add at least one, e.g. methods: [{name: kd}] or --methods kd")
         if all(m.weight == 0 for m in self.methods):
@@ -696,6 +708,9 @@ class Config:
         out["student_init"] = self.student_init.to_entry() if self.student_init else None
         out.pop("base_dir")
         out.pop("unset")
+        out["trust_remote_code"] = list(self.trust_remote_code)
+        if not self.trust_remote_code:  # left out while empty: other plans' keys stay as they were
+            out.pop("trust_remote_code")
         # Left out while off: the configs (and plan keys) of runs that do not generate stay as they were.
         out.pop("generation")
         if self.generation.mode != "off":
@@ -797,6 +812,37 @@ def _methods(value: Any) -> tuple[MethodConfig, ...]:
     return tuple(out)
 
 
+def _trusted_list(value: Any) -> list[str]:
+    """The top-level trust_remote_code list (what a plan records), as a list to extend."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(
+            f"trust_remote_code must be a list of model references, got {shown(value, 40)}; "
+            "or write trust_remote_code: true in the model's entry"
+        )
+    return list(value)
+
+
+def _model_entry(value: Any, what: str, trusted: list[str]) -> Any:
+    """A model entry: a reference, or {model: REF, trust_remote_code: true|false}; a trusted REF is added
+    to `trusted`. Anything else is returned as given for Config to refuse by its type."""
+    if not isinstance(value, Mapping):
+        return value
+    unknown = set(value) - {"model", "trust_remote_code"}
+    if unknown or "model" not in value:
+        raise InputError(
+            f"{what} must be a preset name, a config.json, a checkpoint folder or a hub id, or a mapping "
+            f"{{model: REF, trust_remote_code: true}}; got {shown(value, 60)}"
+        )
+    flag = value.get("trust_remote_code", False)
+    if not isinstance(flag, bool):
+        raise InputError(f"{what} trust_remote_code must be true or false, got {shown(flag)}")
+    if flag and isinstance(value["model"], str):
+        trusted.append(value["model"])
+    return value["model"]
+
+
 def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Config:
     if not isinstance(data, Mapping):
         raise InputError("the config must be a mapping with teacher, student, methods, hardware, training")
@@ -812,6 +858,7 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
         "overrides",
         "student_init",
         "generation",
+        "trust_remote_code",
     }
     unknown = set(data) - allowed
     if unknown:
@@ -821,12 +868,15 @@ def _config_from_mapping(data: Mapping[str, Any], *, base_dir: str = "") -> Conf
     if "teacher" in data and "teachers" in data:
         raise InputError("the config gives both teacher and teachers; keep one (teachers for several)")
     kwargs: dict[str, Any] = {"base_dir": base_dir}
+    trusted = _trusted_list(data.get("trust_remote_code"))
     teachers = data.get("teachers", data.get("teacher"))
     if teachers is not None:
         # A lone non-string (teacher: 5) becomes a one-item tuple, which Config then refuses by its type.
-        kwargs["teachers"] = tuple(teachers) if isinstance(teachers, list | tuple) else (teachers,)
+        entries = teachers if isinstance(teachers, list | tuple) else (teachers,)
+        kwargs["teachers"] = tuple(_model_entry(t, "teacher", trusted) for t in entries)
     if "student" in data:
-        kwargs["student"] = data["student"]
+        kwargs["student"] = _model_entry(data["student"], "student", trusted)
+    kwargs["trust_remote_code"] = tuple(dict.fromkeys(trusted))
     if "methods" in data:
         kwargs["methods"] = _methods(data["methods"])
     for section in ("hardware", "training", "data", "generation", "deepspeed", "overrides"):
@@ -1122,6 +1172,7 @@ def apply_flags(config: Config, **flags: Any) -> Config:
         deepspeed=out.deepspeed,
         overrides=out.overrides,
         student_init=out.student_init,
+        trust_remote_code=out.trust_remote_code,
         base_dir=out.base_dir,
         unset=out.unset,
     )

@@ -12,8 +12,8 @@ Design choices:
   with one line naming the id and HF_HUB_OFFLINE. Otherwise `huggingface_hub` downloads what is missing.
 - The environment is read at each call (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE), not when huggingface_hub was
   imported, so a process that sets them late (tests, notebooks) gets what it set.
-- No model code is ever downloaded or run: gkd builds only architectures transformers implements, and a
-  config whose architecture is custom code (`auto_map`) is refused (gkd.models).
+- Model code (`auto_map`) runs only for a model whose config entry says `trust_remote_code: true`; any other
+  such model is refused (gkd.models.prepare_remote_code).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from gkd.errors import InputError
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[^/]+)/?$")
 
-CONFIG_PATTERNS = ["config.json"]
+# The model's own code files come too: they run only for a model trusted by its config (gkd.models).
+CONFIG_PATTERNS = ["config.json", "*.py"]
 TOKENIZER_PATTERNS = [
     "tokenizer*",
     "special_tokens_map.json",

@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,6 +420,13 @@ def resolve_model(ref: str) -> ModelSpec:
 
 
 def _spec_from_file(path: Path, *, name: str) -> ModelSpec:
+    config = read_config_json(path)
+    prepare_remote_code(config, path.parent, name=name)
+    return spec_from_config(config, name=name, description=f"from {path}")
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object of a config.json, or an InputError saying why it is unusable."""
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as err:
@@ -430,7 +439,67 @@ def _spec_from_file(path: Path, *, name: str) -> ModelSpec:
         raise InputError(
             f"{path} must hold a JSON object (a Hugging Face config), not {type(config).__name__}"
         )
-    return spec_from_config(config, name=name, description=f"from {path}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom model code (auto_map): run only for the folders a config trusts (`trust_remote_code: true`)
+# ----------------------------------------------------------------------------------------------------------
+
+_TRUSTED: set[str] = set()  # resolved folders whose model code the job's config allows to run
+_REGISTERED: set[str] = set()  # custom model types registered with transformers in this process
+
+
+def trust_remote_code(folder: str | Path) -> None:
+    """Allow the custom code of the model in `folder` to run in this process (a config's per-model
+    `trust_remote_code: true`; gkd.config.Config records them)."""
+    _TRUSTED.add(str(Path(folder).expanduser().resolve()))
+
+
+def prepare_remote_code(config: dict[str, Any], folder: Path, *, name: str) -> None:
+    """For a config with custom code (auto_map) whose model_type transformers lacks: register its classes
+    with transformers' Auto classes when the folder is trusted, so that everything after builds it like a
+    built-in architecture; refuse it otherwise. Nothing for any other config."""
+    model_type = config.get("model_type")
+    if "auto_map" not in config or not model_type or model_type in _REGISTERED:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if model_type in CONFIG_MAPPING:
+        return
+    if str(folder.expanduser().resolve()) not in _TRUSTED:
+        raise InputError(
+            f"model {name}: architecture {model_type!r} is custom code shipped with the model (auto_map); "
+            f"to run it, write the model as {{model: {name}, trust_remote_code: true}} in the config"
+        )
+    _register(model_type, config["auto_map"], folder, name)
+
+
+def _register(model_type: str, auto_map: Any, folder: Path, name: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    if not isinstance(auto_map, dict) or not {"AutoConfig", "AutoModelForCausalLM"} <= set(auto_map):
+        raise InputError(
+            f"model {name}: its auto_map must name AutoConfig and AutoModelForCausalLM classes; "
+            "gkd distils causal language models from custom code"
+        )
+    try:
+        config_class = get_class_from_dynamic_module(auto_map["AutoConfig"], str(folder))
+        model_class = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], str(folder))
+    except Exception as err:  # the model's own code failed to import: report it in one line
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise InputError(f"model {name}: its custom code does not load: {first_line}") from None
+    if getattr(config_class, "model_type", None) != model_type:
+        raise InputError(
+            f"model {name}: its config class {config_class.__name__} has model_type "
+            f"{getattr(config_class, 'model_type', None)!r}, not {model_type!r} as config.json says"
+        )
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    _REGISTERED.add(model_type)
+    if "RANK" not in os.environ:  # said once, by the process that starts the job, not by each worker
+        print(f"gkd: running the custom model code of {name} (trust_remote_code: true)", file=sys.stderr)
 
 
 def spec_from_config(
@@ -501,8 +570,8 @@ def _config_class(model_type: str, config: dict[str, Any], name: str) -> Any:
         return CONFIG_MAPPING[model_type]
     if "auto_map" in config:
         raise InputError(
-            f"model {name}: architecture {model_type!r} is custom code shipped with the model (auto_map), "
-            "not part of transformers; gkd builds only architectures transformers implements"
+            f"model {name}: architecture {model_type!r} is custom code shipped with the model (auto_map); "
+            "give its folder or hub id with trust_remote_code: true to run it"
         )
     close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; check model_type or upgrade transformers"
@@ -539,7 +608,7 @@ def _is_encoder(model_type: str, name: str) -> bool:
 
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return True
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in _REGISTERED:
         return False
     raise InputError(
         f"model {name}: transformers has no causal or masked language-model head for {model_type!r}; "

@@ -428,6 +428,8 @@ def emit(
     # Model references as the runtime must open them (paths resolved against the config's folder).
     resolved_config["teachers"] = [config.model_path(t) for t in config.teachers]
     resolved_config["student"] = config.model_path(config.student)
+    if config.trust_remote_code:
+        resolved_config["trust_remote_code"] = [config.model_path(r) for r in config.trust_remote_code]
     inputs = {
         "config": resolved_config,
         "models": {"teachers": [_facts_summary(f) for f in t_facts], "student": _facts_summary(s_facts)},

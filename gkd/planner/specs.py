@@ -70,6 +70,7 @@ def load_spec(ref: str) -> Any:
 
     if is_hub_id(ref):
         ref = str(snapshot_folder(ref))
+    _prepare_remote_code(ref)
 
     def compute() -> dict[str, Any]:
         from gkd.status import status
@@ -85,3 +86,14 @@ def load_spec(ref: str) -> Any:
     config = p / "config.json" if p.is_dir() else p
     name = hub_name(p) or (p.name if p.is_dir() else p.stem)
     return ModelSpec(**{**data, "name": name, "description": f"from {config}"})
+
+
+def _prepare_remote_code(ref: str) -> None:
+    """Register (if trusted) or refuse a folder's custom model code before the cache is asked, so that a
+    spec cached by a trusted job neither skips the refusal nor leaves its classes unknown to transformers."""
+    from gkd.models import prepare_remote_code, read_config_json
+
+    p = Path(ref).expanduser()
+    config_path = p / "config.json" if p.is_dir() else p
+    if config_path.is_file() and b"auto_map" in config_path.read_bytes():
+        prepare_remote_code(read_config_json(config_path), config_path.parent, name=ref)

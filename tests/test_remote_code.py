@@ -1,0 +1,120 @@
+"""Custom model code (a config.json with auto_map): refused unless the model's entry says
+`trust_remote_code: true`; then its classes are registered with transformers, the job plans, and one line
+says whose code runs. Each case runs `gkd plan` in its own process, since registering changes
+transformers' tables for the whole process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIGURATION = """
+from transformers import LlamaConfig
+
+
+class XConfig(LlamaConfig):
+    model_type = "gkd_test_x"
+"""
+MODELING = """
+from transformers import LlamaForCausalLM
+
+from .configuration_x import XConfig
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+"""
+
+
+def custom_model(folder: Path) -> Path:
+    """A tiny model folder whose architecture exists only in its own configuration_x.py / modeling_x.py."""
+    folder.mkdir()
+    (folder / "configuration_x.py").write_text(CONFIGURATION)
+    (folder / "modeling_x.py").write_text(MODELING)
+    config = {
+        "model_type": "gkd_test_x",
+        "architectures": ["XForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_x.XConfig",
+            "AutoModelForCausalLM": "modeling_x.XForCausalLM",
+        },
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 256,
+        "torch_dtype": "float32",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def gkd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from gkd.cli import entry; sys.argv = ['gkd', *sys.argv[1:]]; entry()"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("RANK", None)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+
+
+def job(tmp_path: Path, student: object) -> str:
+    config = {
+        "teacher": "tiny-llama-teacher",
+        "student": student,
+        "methods": ["kd"],
+        "hardware": {"gpus": 1},
+        "training": {"seq_len": 32, "global_batch": 2},
+    }
+    path = tmp_path / f"job-{len(list(tmp_path.glob('job-*')))}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_custom_code_is_refused_without_the_setting_and_planned_with_it(tmp_path: Path) -> None:
+    custom_model(tmp_path / "x")
+    refused = gkd(tmp_path, "plan", job(tmp_path, "x"))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    assert "auto_map" in refused.stderr and "trust_remote_code: true" in refused.stderr
+    assert not (tmp_path / "hf" / "modules").exists()  # nothing of the model's code was copied or run
+
+    planned = gkd(tmp_path, "plan", job(tmp_path, {"model": "x", "trust_remote_code": True}), "--json")
+    assert planned.returncode in (0, 1), planned.stderr[-2000:]
+    notices = [line for line in planned.stderr.splitlines() if "custom model code" in line]
+    assert len(notices) == 1 and notices[0].endswith("/x (trust_remote_code: true)"), planned.stderr
+    plan = json.loads(planned.stdout)
+    resolved = plan["inputs"]["config"]
+    assert resolved["trust_remote_code"] == [resolved["student"]] == [str((tmp_path / "x").resolve())]
+
+
+def test_a_trusted_custom_model_builds_as_its_own_class(tmp_path: Path) -> None:
+    folder = custom_model(tmp_path / "x")
+    code = (
+        "from gkd.models import build_model, resolve_model, trust_remote_code\n"
+        f"trust_remote_code({str(folder)!r})\n"
+        f"model = build_model(resolve_model({str(folder)!r}), device='cpu')\n"
+        "print(type(model).__name__, sum(p.numel() for p in model.parameters()))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0] == "XForCausalLM"
+
+
+def test_trust_remote_code_must_name_a_model_of_the_job() -> None:
+    import pytest
+
+    from gkd.config import Config
+    from gkd.errors import InputError
+
+    with pytest.raises(InputError, match="not the teacher or the student"):
+        Config.from_dict(
+            {"teacher": "tiny-llama-teacher", "student": "tiny-llama-student", "trust_remote_code": ["y"]}
+        )
+    with pytest.raises(InputError, match="true or false"):
+        Config.from_dict({"student": {"model": "tiny-llama-student", "trust_remote_code": "yes"}})
