@@ -497,6 +497,8 @@ def _register(model_type: str, auto_map: Any, folder: Path, name: str) -> None:
         )
     AutoConfig.register(model_type, config_class, exist_ok=True)
     AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    # A saved student then carries the code files it needs (gkd.runtime.save, as save_pretrained does).
+    model_class.register_for_auto_class("AutoModelForCausalLM")
     _REGISTERED.add(model_type)
     if "RANK" not in os.environ:  # said once, by the process that starts the job, not by each worker
         print(f"gkd: running the custom model code of {name} (trust_remote_code: true)", file=sys.stderr)

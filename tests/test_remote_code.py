@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CONFIGURATION = """
 from transformers import LlamaConfig
 
@@ -107,8 +109,6 @@ def test_a_trusted_custom_model_builds_as_its_own_class(tmp_path: Path) -> None:
 
 
 def test_trust_remote_code_must_name_a_model_of_the_job() -> None:
-    import pytest
-
     from gkd.config import Config
     from gkd.errors import InputError
 
@@ -118,3 +118,34 @@ def test_trust_remote_code_must_name_a_model_of_the_job() -> None:
         )
     with pytest.raises(InputError, match="true or false"):
         Config.from_dict({"student": {"model": "tiny-llama-student", "trust_remote_code": "yes"}})
+
+
+@pytest.mark.slow
+def test_a_trusted_custom_student_trains_and_is_saved_with_its_code(tmp_path: Path) -> None:
+    """`gkd run` (2 steps, 2 processes) of a custom-code student: the workers build it, the notice is said
+    once, and OUT/student carries the code files, so from_pretrained(trust_remote_code=True) loads it."""
+    custom_model(tmp_path / "x")
+    config = {
+        "teacher": "tiny-llama-teacher",
+        "student": {"model": "x", "trust_remote_code": True},
+        "methods": ["kd"],
+        "training": {"seq_len": 32, "global_batch": 4, "steps": 2},
+    }
+    (tmp_path / "job.json").write_text(json.dumps(config))
+    ran = gkd(tmp_path, "run", "job.json", "--out", "run", "--processes", "2")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    output = ran.stdout + ran.stderr
+    assert output.count("running the custom model code of") == 1, output
+    student = tmp_path / "run" / "student"
+    assert {"configuration_x.py", "modeling_x.py"} <= {p.name for p in student.iterdir()}
+    code = (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(student)!r}, trust_remote_code=True)\n"
+        "out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)\n"
+        "print(type(model).__name__, out.shape[1])\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf2")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["XForCausalLM", "6"]

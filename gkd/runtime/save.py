@@ -172,6 +172,10 @@ class HFWriter:
         config.dtype = str(self.dtype).removeprefix("torch.")
         config.architectures = [type(self.model).__name__]
         config.save_pretrained(str(self.partial))
+        if getattr(type(self.model), "_auto_class", None):  # custom code (trust_remote_code): its files too
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(self.model, str(self.partial))
         if self.model.can_generate():
             self.model.generation_config.save_pretrained(str(self.partial))
         if self.tokenizer_from is not None:
