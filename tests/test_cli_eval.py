@@ -103,3 +103,26 @@ def test_a_hub_id_from_the_local_cache(saved: Path, hub_cache: Any) -> None:
     by_folder = _eval(str(saved / "student"), "--data", data, "--seq-len", "16", "--json")
     assert by_id.exit_code == 0 and by_folder.exit_code == 0, by_id.output + by_folder.output
     assert json.loads(by_id.output)["loss"] == json.loads(by_folder.output)["loss"]
+
+
+def test_an_encoder_is_scored_on_its_masked_positions(saved: Path, tmp_path: Path) -> None:
+    bert = {
+        "model_type": "bert",
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "vocab_size": 512,
+        "max_position_embeddings": 64,
+        "type_vocab_size": 2,
+    }
+    encoder = str(_save(tmp_path / "encoder", bert))
+    args = [encoder, "--data", str(saved / "held.txt"), "--teacher", encoder, "--seq-len", "16", "--json"]
+    result = _eval(*args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    # BERT masking chooses about 15% of the 33 x 16 tokens (eos never): far fewer than a decoder's targets.
+    assert figures["objective"] == "mlm" and 0 < figures["tokens"] < 0.3 * figures["batches"] * 8 * 16
+    assert figures["top1_agreement"] == 1.0 and figures["teacher_loss"] == figures["loss"]
+    again = json.loads(_eval(*args).output)
+    assert again["loss"] == figures["loss"] and again["tokens"] == figures["tokens"]  # seeded masking

@@ -190,11 +190,12 @@ def evaluate_models(
             top1 = {}
             for name, model in models.items():
                 out = model(**model_inputs(model, batch, device))
-                logits = out.logits[:, :-1] if objective == "causal" else out.logits
+                logits = out.logits[:, :-1] if objective == "causal" else out.logits  # aligned with `chosen`
                 # The model's own loss is the mean over this batch's targets: weigh it by their number.
                 sums[name] += float(out.loss.float()) * count
-                top1[name] = logits[chosen].argmax(-1)
-            if "teacher" in top1:
+                if teach is not None:
+                    top1[name] = logits[chosen].argmax(-1)
+            if teach is not None:
                 agree += int((top1["student"] == top1["teacher"]).sum())
             targets += count
             if progress is not None:
