@@ -456,6 +456,11 @@ def trust_remote_code(folder: str | Path) -> None:
     _TRUSTED.add(str(Path(folder).expanduser().resolve()))
 
 
+def is_trusted(folder: str | Path) -> bool:
+    """Whether the config of this process's job allows the code of the model in `folder` to run."""
+    return str(Path(folder).expanduser().resolve()) in _TRUSTED
+
+
 def prepare_remote_code(config: dict[str, Any], folder: Path, *, name: str) -> None:
     """For a config with custom code (auto_map) whose model_type transformers lacks: register its classes
     with transformers' Auto classes when the folder is trusted, so that everything after builds it like a
@@ -467,7 +472,7 @@ def prepare_remote_code(config: dict[str, Any], folder: Path, *, name: str) -> N
 
     if model_type in CONFIG_MAPPING:
         return
-    if str(folder.expanduser().resolve()) not in _TRUSTED:
+    if not is_trusted(folder):
         raise InputError(
             f"model {name}: architecture {model_type!r} is custom code shipped with the model (auto_map); "
             f"to run it, write the model as {{model: {name}, trust_remote_code: true}} in the config"

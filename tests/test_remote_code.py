@@ -149,3 +149,47 @@ def test_a_trusted_custom_student_trains_and_is_saved_with_its_code(tmp_path: Pa
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["XForCausalLM", "6"]
+
+
+def test_a_custom_tokenizer_loads_only_from_a_trusted_folder(tmp_path: Path) -> None:
+    """A tokenizer whose class is the folder's own code (auto_map in tokenizer_config.json) is loaded as that
+    class for a trusted folder; for an untrusted one its code does not run (the standard class named in
+    tokenizer_config.json, or a one-line refusal)."""
+    folder = custom_model(tmp_path / "x")
+    (folder / "tokenization_x.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class XTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    code = f"""
+import json
+from pathlib import Path
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from gkd.errors import InputError
+from gkd.models import trust_remote_code
+from gkd.planner.specs import load_spec
+from gkd.runtime.data import load_tokenizer
+
+folder = Path({str(folder)!r})
+bpe = Tokenizer(models.BPE(vocab={{"a": 0, "b": 1}}, merges=[]))
+bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(str(folder))
+config = json.loads((folder / "tokenizer_config.json").read_text())
+config["auto_map"] = {{"AutoTokenizer": [None, "tokenization_x.XTokenizer"]}}
+(folder / "tokenizer_config.json").write_text(json.dumps(config))
+trust_remote_code(folder)
+spec = load_spec(str(folder))
+print(type(load_tokenizer(str(folder), spec).tokenizer).__name__)
+import gkd.models
+gkd.models._TRUSTED.clear()
+try:
+    print(type(load_tokenizer(str(folder), spec).tokenizer).__name__)
+except InputError as err:
+    print("refused:", err)
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "XTokenizer", proc.stdout
+    assert lines[1] != "XTokenizer", proc.stdout  # the standard class, or a one-line refusal

@@ -230,7 +230,11 @@ def load_tokenizer(ref: str, spec: ModelSpec) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        from gkd.models import is_trusted
+
+        # A custom tokenizer class (auto_map) runs only for a model the config trusts (trust_remote_code).
+        trusted = is_trusted(folder)
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trusted)
     except Exception as err:  # transformers raises many kinds (OSError, ValueError, KeyError, ...)
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise InputError(
