@@ -56,6 +56,7 @@ from typing import Any
 
 from gkd.errors import InputError
 from gkd.planner.plan import Plan, human_bytes
+from gkd.runtime.memory import map_large_allocations, release_freed_memory
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -346,6 +347,7 @@ def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
     from gkd.methods import DistillLoss
     from gkd.planner.specs import load_spec
 
+    map_large_allocations()  # freed tensors leave the process at once (gkd.runtime.memory)
     config = plan.inputs["config"]
     dtype = training_dtype(plan)
     attention = plan.strategy.attention
@@ -379,6 +381,7 @@ def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
         from gkd.runtime.student_init import apply_student_init
 
         apply_student_init(student, config, t_specs[0], s_spec, stage3=placed and stage3)
+    release_freed_memory()  # the loading's staging buffers, before the next model loads
     placement = plan.strategy.teacher_placement
     if placement == "offline":
         placement = plan.strategy.offline_teacher_placement or "replicated"
@@ -411,6 +414,7 @@ def build_models(plan: Plan, *, seed: int, total_steps: int) -> Models:
             ds_config=cfg,
         )
         teachers.append(teacher.eval().requires_grad_(False))
+        release_freed_memory()
     torch.manual_seed(seed + 1000)
     loss = DistillLoss(resolved, t_specs, s_spec).to(dtype)
     apply_recompute(student, plan.strategy.recompute_layers)
@@ -611,4 +615,5 @@ def make_engines(models: Models, plan: Plan, *, device: Any) -> Engines:
         if t_engine is not None:
             teacher_engines.append(t_engine)
     engine.module.teachers = teachers
+    release_freed_memory()  # what deepspeed.initialize freed (whole-parameter copies while partitioning)
     return Engines(student=engine, module=engine.module, teachers=teachers, teacher_engines=teacher_engines)

@@ -15,7 +15,12 @@ Device memory of one optimizer step (all its micro-batches):
   measured).
 Host memory: the process's proportional and private set sizes (PSS, USS = Private_Clean + Private_Dirty,
 from /proc/self/smaps_rollup), not its RSS: forked workers share the parent's pages (the libraries), which
-RSS counts once per process and PSS divides among them.
+RSS counts once per process and PSS divides among them. Tensors are malloc'd, and glibc keeps what they
+free in its arenas, so the runtime hands the freed pages back (`release_freed_memory`, glibc's
+`malloc_trim(0)`) once per phase: after each model is loaded, after the engines are set up and after each
+of the first steps; otherwise the footprint read after step 1 counts the allocator's free lists. Before
+any model is built it also fixes glibc's mmap threshold (`map_large_allocations`), so that large tensors
+freed during a step are unmapped at once instead of kept in its arenas.
 
 Overhead: the dispatch mode runs Python code per operator (a dict lookup per output tensor, a finalizer per
 new storage). On small models it is within a shared machine's noise (`benchmarks/plan_accuracy.py
@@ -69,6 +74,68 @@ def host_memory(path: Path = SMAPS_ROLLUP) -> HostMemory | None:
     if "Pss" not in fields:
         return None
     return HostMemory(pss=fields["Pss"], uss=fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0))
+
+
+_LIBC: Any = None  # glibc, once found (False: not glibc, or not Linux)
+
+
+def _glibc() -> Any:
+    """glibc through ctypes where this process runs on it, else False (musl, macOS, Windows have no
+    `malloc_trim`)."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            import ctypes
+            import ctypes.util
+
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                if libc.gnu_get_libc_version and libc.malloc_trim and libc.mallopt:  # glibc-only
+                    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                    libc.malloc_trim.restype = ctypes.c_int
+                    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+                    libc.mallopt.restype = ctypes.c_int
+                    _LIBC = libc
+            except (OSError, AttributeError):
+                pass
+    return _LIBC
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory the C allocator holds free back to the OS (glibc's `malloc_trim(0)`), and say
+    whether it could. Tensors are allocated with malloc: glibc keeps what they free in its arenas (the
+    main heap is only shrunk from its top, and chunks under the dynamic mmap threshold, which rises to
+    32 MiB as large blocks are freed, live there), so after loading and engine setup, whose staging buffers
+    and whole-tensor copies are freed, the process keeps pages that no tensor uses. The call walks the free
+    lists (milliseconds on a few GiB), so it runs at phase ends, not per operator. A no-op off glibc."""
+    libc = _glibc()
+    if not libc:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+# glibc's mallopt parameter (malloc.h) and the threshold the runtime fixes it at: large enough that small
+# tensors stay in the heap (no mapping and page faults per allocation), small enough that weights,
+# gathered parameters and activations of any model worth distilling are mapped. In the headline-shaped
+# job of benchmarks/bench_load_memory.py, 128 KiB (glibc's initial value) and 4 MiB gave the same peak.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def map_large_allocations() -> bool:
+    """Have glibc serve every allocation of MMAP_THRESHOLD_BYTES or more with its own mapping, unmapped
+    when freed, and say whether it could (a no-op off glibc). By default glibc raises its mmap threshold
+    to the size of each large block freed (up to 32 MiB), after which such blocks come from its arenas,
+    which keep them when freed: in the headline-shaped ZeRO-3 job of `benchmarks/bench_load_memory.py
+    --job-only` the workers' PSS peaked at about 3 GiB over their tensor storage that way, and at 0.4 GiB
+    with the threshold fixed. Fixed, freed large tensors leave the process at once; called before any
+    model is built."""
+    libc = _glibc()
+    if not libc:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def _storage_tracker_class() -> type:
@@ -236,6 +303,7 @@ class StepMemory:
         self.peak = 0
         self.live_at_start = 0
         self.reserved_peak = 0
+        self.step = 0
 
     @property
     def source(self) -> str:
@@ -266,6 +334,7 @@ class StepMemory:
         only the first steps, every `every`-th step and the last are measured (the tracker costs per op)."""
         import torch
 
+        self.step = step
         self.measured = self.cuda or (
             self.tracker is not None and (step < self.first or (step + 1) % self.every == 0 or last)
         )
@@ -277,8 +346,14 @@ class StepMemory:
             self.tracker.__enter__()
 
     def end(self) -> None:
-        """At the end of an optimizer step (after `engine.step()`): read the step's peak."""
+        """At the end of an optimizer step (after `engine.step()`): read the step's peak. After the first
+        steps, which initialise lazily (optimizer states, DeepSpeed's buffers, autograd's), the memory freed
+        is handed back to the OS (`release_freed_memory`), so the footprint read after step 1 is what the
+        process keeps, not what the allocator holds free."""
         import torch
+
+        if self.step < self.first:
+            release_freed_memory()
 
         if self.cuda:
             self.peak = int(torch.cuda.max_memory_allocated(self.device))

@@ -3,12 +3,14 @@ predicted-against-measured summary; and that the planner's copies of the CPU ker
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from gkd.runtime import memory
 from gkd.runtime.memory import MemoryRecord, StepMemory, error, host_memory, predicted_device_bytes
 
 MIB = 1 << 20
@@ -152,3 +154,34 @@ def test_the_planner_cpu_rules_use_the_kernels_sizes() -> None:
     assert memory.CPU_CHUNK_ELEMENTS == fused_linear.CHUNK_ELEMENTS
     for vocab in (256, 512, 32000, 128256, 152064):
         assert memory.cpu_chunk_rows(vocab) == fused_linear.chunk_rows(vocab, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not memory._glibc(), reason="malloc_trim is glibc's")
+def test_release_freed_memory_returns_the_allocators_free_pages() -> None:
+    # 64 KiB blocks sit under glibc's mmap threshold, so they come from the heap; the last one, kept,
+    # pins the heap's top, so free() cannot shrink it and the freed pages stay resident until the trim.
+    libc = memory._glibc()
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 << 10) for _ in range(1024)]  # 64 MiB
+    for b in blocks:
+        ctypes.memset(b, 1, 64 << 10)  # touched: resident
+    for b in blocks[:-1]:
+        libc.free(b)
+    before = host_memory()
+    assert memory.release_freed_memory()
+    after = host_memory()
+    libc.free(blocks[-1])
+    assert before is not None and after is not None
+    assert before.uss - after.uss > 32 * MIB
+
+
+def test_the_first_steps_release_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(meter.step) or True)
+    meter = StepMemory(torch.device("cpu"), first=2)
+    for step in range(4):
+        meter.begin(step)
+        meter.end()
+    assert calls == [0, 1]  # after the lazily initialising steps only, not every step
