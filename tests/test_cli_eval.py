@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,29 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _eval(*args: str) -> object:
-    return CliRunner().invoke(main, ["eval", *args])
+@dataclass(frozen=True)
+class _Result:
+    exit_code: int
+    output: str
+
+
+def _eval(*args: str) -> _Result:
+    """`gkd eval ARGS` through click, in a forked child: the evaluation's state stays out of this process,
+    which may fork a later test's `gkd run` workers (one hung after an in-process evaluation)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run the command, send (exit code, output), leave at once
+        try:
+            result = CliRunner().invoke(main, ["eval", *args])
+            os.write(write, json.dumps([result.exit_code, result.output]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        sent = pipe.read()
+    os.waitpid(pid, 0)
+    code, output = json.loads(sent)
+    return _Result(code, output)
 
 
 def test_a_student_against_itself_as_teacher(saved: Path) -> None:
