@@ -131,9 +131,11 @@ def map_large_allocations() -> bool:
     which keep them when freed: in the headline-shaped ZeRO-3 job of `benchmarks/bench_load_memory.py
     --job-only` the workers' PSS peaked at about 3 GiB over their tensor storage that way, and at 0.4 GiB
     with the threshold fixed. Fixed, freed large tensors leave the process at once; called before any
-    model is built."""
+    model is built. The cost is a fresh mapping, zeroed page by page, for each large allocation: on the
+    CPU a step of large matmuls ran about 12% slower (`benchmarks/bench_mmap_threshold.py`). A threshold
+    set in glibc's own environment variable (MALLOC_MMAP_THRESHOLD_) is left as it is."""
     libc = _glibc()
-    if not libc:
+    if not libc or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 

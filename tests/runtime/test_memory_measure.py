@@ -177,6 +177,11 @@ def test_release_freed_memory_returns_the_allocators_free_pages() -> None:
     assert before.uss - after.uss > 32 * MIB
 
 
+def test_a_threshold_set_in_glibcs_environment_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    assert not memory.map_large_allocations()
+
+
 def test_the_first_steps_release_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(meter.step) or True)
