@@ -32,11 +32,7 @@ Design choices:
   would make every later run wait for it forever. So the parent waits for a lock itself, at most until the
   lock is `STALE_LOCK_S` old (a build takes about a minute), then removes it with a note. Each forked worker
   runs with `cores // processes` intra-op threads (at least 1), so the workers do not oversubscribe the
-  cores. A parent that has run multi-threaded torch work (a test process, a program calling gkd as a
-  library) holds an OpenMP thread pool whose threads a forked child does not have: GNU OpenMP in the child
-  then waits on them forever at its first parallel region. So the parent releases its pool before forking
-  (`release_openmp_threads`; OpenMP makes a new one at its next parallel region). CUDA workers are spawned
-  (a CUDA context cannot be forked).
+  cores. CUDA workers are spawned (a CUDA context cannot be forked).
 """
 
 from __future__ import annotations
@@ -145,23 +141,6 @@ def prepare_cpu() -> None:
     # No shared-memory op (see the module docstring): DeepSpeed's process group then uses gloo alone.
     # (`deepspeed.comm.torch` as an attribute is torch itself, which deepspeed.comm re-exports.)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-def release_openmp_threads() -> None:
-    """Release this process's OpenMP thread pool (OpenMP 5's omp_pause_resource_all, soft), so that a child
-    forked next starts without one (see the module docstring). A no-op where no OpenMP runtime is loaded or
-    it lacks the call."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if line.rstrip().endswith((".so", ".so.1"))}
-    except OSError:
-        return
-    for path in sorted(p for p in paths if Path(p).name.startswith(("libgomp", "libomp", "libiomp"))):
-        pause = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
-        if pause is not None:
-            pause(1)  # omp_pause_soft
 
 
 def _worker(
@@ -392,8 +371,6 @@ def _run_workers(
 
     port = free_port() if node is None else node.master_port
     first = 0 if node is None else node.node_rank * processes  # the global rank of local worker 0
-    if not use_cuda:
-        release_openmp_threads()
     context = mp.start_processes(
         _worker,
         args=(fn, tuple(args), processes, port, str(errors), use_cuda, os.getpid(), node),
