@@ -6,6 +6,7 @@ within the accuracy goals (device 5%, the node's host memory 10%)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def test_a_measured_peak_above_the_record_fails(tmp_path: Path, capsys: pytest.C
     code = run_check(str(baseline), (), update=False, tolerance=TOLERANCE, measure_steps=2)
     out = capsys.readouterr().out
     assert code == 1, out
-    assert "measured peak +20" in out
+    # The record was taken over 3 steps and this run measures 2: their peaks may differ by a few KiB, so the
+    # reported growth is about 20%, not exactly.
+    growth = re.search(r"measured peak \+(\d+\.\d)%", out)
+    assert growth and abs(float(growth.group(1)) - 20) < 1, out
 
 
 def test_measure_refuses_the_headline_job() -> None:
