@@ -32,7 +32,8 @@ Design choices:
   would make every later run wait for it forever. So the parent waits for a lock itself, at most until the
   lock is `STALE_LOCK_S` old (a build takes about a minute), then removes it with a note. Each forked worker
   runs with `cores // processes` intra-op threads (at least 1), so the workers do not oversubscribe the
-  cores. CUDA workers are spawned (a CUDA context cannot be forked).
+  cores, in a thread of its own (`_in_fresh_thread`: a forked process cannot use its parent's OpenMP pool).
+  CUDA workers are spawned (a CUDA context cannot be forked).
 """
 
 from __future__ import annotations
@@ -181,7 +182,10 @@ def _worker(
                 if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
                     raise _PortTakenError(str(err)) from err
                 raise
-        fn(rank, world, *args)
+        if use_cuda:
+            fn(rank, world, *args)
+        else:
+            _in_fresh_thread(fn, rank, world, *args)
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -207,6 +211,34 @@ def _worker(
     if code:
         # Leave at once: no interpreter teardown, no waiting on peers that are stuck in a collective.
         os._exit(code)
+
+
+def _in_fresh_thread(fn: Callable[..., None], *args: Any) -> None:
+    """Run `fn(*args)` in a new thread and return or raise as it did. A forked CPU worker inherits its
+    parent's OpenMP thread pool without the pool's threads (a test process, or a program calling gkd as a
+    library, that ran multi-threaded torch work before): GNU OpenMP then waits for them forever at the
+    worker's first parallel region. The pool belongs to the thread that made it; a new thread makes its own.
+    The main thread waits in short joins, so that signals still reach it."""
+    import threading
+
+    import torch
+
+    threads = torch.get_num_threads()  # OpenMP's thread count is per thread: carry the worker's over
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        torch.set_num_threads(threads)
+        try:
+            fn(*args)
+        except BaseException as err:  # re-raised in the worker's main thread
+            failure.append(err)
+
+    worker = threading.Thread(target=body, name="gkd-worker", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+    if failure:
+        raise failure[0]
 
 
 def _die_with(parent: int) -> None:

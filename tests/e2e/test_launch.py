@@ -168,3 +168,31 @@ def test_an_interrupted_run_leaves_no_error_folder(monkeypatch: pytest.MonkeyPat
     with pytest.raises(KeyboardInterrupt):
         launch(_all_reduce, (str(tmp_path),), processes=2, timeout_s=120)
     assert not list(tmp_path.glob("gkd-run-errors-*"))
+
+
+def _parallel_work(rank: int, world: int, out: str) -> None:
+    import torch
+
+    a = torch.randn(256, 256)
+    for _ in range(4):
+        a = (a @ a).tanh()
+    Path(out, f"rank{rank}").write_text(str(torch.get_num_threads()))
+
+
+def test_a_parent_that_ran_threaded_work_forks_workers_that_do_not_hang(tmp_path: Path) -> None:
+    """A process that ran multi-threaded torch work holds an OpenMP pool; a worker forked from it waited
+    forever at its first parallel region (CI: a gkd run started in a test process after other tests had
+    computed) until the worker's body ran in a thread of its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = torch.randn(512, 512)
+        for _ in range(4):
+            a = (a @ a).tanh()
+        # One worker, so it gets every core (2 threads where there are 2 cores).
+        launch(_parallel_work, (str(tmp_path),), processes=1, timeout_s=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert int(Path(tmp_path, "rank0").read_text()) == max(1, os.cpu_count() or 1)
