@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from gkd.cli import main
+from gkd.runtime.launch import in_fresh_thread
 
 LLAMA = {
     "model_type": "llama",
@@ -51,6 +52,11 @@ class _Result:
     output: str
 
 
+def _send(write: int, args: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(main, ["eval", *args])
+    os.write(write, json.dumps([result.exit_code, result.output]).encode())
+
+
 def _eval(*args: str) -> _Result:
     """`gkd eval ARGS` through click, in a forked child: the evaluation's state stays out of this process,
     which may fork a later test's `gkd run` workers (one hung after an in-process evaluation)."""
@@ -58,8 +64,8 @@ def _eval(*args: str) -> _Result:
     pid = os.fork()
     if pid == 0:  # the child: run the command, send (exit code, output), leave at once
         try:
-            result = CliRunner().invoke(main, ["eval", *args])
-            os.write(write, json.dumps([result.exit_code, result.output]).encode())
+            # In a fresh thread: a forked process cannot use its parent's OpenMP pool (see in_fresh_thread).
+            in_fresh_thread(_send, write, args)
         finally:
             os._exit(0)
     os.close(write)

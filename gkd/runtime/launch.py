@@ -32,7 +32,7 @@ Design choices:
   would make every later run wait for it forever. So the parent waits for a lock itself, at most until the
   lock is `STALE_LOCK_S` old (a build takes about a minute), then removes it with a note. Each forked worker
   runs with `cores // processes` intra-op threads (at least 1), so the workers do not oversubscribe the
-  cores, in a thread of its own (`_in_fresh_thread`: a forked process cannot use its parent's OpenMP pool).
+  cores, in a thread of its own (`in_fresh_thread`: a forked process cannot use its parent's OpenMP pool).
   CUDA workers are spawned (a CUDA context cannot be forked).
 """
 
@@ -185,7 +185,7 @@ def _worker(
         if use_cuda:
             fn(rank, world, *args)
         else:
-            _in_fresh_thread(fn, rank, world, *args)
+            in_fresh_thread(fn, rank, world, *args)
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -213,7 +213,7 @@ def _worker(
         os._exit(code)
 
 
-def _in_fresh_thread(fn: Callable[..., None], *args: Any) -> None:
+def in_fresh_thread(fn: Callable[..., None], *args: Any) -> None:
     """Run `fn(*args)` in a new thread and return or raise as it did. A forked CPU worker inherits its
     parent's OpenMP thread pool without the pool's threads (a test process, or a program calling gkd as a
     library, that ran multi-threaded torch work before): GNU OpenMP then waits for them forever at the

@@ -26,6 +26,7 @@ import transformers.models.llama.modeling_llama  # noqa: F401 (imported once her
 import gkd.runtime.executor  # noqa: F401
 import gkd.runtime.worker  # noqa: F401
 from gkd.cli import main
+from gkd.runtime.launch import in_fresh_thread
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,8 @@ def _cli(args: list[str], env: dict[str, str], log: str) -> None:
     os.environ.update(env)
     code = 0
     try:
-        main(args)
+        # In a fresh thread: a forked process cannot use its parent's OpenMP pool (see in_fresh_thread).
+        in_fresh_thread(main, args)
     except SystemExit as done:
         code = int(done.code or 0)
     except BaseException:
