@@ -18,7 +18,8 @@ Design choices:
   tokens; the final partial row is dropped. Documents are encoded without the tokenizer's own special
   tokens (no per-document BOS / CLS) and each one is followed by eos, so document boundaries stay visible to
   the model. Each row also carries position ids that restart at every document (and at the row's start):
-  gkd.runtime.step gives them to the models so that packed documents do not attend to each other.
+  gkd.runtime.packing gives them to the models (with a block mask for the families whose mask ignores
+  them) so that packed documents do not attend to each other.
 - Completion-only data (chat, prompt/completion) stores a per-token loss mask: labels are -100 outside the
   completion, and "loss_mask" marks the positions whose output predicts a completion token, which every loss
   term reads (gkd.runtime.step).
@@ -668,7 +669,7 @@ class _Rows:
     def take(self, picked: np.ndarray) -> dict[str, torch.Tensor]:
         """Rows `picked` as a batch: "input_ids", "attention_mask" (all True: rows are full), "position_ids"
         (counting from 0 at each document's start and at the row's start, so that models whose attention
-        reads them keep documents apart, see gkd.runtime.step), and for masked data "trained" (the token is
+        reads them keep documents apart, see gkd.runtime.packing), and for masked data "trained" (the token is
         a target of the loss) and "loss_mask" (the position's output is trained: the next token is a trained
         token of the same document; the row's last position looks at the first token of the next row)."""
         seq_len = self.seq_len

@@ -38,8 +38,8 @@ DEFAULT_BATCH = 8
 
 def model_inputs(model: Any, batch: dict[str, Any], device: Any, *, labels: bool = True) -> dict[str, Any]:
     """The keyword arguments that give `model` a micro-batch as gkd trains it: packed documents kept apart by
-    their position ids (gkd.runtime.step.packed_inputs), no key/value cache."""
-    from gkd.runtime.step import packed_inputs
+    position ids or a block mask (gkd.runtime.packing.packed_inputs), no key/value cache."""
+    from gkd.runtime.packing import packed_inputs
 
     inputs = {
         "input_ids": batch["input_ids"].to(device),

@@ -113,7 +113,7 @@ def write_pass(
 ) -> int:
     """Run `teacher` on the next `records` micro-batches of `stream` and store their top-k; returns bytes.
     `progress(done)` is called after each micro-batch."""
-    from gkd.runtime.step import packed_inputs
+    from gkd.runtime.packing import packed_inputs
 
     folder.mkdir(parents=True, exist_ok=True)
     idx_path, lp_path, marker = _paths(folder, rank, index)
@@ -125,7 +125,7 @@ def write_pass(
             "input_ids": batch["input_ids"].to(device),
             "attention_mask": batch["attention_mask"].long().to(device),
         }
-        if "position_ids" in batch:  # packed documents kept apart (gkd.runtime.step.packed_inputs)
+        if "position_ids" in batch:  # packed documents kept apart (gkd.runtime.packing.packed_inputs)
             inputs = packed_inputs(teacher, {**inputs, "position_ids": batch["position_ids"].to(device)})
         if getattr(getattr(teacher, "config", None), "use_cache", False):
             inputs["use_cache"] = False

@@ -12,8 +12,8 @@ LOSS_BATCH_KEYS (e.g. MGSKD's "phrase_spans") are for losses only: they reach th
 and never reach a model. "loss_mask" (B, T; bool, optional) marks the positions whose outputs the loss
 trains (completion-only data, gkd.runtime.data): every term, hard and distillation alike, reads the
 attention mask and it together as `ctx.mask`, and the labels carry -100 outside it. "position_ids" (B, T)
-count from 0 at each packed document's start: a model whose forward takes them gets them without the
-all-ones attention mask, so that transformers builds a mask that keeps the documents apart (`packed_inputs`).
+count from 0 at each packed document's start: every model gets them as its family must take them to keep the
+documents apart, position ids or a block mask (gkd.runtime.packing.packed_inputs).
 
 The order of operations (see `gkd.methods.hooks` for what each hook-op call may do):
 1. build the step's hook ops from `resolved` and install them all: they stay active around every forward
@@ -57,6 +57,7 @@ from gkd.methods.hooks import build_hook_ops
 from gkd.methods.spec import STORED_KINDS
 from gkd.planner.schedule import layerwise_layer
 from gkd.runtime.capture import capture_taps, transformer_layers
+from gkd.runtime.packing import packed_inputs
 
 # Batch fields that losses read and models must not see.
 LOSS_BATCH_KEYS = ("phrase_spans",)
@@ -197,35 +198,6 @@ def _gathered(weights: Iterable[Tensor | None]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
-
-
-def packed_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-    """`inputs` as `model` takes packed rows: with "position_ids" (reset at each document's start), a model
-    whose forward takes them gets them, no attention mask while that mask is all True (packed rows are
-    full) and no key/value cache: transformers' mask builders then find the documents in the position ids
-    and keep their attention apart (`masking_utils.find_packed_sequence_indices`, for sdpa, eager, flex
-    and flash attention alike). A model whose forward takes no position ids (BLOOM's ALiBi) keeps the
-    attention mask, and its documents attend to each other as before. Which families keep documents apart
-    in the installed transformers is checked by tests/runtime/test_packing.py."""
-    if inputs.get("position_ids") is None:
-        return inputs
-    if not _takes(model, "position_ids"):
-        return {k: v for k, v in inputs.items() if k != "position_ids"}
-    mask = inputs.get("attention_mask")
-    if mask is not None and bool(mask.all()):
-        inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
-    if _takes(model, "use_cache"):
-        # transformers reads packed documents from the position ids only when no key/value cache is made.
-        inputs = {**inputs, "use_cache": False}
-    return inputs
-
-
-def _takes(model: nn.Module, name: str) -> bool:
-    """Whether the model's forward takes the keyword `name`."""
-    import inspect
-
-    # Named, not merely accepted through **kwargs: a forward that only passes them on may drop them.
-    return name in inspect.signature(model.forward).parameters
 
 
 def run_captured(
