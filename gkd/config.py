@@ -88,8 +88,9 @@ DTYPES = ("bfloat16", "float16")
 # How `gkd run` reads the records of --data (gkd.runtime.records) and which tokens its loss trains on.
 DATA_FORMATS = ("auto", "text", "chat", "prompt_completion")
 LOSS_MASKS = ("auto", "all", "completion")
-# Where a run's training sequences come from (gkd.runtime.generation): the data ("off") or the student's own
-# samples for a fraction of the batches ("on_policy"); "sequence_kd" (the teacher's) is not built yet.
+# Where a run's training sequences come from (gkd.runtime.generation): the data ("off"), the teacher's
+# completions generated before training ("sequence_kd", gkd.runtime.sequence_kd), or the student's own samples
+# for a fraction of the batches ("on_policy").
 GENERATION_MODES = ("off", "sequence_kd", "on_policy")
 
 
@@ -438,24 +439,34 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
-    """Where the training sequences come from (gkd.runtime.generation; docs/config.md).
+    """Where the training sequences come from (gkd.runtime.generation, gkd.runtime.sequence_kd; see
+    docs/config.md).
 
-    mode: "off" (the data's sequences) or "on_policy": for a fraction `fraction` (the config's `lambda`, TRL's
-    `lmbda`) of the micro-batches, chosen from the seed and the step alone, the student samples completions
-    of up to `max_new_tokens` tokens for the batch's prompts (at `temperature`, nucleus `top_p`), and the
-    step trains on prompt + sample with the loss on the sampled tokens only. "sequence_kd" is refused.
+    mode: "off" (the data's sequences); "sequence_kd": before training, the (first) teacher generates one
+    completion for each prompt of the data, and training reads prompt + completion with the loss on the
+    completion; "on_policy": the data's completions. In both generating modes, for a fraction `fraction`
+    (the config's `lambda`, TRL's `lmbda`; 0.5 for on_policy, 0 for sequence_kd when not given) of the
+    micro-batches, chosen from the seed and the step alone, the student samples completions of up to
+    `max_new_tokens` tokens for the batch's prompts (at `temperature`, nucleus `top_p`; the teacher's
+    generation uses the same three), and the step trains on prompt + sample with the loss on the sampled
+    tokens only. `prompt_field` (sequence_kd): the record field read as the prompt (None: the data's own
+    prompts). `refresh_every` (steps between two generations of the same sequences; None: the mode's own):
+    0 for sequence_kd (generated once), 1 for on_policy (each sampled micro-batch at its step).
     """
 
     mode: str = "off"
-    fraction: float = 0.5
+    fraction: float | None = None
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    prompt_field: str | None = None
+    refresh_every: int | None = None
 
     def __post_init__(self) -> None:
         _choice(self.mode, GENERATION_MODES, "generation.mode")
-        if self.mode == "sequence_kd":
-            raise InputError("generation.mode sequence_kd is not built yet; use on_policy or off")
+        if self.fraction is None:
+            object.__setattr__(self, "fraction", 0.5 if self.mode == "on_policy" else 0.0)
+        assert self.fraction is not None
         _positive(self.fraction, "generation.lambda", allow_zero=True)
         if self.fraction > 1:
             raise InputError(f"generation.lambda must be a fraction in 0..1, got {shown(self.fraction)}")
@@ -464,15 +475,46 @@ class GenerationConfig:
         _positive(self.top_p, "generation.top_p")
         if self.top_p > 1:
             raise InputError(f"generation.top_p must be in (0, 1], got {shown(self.top_p)}")
+        if self.prompt_field is not None:
+            if not isinstance(self.prompt_field, str) or not self.prompt_field.strip():
+                raise InputError(
+                    f"generation.prompt_field must be a record field name or left out, got "
+                    f"{shown(self.prompt_field)}"
+                )
+            if self.mode != "sequence_kd":
+                raise InputError(
+                    "generation.prompt_field names the field the teacher completes, so it needs "
+                    "generation.mode sequence_kd (on_policy reads the data's prompt/completion records); "
+                    "drop it"
+                )
+        own = {"sequence_kd": 0, "on_policy": 1}.get(self.mode)
+        if self.refresh_every is not None:
+            _int(self.refresh_every, "generation.refresh_every", minimum=0)
+            if self.refresh_every != own:
+                what = (
+                    "sequence_kd generates the teacher's completions once, before training (refresh_every 0)"
+                    if self.mode == "sequence_kd"
+                    else "on_policy samples each drawn micro-batch with that step's student (refresh_every 1)"
+                    if self.mode == "on_policy"
+                    else "generation.mode off generates nothing"
+                )
+                raise InputError(
+                    f"generation.refresh_every {shown(self.refresh_every)} is not built: {what}; drop it"
+                )
 
     def to_entry(self) -> dict[str, Any]:
-        return {
+        entry = {
             "mode": self.mode,
             "lambda": self.fraction,
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
         }
+        # Left out while unset: the plans of earlier generating configs keep their keys.
+        for name in ("prompt_field", "refresh_every"):
+            if getattr(self, name) is not None:
+                entry[name] = getattr(self, name)
+        return entry
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,8 +28,23 @@ def _tap_text(tap: TapSpec) -> str:
     return f"{tap.kind}{rule}{side}"
 
 
+# How the methods combine with generation (the `generation` section, docs/config.md): printed under the table
+# of `gkd methods`, and what gkd.runtime.generation refuses.
+GENERATION_RULES = (
+    "Generated sequences (generation.mode; docs/config.md): the loss mask covers the generated tokens only, "
+    "for the hard and the distillation terms alike.",
+    "  on_policy, and sequence_kd with lambda > 0 (the student samples): only methods with samples = yes; "
+    "the teacher must be live (not offline).",
+    "  sequence_kd with lambda 0 (the teacher's generations, stored before training): every method that "
+    "trains on prompt/completion data; any teacher placement, offline included.",
+    "  Both need a decoder student and chat or prompt/completion data (or, for sequence_kd, "
+    "generation.prompt_field); sequence_kd generates with the first teacher.",
+)
+
+
 def on_generated(spec: MethodSpec) -> str:
-    """Whether the method applies to generated sequences (generation.mode on_policy): "yes" or "no: why"."""
+    """Whether the method applies to sequences the student samples (generation.mode on_policy, or
+    sequence_kd with lambda > 0): "yes" or "no: why"; see GENERATION_RULES."""
     kinds = {t.kind for t in spec.taps}
     if not kinds:
         return "no: it reads no taps of the sampled sequences"
@@ -126,7 +141,8 @@ def detail(spec: MethodSpec) -> str:
         lines.append("  trainable extras:")
         lines += [f"    {e.name}: {e.kind} {e.in_dim} -> {e.out_dim} (per {e.per})" for e in spec.extras]
     lines.append(f"  constraints: {', '.join(spec.constraints) or 'none'}")
-    lines.append(f"  generated sequences (generation.mode on_policy): {on_generated(spec)}")
+    lines.append(f"  the student's samples (on_policy, sequence_kd with lambda > 0): {on_generated(spec)}")
+    lines.append("  the teacher's generations (sequence_kd with lambda 0): yes, as prompt/completion data")
     if spec.stages:
         lines.append("  stages:")
         lines += [
@@ -154,6 +170,8 @@ def run_methods(name: str | None, *, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([method_dict(s) for s in specs], indent=2, default=str))
         return
-    # samples: whether the method applies to generated sequences (`gkd methods NAME` says why not).
+    # samples: whether the method applies to the student's samples (`gkd methods NAME` says why not).
     header = ["name", "paper", "taps", "loss terms", "stages", "constraints", "teachers", "samples"]
     click.echo(_table([_row(s) for s in specs], header))
+    click.echo("")
+    click.echo("\n".join(GENERATION_RULES))

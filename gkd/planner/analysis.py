@@ -64,7 +64,7 @@ from gkd.planner.memory import (
     zero3_gathered_bytes,
 )
 from gkd.planner.plan import Strategy, TapCost, TensorAlloc
-from gkd.planner.schedule import LossTerm, ModelActivity, Workload
+from gkd.planner.schedule import Generation, LossTerm, ModelActivity, Workload
 
 # Elements of one (chunk x V) fp32 logits buffer of the fused-linear kernels (gkd.kernels.fused_linear).
 CHUNK_ELEMENTS = 1 << 25
@@ -429,6 +429,8 @@ def build_workload(
             ]
         offline_allocs = tuple(allocs)
 
+    generation = _generation(config, student, teachers, strategy, offline_allocs)
+
     backward_allocs: tuple[TensorAlloc, ...] = ()
     if hw.device == "cpu" and strategy.grad_accum == 1:
         # Measured on CPU runs (gkd.runtime.memory): DeepSpeed creates the student's gradients and reduction
@@ -449,6 +451,7 @@ def build_workload(
         offline_allocs=offline_allocs,
         topk_bytes=topk_bytes,
         backward_allocs=backward_allocs,
+        generation=generation,
     )
     parts = host_parts(
         config=config, student=student, teachers=teachers, resolved=resolved, strategy=strategy
@@ -462,6 +465,77 @@ def build_workload(
         tap_costs=_tap_costs(resolved, s_act, t_acts, strategy, online, topk_bytes),
     )
     return workload, info
+
+
+def kv_cache_bytes(facts: ModelFacts, micro_batch: int, positions: int) -> int:
+    """The key/value cache of `micro_batch` rows of `positions` tokens: every layer's k and v, (B, kv_heads,
+    T, head_dim) each in the 16-bit dtype, as the `k` tap has them (hidden x T when the facts lack it)."""
+    per_token = facts.tap_bytes.get("k", facts.hidden * facts.seq_len * BYTES_BF16) / facts.seq_len
+    return int(2 * facts.layers * per_token * positions * micro_batch)
+
+
+def generation_allocs(
+    facts: ModelFacts, name: str, *, micro_batch: int, seq: int, new: int, attention: str
+) -> tuple[TensorAlloc, ...]:
+    """What a model holds while it samples `new` tokens for `micro_batch` prompts of up to `seq - new` tokens
+    (gkd.runtime.generation.sample): its key/value cache of up to `seq` positions; the prompt forward's
+    logits (the model returns them for every prompt position, in the 16-bit dtype); one no-grad layer's
+    workspace and the hidden stream of that forward, which is the largest (the later forwards are of one
+    token). The parameters it runs with are the training's (a ZeRO-3 model gathers them as its training
+    forward does: the static parameters and gather buffers)."""
+    prompt = micro_batch * (seq - new)
+    return (
+        TensorAlloc(
+            name=f"{name}.kv_cache", bytes=kv_cache_bytes(facts, micro_batch, seq), category="activations"
+        ),
+        TensorAlloc(
+            name=f"{name}.prompt_logits", bytes=prompt * facts.vocab * BYTES_BF16, category="loss_workspace"
+        ),
+        TensorAlloc(
+            name=f"{name}.workspace",
+            category="activations",
+            bytes=facts.forward_workspace[attention] * micro_batch + prompt * facts.hidden * BYTES_BF16,
+        ),
+    )
+
+
+def _generation(
+    config: Config,
+    student: ModelFacts,
+    teachers: tuple[ModelFacts, ...],
+    strategy: Strategy,
+    offline_allocs: tuple[TensorAlloc, ...],
+) -> tuple[Generation, ...]:
+    """The generate ops of the config's generation section (gkd.planner.schedule.Generation)."""
+    g = config.generation
+    if g.mode == "off" or not teachers:
+        return ()
+    kw = {
+        "micro_batch": strategy.micro_batch,
+        "seq": config.training.seq_len,
+        "new": g.max_new_tokens,
+        "attention": strategy.attention,
+    }
+    out = []
+    if g.mode == "sequence_kd":
+        allocs = generation_allocs(teachers[0], "generate.teacher0", **kw)
+        if strategy.teacher_placement == "offline":
+            # The pass's placement of the teacher, held as the top-k pass holds it.
+            held = tuple(
+                a
+                for a in offline_allocs
+                if a.name in ("offline.teacher0.parameters", "offline.teacher0.prefetch")
+            )
+            out.append(Generation(model="teacher0", phase="offline", allocs=held + allocs))
+        else:
+            out.append(Generation(model="teacher0", phase="before", allocs=allocs))
+    if g.mode == "on_policy" or (g.fraction or 0) > 0:
+        out.append(
+            Generation(
+                model="student", phase="micro", allocs=generation_allocs(student, "generate.student", **kw)
+            )
+        )
+    return tuple(out)
 
 
 def _tap_costs(

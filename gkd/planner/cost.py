@@ -31,6 +31,16 @@ Rules (per GPU):
   reduce-scatters it (3 calls per layer per micro-step), a ZeRO-3 teacher gathers each layer once, a
   tensor-parallel teacher all-reduces twice per layer, ZeRO-2 reduces once per bucket.
 
+- Generation (the `generation` config section, `Generation`): sampling `new` tokens after a prompt of
+  seq - new runs one prompt forward, then new - 1 forwards of one token each; each of those is bound by the
+  slowest of its FLOPs (2 * params * b plus attention over the cache), reading the weights from HBM once,
+  and, for a sharded model, gathering them (all weights per token under ZeRO-3, plus the per-layer
+  latency) or streaming them over the host link (offloaded). on_policy's student samples a `student_share`
+  (lambda) of the micro-steps; sequence_kd's teacher generates once before training, counted in the step
+  as one completion per trained row (its pass over the run's rows spread over the steps), with its
+  placement's gathering: so a placement that fits but gathers per token loses to one that does not.
+  The step's `generation` part holds both.
+
 Not modelled: kernel launch overheads, pipeline bubbles of the teacher-then-student order (the two phases
 run back to back), NCCL protocol efficiency beyond the configured bandwidth, data loading.
 """
@@ -66,6 +76,17 @@ class ModelShape:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Generation:
+    """The sampling work of a generating job (see the module docstring): the share of micro-steps the
+    student samples, whether the first teacher generates (sequence_kd) and under which placement, and the
+    tokens sampled after each prompt."""
+
+    student_share: float
+    teacher_placement: str | None  # None: the teacher does not generate
+    new: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class StepCost:
     step_time_s: float
     tokens_per_s: float
@@ -80,6 +101,23 @@ def forward_flops(m: ModelShape, batch: int, seq: int) -> float:
 
 def layer_forward_flops(m: ModelShape, batch: int, seq: int) -> float:
     return 2.0 * m.compute_layer_params * batch * seq + 4.0 * batch * seq * seq * m.hidden
+
+
+def generation_seconds(
+    hw: HardwareConfig, m: ModelShape, *, batch: int, seq: int, new: int, gathered: bool, streamed: bool
+) -> float:
+    """Seconds for `m` to sample `new` tokens after `batch` prompts of seq - new tokens (see the module
+    docstring): the prompt forward, then new - 1 one-token forwards."""
+    n = hw.gpus
+    flops = hw.peak_flops * hw.flops_efficiency
+    prompt = forward_flops(m, batch, seq - new) / flops
+    token = max(
+        (2.0 * m.compute_params * batch + 4.0 * batch * seq * m.hidden * m.layers) / flops,
+        2.0 * m.params / HBM_BANDWIDTH,
+        collective(hw, 2.0 * m.params, n) + m.layers * hw.collective_latency_s if gathered and n > 1 else 0.0,
+        2.0 * m.params / n / hw.host_link_bandwidth if streamed else 0.0,
+    )
+    return prompt + max(new - 1, 0) * token
 
 
 def ring(n: int) -> float:
@@ -127,6 +165,7 @@ def step_cost(
     global_batch: int,
     topk_bytes_per_micro: int = 0,
     reduce_bucket: int = 500_000_000,
+    generation: Generation | None = None,
 ) -> StepCost:
     """Seconds per optimizer step and tokens per second (see the module docstring for the rules)."""
     n = hw.gpus
@@ -191,6 +230,30 @@ def step_cost(
         "optimizer": optimizer,
     }
     step = grad_accum * (teacher_phase + student_phase) + boundary + optimizer
+    if generation is not None:
+        g = generation
+        sample = generation_seconds(
+            hw,
+            student,
+            batch=b,
+            seq=seq,
+            new=g.new,
+            gathered=stage == 3,
+            streamed=offload == "optimizer+parameters",
+        )
+        per_micro_gen = g.student_share * sample
+        if g.teacher_placement is not None and teachers:
+            per_micro_gen += generation_seconds(
+                hw,
+                teachers[0],
+                batch=b,
+                seq=seq,
+                new=g.new,
+                gathered=g.teacher_placement in ("zero3", "zero3_offload"),
+                streamed=g.teacher_placement == "zero3_offload",
+            )
+        parts["generation"] = grad_accum * per_micro_gen
+        step += parts["generation"]
     return StepCost(
         step_time_s=step,
         tokens_per_s=global_batch * seq / step if step > 0 else 0.0,

@@ -42,8 +42,9 @@ OP_KINDS = (
     "optimizer_step",
     "offline_teacher_pass",
     "load_topk",
+    "generate",
 )
-PHASES = ("micro", "step", "offline")
+PHASES = ("micro", "step", "offline", "before")
 PLAN_LOSS_PATHS = ("fused_linear", "logits", "topk")
 ATTENTIONS = ("sdpa", "eager")
 # Counts and sizes in a plan: anything larger is not one gkd wrote (2^62 bytes is 4 EiB).
@@ -113,11 +114,13 @@ class Op:
     """One operation of the schedule.
 
     kind: teacher_forward | student_forward | tap_loss | logit_loss | student_recompute | student_backward |
-    gather | optimizer_step | offline_teacher_pass | load_topk. `model` is "student", "teacher0", ...;
+    gather | optimizer_step | offline_teacher_pass | load_topk | generate. `model` is "student", "teacher0",
+    ...;
     `layer` the layer index or -1 (embedding / head / whole model). `taps` are the tap names captured or read,
     `losses` the loss terms computed ("method.term"). `allocs` exist from the start of the op; `frees` are
     released at its end (a tensor in both is a transient workspace). `phase`: "micro" ops repeat once per
-    micro-batch (grad_accum times), "step" ops once per optimizer step, "offline" ops run before training.
+    micro-batch (grad_accum times), "step" ops once per optimizer step, "offline" ops run before training
+    without the training's resident tensors, "before" ops once before training with them.
 
     What the executor does per kind:
     - teacher_forward: run that teacher layer (or embedding / head, layer -1) under no_grad, keep `taps`.
@@ -131,6 +134,8 @@ class Op:
     - student_recompute / student_backward: the backward of that layer (recompute first when listed).
     - optimizer_step: the DeepSpeed engine step. offline_teacher_pass: the teacher pass writing top-k.
     - load_topk: read this micro-batch's stored top-k teacher log-probs.
+    - generate: `model` samples completions with a key/value cache (gkd.runtime.generation, sequence_kd):
+      the student for a sampled micro-batch (on_policy), the first teacher before training (sequence_kd).
     """
 
     name: str

@@ -183,6 +183,7 @@ SECTIONS = {
     "student_recompute": "backward",
     "student_backward": "backward",
     "optimizer_step": "optimizer step",
+    "generate": "generation",
 }
 
 
@@ -192,7 +193,7 @@ def schedule_brief(plan: Plan) -> list[str]:
     groups: list[tuple[str, list[Any]]] = []
     for op in plan.schedule.ops:
         section = SECTIONS.get(op.kind, op.kind)
-        label = f"{op.model} {section}" if section in ("forward", "backward") else section
+        label = f"{op.model} {section}" if section in ("forward", "backward", "generation") else section
         if groups and groups[-1][0] == label:
             groups[-1][1].append(op)
         else:
@@ -205,11 +206,18 @@ def schedule_brief(plan: Plan) -> list[str]:
         parts = [f"{len(ops)} op" + ("s" if len(ops) != 1 else ""), f"largest allocation {size(allocated)}"]
         if recomputed:
             parts.append(f"{recomputed} layers recomputed")
+        cache = sum(a.bytes for op in ops for a in op.allocs if a.name.endswith(".kv_cache"))
+        if cache:
+            parts.append(f"key/value cache {size(cache)}")
         if taps:
             parts.append("captures " + ", ".join(taps[:8]) + (" ..." if len(taps) > 8 else ""))
         if losses:
             parts.append("computes " + ", ".join(losses))
-        phase = {"offline": " [before training]", "step": " [once per optimizer step]"}.get(ops[0].phase, "")
+        phase = {
+            "offline": " [before training]",
+            "before": " [once, before training]",
+            "step": " [once per optimizer step]",
+        }.get(ops[0].phase, "")
         out.append(f"{label}{phase}: " + "; ".join(parts))
     return out
 

@@ -25,6 +25,13 @@ Order of one micro-step (why this order):
 
 An offline teacher adds one "offline" operation before training: the teacher pass that writes top-k
 log-probs to disk, with its own resident teacher; it does not overlap training, so it is replayed on its own.
+
+Generation (the `generation` config section) adds "generate" operations (`Generation`): on_policy's student
+samples at the start of a micro-step, before the teachers' forward (the step then runs on the sample), and
+sequence_kd's first teacher generates once before training: with the training's resident tensors ("before":
+a live teacher generates as training places it, the student engine built) or, for an offline teacher, in
+the offline phase beside the top-k pass's own resident teacher. Each holds the model's key/value cache, the
+prompt's logits and one no-grad layer's workspace (gkd.planner.analysis.generation_allocs).
 """
 
 from __future__ import annotations
@@ -72,6 +79,16 @@ class LossTerm:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Generation:
+    """One generate op: `model` ("student", "teacher0") samples with `allocs` alive (all freed at its end);
+    `phase` "micro" (on_policy), "before" or "offline" (sequence_kd; see the module docstring)."""
+
+    model: str
+    phase: str
+    allocs: tuple[TensorAlloc, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Workload:
     """Everything the schedule needs besides the strategy: models' activity, loss terms, static bytes."""
 
@@ -90,6 +107,18 @@ class Workload:
     # Tensors that exist from the backward to the end of the optimizer step, not for the whole step (a CPU
     # plan's gradients and reduction buckets: gkd.planner.analysis).
     backward_allocs: tuple[TensorAlloc, ...] = ()
+    generation: tuple[Generation, ...] = ()  # the generate ops (the generation config section)
+
+
+def _generate_op(g: Generation) -> Op:
+    return Op(
+        name=f"generate.{g.model}",
+        kind="generate",
+        model=g.model,
+        phase=g.phase,
+        allocs=g.allocs,
+        frees=tuple(a.name for a in g.allocs),
+    )
 
 
 def layerwise_layer(taps: Sequence[str], student_layers: int) -> int | None:
@@ -121,6 +150,8 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
     recompute = set(s.recompute_layers)
     online = s.teacher_placement != "offline"
 
+    # Before training: sequence_kd's teacher generation, then the offline teacher pass.
+    ops += [_generate_op(g) for g in w.generation if g.phase != "micro"]
     if w.offline_allocs:
         names = tuple(a.name for a in w.offline_allocs)
         ops.append(
@@ -142,6 +173,9 @@ def build_schedule(w: Workload, s: Strategy) -> Schedule:
         at = layerwise_layer(term.taps, st.layers)
         where = st.layers if s.tap_loss == "end" or at is None else at  # st.layers: after the forward
         term_at.setdefault(where, []).append(term)
+
+    # 0. The student's samples (on_policy): the micro-step's sequences are prompt + sample.
+    ops += [_generate_op(g) for g in w.generation if g.phase == "micro"]
 
     # 1. Teachers (online).
     teacher_tap_bytes: dict[str, int] = {}

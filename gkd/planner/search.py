@@ -23,7 +23,14 @@ from typing import Any
 
 from gkd.config import Config
 from gkd.planner.analysis import WorkloadInfo, build_workload, resident_tensors
-from gkd.planner.cost import ModelShape, StepCost, bottleneck, layer_forward_flops, step_cost
+from gkd.planner.cost import (
+    Generation,
+    ModelShape,
+    StepCost,
+    bottleneck,
+    layer_forward_flops,
+    step_cost,
+)
 from gkd.planner.facts import ModelFacts
 from gkd.planner.memory import reserve_bytes
 from gkd.planner.plan import Schedule, Strategy, TensorAlloc, human_bytes
@@ -100,6 +107,19 @@ class SearchResult:
     runners_up: tuple[tuple[Evaluated, str], ...]
     evaluated: int
     considered: int
+
+
+def generation_work(config: Config, s: Strategy) -> Generation | None:
+    """The sampling work the cost model counts for a generating config (gkd.planner.cost.Generation)."""
+    g = config.generation
+    if g.mode == "off":
+        return None
+    share = float(g.fraction or 0)
+    placement = None
+    if g.mode == "sequence_kd":
+        offline = s.teacher_placement == "offline"
+        placement = (s.offline_teacher_placement or "replicated") if offline else s.teacher_placement
+    return Generation(student_share=share, teacher_placement=placement, new=g.max_new_tokens)
 
 
 def model_shape(f: ModelFacts) -> ModelShape:
@@ -279,6 +299,7 @@ class _Evaluator:
             global_batch=tr.global_batch,
             topk_bytes_per_micro=topk,
             reduce_bucket=min(c.deepspeed.reduce_bucket_size, max(self.trainable, 1)),
+            generation=generation_work(c, s),
         )
 
     def workload(self, s: Strategy) -> tuple[Workload, WorkloadInfo]:

@@ -600,13 +600,15 @@ def batches(
     options: DataConfig | None = None,
     start: int = 0,
     row_ids: bool = False,
+    stored: TokenFile | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An endless iterator of micro-batches for one rank, each (micro_batch, seq_len): "input_ids",
     "labels" and "position_ids" long, "attention_mask" bool, and, for data with a completion loss mask,
     "loss_mask" bool (see `_Rows.take`). objective: "causal" (decoders) or "mlm" (encoders). `options`: the
     config's data section (how the source's records are read). `start`: the stream position to begin at
     (rows the run has trained on, over all ranks); `row_ids`: each batch also holds "row_ids" (micro_batch,)
-    long, the rows' numbers in the stored ids (for checks of what a run trained on).
+    long, the rows' numbers in the stored ids (for checks of what a run trained on). `stored`: ids to read
+    instead of the source's (a sequence_kd run's generations, gkd.runtime.sequence_kd).
 
     The source is tokenised (or its stored ids found) before this returns, so a bad source raises InputError
     here, not at the first `next`.
@@ -619,7 +621,8 @@ def batches(
             "the mlm objective needs a tokenizer with a mask token and this one has none; "
             "use the encoder's own tokenizer folder"
         )
-    stored, _ = prepare_tokens(source, tokenizer, options=options)
+    if stored is None:
+        stored, _ = prepare_tokens(source, tokenizer, options=options)
     if objective == "mlm" and stored.masked:
         raise InputError(
             "chat and prompt/completion data train a decoder on its completions; an encoder (mlm) student "

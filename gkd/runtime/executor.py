@@ -393,7 +393,7 @@ def _run_job(
     stored = check_data(plan, data, world, seed, echo)
     from gkd.runtime.generation import check_generation  # imports torch: not at the CLI's start
 
-    check_generation(plan, stored)  # on-policy generation: prompts in the data, methods that apply
+    check_generation(plan, stored, data)  # generation: prompts in the data, methods that apply
     data_tokens = stored.path.name
     notes = []
     if eval_data is not None and data is not None and Path(eval_data).resolve() == Path(data).resolve():

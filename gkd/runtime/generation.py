@@ -232,22 +232,30 @@ def _settings(config: Mapping[str, Any]) -> GenerationConfig | None:
         max_new_tokens=entry["max_new_tokens"],
         temperature=entry["temperature"],
         top_p=entry["top_p"],
+        prompt_field=entry.get("prompt_field"),
+        refresh_every=entry.get("refresh_every"),
     )
 
 
 def _refuse(config: Mapping[str, Any], *, placement: str, encoder: bool) -> None:
-    """One line for what on-policy generation cannot run: an encoder student, an offline teacher, a method
-    that does not apply to generated sequences."""
+    """One line for what generation cannot run: an encoder student, and where the student samples, an
+    offline teacher or a method that does not apply to its samples (gkd.methods.report.GENERATION_RULES)."""
     from gkd.methods.registry import get
     from gkd.methods.report import on_generated
 
+    settings = _settings(config)
+    assert settings is not None
+    mode = settings.mode
     if encoder:
-        raise InputError("generation.mode on_policy needs a decoder student; an encoder does not generate")
-    if placement == "offline":
+        raise InputError(f"generation.mode {mode} needs a decoder student; an encoder does not generate")
+    if placement == "offline" and (mode == "on_policy" or settings.fraction > 0):
         raise InputError(
-            "generation.mode on_policy scores the student's samples with a live teacher, but the plan runs "
-            "the teacher offline; plan with overrides.teacher_placement set to another placement"
+            f"generation.mode {mode} with lambda above 0 scores the student's samples with a live teacher, "
+            "but the plan runs the teacher offline; plan with overrides.teacher_placement set to another "
+            "placement" + (", or set generation.lambda 0" if mode == "sequence_kd" else "")
         )
+    if mode == "sequence_kd" and settings.fraction == 0:
+        return  # the teacher's generations are stored prompt/completion data: every method reads them
     for method in config.get("methods", []):
         verdict = on_generated(get(method["name"]))
         if verdict != "yes":
@@ -258,16 +266,30 @@ def _refuse(config: Mapping[str, Any], *, placement: str, encoder: bool) -> None
             )
 
 
-def check_generation(plan: Any, stored: Any) -> None:
-    """Before any process starts (`gkd run`): refuse, in one line, an on-policy job that cannot run, and
-    data without prompts (`stored`, the source's TokenFile, has no loss mask)."""
+def check_generation(plan: Any, stored: Any, data: str | None = None) -> None:
+    """Before any process starts (`gkd run`): refuse, in one line, a generating job that cannot run, and
+    data without prompts (`stored`, the source's TokenFile, has no loss mask; for sequence_kd, the prompts
+    are read here, as the workers will)."""
     config = plan.inputs["config"]
-    if _settings(config) is None:
+    settings = _settings(config)
+    if settings is None:
         return
     from gkd.planner.specs import load_spec
 
     encoder = load_spec(config["student"]).is_encoder
     _refuse(config, placement=plan.strategy.teacher_placement, encoder=encoder)
+    if settings.mode == "sequence_kd":
+        from gkd.runtime.data import data_options, load_tokenizer
+        from gkd.runtime.sequence_kd import prompt_ids
+
+        if any(load_spec(ref).is_encoder for ref in config["teachers"][:1]):
+            raise InputError(
+                "generation.mode sequence_kd needs a decoder teacher; an encoder does not generate"
+            )
+        tokenizer = load_tokenizer(config["teachers"][0], load_spec(config["teachers"][0]))
+        keep = int(config["training"]["seq_len"]) - settings.max_new_tokens
+        prompt_ids(data, data_options(config), tokenizer, settings.prompt_field, keep)
+        return
     if not stored.masked:
         raise InputError(NO_PROMPTS)
 
@@ -275,11 +297,13 @@ def check_generation(plan: Any, stored: Any) -> None:
 def policy_for(
     config: Mapping[str, Any], *, placement: str, encoder: bool, seed: int, rank: int, tokenizer: Any
 ) -> OnPolicy | None:
-    """The run's sampler from the plan's config (None when generation is off)."""
+    """The run's student sampler from the plan's config (None when the student never samples)."""
     settings = _settings(config)
     if settings is None:
         return None
     _refuse(config, placement=placement, encoder=encoder)
+    if settings.fraction == 0 and settings.mode == "sequence_kd":
+        return None
     return OnPolicy(
         settings=settings,
         seed=seed,

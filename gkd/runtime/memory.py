@@ -398,7 +398,8 @@ def training_memory(plan: Any) -> dict[str, int]:
 
     from gkd.planner.schedule import simulate
 
-    training = tuple(op for op in plan.schedule.ops if op.phase != "offline")
+    # What runs before training (an offline pass, sequence_kd's generation) is not measured per step.
+    training = tuple(op for op in plan.schedule.ops if op.phase not in ("offline", "before"))
     if len(training) == len(plan.schedule.ops):
         return {k: int(v) for k, v in plan.memory.items()}
     return dict(simulate(replace(plan.schedule, ops=training)).by_category)

@@ -1,6 +1,6 @@
-"""One rank of `gkd run` (`train_worker`): builds and places the models, runs the offline teacher pass
-when the plan has one, then the training loop (see gkd.runtime.executor), evaluation, checkpoints and the
-final save."""
+"""One rank of `gkd run` (`train_worker`): builds and places the models, runs the teacher's generation pass
+(generation.mode sequence_kd) and the offline teacher pass when the plan has them, then the training loop
+(see gkd.runtime.executor), evaluation, checkpoints and the final save."""
 
 from __future__ import annotations
 
@@ -135,8 +135,14 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     models = build_models(plan, seed=settings.seed, total_steps=settings.steps)
     tokenizer = load_tokenizer(config["teachers"][0], models.teacher_specs[0])
     record_rows = os.environ.get(RECORD_ROWS_ENV, "") == "1"
+    # generation.mode sequence_kd: the teacher's completions of the data's prompts (a TokenFile), which the
+    # training stream and the offline pass read instead of the data (gkd.runtime.sequence_kd).
+    generated: list[Any] = []
+    sequence_pass = _sequence_pass(config, settings, tokenizer, plan, device)
 
-    def data_stream(source: str | None = settings.data, start: int = 0, rows: bool = False) -> Any:
+    def data_stream(
+        source: str | None = settings.data, start: int = 0, rows: bool = False, train: bool = True
+    ) -> Any:
         return batches(
             source,
             tokenizer,
@@ -149,6 +155,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             options=data_options(config),
             start=start,
             row_ids=rows,
+            stored=generated[0] if train and generated else None,
         )
 
     out = Path(settings.out)
@@ -157,7 +164,17 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
     if plan.strategy.teacher_placement == "offline" and settings.start_step < settings.steps:
         # Before the student engine exists: the pass and training never hold both (as the plan has it).
         phase.start("the offline teacher pass")
-        readers = _offline_pass(models, plan, settings, data_stream, rank=rank, world=world, device=device)
+        readers = _offline_pass(
+            models,
+            plan,
+            settings,
+            data_stream,
+            rank=rank,
+            world=world,
+            device=device,
+            sequence_pass=sequence_pass,
+            generated=generated,
+        )
     elif plan.strategy.teacher_placement == "offline":
         # A resume that only saves the student (every step done): no step reads the teacher.
         models.teachers = [OfflineTeacher() for _ in models.teachers]
@@ -166,6 +183,9 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
         plan.deepspeed["student"] = {**plan.deepspeed["student"], "checkpoint": {"load_universal": True}}
     engines = make_engines(models, plan, device=device)
     engine, module = engines.student, engines.module
+    if sequence_pass is not None and not generated and settings.start_step < settings.steps:
+        # A live teacher generates as the plan placed it for training (gkd.runtime.sequence_kd).
+        generated.append(_generate(sequence_pass, engines.teachers[0], settings, rank, world, device))
     module.tap_loss = plan.strategy.tap_loss  # layerwise: tap terms run (and free teacher taps) mid-forward
     served = stored_taps(models.resolver.at(0)) if readers else []
     # generation.mode on_policy: the student samples some micro-batches' completions (gkd.runtime.generation).
@@ -272,7 +292,7 @@ def train_worker(rank: int, world: int, plan_json: str, settings: RunSettings) -
             last = step + 1 == settings.steps
             due = settings.eval_every and (step + 1) % settings.eval_every == 0
             if settings.eval_data is not None and (last or due):
-                held_out = data_stream(settings.eval_data)  # the same micro-batches at every evaluation
+                held_out = data_stream(settings.eval_data, train=False)  # the same rows each time
                 row["eval_loss"] = evaluate(engine, module.student, held_out, settings.eval_batches, device)
                 row["eval_perplexity"] = perplexity(row["eval_loss"])
             if log is not None:
@@ -377,11 +397,64 @@ def evaluate(engine: Any, student: Any, stream: Any, n: int, device: Any) -> flo
     return total.item() / (n * dist.get_world_size())
 
 
+def _sequence_pass(
+    config: dict[str, Any], settings: RunSettings, tokenizer: Any, plan: Plan, device: Any
+) -> Any:
+    """The teacher's generation pass of a sequence_kd run (gkd.runtime.sequence_kd), else None."""
+    if (config.get("generation") or {}).get("mode") != "sequence_kd":
+        return None
+    from gkd.runtime.sequence_kd import SequencePass
+
+    return SequencePass.open(
+        config,
+        settings.data,
+        tokenizer,
+        seed=settings.seed,
+        micro_batch=plan.strategy.micro_batch,
+        device_type=device.type,
+    )
+
+
+def _generate(
+    sequence_pass: Any, teacher: Any, settings: RunSettings, rank: int, world: int, device: Any
+) -> Any:
+    """Run (or find stored) the teacher's generation pass with the placed `teacher`; its TokenFile."""
+    from gkd.runtime.sequence_kd import GENERATED_DIR
+
+    start = time.perf_counter()
+    if rank == 0 and sequence_pass.stored() is None:
+        print(
+            f"Teacher generation pass (sequence_kd): {len(sequence_pass.prompts)} prompts in "
+            f"{sequence_pass.chunks} chunks",
+            flush=True,
+        )
+    entry = sequence_pass.run(
+        teacher, folder=Path(settings.out) / GENERATED_DIR, rank=rank, world=world, device=device
+    )
+    if rank == 0:
+        seconds = time.perf_counter() - start
+        print(
+            f"Teacher generations: {entry.documents} sequences, {entry.tokens} tokens ({seconds:.1f} s)",
+            flush=True,
+        )
+    return entry
+
+
 def _offline_pass(
-    models: Any, plan: Plan, settings: RunSettings, data_stream: Any, *, rank: int, world: int, device: Any
+    models: Any,
+    plan: Plan,
+    settings: RunSettings,
+    data_stream: Any,
+    *,
+    rank: int,
+    world: int,
+    device: Any,
+    sequence_pass: Any = None,
+    generated: list[Any] | None = None,
 ) -> list[Any]:
     """Run the offline teacher pass of this rank (or find it done, for a resumed run), free the teachers and
-    return one top-k reader per teacher (see `gkd.runtime.offline`)."""
+    return one top-k reader per teacher (see `gkd.runtime.offline`). A sequence_kd run's teacher generation
+    pass runs first, with the pass's placement of teacher 0, and its TokenFile goes to `generated`."""
     import gc
 
     import torch
@@ -404,10 +477,12 @@ def _offline_pass(
     done = all(
         pass_is_done(folder, rank=rank, index=i, records=records, k=k, temperature=s.temperature)
         for i, s in enumerate(served)
-    )
+    ) and (sequence_pass is None or sequence_pass.stored() is not None)
     # Every rank redoes the pass unless all are done: a ZeRO-3 teacher's forward is a collective.
     flag = torch.tensor([1 if done else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if int(flag.item()) and sequence_pass is not None and generated is not None:
+        generated.append(sequence_pass.stored())  # a done pass: its generations are stored
     if not int(flag.item()):
         start = time.perf_counter()
         if rank == 0:
@@ -424,6 +499,9 @@ def _offline_pass(
 
         for i, (teacher, s) in enumerate(zip(models.teachers, served, strict=True)):
             module, t_engine = place_teacher(teacher, plan.deepspeed["teachers"][i], placement, device=device)
+            if i == 0 and sequence_pass is not None and generated is not None:
+                # The prompts' completions, before the top-k pass reads them.
+                generated.append(_generate(sequence_pass, module, settings, rank, world, device))
             size += write_pass(
                 module,
                 s,

@@ -14,8 +14,11 @@ from gkd.methods import names
 def test_table_lists_every_method():
     result = CliRunner().invoke(main, ["methods"])
     assert result.exit_code == 0
-    rows = {line.split()[0] for line in result.output.splitlines()[2:]}
+    table, rules = result.output.split("\n\n")
+    rows = {line.split()[0] for line in table.splitlines()[2:]}
     assert rows == set(names())
+    # Under the table: how the methods combine with each generation mode.
+    assert "on_policy, and sequence_kd with lambda > 0" in rules and "sequence_kd with lambda 0" in rules
 
 
 def test_json_lists_every_key_with_taps():

@@ -40,9 +40,17 @@ def test_generation_config_is_validated_and_kept_out_of_configs_that_do_not_gene
         "top_p": 1.0,
     }
     assert Config.from_dict(on.to_dict()).generation == on.generation
+    seq = Config.from_dict({"generation": {"mode": "sequence_kd", "prompt_field": "q", "refresh_every": 0}})
+    assert seq.generation.fraction == 0.0  # the teacher's completions only, unless lambda says otherwise
+    assert seq.to_dict()["generation"]["prompt_field"] == "q"
+    assert Config.from_dict(seq.to_dict()).generation == seq.generation
     bad = [
         ({"mode": "sample"}, "generation.mode 'sample' is not one of off, sequence_kd, on_policy"),
-        ({"mode": "sequence_kd"}, "sequence_kd is not built yet"),
+        ({"mode": "on_policy", "refresh_every": 2}, "generation.refresh_every 2 is not built: on_policy"),
+        ({"mode": "sequence_kd", "refresh_every": 1}, "generation.refresh_every 1 is not built: sequence_kd"),
+        ({"mode": "sequence_kd", "refresh_every": -1}, "generation.refresh_every must be at least 0"),
+        ({"mode": "on_policy", "prompt_field": "q"}, "so it needs generation.mode sequence_kd"),
+        ({"mode": "sequence_kd", "prompt_field": " "}, "generation.prompt_field must be a record field"),
         ({"lambda": 1.5}, "generation.lambda must be a fraction in 0..1"),
         ({"lambda": -0.1}, "generation.lambda must be >= 0"),
         ({"top_p": 0}, "generation.top_p must be > 0"),
@@ -233,6 +241,17 @@ def test_a_run_refuses_what_cannot_train_on_samples() -> None:
     with pytest.raises(InputError, match="method minilmv2 does not apply to generated sequences"):
         policy_for({**config, "methods": [{"name": "minilmv2"}]}, placement="replicated", encoder=False, **kw)
     assert on_generated(get("kd")) == "yes" and on_generated(get("topk_kl")).startswith("no: ")
+    # sequence_kd: the student samples only with lambda above 0, and only then needs a live teacher.
+    seq = Config.from_dict({"methods": ["kd"], "generation": {"mode": "sequence_kd"}}).to_dict()
+    assert policy_for(seq, placement="offline", encoder=False, **kw) is None
+    attention = {**seq, "methods": [{"name": "minilmv2"}]}  # stored data: any method reads it
+    assert policy_for(attention, placement="replicated", encoder=False, **kw) is None
+    mixed = {**seq, "generation": {**seq["generation"], "lambda": 0.5}}
+    assert policy_for(mixed, placement="replicated", encoder=False, **kw) is not None
+    with pytest.raises(InputError, match="plan runs the teacher offline.*or set generation.lambda 0"):
+        policy_for(mixed, placement="offline", encoder=False, **kw)
+    with pytest.raises(InputError, match="sequence_kd needs a decoder student"):
+        policy_for(seq, placement="replicated", encoder=True, **kw)
 
 
 @pytest.mark.parametrize(
@@ -263,4 +282,22 @@ def test_gkd_run_refuses_an_on_policy_job_before_any_process_starts(
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gkd: error: ") and message in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_gkd_run_refuses_a_sequence_kd_job_on_text_before_any_process_starts(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gkd.cli import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        "teacher: tiny-llama-teacher\nstudent: tiny-llama-student\nmethods: [kd]\n"
+        "training: {seq_len: 64, global_batch: 8, micro_batch: [2], steps: 1}\n"
+        "generation: {mode: sequence_kd, max_new_tokens: 8}\n"
+    )
+    result = CliRunner().invoke(main, ["run", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "generation.mode sequence_kd needs prompts" in lines[0], lines
     assert not (tmp_path / "run").exists()
