@@ -89,12 +89,36 @@ def main() -> None:
     "--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batch size."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let MODEL's own code (auto_map in its config.json) run: its configuration and modeling files.",
+)
 @_user_errors
-def inspect(model: str, seq_len: int | None, micro_batch: int, as_json: bool) -> None:
-    """Describe MODEL (preset name, config.json or checkpoint folder): parameters, activations, taps."""
+def inspect(
+    model: str, seq_len: int | None, micro_batch: int, as_json: bool, trust_remote_code: bool
+) -> None:
+    """Describe MODEL (preset, config.json, checkpoint folder or hub id): parameters, activations, taps."""
     from gkd.planner.inspect import run_inspect
 
+    if trust_remote_code:
+        _trust(model)
     run_inspect(model, seq_len=seq_len, micro_batch=micro_batch, as_json=as_json)
+
+
+def _trust(ref: str) -> None:
+    """Allow the custom code (auto_map) of model `ref` to run in this process, as a config's per-model
+    `trust_remote_code: true` does for gkd plan and gkd run: the folder it is read from (a hub id's snapshot
+    folder in the local cache, a config.json's folder) is trusted, no other."""
+    from pathlib import Path
+
+    from gkd.hub import is_hub_id, snapshot_folder
+    from gkd.models import trust_remote_code
+
+    path = Path(ref).expanduser()
+    if not path.exists() and is_hub_id(ref):
+        path = snapshot_folder(ref)
+    trust_remote_code(path.parent if path.is_file() else path)
 
 
 @main.command()
@@ -411,6 +435,13 @@ def export(source: str, out: str) -> None:
 )
 @click.option("--max-batches", type=click.IntRange(min=1), help="Evaluate at most this many micro-batches.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--trust-remote-code",
+    "trusted",
+    type=click.Choice(["student", "teacher"]),
+    multiple=True,
+    help="Let that model's own code (auto_map in its config.json) run; repeat for both.",
+)
 @_user_errors
 def eval_(
     student: str,
@@ -421,6 +452,7 @@ def eval_(
     seed: int | None,
     max_batches: int | None,
     as_json: bool,
+    trusted: tuple[str, ...],
 ) -> None:
     """The held-out loss and perplexity of STUDENT on --data (and a teacher's, with their top-1 agreement).
 
@@ -429,6 +461,10 @@ def eval_(
     """
     from gkd.runtime.evaluate import run_eval
 
+    if "teacher" in trusted and teacher is None:
+        raise InputError("--trust-remote-code teacher needs --teacher")
+    for role in dict.fromkeys(trusted):
+        _trust(student if role == "student" else str(teacher))
     run_eval(
         student,
         data,

@@ -475,7 +475,8 @@ def prepare_remote_code(config: dict[str, Any], folder: Path, *, name: str) -> N
     if not is_trusted(folder):
         raise InputError(
             f"model {name}: architecture {model_type!r} is custom code shipped with the model (auto_map); "
-            f"to run it, write the model as {{model: {name}, trust_remote_code: true}} in the config"
+            f"to run it, write the model as {{model: {name}, trust_remote_code: true}} in the config "
+            "(gkd plan, gkd run) or pass --trust-remote-code (gkd inspect, gkd eval)"
         )
     _register(model_type, config["auto_map"], folder, name)
 

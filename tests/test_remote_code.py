@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,64 @@ except InputError as err:
     lines = proc.stdout.splitlines()
     assert lines[0] == "XTokenizer", proc.stdout
     assert lines[1] != "XTokenizer", proc.stdout  # the standard class, or a one-line refusal
+
+
+def test_gkd_inspect_runs_custom_code_only_with_its_flag(tmp_path: Path) -> None:
+    custom_model(tmp_path / "x")
+    refused = gkd(tmp_path, "inspect", "x", "--seq-len", "16")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.count("\n") == 1 and "--trust-remote-code" in refused.stderr, refused.stderr
+    assert not (tmp_path / "hf" / "modules").exists()  # nothing of the model's code was copied or run
+
+    inspected = gkd(tmp_path, "inspect", "x", "--seq-len", "16", "--json", "--trust-remote-code")
+    assert inspected.returncode == 0, inspected.stderr[-2000:]
+    assert inspected.stderr.count("running the custom model code of x") == 1, inspected.stderr
+    report = json.loads(inspected.stdout)
+    assert report["model"]["model_type"] == "gkd_test_x" and report["model"]["layers"] == 2
+
+
+def _custom_model_with_weights(folder: Path) -> None:
+    """custom_model(folder) with seeded random weights beside it (model.safetensors)."""
+    custom_model(folder)
+    code = (
+        "import torch\n"
+        "from safetensors.torch import save_file\n"
+        "from gkd.models import build_model, resolve_model, trust_remote_code\n"
+        f"trust_remote_code({str(folder)!r})\n"
+        "torch.manual_seed(0)\n"
+        f"model = build_model(resolve_model({str(folder)!r}), device='cpu')\n"
+        f"save_file(model.state_dict(), {str(folder / 'model.safetensors')!r})\n"
+    )
+    env = {**os.environ, "HF_HOME": str(folder.parent / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_gkd_eval_runs_custom_code_only_for_the_models_it_names(tmp_path: Path) -> None:
+    """Student x and teacher y, both custom code of their own: each runs only when its role is named."""
+    _custom_model_with_weights(tmp_path / "x")
+    # y: the same code under its own model type (classes register per model type, for the whole process).
+    shutil.copytree(tmp_path / "x", tmp_path / "y")
+    for name in ("config.json", "configuration_x.py"):
+        path = tmp_path / "y" / name
+        path.write_text(path.read_text().replace("gkd_test_x", "gkd_test_y"))
+    (tmp_path / "held.txt").write_text("\n".join(f"held-out line {i} of plain text" for i in range(12)))
+    common = ("eval", "x", "--teacher", "y", "--data", "held.txt", "--seq-len", "16", "--batch-size", "2")
+
+    for trusted, refused_model in (("teacher", "x"), ("student", "y")):
+        refused = gkd(tmp_path, *common, "--trust-remote-code", trusted)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        error = refused.stderr.splitlines()[-1]
+        assert error.startswith(f"gkd: error: model {refused_model}: ") and "--trust-remote-code" in error
+        assert "Traceback" not in refused.stderr
+    no_teacher = gkd(tmp_path, "eval", "x", "--data", "held.txt", "--trust-remote-code", "teacher")
+    assert no_teacher.returncode == 2 and "needs --teacher" in no_teacher.stderr, no_teacher.stderr
+
+    ran = gkd(tmp_path, *common, "--json", "--trust-remote-code", "student", "--trust-remote-code", "teacher")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    notices = [line for line in ran.stderr.splitlines() if "running the custom model code of" in line]
+    assert [line.split(" of ")[1].split()[0] for line in notices] == ["x", "y"], ran.stderr
+    figures = json.loads(ran.stdout)
+    # The same weights under two names: the same loss, and full agreement.
+    assert figures["loss"] == pytest.approx(figures["teacher_loss"], rel=1e-6)
+    assert figures["top1_agreement"] == 1.0
