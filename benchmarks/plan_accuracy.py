@@ -4,8 +4,10 @@ Each case is a small distillation job (tiny Llama, OPT and BERT pairs built from
 so the built-in byte tokenizer fits) whose `overrides:` pin one strategy; together they cover what the
 runtime executes: student ZeRO 0/1/2/3 with and without optimizer and parameter offload, the teacher
 replicated, zero3, zero3_offload, tensor-parallel and offline, recompute of none or some layers, tap losses
-layerwise or at the end, the plain or fused-linear logit loss. Each runs `gkd run CONFIG --processes 2
---steps S` (in this process, as the CLI does) and reads OUT/run.json's `memory` (gkd.runtime.memory):
+layerwise or at the end, the plain or fused-linear logit loss, and on-policy generation (a case with a
+`generation` section trains on prompt/completion records, every step sampling first). Each runs
+`gkd run CONFIG --processes 2 --steps S` (in this process, as the CLI does) and reads OUT/run.json's
+`memory` (gkd.runtime.memory):
 - device: the plan's peak without its reserve against the largest measured peak of tensor storage over the
   steps and ranks (the CPU's "device"); error = |predicted - measured| / measured;
 - host, per node: the peak of the workers' summed PSS (/proc/PID/smaps_rollup, sampled every 20 ms over
@@ -84,6 +86,13 @@ class Case:
     family: str
     methods: list[dict[str, Any]]
     overrides: dict[str, Any]
+    # A `generation` config section: the case trains on prompt/completion records (PAIRS) instead of the
+    # built-in corpus, and its measured steps include the sampling (gkd.runtime.generation).
+    generation: dict[str, Any] | None = None
+
+
+# Prompt/completion records for the generating cases: enough rows of 64 tokens for 2 ranks x micro-batch 4.
+PAIRS = [{"prompt": f"Q{i}: what is {i} plus {i % 7}?", "completion": f" {i + i % 7}."} for i in range(200)]
 
 
 def _ov(zero: int, teacher: str, tap: str = "end", loss: str = "logits", **more: Any) -> dict[str, Any]:
@@ -139,6 +148,13 @@ CASES: dict[str, Case] = {
     "bert z3 zero3 end recompute layers 0-1": Case(
         "bert", KD_MINILM, _ov(3, "zero3", recompute_layers=[0, 1])
     ),
+    # Every micro-batch sampled by the student (lambda 1): each measured step includes the generate op.
+    "llama z2 replicated on-policy lambda 1": Case(
+        "llama",
+        [{"name": "kd"}],
+        _ov(2, "replicated", recompute_layers=[]),
+        generation={"mode": "on_policy", "lambda": 1.0, "max_new_tokens": 16},
+    ),
 }
 
 
@@ -162,6 +178,9 @@ def write_case(folder: Path, case: Case, *, seq_len: int = 64, micro_batch: int 
         "training": {"seq_len": seq_len, "global_batch": 2 * micro_batch, "micro_batch": [micro_batch]},
         "overrides": case.overrides,
     }
+    if case.generation is not None:
+        config["generation"] = case.generation
+        (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     path = folder / "job.json"
     path.write_text(json.dumps(config))
     return path
@@ -226,6 +245,8 @@ def run_case(case: Case, folder: Path, *, steps: int) -> dict[str, Any]:
     # workers' PSS shares of the inherited pages would move during the run, which is not the run's memory.
     command = [sys.executable, "-m", "gkd.cli", "run", str(config), "--steps", str(steps), "--out", str(out)]
     command += ["--processes", "2"]
+    if case.generation is not None:
+        command += ["--data", str(folder / "pairs.jsonl")]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
         sampler = NodeSampler(run.pid, command)
         sampler.start()

@@ -146,3 +146,54 @@ def test_a_placement_that_gathers_per_token_pays_for_it_in_generation() -> None:
     z2 = step_cost(placement="replicated", generation=work, **kw).parts["generation"]
     z3 = step_cost(placement="replicated", generation=work, **{**kw, "stage": 3}).parts["generation"]
     assert z3 > z2 > 0
+
+
+def test_the_generate_ops_bytes_are_what_sampling_allocates_on_the_cpu(tmp_path: Any) -> None:
+    """The op's tensors against the storage a CPU sample of the accuracy suite's Llama student allocates
+    (gkd.runtime.memory's accounting, the one `gkd run` measures with), within the suite's 5%."""
+    import json
+
+    import torch
+
+    from gkd.models import build_model
+    from gkd.planner.analysis import generation_allocs
+    from gkd.planner.facts import model_facts
+    from gkd.runtime.generation import sample, seeded
+    from gkd.runtime.memory import _storage_tracker_class
+
+    config = {
+        "model_type": "llama",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "hidden_act": "silu",
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+    }
+    (tmp_path / "student.json").write_text(json.dumps(config))
+    spec = resolve_model(str(tmp_path / "student.json"))
+    rows, new = 4, 16
+    facts = model_facts(spec, seq_len=SEQ)
+    allocs = generation_allocs(facts, "g", micro_batch=rows, seq=SEQ, new=new, attention="sdpa")
+    predicted = sum(a.bytes for a in allocs)
+    torch.manual_seed(0)
+    model = build_model(spec, device="cpu", dtype=torch.bfloat16).eval()
+    prompts = [torch.randint(3, 500, (SEQ - new,)) for _ in range(rows)]
+    tracker = _storage_tracker_class()()
+    with tracker:  # counts only what sampling creates: the weights exist before
+        sample(
+            model,
+            prompts,
+            max_new_tokens=new,
+            temperature=1.0,
+            top_p=0.9,
+            vocab=512,
+            eos_id=None,
+            pad_id=0,
+            generator=seeded(0),
+        )
+    print(f"generate op {predicted} bytes, sampling allocated at most {tracker.peak} bytes")
+    assert abs(predicted - tracker.peak) / tracker.peak <= 0.05
