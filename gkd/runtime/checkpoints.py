@@ -60,6 +60,7 @@ FAULT_POINTS = (
     "latest",  # after `latest` moved
     "student",  # the final save: before the student is written (STEP is the run's last step)
     "student-written",  # the final save: the student written, run.json not yet updated
+    "generated",  # sequence_kd's teacher pass: after this rank's STEP-th chunk is written
 )
 
 

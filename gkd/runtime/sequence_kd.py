@@ -3,7 +3,7 @@ teacher generates one completion for each prompt of the data, and the run trains
 
 Usage (every rank of `gkd run`, gkd.runtime.worker, with the teacher placed as the plan has it):
     work = SequencePass.open(config, source, tokenizer, seed=seed, micro_batch=mb, device_type="cpu")
-    stored = work.run(teacher, folder=OUT/"generated", rank=r, world=w, device=device)   # a TokenFile
+    stored = work.run(teacher, rank=r, world=w, device=device)   # a TokenFile
     batches(source, tokenizer, ..., stored=stored)    # training reads the generated sequences
 
 What is generated: the prompts are the data's own (a document's context up to its first trained token, as
@@ -20,12 +20,15 @@ Design choices:
   the chunk size, never on the number of ranks or which rank ran a chunk. Chunk c runs on rank
   c mod world; every rank runs as many chunks (a rank short of one samples a chunk it throws away), so a
   ZeRO-3 teacher's forwards, collectives, stay in step.
-- Resumable: each finished chunk is written to the run's `generated/` folder under a temporary name and
-  renamed, so a killed pass leaves whole chunks only, and a resumed run generates the missing ones.
+- Resumable: each finished chunk is written beside the entry it will become, in the token store's
+  `<key>.chunks/` folder, under a temporary name and renamed, so a killed pass leaves whole chunks only,
+  and the next run with the same key (a resume, or a new run) generates only the missing ones. On several
+  nodes that folder must be one all nodes see (GKD_CACHE_DIR on a shared file system): a rank that finds
+  another's chunk missing stops with one line saying so.
 - Reusable like the token cache: the entry's key hashes the teacher (its reference and files), the prompts
   (the source's identity, the tokenizer's, the prompt field), the generation settings, the seed, the chunk
   size, the dtype and the device type. A later run with the same key reads the stored entry and generates
-  nothing; the chunk folder is removed once the entry is stored.
+  nothing; the chunks are removed once the entry is stored.
 - Each eos that ends a completion is the store's own (every document is followed by eos, trained when its
   completion is): a completion cut at `max_new_tokens` is followed by eos too.
 """
@@ -35,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -48,9 +50,15 @@ from torch import nn
 
 from gkd.config import GenerationConfig
 from gkd.errors import InputError
-from gkd.runtime.tokens import TokenFile, file_identity, stored_tokens
+from gkd.runtime.tokens import (
+    TokenFile,
+    _partial_suffix,
+    file_identity,
+    remove_stale_partials,
+    stored_tokens,
+    token_dir,
+)
 
-GENERATED_DIR = "generated"
 # Bump when what a key stands for changes: entries of an older pass are never read.
 _LAYOUT = "sequence_kd 1"
 
@@ -170,7 +178,6 @@ class SequencePass:
         self,
         teacher: nn.Module,
         *,
-        folder: Path,
         rank: int,
         world: int,
         device: torch.device,
@@ -179,14 +186,22 @@ class SequencePass:
         """Generate this rank's missing chunks, then (rank 0) store the entry; every rank returns it. A
         collective: every rank calls it (one process without a process group may too). `progress(done,
         total)`: after each of this rank's chunks."""
+        from gkd.runtime.checkpoints import maybe_die
         from gkd.runtime.generation import sample, seeded
 
         found = self.stored()
         if _reduced(0 if found is None else 1, "min", device):
             assert found is not None
             return found
-        work = folder / self.key
-        work.mkdir(parents=True, exist_ok=True)
+        work = token_dir() / f"{self.key}.chunks"
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(
+                f"cannot write the teacher's generations to {work}: {err.strerror or type(err).__name__}; "
+                "set GKD_CACHE_DIR to a writable folder with room"
+            ) from None
+        remove_stale_partials(work)  # chunks half-written by a run that was killed
         mine = [c for c in range(rank, self.chunks, world) if not self._chunk(work, c).is_file()]
         rounds = _reduced(len(mine), "max", device)
         g = self.settings
@@ -209,11 +224,18 @@ class SequencePass:
                 )
                 if chunk is not None:  # else: only to keep a ZeRO-3 teacher's forwards in step
                     self._write(work, chunk, [c.cpu().numpy() for c in completions])
+                    maybe_die("generated", i + 1, rank)
                 if progress is not None:
                     progress(i + 1, rounds)
         finally:
             teacher.train(was_training)
         _barrier()
+        missing = [c for c in range(self.chunks) if not self._chunk(work, c).is_file()]
+        if missing:
+            raise InputError(
+                f"the teacher's generations of chunk {missing[0]} are not in {work}, which another rank "
+                "wrote: on several nodes set GKD_CACHE_DIR to a folder that every node shares"
+            )
         if rank == 0:
             self._store(work)
         _barrier()
@@ -235,7 +257,7 @@ class SequencePass:
     def _write(self, work: Path, chunk: int, completions: list[np.ndarray]) -> None:
         """One chunk's completions, whole or not at all (a temporary file renamed)."""
         path = self._chunk(work, chunk)
-        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+        partial = path.with_name(path.name + _partial_suffix())
         lengths = np.array([len(c) for c in completions], dtype=np.int64)
         flat = np.concatenate(completions).astype(np.int64) if completions else np.zeros(0, np.int64)
         with open(partial, "wb") as f:

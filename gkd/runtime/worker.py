@@ -419,8 +419,6 @@ def _generate(
     sequence_pass: Any, teacher: Any, settings: RunSettings, rank: int, world: int, device: Any
 ) -> Any:
     """Run (or find stored) the teacher's generation pass with the placed `teacher`; its TokenFile."""
-    from gkd.runtime.sequence_kd import GENERATED_DIR
-
     start = time.perf_counter()
     if rank == 0 and sequence_pass.stored() is None:
         print(
@@ -428,9 +426,7 @@ def _generate(
             f"{sequence_pass.chunks} chunks",
             flush=True,
         )
-    entry = sequence_pass.run(
-        teacher, folder=Path(settings.out) / GENERATED_DIR, rank=rank, world=world, device=device
-    )
+    entry = sequence_pass.run(teacher, rank=rank, world=world, device=device)
     if rank == 0:
         seconds = time.perf_counter() - start
         print(

@@ -1,7 +1,8 @@
 """Sequence-level distillation in a real 2-process CPU run of the tiny Llama presets on prompt/completion
-records: the teacher's generation pass writes prompt + completion documents to the token store (the loss
-mask on the completion only), training reads them, and a resumed run whose stored generations are gone
-generates the same ones again, so it repeats the uninterrupted run's losses and final weights."""
+records: a run killed in the teacher's generation pass leaves whole chunks for the next one; the pass writes
+prompt + completion documents to the token store (the loss mask on the completion only), training reads
+them, and a resumed run whose stored generations are gone generates the same ones again, so it repeats the
+uninterrupted run's losses and final weights."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from gkd.errors import GkdError
+from gkd.runtime.checkpoints import FAULT_ENV
 from gkd.runtime.executor import run_job
 from gkd.runtime.tokens import _lookup, token_dir
 
@@ -63,12 +66,20 @@ def _entries() -> list[Path]:
     return sorted(token_dir().glob("seqkd-*.json"))
 
 
-def test_sequence_kd_trains_on_the_teachers_generations_and_resumes_with_the_same_ones(
-    tmp_path: Path,
+def test_sequence_kd_survives_a_kill_trains_on_the_teachers_generations_and_resumes_with_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     for old in _entries():  # another test's generations (the same key) would be read, not made
         old.unlink()
+    # A run killed in its generation pass (rank 0 after its third chunk) leaves whole chunks only; the next
+    # run with the same key generates the rest (the resumed run below checks it generates the same).
+    with monkeypatch.context() as env:
+        env.setenv(FAULT_ENV, "0:3:generated")
+        with pytest.raises(GkdError):
+            _run(tmp_path, "killed", 3, seed=2)
+    [chunks] = token_dir().glob("seqkd-*.chunks")
+    assert len(list(chunks.glob("chunk-*.npz"))) >= 3 and not _entries()
     reference = _run(tmp_path, "reference", 3, save_every=1, seed=2)
     rows = _rows(reference)
     print("sequence_kd:", [(r["loss"], r["tokens"]) for r in rows])
@@ -76,7 +87,7 @@ def test_sequence_kd_trains_on_the_teachers_generations_and_resumes_with_the_sam
     [meta] = _entries()
     entry = _lookup(meta.stem)
     assert entry is not None and entry.masked and entry.documents == len(PAIRS)
-    assert not any((reference / "generated").iterdir())  # the chunks go once the entry is stored
+    assert not list(token_dir().glob("*.chunks"))  # the chunks go once the entry is stored
     # Each document is its record's prompt (bytes, untrained), then the teacher's completion and eos
     # (trained); the data's own completion is gone.
     ids, trained, starts = entry.ids(), entry.trained(), entry.starts()

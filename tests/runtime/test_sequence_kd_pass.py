@@ -6,6 +6,7 @@ follows the settings and the seed."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -102,25 +103,28 @@ def test_a_killed_pass_resumes_from_its_whole_chunks_and_a_stored_one_is_reused(
     _forget(work)
     assert work.chunks == 4  # 7 prompts, 2 a chunk
     teacher = _teacher()
-    entry = work.run(teacher, folder=tmp_path / "a", rank=0, world=1, device=torch.device("cpu"))
-    assert entry.documents == len(PAIRS) and not (tmp_path / "a" / work.key).exists()
+    entry = work.run(teacher, rank=0, world=1, device=torch.device("cpu"))
+    chunks = token_dir() / f"{work.key}.chunks"
+    assert entry.documents == len(PAIRS) and not chunks.exists()  # gone once the entry is stored
     reference = _stored(work)
     _forget(work)
     # Killed in its third chunk's first forward (chunks of 6 forwards): chunks 0 and 1 are whole.
     calls = Calls(teacher, fail_at=2 * 6 + 1)
     with pytest.raises(KeyboardInterrupt):
-        work.run(teacher, folder=tmp_path / "b", rank=0, world=1, device=torch.device("cpu"))
-    killed = tmp_path / "b" / work.key
-    assert sorted(p.name for p in killed.iterdir()) == ["chunk-0000000.npz", "chunk-0000001.npz"]
-    (killed / "chunk-0000002.npz.partial-1").write_bytes(b"half")  # as a kill mid-write leaves
+        work.run(teacher, rank=0, world=1, device=torch.device("cpu"))
+    # Beside the store's entries, so that the next run with this key finds them.
+    assert sorted(p.name for p in chunks.iterdir()) == ["chunk-0000000.npz", "chunk-0000001.npz"]
+    half = chunks / f"chunk-0000002.npz.partial-{socket.gethostname()}-{2**31 - 1}"
+    half.write_bytes(b"half")  # as a kill mid-write leaves
     assert work.stored() is None
     calls.count, calls.fail_at = 0, 0
-    work.run(teacher, folder=tmp_path / "b", rank=0, world=1, device=torch.device("cpu"))
+    work.run(teacher, rank=0, world=1, device=torch.device("cpu"))
     assert calls.count == 2 * 6  # chunks 2 and 3 only
+    assert not chunks.exists()
     assert all(np.array_equal(a, b) for a, b in zip(_stored(work), reference, strict=True))
     # Stored: a later run reads it and the teacher never runs.
     calls.count = 0
-    work.run(teacher, folder=tmp_path / "c", rank=0, world=1, device=torch.device("cpu"))
+    work.run(teacher, rank=0, world=1, device=torch.device("cpu"))
     assert calls.count == 0
 
 
