@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from storage_peak import StoragePeak
 
 from gkd.runtime.launch import launch
 
@@ -100,38 +101,6 @@ def _spec(name: str) -> Any:
     return spec_from_config(dict(TINY_OPT), name="tiny-opt") if name == "opt" else resolve_model(name)
 
 
-def _storage_peak() -> Any:
-    """A TorchDispatchMode recording the peak of live CPU tensor storage bytes created inside it."""
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Peak(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.live = self.peak = 0
-            self.seen: set[int] = set()
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                    storage = t.untyped_storage()
-                    key = storage.data_ptr()
-                    if key and key not in self.seen and storage.nbytes():
-                        self.seen.add(key)
-                        self.live += storage.nbytes()
-                        self.peak = max(self.peak, self.live)
-                        weakref.finalize(storage, self._free, key, storage.nbytes())
-            return out
-
-        def _free(self, key: int, nbytes: int) -> None:
-            self.seen.discard(key)
-            self.live -= nbytes
-
-    return Peak()
-
-
 def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -163,7 +132,7 @@ def _sliced_worker(rank: int, world: int, root: str) -> None:
         full = {n: p.shape for n, p in whole.named_parameters(remove_duplicate=False)}
         before, _ = place_tensor_parallel(whole, tp=world, dtype=dtype)
         source = TensorParallelSource(spec=spec, weights=folder, seed=3, attention="eager", dtype=dtype)
-        with _storage_peak() as peak:
+        with StoragePeak() as peak:
             after, _ = build_tensor_parallel(source, tp=world)
         gen = torch.Generator().manual_seed(10 + rank)
         inputs = {"input_ids": torch.randint(0, spec.vocab, (2, 7), generator=gen)}

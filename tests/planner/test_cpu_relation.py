@@ -3,40 +3,11 @@ kernel's torch path allocates (measured as the peak of live CPU tensor storage i
 
 from __future__ import annotations
 
-import weakref
-from typing import Any
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from storage_peak import StoragePeak
 
 from gkd.planner import cpu_relation
-
-
-class StoragePeak(TorchDispatchMode):
-    """The largest sum of live CPU tensor storage bytes created inside (each storage counted once)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.seen and storage.nbytes():
-                    self.seen.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.seen.discard(key)
-        self.live -= nbytes
 
 
 def test_the_tile_budget_is_the_kernels() -> None:

@@ -6,13 +6,12 @@ checkpoints are InputErrors."""
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from storage_peak import StoragePeak
 
 from gkd.errors import InputError
 from gkd.models import build_model, resolve_model
@@ -25,32 +24,6 @@ ZERO3 = {
     "bf16": {"enabled": True},
     "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
 }
-
-
-class StoragePeak(TorchDispatchMode):
-    """The largest sum of live tensor storage bytes created inside (each storage counted once)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.seen and storage.nbytes():
-                    self.seen.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.seen.discard(key)
-        self.live -= nbytes
 
 
 def _checkpoint(folder: Path, name: str, *, seed: int = 5) -> Any:
