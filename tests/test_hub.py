@@ -61,11 +61,16 @@ def test_plan_and_inspect_take_a_hub_id(hub_cache, tmp_path: Path) -> None:
 def test_an_id_missing_from_the_cache_exits_2_naming_it(hub_cache, tmp_path: Path) -> None:
     hub_cache("org/tiny-qwen3", QWEN3)
     runner = CliRunner()
+    job = tmp_path / "job.json"
+    config = {"teacher": "org/not-cached", "student": "tiny-llama-student", "methods": ["kd"]}
+    job.write_text(json.dumps(config))
     for args in (
         ["inspect", "org/not-cached"],
         ["plan", "--teacher", "org/not-cached", "--student", "tiny-llama-student", "--methods", "kd"],
+        ["run", str(job), "--out", str(tmp_path / "out")],
     ):
         result = runner.invoke(main, args)
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and "org/not-cached" in lines[0] and "HF_HUB_OFFLINE" in lines[0], lines
+    assert not (tmp_path / "out").exists()  # the run stopped before writing anything
