@@ -124,7 +124,8 @@ def test_trust_remote_code_must_name_a_model_of_the_job() -> None:
 @pytest.mark.slow
 def test_a_trusted_custom_student_trains_and_is_saved_with_its_code(tmp_path: Path) -> None:
     """`gkd run` (2 steps, 2 processes) of a custom-code student: the workers build it, the notice is said
-    once, and OUT/student carries the code files, so from_pretrained(trust_remote_code=True) loads it."""
+    once, and OUT/student carries the code files, so from_pretrained(trust_remote_code=True) loads it and
+    gkd eval --trust-remote-code student evaluates it."""
     custom_model(tmp_path / "x")
     config = {
         "teacher": "tiny-llama-teacher",
@@ -150,6 +151,14 @@ def test_a_trusted_custom_student_trains_and_is_saved_with_its_code(tmp_path: Pa
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["XForCausalLM", "6"]
+    # gkd eval reads the saved student with the run's settings once its code is trusted.
+    (tmp_path / "held.txt").write_text("\n".join(f"held-out line {i} of plain text" for i in range(12)))
+    evaluated = gkd(
+        tmp_path, "eval", "run/student", "--data", "held.txt", "--json", "--trust-remote-code", "student"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    figures = json.loads(evaluated.stdout)
+    assert figures["seq_len"] == 32 and figures["loss"] > 0
 
 
 def test_a_custom_tokenizer_loads_only_from_a_trusted_folder(tmp_path: Path) -> None:
