@@ -353,6 +353,10 @@ def check_data(plan: Plan, data: str | None, processes: int, seed: int, echo: An
                 f"{spec.vocab}; distil models that share the teacher's tokenizer"
             )
     options = data_options(config)
+    if (config.get("generation") or {}).get("prompt_field"):  # sequence_kd reads that field as text
+        from gkd.runtime.sequence_kd import prompt_options
+
+        options = prompt_options(options, config["generation"]["prompt_field"])
     stored, built = prepare_tokens(data, tokenizer, options=options, show_progress=True)
     if built and data is not None:
         echo(

@@ -68,6 +68,11 @@ NO_PROMPTS = (
 )
 
 
+def prompt_options(options: Any, prompt_field: str) -> Any:
+    """The data options that read every record's `prompt_field` as a text record."""
+    return replace(options, format="text", text_field=prompt_field, loss_mask="all")
+
+
 def prompt_ids(
     source: str | None, options: Any, tokenizer: Any, prompt_field: str | None, keep: int
 ) -> tuple[list[list[int]], str]:
@@ -76,9 +81,7 @@ def prompt_ids(
 
     if prompt_field is not None:
         # Every record's field, read as text records of that field.
-        found = _source(
-            source, replace(options, format="text", text_field=prompt_field, loss_mask="all"), tokenizer
-        )
+        found = _source(source, prompt_options(options, prompt_field), tokenizer)
         texts = [[doc] if isinstance(doc, str) else [t for t, _ in doc] for doc, _ in found.documents()]
     else:
         found = _source(source, options, tokenizer)

@@ -135,3 +135,30 @@ def test_the_key_follows_the_settings_and_the_seed(data: str) -> None:
     assert _open(data, temperature=0.5).key != base
     assert _open(data, prompt_field="question").key != base
     assert _open(data, **{"lambda": 0.5}).key == base  # the student's share is not the teacher's pass
+
+
+def test_gkd_runs_checks_read_a_prompt_field_source_as_the_prompts(tmp_path: Path) -> None:
+    """Records with only the prompt field pass `gkd run`'s data check (read as text of that field), which
+    refuses them without `generation.prompt_field`."""
+    from gkd.planner.pipeline import plan
+    from gkd.runtime.checks import check_data
+
+    path = tmp_path / "questions.jsonl"
+    path.write_text(
+        "".join(json.dumps({"question": f"What is {i} plus {i % 5}? Explain."}) + "\n" for i in range(60))
+    )
+    config = Config.from_dict(
+        {
+            "teacher": "tiny-llama-teacher",
+            "student": "tiny-llama-student",
+            "methods": ["kd"],
+            "hardware": {"gpus": 1},
+            "training": {"seq_len": 32, "global_batch": 2, "micro_batch": [2]},
+            "generation": {"mode": "sequence_kd", "max_new_tokens": 6, "prompt_field": "question"},
+        }
+    )
+    stored = check_data(plan(config), str(path), 1, 0, lambda _: None)
+    assert stored.documents == 60 and not stored.masked
+    bare = Config.from_dict({**config.to_dict(), "generation": {"mode": "sequence_kd", "max_new_tokens": 6}})
+    with pytest.raises(InputError, match='has no "text" string field'):
+        check_data(plan(bare), str(path), 1, 0, lambda _: None)
