@@ -105,6 +105,7 @@ FACTS_SOURCES = (
     "planner/facts.py",
     "planner/probe.py",
     "planner/moe.py",
+    "runtime/packing.py",  # the traces feed the models what a run does (gkd.planner.trace)
 )
 
 

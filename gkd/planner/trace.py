@@ -15,10 +15,25 @@ Two views of one training-mode forward of a shallow copy (the first layers only)
    as a real CPU run (e.g. SDPA's CPU flash kernel, which saves the output and a float32 log-sum-exp instead
    of the attention matrix); CUDA's flash and memory-efficient kernels save the same tensors.
 
-Under FakeTensorMode transformers believes it is being traced and, to be safe, builds an explicit attention
-mask for packed sequences (which also disables its GQA fast path in SDPA). Our inputs are never packed
-(position ids are 0..T-1), so `_as_eager_run` gives it the answer a real run gets. That keeps fake and real
-runs identical, which tests/planner/test_taps.py checks against real CPU forward passes.
+The traced forward takes what a run's forward takes: packed rows (gkd.runtime.data) of two documents each,
+with position ids from 0 in each, given to the model by the runtime's own `gkd.runtime.packing.packed_inputs`,
+so the attention mask a run makes is counted as the run makes it, per family:
+- a family whose mask builder reads position ids (Llama, Qwen, Mistral, GPT-2, BERT, ...) gets them and no
+  attention mask; transformers builds a (B, 1, T, T) bool mask that keeps the documents apart;
+- OPT-like families and BLOOM get a (B, 1, T, T) block mask as their attention mask (bool under sdpa, the
+  model's float dtype under eager).
+With a mask SDPA cannot use its causal fast path: it converts a bool mask to an additive one in the
+activation dtype inside each layer and saves that for the backward (B T^2 x 2 bytes per layer in bf16), and
+transformers repeats the key and value heads of a grouped-query model to all heads before SDPA (its GQA fast
+path needs no mask), which SDPA then saves. CUDA's flash kernel takes no mask, so a CUDA run takes the
+memory-efficient kernel there, which saves the same tensors (its log-sum-exp padded to 32 positions). The plan
+thus counts the mask of rows holding more than one document (a row of one document makes none on the
+position-id path). The rows are full, so the trace gives `packed_inputs` no 2D mask, which it would drop or
+read as all real tokens; the inputs are made as fake (or meta) tensors, holding no memory at any length.
+Under FakeTensorMode or export transformers believes it is being traced and would build the packed mask
+whatever the position ids; `_as_eager_run` gives it the answer a real run gets: the documents of the packed
+inputs, and none where the model makes its own position ids. That keeps fake and real runs identical, which
+tests/planner/test_taps.py checks against real CPU forward passes of packed rows.
 
 The model runs in training mode, so dropout (where the config has it) is active and what it keeps is saved.
 CPU and CUDA kernels differ there, only where the config has dropout (GPT-2 and the GPT-2-shaped GLM-10B,
@@ -139,11 +154,26 @@ def spec_key(spec: ModelSpec) -> str:
     return json.dumps([spec.name, spec.dtype, spec.hf_config], sort_keys=True, default=str)
 
 
-def _inputs(spec: ModelSpec, micro_batch: int, seq_len: int, device: str) -> dict[str, Any]:
+def _inputs(model: Any, spec: ModelSpec, micro_batch: int, seq_len: int, device: str) -> dict[str, Any]:
+    """A run's model inputs for packed rows of two documents each (see the module docstring), made on
+    `device` (call it under FakeTensorMode for fake tensors). `model`'s attention implementation must be the
+    traced one: the block mask's dtype follows it."""
     import torch
 
+    from gkd.runtime.packing import packed_inputs
+
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
-    return {"input_ids": ids} if spec.is_encoder else {"input_ids": ids, "use_cache": False}
+    first = (seq_len + 1) // 2
+    positions = torch.cat([torch.arange(first, device=device), torch.arange(seq_len - first, device=device)])
+    # (B, T) and contiguous, as the data gives them (an embedding backward that saves them keeps B T).
+    positions = positions.expand(micro_batch, seq_len).contiguous()
+    inputs = packed_inputs(model, {"input_ids": ids, "position_ids": positions})
+    return inputs if spec.is_encoder else {**inputs, "use_cache": False}
+
+
+def _packed(inputs: dict[str, Any], seq_len: int) -> bool:
+    """Whether transformers finds packed documents in `inputs` (its position ids, without a mask)."""
+    return seq_len > 1 and "position_ids" in inputs and "attention_mask" not in inputs
 
 
 def _check_sizes(spec: ModelSpec, micro_batch: int, seq_len: int) -> None:
@@ -189,10 +219,9 @@ def trace_graph(
     if has_switch:
         fx_config.do_not_emit_stack_traces = True
     try:
-        with grouped_mm_any_dtype():  # MoE experts (gkd.planner.moe)
-            exported = torch.export.export(
-                model, (), _inputs(spec, micro_batch, seq_len, "meta"), strict=False
-            )
+        inputs = _inputs(model, spec, micro_batch, seq_len, "meta")
+        with grouped_mm_any_dtype(), _as_eager_run(_packed(inputs, seq_len)):  # MoE experts: gkd.planner.moe
+            exported = torch.export.export(model, (), inputs, strict=False)
     finally:
         if has_switch:
             fx_config.do_not_emit_stack_traces = emit_traces
@@ -236,12 +265,14 @@ def _plain_node(node: Any) -> TracedNode:
 
 
 @contextlib.contextmanager
-def _as_eager_run() -> Iterator[None]:
-    """Make transformers' mask builder behave as in a real run under FakeTensorMode (see module docstring)."""
+def _as_eager_run(packed: bool) -> Iterator[None]:
+    """Make transformers' mask builder behave as in a real run under FakeTensorMode or export (see module
+    docstring): it finds documents where the inputs are `packed`, and none in position ids it makes itself."""
     import transformers.masking_utils as masking
 
     original = masking.find_packed_sequence_indices
-    masking.find_packed_sequence_indices = lambda position_ids: None  # inputs are never packed
+    if not packed:
+        masking.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
@@ -286,7 +317,7 @@ def _layers(model: Any, container: str) -> Any:
 
 _SAVED: dict[tuple[Any, ...], SavedTrace] = {}
 # One fake model per (spec, sizes, depth), reused for every attention path and recompute setting.
-_FAKE_MODELS: dict[tuple[Any, ...], tuple[Any, Any, dict[str, Any]]] = {}
+_FAKE_MODELS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
 
 def trace_saved(
@@ -312,15 +343,17 @@ def trace_saved(
     key = (spec_key(spec), micro_batch, seq_len, attn_implementation, traced_layers, checkpointing, kernels)
     if key in _SAVED:
         return _SAVED[key]
-    mode, model, inputs = _fake_model(spec, micro_batch, seq_len, traced_layers)
+    mode, model = _fake_model(spec, micro_batch, seq_len, traced_layers)
     if supports_attention_interface(spec):
         model.set_attn_implementation(attn_implementation)
+    with mode:
+        inputs = _inputs(model, spec, micro_batch, seq_len, "cpu")
     layers = _layers(model, layer_container(spec))
     if checkpointing:
         for layer in layers:
             _checkpoint_forward(layer)
     try:
-        context = [mode, _as_eager_run(), grouped_mm_any_dtype()]
+        context = [mode, _as_eager_run(_packed(inputs, seq_len)), grouped_mm_any_dtype()]
         context += [_cuda_kernels()] if kernels == "cuda" else []
         tensors = record_saved_tensors(model, layers, inputs, context=context)
     finally:
@@ -340,7 +373,7 @@ def trace_saved(
     return saved
 
 
-def _fake_model(spec: ModelSpec, micro_batch: int, seq_len: int, traced_layers: int) -> tuple[Any, Any, Any]:
+def _fake_model(spec: ModelSpec, micro_batch: int, seq_len: int, traced_layers: int) -> tuple[Any, Any]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     key = (spec_key(spec), micro_batch, seq_len, traced_layers)
@@ -348,10 +381,9 @@ def _fake_model(spec: ModelSpec, micro_batch: int, seq_len: int, traced_layers: 
         mode = FakeTensorMode()
         with mode:
             model = build_model(spec, device="cpu", num_layers=traced_layers, attn_implementation="sdpa")
-            inputs = _inputs(spec, micro_batch, seq_len, "cpu")
         model.train()
         _FAKE_MODELS.clear()  # keep one: fake models hold no storage, but their Python objects add up
-        _FAKE_MODELS[key] = (mode, model, inputs)
+        _FAKE_MODELS[key] = (mode, model)
     return _FAKE_MODELS[key]
 
 

@@ -25,6 +25,10 @@ attention mask in transformers:
 Which families keep documents apart, and that each packed document's logits equal its own unpacked
 forward, is checked for every family the tests cover by tests/runtime/test_packing.py, so a transformers
 release that changes a family's mask building fails there.
+
+The planner traces its models through `packed_inputs` too (gkd.planner.trace), so that plans count the masks
+made here: this module is one of the sources of the planner's facts (gkd.planner.facts.FACTS_SOURCES), and a
+change to it needs `make pack`.
 """
 
 from __future__ import annotations

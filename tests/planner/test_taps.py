@@ -134,6 +134,18 @@ def family_spec(family: str) -> ModelSpec:
     return spec_from_config(dict(config), name=f"small-{family}", dtype=dtype, family=family)
 
 
+def packed_row_inputs(model: torch.nn.Module, spec: ModelSpec) -> dict[str, Any]:
+    """What a run gives `model` for packed rows (gkd.runtime.data): two documents of unequal length per row,
+    position ids from 0 in each, through gkd.runtime.packing.packed_inputs."""
+    from gkd.runtime.packing import packed_inputs
+
+    ids = torch.randint(0, spec.vocab, (B, T))
+    positions = torch.cat([torch.arange(T // 3), torch.arange(T - T // 3)]).expand(B, T).contiguous()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": positions}
+    inputs = packed_inputs(model, batch)
+    return inputs if spec.is_encoder else {**inputs, "use_cache": False}
+
+
 def measured_saved_bytes(spec: ModelSpec, layers: int, attention: str, checkpointing: bool) -> int:
     """Bytes of every storage autograd saves in a real CPU training forward (parameters excluded)."""
     torch.manual_seed(0)
@@ -150,10 +162,8 @@ def measured_saved_bytes(spec: ModelSpec, layers: int, attention: str, checkpoin
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    ids = torch.randint(0, spec.vocab, (B, T))
-    kwargs = {} if spec.is_encoder else {"use_cache": False}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, **kwargs).logits
+        out = model(**packed_row_inputs(model, spec)).logits
     out.float().sum().backward()  # the saved tensors really were enough for a backward
     return sum(storages.values())
 
