@@ -125,7 +125,7 @@ def test_trust_remote_code_must_name_a_model_of_the_job() -> None:
 def test_a_trusted_custom_student_trains_and_is_saved_with_its_code(tmp_path: Path) -> None:
     """`gkd run` (2 steps, 2 processes) of a custom-code student: the workers build it, the notice is said
     once, and OUT/student carries the code files, so from_pretrained(trust_remote_code=True) loads it and
-    gkd eval --trust-remote-code student evaluates it."""
+    gkd eval --trust-remote-code student evaluates it; gkd export of its checkpoint writes them too."""
     custom_model(tmp_path / "x")
     config = {
         "teacher": "tiny-llama-teacher",
@@ -134,7 +134,7 @@ def test_a_trusted_custom_student_trains_and_is_saved_with_its_code(tmp_path: Pa
         "training": {"seq_len": 32, "global_batch": 4, "steps": 2},
     }
     (tmp_path / "job.json").write_text(json.dumps(config))
-    ran = gkd(tmp_path, "run", "job.json", "--out", "run", "--processes", "2")
+    ran = gkd(tmp_path, "run", "job.json", "--out", "run", "--processes", "2", "--save-every", "2")
     assert ran.returncode == 0, ran.stderr[-3000:]
     output = ran.stdout + ran.stderr
     assert output.count("running the custom model code of") == 1, output
@@ -159,6 +159,12 @@ def test_a_trusted_custom_student_trains_and_is_saved_with_its_code(tmp_path: Pa
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     figures = json.loads(evaluated.stdout)
     assert figures["seq_len"] == 32 and figures["loss"] > 0
+    # gkd export trusts what the run's plan recorded as trusted, and writes the code files too.
+    exported = gkd(tmp_path, "export", "run", "--out", "exported")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert {"configuration_x.py", "modeling_x.py", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "exported").iterdir()
+    }
 
 
 def test_a_custom_tokenizer_loads_only_from_a_trusted_folder(tmp_path: Path) -> None:

@@ -63,11 +63,15 @@ def run_export(source: str, out: str, *, echo: Callable[[str], None] = print) ->
     """Write the student of the checkpoint `source` (see the module docstring) to `out`; returns `out`."""
     where, run = locate_checkpoint(Path(source).expanduser(), echo=echo)
     target = _usable_out(Path(out).expanduser())
-    student_ref, teacher_ref, dtype, attention = _read_plan(run)
+    student_ref, teacher_ref, dtype, attention, trusted = _read_plan(run)
 
     import torch
 
+    from gkd.models import trust_remote_code
     from gkd.planner.specs import load_spec
+
+    for folder in trusted:  # the custom model code the run's config allowed (trust_remote_code: true)
+        trust_remote_code(folder)
     from gkd.runtime.loading import build_skeleton
     from gkd.runtime.save import HFWriter, saved_tensors
 
@@ -167,9 +171,9 @@ def _usable_out(target: Path) -> Path:
     return target
 
 
-def _read_plan(run: Path) -> tuple[str, str, Any, str]:
-    """(student reference, first teacher reference, training dtype, attention implementation) from the run's
-    plan.json."""
+def _read_plan(run: Path) -> tuple[str, str, Any, str, list[str]]:
+    """(student reference, first teacher reference, training dtype, attention implementation, the folders
+    whose custom model code the run's config trusted) from the run's plan.json."""
     import torch
 
     path = run / "plan.json"
@@ -179,6 +183,7 @@ def _read_plan(run: Path) -> tuple[str, str, Any, str]:
         student, teacher = str(config["student"]), str(config["teachers"][0])
         dtype_name = config.get("training", {}).get("dtype", "bfloat16")
         attention = str(data["strategy"].get("attention", "sdpa"))
+        trusted = [str(folder) for folder in config.get("trust_remote_code") or []]
     except FileNotFoundError:
         raise InputError(
             f"{run} has no plan.json, which says which student the checkpoint holds; export a checkpoint "
@@ -191,7 +196,7 @@ def _read_plan(run: Path) -> tuple[str, str, Any, str]:
         raise InputError(
             f"{path} names the training dtype {str(dtype_name)[:40]!r}, which is not one gkd trains in"
         )
-    return student, teacher, dtypes[dtype_name], attention
+    return student, teacher, dtypes[dtype_name], attention, trusted
 
 
 def read_student_state(where: Path) -> dict[str, Any]:
