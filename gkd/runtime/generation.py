@@ -1,4 +1,6 @@
-"""On-policy distillation (`generation.mode: on_policy`): the student samples the completions it trains on.
+"""On-policy distillation (`generation.mode: on_policy`, and `sequence_kd` with `lambda` above 0, whose other
+micro-batches are the teacher's generations, gkd.runtime.sequence_kd): the student samples the completions it
+trains on.
 
 Usage (one rank of `gkd run`, gkd.runtime.worker):
     policy = OnPolicy(settings=config.generation, seed=seed, rank=rank, vocab=tokenizer.vocab_size,
