@@ -464,21 +464,24 @@ def is_trusted(folder: str | Path) -> bool:
 def prepare_remote_code(config: dict[str, Any], folder: Path, *, name: str) -> None:
     """For a config with custom code (auto_map) whose model_type transformers lacks: register its classes
     with transformers' Auto classes when the folder is trusted, so that everything after builds it like a
-    built-in architecture; refuse it otherwise. Nothing for any other config."""
+    built-in architecture; refuse it otherwise. Nothing for any other config. A folder of a model type that
+    another, trusted folder registered is refused too unless trusted itself: its config would otherwise
+    build as the other folder's classes without anyone having allowed it."""
     model_type = config.get("model_type")
-    if "auto_map" not in config or not model_type or model_type in _REGISTERED:
+    if "auto_map" not in config or not model_type:
         return
     from transformers import CONFIG_MAPPING
 
-    if model_type in CONFIG_MAPPING:
-        return
+    if model_type in CONFIG_MAPPING and model_type not in _REGISTERED:
+        return  # built into transformers: its own code builds it, not the folder's
     if not is_trusted(folder):
         raise InputError(
             f"model {name}: architecture {model_type!r} is custom code shipped with the model (auto_map); "
             f"to run it, write the model as {{model: {name}, trust_remote_code: true}} in the config "
             "(gkd plan, gkd run) or pass --trust-remote-code (gkd inspect, gkd eval)"
         )
-    _register(model_type, config["auto_map"], folder, name)
+    if model_type not in _REGISTERED:
+        _register(model_type, config["auto_map"], folder, name)
 
 
 def _register(model_type: str, auto_map: Any, folder: Path, name: str) -> None:

@@ -270,3 +270,25 @@ def test_gkd_eval_runs_custom_code_only_for_the_models_it_names(tmp_path: Path) 
     # The same weights under two names: the same loss, and full agreement.
     assert figures["loss"] == pytest.approx(figures["teacher_loss"], rel=1e-6)
     assert figures["top1_agreement"] == 1.0
+
+
+def test_a_model_type_registered_by_a_trusted_folder_does_not_trust_another(tmp_path: Path) -> None:
+    """Classes register per model type for the whole process: a second folder of the same type, not trusted
+    itself, is still refused once the first (trusted) one has registered them."""
+    trusted, other = custom_model(tmp_path / "x"), tmp_path / "copy"
+    shutil.copytree(trusted, other)
+    code = (
+        "from gkd.errors import InputError\n"
+        "from gkd.models import resolve_model, trust_remote_code\n"
+        f"trust_remote_code({str(trusted)!r})\n"
+        f"print(resolve_model({str(trusted)!r}).model_type)\n"
+        "try:\n"
+        f"    resolve_model({str(other)!r})\n"
+        "except InputError as err:\n"
+        "    print('refused:', err)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "gkd_test_x" and lines[1].startswith(f"refused: model {other}: "), proc.stdout
