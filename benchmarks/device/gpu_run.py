@@ -14,7 +14,8 @@ GKD_CUDA_MEMORY_CAP) lies below what it needs without offload or recompute, so i
 offloads or recomputes.
 A tensor-parallel teacher needs two GPUs and is not here.
 --dry-run plans the jobs on this machine and prints the predictions only; --tiny runs tiny models instead
-(a smoke test of the script on the CPU, where "measured" is a process's resident set, not comparable).
+(a smoke test of the script on the CPU, where `gkd run` plans a CPU run and "measured" is the run's CPU tensor
+storage, gkd.runtime.memory; benchmarks/plan_accuracy.py is the CPU comparison).
 Writes a markdown copy to $OUT/gpu_run.md when OUT is set. Exit code 1 when a run fails.
 """
 
