@@ -65,6 +65,15 @@ def gkd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def python(code: str, hf_home: Path) -> str:
+    """The stdout of `python -c code` in a process of its own (HF_HOME=hf_home: registering custom code
+    changes transformers' tables for the whole process); a non-zero exit fails the test."""
+    env = {**os.environ, "HF_HOME": str(hf_home)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 def job(tmp_path: Path, student: object) -> str:
     config = {
         "teacher": "tiny-llama-teacher",
@@ -103,10 +112,8 @@ def test_a_trusted_custom_model_builds_as_its_own_class(tmp_path: Path) -> None:
         f"model = build_model(resolve_model({str(folder)!r}), device='cpu')\n"
         "print(type(model).__name__, sum(p.numel() for p in model.parameters()))\n"
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split()[0] == "XForCausalLM"
+    stdout = python(code, tmp_path / "hf")
+    assert stdout.split()[0] == "XForCausalLM"
 
 
 def test_trust_remote_code_must_name_a_model_of_the_job() -> None:
@@ -147,10 +154,8 @@ def test_a_trusted_custom_student_trains_and_is_saved_with_its_code(tmp_path: Pa
         "out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)\n"
         "print(type(model).__name__, out.shape[1])\n"
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf2")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["XForCausalLM", "6"]
+    stdout = python(code, tmp_path / "hf2")
+    assert stdout.split() == ["XForCausalLM", "6"]
     # gkd eval reads the saved student with the run's settings once its code is trusted.
     (tmp_path / "held.txt").write_text("\n".join(f"held-out line {i} of plain text" for i in range(12)))
     evaluated = gkd(
@@ -203,12 +208,10 @@ try:
 except InputError as err:
     print("refused:", err)
 """
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert lines[0] == "XTokenizer", proc.stdout
-    assert lines[1] != "XTokenizer", proc.stdout  # the standard class, or a one-line refusal
+    stdout = python(code, tmp_path / "hf")
+    lines = stdout.splitlines()
+    assert lines[0] == "XTokenizer", stdout
+    assert lines[1] != "XTokenizer", stdout  # the standard class, or a one-line refusal
 
 
 def test_gkd_inspect_runs_custom_code_only_with_its_flag(tmp_path: Path) -> None:
@@ -237,9 +240,7 @@ def _custom_model_with_weights(folder: Path) -> None:
         f"model = build_model(resolve_model({str(folder)!r}), device='cpu')\n"
         f"save_file(model.state_dict(), {str(folder / 'model.safetensors')!r})\n"
     )
-    env = {**os.environ, "HF_HOME": str(folder.parent / "hf")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    python(code, folder.parent / "hf")
 
 
 def test_gkd_eval_runs_custom_code_only_for_the_models_it_names(tmp_path: Path) -> None:
@@ -287,8 +288,6 @@ def test_a_model_type_registered_by_a_trusted_folder_does_not_trust_another(tmp_
         "except InputError as err:\n"
         "    print('refused:', err)\n"
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert lines[0] == "gkd_test_x" and lines[1].startswith(f"refused: model {other}: "), proc.stdout
+    stdout = python(code, tmp_path / "hf")
+    lines = stdout.splitlines()
+    assert lines[0] == "gkd_test_x" and lines[1].startswith(f"refused: model {other}: "), stdout
