@@ -224,6 +224,24 @@ def resident_tensors(
         # the process's own.
         grads = 4 * trainable // hw.gpus
         static.append(TensorAlloc(name="student.offload_gradients", bytes=grads, category="gradients"))
+    if hw.device == "cpu" and strategy.student_zero_stage == 3:
+        # A CPU plan moves the student's gradients and buckets to the backward (`build_workload`), but ZeRO-3
+        # allocates two of them with its engine and keeps them (stage3.py; GKD_MEASURE=sites shows both alive
+        # in the forward): the reduction bucket (contiguous_gradients) and, without offload, the gradient
+        # partitions in bf16 (grad_partitions_flat_buffer; offloaded, it is the fp32 one above).
+        kept = {
+            "student.buckets": ("student.reduce_bucket", ds.reduce_bucket_size * BYTES_BF16),
+            "student.gradients": (
+                "student.gradient_partitions",
+                2 * trainable // hw.gpus if strategy.student_offload == "none" else 0,
+            ),
+        }
+        for i, alloc in enumerate(list(static)):
+            if alloc.name in kept and kept[alloc.name][1]:
+                name, size = kept[alloc.name]
+                size = min(size, alloc.bytes)
+                static[i] = TensorAlloc(name=alloc.name, bytes=alloc.bytes - size, category=alloc.category)
+                static.append(TensorAlloc(name=name, bytes=size, category=alloc.category))
     for ti, t in enumerate(teachers):
         r = _residency(t, config, placement, strategy.tensor_parallel)
         if online:

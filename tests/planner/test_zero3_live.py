@@ -5,6 +5,8 @@ tensors gathered, and one prefetch group's all-gather buffer, for a ZeRO-3 stude
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from _planner_synth import facts, kd_minilm
 
@@ -65,7 +67,28 @@ def test_emitted_max_live_is_bounded_and_counted(placement: str, max_live: int, 
     trainable = STUDENT.params + methods.num_extra_parameters
     student_gathered = (live + STUDENT.largest_module + STUDENT.persistent_params) * BYTES_BF16
     assert by_name["student.parameters"] == student_gathered
-    assert by_name["student.buckets"] == (min(500_000_000, trainable) + live) * BYTES_BF16
+    reduce = min(500_000_000, trainable) * BYTES_BF16
+    assert by_name["student.buckets"] + by_name.get("student.reduce_bucket", 0) == reduce + live * BYTES_BF16
+    if device == "cpu":  # kept from engine setup, split off what a CPU plan moves to the backward
+        assert by_name["student.reduce_bucket"] == reduce
+        kept = 2 * trainable // 2 if plan.strategy.student_offload == "none" else 0
+        assert by_name.get("student.gradient_partitions", 0) == kept
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_plan_keeps_zero3_engine_buffers_in_the_forward(stage: int) -> None:
+    """A CPU plan counts the student's gradients and buckets from the backward to the step (DeepSpeed makes
+    them there at ZeRO-1/2), except ZeRO-3's reduction bucket and bf16 gradient partitions, which its engine
+    allocates at setup (stage3.py: the contiguous_gradients bucket, grad_partitions_flat_buffer): at the
+    forward's peak they are the plan's only student gradients and buffers."""
+    cfg = _config("replicated", 10**9, "cpu")
+    cfg = replace(cfg, overrides=replace(cfg.overrides, student_zero_stage=stage, student_offload="none"))
+    methods = kd_minilm()
+    plan = emit(cfg, (TEACHER,), STUDENT, methods, search(cfg, STUDENT, (TEACHER,), methods), ())
+    trainable = STUDENT.params + methods.num_extra_parameters
+    reduce = min(500_000_000, trainable) * BYTES_BF16
+    assert plan.memory["buffers"] == (reduce if stage == 3 else 0)
+    assert plan.memory["gradients"] == (2 * trainable // 2 if stage == 3 else 0)
 
 
 def test_rule_counts_max_live_up_to_the_model() -> None:
