@@ -18,8 +18,8 @@ Design choices:
   tokens; the final partial row is dropped. Documents are encoded without the tokenizer's own special
   tokens (no per-document BOS / CLS) and each one is followed by eos, so document boundaries stay visible to
   the model. Each row also carries position ids that restart at every document (and at the row's start):
-  gkd.runtime.packing gives them to the models (with a block mask for the families whose mask ignores
-  them) so that packed documents do not attend to each other.
+  gkd.runtime.packing gives them to the models (with a block mask for every family not checked to keep
+  documents apart by them) so that packed documents do not attend to each other.
 - Completion-only data (chat, prompt/completion) stores a per-token loss mask: labels are -100 outside the
   completion, and "loss_mask" marks the positions whose output predicts a completion token, which every loss
   term reads (gkd.runtime.step).
