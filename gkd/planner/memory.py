@@ -27,8 +27,19 @@ and the all-gather buffer with the buffers (`deepspeed_buffers`). The host colum
 *load* the model whole, which gkd never needs (`gkd.runtime.loading` builds models under zero.Init or on
 the meta device and fills them tensor by tensor), so the steady state is 0; what loading and the final
 save do hold on the host is counted apart (`host_memory`, at the end of this file).
-DeepSpeed's ZeRO-3 estimator without offload omits the bf16 weight partition (2P/N) that stage 3 keeps; gkd
-follows the estimator here and lets the measured runs (gkd check) say whether the 2P/N matters.
+DeepSpeed's ZeRO-3 estimator without offload omits the bf16 weight partition (2P/N) that stage 3 keeps, and
+counts 4P/N of fp32 gradients that stage 3 does not keep. Measured (benchmarks/bench_zero3_states.py, 2 CPU
+processes, bf16, torch AdamW; stage3.py's code, the same on CUDA), a rank holds 16P/N between steps and
+through the forward and backward: 2 bf16 weight partition (`defragment`), 2 bf16 gradient partition
+(`grad_partitions_flat_buffer`, in the model dtype since gkd sets no grad_accum_dtype), 4 fp32 master, 8 Adam
+moments. The fp32 gradient exists only inside the optimizer step, one sub-group at a time
+(`_prepare_fp32_grad_for_sub_group`, freed by `_release_sub_group`): with G = min(sub_group_size, P/N)
+elements (gkd leaves sub_group_size at DeepSpeed's 1e9), the step peaks at 16P/N + 4G + the optimizer's
+temporaries (torch's Adam: 8G measured on the CPU, its single-tensor path; 4G on CUDA, its foreach path, one
+sqrt of the second moment), while the activations are gone. gkd keeps the estimator's 18P/N for every phase:
+it over-counts the forward and backward by 2P/N and leaves the step to the margin. For the headline job the
+step is not the peak (16P/N + 8G with the teacher and buffers, 34.44 GiB with the reserve, under the planned
+39.05 GiB); a job whose activations are small beside 6G could peak in the step above the plan.
 
 Not modelled: partition padding (at most N-1 elements per tensor), the fp32 copy DeepSpeed keeps of
 tensors below the persistence threshold, NCCL's own buffers (inside the CUDA-context reserve).
@@ -99,8 +110,8 @@ def student_model_states(
         return ModelStates(parameters=2 * p, gradients=6 * p // n, optimizer=opt_bytes * p // n, host_bytes=0)
     big = 2 * largest_module  # one gathered bf16 copy of the largest module (weights; grads likewise)
     if offload == "none":
-        # DeepSpeed's estimator counts 18P/N here (2 bf16 grads + 4 fp32 grads + 4 fp32 weights + 8 Adam) and
-        # no separate bf16 weight partition; gkd follows it so the two agree (see the module docstring).
+        # DeepSpeed's estimator counts 18P/N here; stage 3 keeps 16P/N (2 bf16 weights, 2 bf16 grads, 4 fp32
+        # weights, 8 Adam) plus fp32 grads one sub-group at a time inside the step (see the module docstring).
         return ModelStates(
             parameters=big, gradients=6 * p // n + big, optimizer=opt_bytes * p // n, host_bytes=0
         )
