@@ -15,8 +15,9 @@ alive at the end of the forward and at the two peaks, grouped by where DeepSpeed
 gathered working set), the buffers (`deepspeed_buffers`: reduce bucket and all-gather buffer) and the
 gathered weights (`zero3_gathered_bytes`), all resident for the whole step.
 
-Usage: nice python benchmarks/bench_zero3_states.py [--max-reuse-distance N]
-(N: DeepSpeed's stage3_max_reuse_distance, which gkd leaves at DeepSpeed's default of 1e9 elements.)
+Usage: nice python benchmarks/bench_zero3_states.py [--max-reuse-distance N] [--foreach]
+(N: DeepSpeed's stage3_max_reuse_distance, which gkd leaves at DeepSpeed's default of 1e9 elements.
+--foreach: torch Adam's foreach path, its default on CUDA; on the CPU its default is the single-tensor path.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PREFETCH = 200_000
 LAYERS, HIDDEN, INTERMEDIATE, VOCAB = 8, 512, 1408, 8192
 
 
-def _zero_config(params: int, reuse: int | None) -> dict[str, Any]:
+def _zero_config(params: int, reuse: int | None, foreach: bool) -> dict[str, Any]:
     from gkd.config import DeepSpeedSettings
     from gkd.planner.memory import effective_deepspeed
 
@@ -44,7 +45,11 @@ def _zero_config(params: int, reuse: int | None) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "bf16": {"enabled": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0, "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 1e-4, "weight_decay": 0.0, "torch_adam": True}
+            | ({"foreach": True} if foreach else {}),
+        },
         "zero_optimization": {
             "stage": 3,
             "reduce_bucket_size": ds.reduce_bucket_size,
@@ -77,7 +82,7 @@ def _live_by_site(tracker: Any) -> dict[str, int]:
     return out
 
 
-def _worker(rank: int, world: int, results: str, reuse: int | None) -> None:
+def _worker(rank: int, world: int, results: str, reuse: int | None, foreach: bool) -> None:
     import json
 
     import deepspeed
@@ -102,7 +107,7 @@ def _worker(rank: int, world: int, results: str, reuse: int | None) -> None:
         # The config needs the parameter count (buckets capped at it): a first pass on the meta device.
         with torch.device("meta"):
             params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
-        config = _zero_config(params, reuse)
+        config = _zero_config(params, reuse, foreach)
         with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16):
             model = LlamaForCausalLM(cfg).to(torch.bfloat16)
         engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
@@ -153,7 +158,8 @@ def main() -> None:
         results = str(Path(folder) / "rows.json")
         flag = "--max-reuse-distance"
         reuse = int(sys.argv[sys.argv.index(flag) + 1]) if flag in sys.argv else None
-        launch(_worker, (results, reuse), processes=2)
+        foreach = "--foreach" in sys.argv
+        launch(_worker, (results, reuse, foreach), processes=2)
         params, largest, persistent, config, rows, groups = json.loads(Path(results).read_text())
     from gkd.config import DeepSpeedSettings
     from gkd.planner.memory import (
@@ -180,13 +186,15 @@ def main() -> None:
     )
     planned_states = states.gpu_bytes - 4 * largest  # the 4L is the gathered set, counted apart
     planned = planned_states + buffers + gathered
+    adam_path = "foreach" if config["optimizer"]["params"].get("foreach") else "default (CPU: single-tensor)"
     print(
         f"ZeRO-3 student without offload, bf16, torch AdamW, 2 CPU processes: Llama {LAYERS} layers, hidden "
         f"{HIDDEN}, vocabulary {VOCAB},\nP = {params:,} parameters, P/N = {params // n:,} elements per rank, "
         f"largest module {largest:,}, reduce bucket {zero['reduce_bucket_size']:,}, prefetch bucket / max "
         f"live {zero['stage3_prefetch_bucket_size']:,}, max reuse distance "
         f"{zero.get('stage3_max_reuse_distance', 'DeepSpeed default (1e9)')}, "
-        f"sub_group_size DeepSpeed's default (1e9 > P/N).\n"
+        f"sub_group_size DeepSpeed's default (1e9 > P/N), "
+        f"torch Adam's {adam_path} path.\n"
         f"Live tensor storage on rank 0, step 2 (micro-batch 1 x 8 tokens). plan: model states "
         f"{planned_states / unit:.2f} P/N + buffers {buffers / unit:.2f} P/N + gathered "
         f"{gathered / unit:.2f} P/N = {planned:,} bytes ({planned / unit:.2f} P/N), resident all step."

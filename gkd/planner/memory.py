@@ -35,11 +35,12 @@ through the forward and backward: 2 bf16 weight partition (`defragment`), 2 bf16
 moments. The fp32 gradient exists only inside the optimizer step, one sub-group at a time
 (`_prepare_fp32_grad_for_sub_group`, freed by `_release_sub_group`): with G = min(sub_group_size, P/N)
 elements (gkd leaves sub_group_size at DeepSpeed's 1e9), the step peaks at 16P/N + 4G + the optimizer's
-temporaries (torch's Adam: 8G measured on the CPU, its single-tensor path; 4G on CUDA, its foreach path, one
-sqrt of the second moment), while the activations are gone. gkd keeps the estimator's 18P/N for every phase:
-it over-counts the forward and backward by 2P/N and leaves the step to the margin. For the headline job the
-step is not the peak (16P/N + 8G with the teacher and buffers, 34.44 GiB with the reserve, under the planned
-39.05 GiB); a job whose activations are small beside 6G could peak in the step above the plan.
+temporaries (torch's Adam: 8G on its single-tensor path, the CPU default, 28.02 P/N measured with G = P/N;
+4G on its foreach path, the CUDA default, 24.02 P/N measured with --foreach), while the activations are
+gone. gkd keeps the estimator's 18P/N for every phase: it over-counts the forward and backward by 2P/N and
+leaves the step to the margin. For the headline job the step is not the peak (16P/N + 8G with the teacher
+and buffers, 34.44 GiB with the reserve, under the planned 39.05 GiB); a job whose activations are small
+beside 6G could peak in the step above the plan.
 
 Not modelled: partition padding (at most N-1 elements per tensor), the fp32 copy DeepSpeed keeps of
 tensors below the persistence threshold, NCCL's own buffers (inside the CUDA-context reserve).
