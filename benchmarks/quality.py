@@ -274,6 +274,10 @@ def run_one(
     if row.init is not None:
         config["student_init"] = row.init
     config_path = work / f"{slug}-seed{seed}.json"
+    wall_file = work / f"{slug}-seed{seed}.wall.json"
+    if args.reuse and reusable(config_path, config, out, wall_file):
+        return result_of(row.name, seed, out, float(json.loads(wall_file.read_text())["seconds"]))
+    wall_file.unlink(missing_ok=True)
     write_json(config_path, config)
     command = [sys.executable, "-m", "gkd", "run", str(config_path), "--data", str(data["train"])]
     command += ["--out", str(out), "--seed", str(seed), "--processes", "1", "--discard-partial"]
@@ -289,10 +293,22 @@ def run_one(
     if done.returncode != 0:
         last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise SystemExit(f"quality: gkd run for {pair.name} / {row.name} seed {seed} failed: {last[0]}")
+    write_json(wall_file, {"seconds": seconds})
+    return result_of(row.name, seed, out, seconds)
+
+
+def reusable(config_path: Path, config: dict[str, Any], out: Path, wall_file: Path) -> bool:
+    """--reuse: a finished run of the same config (its log, its student, its recorded wall time)."""
+    if not (config_path.is_file() and wall_file.is_file() and (out / "student").is_dir()):
+        return False
+    return json.loads(config_path.read_text()) == json.loads(json.dumps(config))
+
+
+def result_of(row: str, seed: int, out: Path, seconds: float) -> Result:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     tokens = sum(r["tokens"] for r in rows)
     train_seconds = sum(r["seconds"] for r in rows)
-    return Result(row.name, seed, out, seconds, tokens / max(train_seconds, 1e-9), float(rows[0]["loss"]))
+    return Result(row, seed, out, seconds, tokens / max(train_seconds, 1e-9), float(rows[0]["loss"]))
 
 
 def evaluate(
@@ -438,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (one micro-batch)")
     parser.add_argument("--eval-batches", type=int, default=None, help="held-out micro-batches evaluated")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse the finished runs of the same configs in the work folder"
+    )
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument(
         "--work", type=Path, default=None, help="run folders (default a folder under the cache)"
