@@ -418,6 +418,31 @@ def tokenizer_note(ref: str) -> str | None:
     )
 
 
+# Windowed families whose mask builder ignores the position ids: a 4D block mask would replace their window
+# masks, so they keep the position ids, and their packed documents see each other.
+CROSS_DOCUMENT_WINDOWED = frozenset({"modernbert"})
+
+
+def cross_document_notes(config: dict[str, Any]) -> list[str]:
+    """A note per model of the run (student, teachers) whose family gkd cannot keep packed documents apart
+    in (gkd.runtime.packing: DeBERTa takes no 4D mask, ModernBERT's local layers would lose theirs to one;
+    tests/runtime/test_packing.py checks that both still leak): its documents attend to each other."""
+    from gkd.models import resolve_model
+    from gkd.runtime.packing import UNSEPARATED_FAMILIES
+
+    leaking = UNSEPARATED_FAMILIES | CROSS_DOCUMENT_WINDOWED
+    notes = []
+    for role, ref in [("student", config["student"])] + [("teacher", t) for t in config["teachers"]]:
+        family = resolve_model(ref).hf_config.get("model_type")
+        if family in leaking:
+            notes.append(
+                f"{role} {ref} is a {family} model: gkd packs documents into full rows, and its attention "
+                "cannot be kept within a document, so packed documents attend to each other in its forward "
+                "(see docs/run.md on packing)"
+            )
+    return notes
+
+
 def check_offline_disk(plan: Plan, out: Path, *, steps: int, world: int) -> None:
     """An offline teacher pass stores k int32 indices and k bfloat16 log-probs per token of every micro-batch
     of every rank (`gkd.runtime.offline`): refuse a run whose disk next to OUT cannot hold them."""

@@ -85,6 +85,7 @@ from gkd.runtime.checks import (
     check_out,
     check_out_outside_data,
     check_weight_files,
+    cross_document_notes,
     eval_batches_in_one_pass,
     load_or_plan,
     tokenizer_note,
@@ -417,6 +418,7 @@ def _run_job(
     teacher_tokens = tokenizer_note(plan.inputs["config"]["teachers"][0])
     if teacher_tokens:
         notes.append(teacher_tokens)
+    notes.extend(cross_document_notes(plan.inputs["config"]))
     echo(f"Running: {plan.strategy.describe()}")
     for note in notes:
         echo(f"Note: {note}")

@@ -154,3 +154,32 @@ def test_inputs_without_position_ids_are_unchanged() -> None:
     assert bloom["attention_mask"].shape == (1, 1, 4, 4) and bloom["attention_mask"].dtype == torch.float32
     opt = packed_inputs(_model("opt", "sdpa"), {**batch, "position_ids": torch.arange(4)[None]})
     assert "position_ids" in opt and opt["attention_mask"].dtype == torch.bool
+
+
+def test_gkd_run_notes_the_families_whose_documents_leak(tmp_path: Any) -> None:
+    """`gkd run` says, before training, which of its models lets packed documents see each other: exactly
+    the families the logits test above finds leaking (LEAKS), none of the others."""
+    from transformers import AutoConfig
+
+    from gkd.errors import InputError
+    from gkd.runtime.checks import cross_document_notes
+
+    def folder(family: str) -> str:
+        path = tmp_path / family
+        path.mkdir()
+        AutoConfig.for_model(family, vocab_size=VOCAB, **FAMILIES[family]).save_pretrained(path)
+        return str(path)
+
+    refs = {family: folder(family) for family in FAMILIES}
+    noted = set()
+    for family, ref in refs.items():
+        try:
+            notes = cross_document_notes({"student": ref, "teachers": [refs["llama"]]})
+        except InputError:  # a family gkd refuses as it is configured here (Gemma 2's logit soft-capping)
+            continue
+        assert len(notes) <= 1 and all(n.startswith(f"student {ref} is a {family} model") for n in notes)
+        noted |= {family} if notes else set()
+    assert noted == LEAKS
+    both = cross_document_notes({"student": refs["modernbert"], "teachers": [refs["deberta-v2"]]})
+    print(*both, sep="\n")
+    assert [n.split()[0] for n in both] == ["student", "teacher"]
