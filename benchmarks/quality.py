@@ -27,6 +27,7 @@ temperature), --seq-len, --batch, --seeds, --methods (a subset of the rows, by n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -175,13 +176,15 @@ def real_pairs(temperature: float | None) -> list[Pair]:
                 "student": llama(288, 9, 3, 32, 768, 4, 49152),
                 # The teacher's width and 15 blocks, so that `every: 2` takes teacher blocks 0, 2, ..., 28.
                 "wide": llama(576, 9, 3, 64, 1536, 15, 49152),
+                # --student-size large: the teacher's width, 6 of its 30 blocks.
+                "large": llama(576, 9, 3, 64, 1536, 6, 49152),
             },
             causal_rows(temperature),
         ),
         Pair(
             "encoder: all-MiniLM-L6-v2 teacher",
             str(CACHE / "minilm-l6"),
-            {"student": bert(384, 12, 1536, 3, 30522)},
+            {"student": bert(384, 12, 1536, 3, 30522), "large": bert(384, 12, 1536, 5, 30522)},
             encoder_rows(),
             note="the teacher's masked-LM head was fitted by prepare_quality.py (the checkpoint has none)",
         ),
@@ -195,13 +198,17 @@ def smoke_pairs(temperature: float | None, work: Path) -> list[Pair]:
         Pair(
             "causal (smoke)",
             random_folder(llama(64, 4, 2, 16, 128, 4, 256), work / "teacher-causal"),
-            {"student": llama(32, 4, 2, 8, 64, 2, 256), "wide": llama(64, 4, 2, 16, 128, 2, 256)},
+            {
+                "student": llama(32, 4, 2, 8, 64, 2, 256),
+                "wide": llama(64, 4, 2, 16, 128, 2, 256),
+                "large": llama(64, 4, 2, 16, 128, 3, 256),
+            },
             causal_rows(temperature),
         ),
         Pair(
             "encoder (smoke)",
             random_folder(bert(64, 4, 128, 4, 256), work / "teacher-encoder"),
-            {"student": bert(64, 4, 128, 2, 256)},
+            {"student": bert(64, 4, 128, 2, 256), "large": bert(64, 4, 128, 3, 256)},
             encoder_rows(),
         ),
     ]
@@ -363,6 +370,11 @@ def evaluate(
     return {"loss": t_loss, "perplexity": math.exp(min(t_loss, 700.0)), "tokens": count}
 
 
+def describe(config: dict[str, Any]) -> str:
+    """A student's shape in words, from its config."""
+    return f"{config['num_hidden_layers']} blocks, {config['hidden_size']} wide ({config['model_type']})"
+
+
 def spread(values: list[float]) -> float:
     return max(values) - min(values) if values else 0.0
 
@@ -457,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse", action="store_true", help="reuse the finished runs of the same configs in the work folder"
     )
+    parser.add_argument(
+        "--student-size",
+        choices=("small", "large"),
+        default="small",
+        help="the method rows' student: small (default) or large (more blocks, the teacher's width)",
+    )
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument(
         "--work", type=Path, default=None, help="run folders (default a folder under the cache)"
@@ -522,8 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in pair.rows if r.name in picked]
         if not rows:
             continue
+        if args.student_size == "large":
+            # The method rows train the large student; rows with a student of their own keep it.
+            rows = [dataclasses.replace(r, student="large") if r.student == "student" else r for r in rows]
         pair.rows = rows
-        folder = work / kind
+        folder = work / (kind if args.student_size == "small" else f"{kind}-{args.student_size}")
         folder.mkdir(exist_ok=True)
         results: list[Result] = []
         for row in rows:
@@ -538,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         teacher = evaluate(pair, results, args, folder, data["heldout"])
         check = check_against_gkd_eval(results[0], args, data["heldout"])
         section = table(pair, results, teacher)
+        shapes = {row.student: describe(pair.students[row.student]) for row in rows}
+        section[1:1] = ["", "Students: " + "; ".join(f"{k}: {v}" for k, v in shapes.items()) + "."]
         if pair.note:
             section += ["", f"Note: {pair.note}."]
         section += ["", check + ".", ""]
