@@ -37,41 +37,33 @@ checkpoint and saves. When a worker fails after a checkpoint was written, OUT is
 can be resumed; bad input never leaves an OUT.
 
 Three ways in (`run_job`): gkd's own workers on this node (the parent above, `gkd.runtime.launch`); one
-rank of a job that torchrun, the deepspeed launcher or srun started (`_run_as_rank`: the ranks meet through
-`gkd.runtime.cluster`, global rank 0 does the parent's part above, in its own process, and trains as a rank
-too); or this node's workers of a job of `--nnodes` nodes (`_run_nodes`: gkd's launcher starts them with
-global ranks, and each is such a rank). docs/run.md, "Clusters", says what each node writes.
+rank of a job that torchrun, the deepspeed launcher or srun started; or this node's workers of a job of
+`--nnodes` nodes (both in gkd.runtime.nodes: global rank 0 does the parent's part above, `run_checked`, in
+its own process, and trains as a rank too). docs/run.md, "Clusters", says what each node writes.
 
 One run at a time per OUT: the parent holds a lock (`.OUT.lock`, fcntl.flock) next to OUT for the whole run.
 The temporary folder is `.OUT.partial-PID-RANDOM`; one left by a parent that was killed (SIGKILL: no clean-up
 runs) and holds checkpoints is found by `--resume --out OUT`, and a new run over it is refused unless
-`--discard-partial` is given.
+`--discard-partial` is given. Naming, locking, publishing and settling OUT: gkd.runtime.publishing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
-import os
-import secrets
 import shutil
-import tempfile
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from gkd.errors import DoesNotFitError, GkdError, InputError
+from gkd.errors import DoesNotFitError, InputError
 from gkd.files import write_atomically
 from gkd.planner.plan import Plan
 from gkd.runtime.checkpoints import (
     CHECKPOINTS,
-    LATEST,
     check_loadable,
     partitioned,
     resumable,
@@ -91,25 +83,27 @@ from gkd.runtime.checks import (
     tokenizer_note,
 )
 from gkd.runtime.cluster import (
-    DEFAULT_PORT,
     DEFAULT_TIMEOUT_S,
-    ClusterEnv,
-    Rendezvous,
     from_environment,
 )
 from gkd.runtime.launch import (
-    NodeSpec,
-    WorkerFailedError,
     default_processes,
-    init_deepspeed,
     launch,
-    one_line,
-    prepare_cpu,
-    setup_worker,
+)
+from gkd.runtime.nodes import run_as_rank, run_nodes
+from gkd.runtime.publishing import (
+    check_out_name,
+    has_checkpoint,
+    is_done,
+    out_lock,
+    partial_name,
+    run_in,
+    strays,
+    worth_keeping,
 )
 from gkd.runtime.records import check_exists, source_ref
 from gkd.runtime.settings import RunSettings, write_run_json
-from gkd.runtime.signals import Terminated, interruption, sigterm_raises, stop, stops_on_sigterm
+from gkd.runtime.signals import Terminated, sigterm_raises, stop, stops_on_sigterm
 from gkd.runtime.worker import train_worker
 
 
@@ -137,93 +131,6 @@ def cpu_ops(plan: Plan) -> tuple[str, ...]:
     if name in ("adam", "adamw") and not torch_adam:
         return ("FusedAdamBuilder",)  # a plan written before torch_adam
     return ()
-
-
-# The bytes `.NAME.partial-PID-RANDOM` adds to OUT's name (a PID has at most 7 digits), and the limit of a
-# file name on Linux file systems.
-_PARTIAL_EXTRA = len(".") + len(".partial-") + 7 + 1 + 8
-_NAME_MAX = 255
-
-
-def _partial_name(out_path: Path) -> Path:
-    """The temporary folder of a new run: unique even where a PID repeats (a later run after a killed one)."""
-    return out_path.parent / f".{out_path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _check_out_name(out_path: Path) -> None:
-    size = len(os.fsencode(out_path.name))
-    if size + _PARTIAL_EXTRA > _NAME_MAX:
-        raise InputError(
-            f"--out's folder name is {size} bytes long; the run's temporary folder beside it "
-            f"(.NAME.partial-PID-RANDOM) must fit the {_NAME_MAX}-byte limit of a file name, so use a name "
-            f"of at most {_NAME_MAX - _PARTIAL_EXTRA} bytes"
-        )
-
-
-def _strays(out_path: Path) -> list[Path]:
-    """Temporary folders of earlier runs of OUT: `.OUT.partial-*` beside it."""
-    parent = out_path.parent if str(out_path.parent) else Path(".")
-    if not parent.is_dir():
-        return []
-    prefix = f".{out_path.name}.partial-"
-    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir())
-
-
-def _has_checkpoint(folder: Path) -> bool:
-    return (folder / CHECKPOINTS / LATEST).is_file()
-
-
-def _worth_keeping(stray: Path) -> bool:
-    """A leftover temporary folder holds a run to continue (checkpoints) or a finished one (its workers went
-    on after their parent was killed, and saved the student)."""
-    return _has_checkpoint(stray) or _is_done(stray)
-
-
-@contextlib.contextmanager
-def _out_lock(out_path: Path) -> Iterator[None]:
-    """Hold `.OUT.lock` (fcntl.flock) beside OUT: one run at a time per OUT. Refused at once, in one line,
-    while another run holds it. The file is removed on release; a lock file whose name was removed or
-    replaced meanwhile is not the lock, so it is taken again (another run removed it on its release)."""
-    lock = (out_path.parent if str(out_path.parent) else Path(".")) / f".{out_path.name}.lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise InputError(
-                f"cannot create the lock file {lock} that keeps other runs out of {out_path} "
-                f"({err.strerror or err}); {out_path}'s folder must exist and be writable"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise InputError(
-                f"another gkd run is using {out_path} (it holds the lock {lock}); wait for it to finish or "
-                "stop it, or use another --out"
-            ) from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        os.close(fd)
-
-
-class OutputKeptError(GkdError):
-    """A run's output could not be moved to OUT: it is kept in the temporary folder (exit code 1)."""
-
-    def __init__(self, message: str, *, reason: str = "") -> None:
-        super().__init__(message)
-        self.reason = reason  # why OUT could not take it
 
 
 @stops_on_sigterm
@@ -286,7 +193,7 @@ def run_job(
             f"{launched.world}), which places the ranks; drop {', '.join(node_flags)}"
         )
     if launched is None and node_flags:
-        return _run_nodes(
+        return run_nodes(
             job,
             processes=processes,
             nnodes=nnodes,
@@ -297,16 +204,16 @@ def run_job(
             echo=echo,
         )
     if launched is None:
-        return _run_job(**job, processes=processes, start=_launch_workers, echo=echo)
+        return run_checked(**job, processes=processes, start=_launch_workers, echo=echo)
     if processes is not None and processes != launched.world:
         raise InputError(
             f"--processes {processes} contradicts {launched.source}, which started {launched.world} ranks "
             f"(WORLD_SIZE); drop --processes, or start {processes} ranks"
         )
-    return _run_as_rank(launched, job, timeout_s=rendezvous_timeout, echo=echo)
+    return run_as_rank(launched, job, timeout_s=rendezvous_timeout, echo=echo)
 
 
-def _run_job(
+def run_checked(
     target: str | None,
     *,
     data: str | None,
@@ -371,11 +278,11 @@ def _run_job(
     if out is not None and not out.strip():
         raise InputError("--out is empty; name the output folder, or leave --out out for runs/run-<time>")
     out_path = Path(out) if out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-    _check_out_name(out_path)
+    check_out_name(out_path)
     if out_path.parent.is_dir():
-        with _out_lock(out_path):  # another run of OUT is refused here already, before its folder is judged
+        with out_lock(out_path):  # another run of OUT is refused here already, before its folder is judged
             pass
-    kept = [p for p in _strays(out_path) if _worth_keeping(p)]
+    kept = [p for p in strays(out_path) if worth_keeping(p)]
     if kept and not discard_partial:
         raise InputError(
             f"{kept[0]} holds an interrupted run of {out_path} (checkpoints or a student): continue it with "
@@ -424,7 +331,7 @@ def _run_job(
         echo(f"Note: {note}")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_name(out_path)
+    tmp = partial_name(out_path)
     settings = RunSettings(
         data=data,
         steps=total,
@@ -439,11 +346,11 @@ def _run_job(
         eval_batches=eval_batches,
         data_tokens=data_tokens,
     )
-    with _out_lock(out_path):
+    with out_lock(out_path):
         # Under the lock no other run of OUT is alive: what is left of earlier ones is removed (those with
         # checkpoints only when --discard-partial said so, above), and OUT is checked again.
-        for stray in _strays(out_path):
-            if not _worth_keeping(stray) or discard_partial:
+        for stray in strays(out_path):
+            if not worth_keeping(stray) or discard_partial:
                 echo(f"Note: removing {stray}, left by an interrupted run of {out_path}")
                 shutil.rmtree(stray, ignore_errors=True)
         check_out(out_path)
@@ -469,7 +376,7 @@ def _check_runnable(plan: Plan, world: int) -> None:
 
 
 # How the ranks of a checked run are started: `start(plan, settings, world, tmp, out_path)` returns when every
-# rank is done (gkd's own workers: `_launch_workers`; a launched job: `_train_joined` on rank 0).
+# rank is done (gkd's own workers: `_launch_workers`; a launched job: gkd.runtime.nodes, on rank 0).
 Start = Callable[[Plan, RunSettings, int, Path, Path], None]
 
 
@@ -492,345 +399,7 @@ def _run_and_publish(
         write_run_json(tmp, settings, plan, world, completed=0)
         start(plan, settings, world, tmp, out_path)
 
-    _run_in(tmp, out_path, run)
-
-
-def _run_in(tmp: Path, out_path: Path, run: Callable[[], None]) -> None:
-    """`run()` writes the run into `tmp`; then `tmp` becomes OUT (see `_run_and_publish`)."""
-    kept = False
-    try:
-        run()
-        try:
-            _publish(tmp, out_path)
-        except OutputKeptError:
-            kept = True
-            raise
-    except (WorkerFailedError, KeyboardInterrupt, Terminated) as err:
-        try:
-            _settle(tmp, out_path, err)
-        except OutputKeptError:
-            kept = True
-            raise
-    finally:
-        if not kept:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _settle(tmp: Path, out_path: Path, err: BaseException) -> NoReturn:
-    """After a failure or an interruption of the run in `tmp`: publish it when it has a checkpoint (to
-    resume), else remove it; then raise `err`'s error or stop as its signal asks."""
-    if not _is_done(tmp):
-        # Not done: a student folder there is cut short (or not yet renamed); OUT gets none.
-        for partial in (tmp / "student", tmp / "student.partial"):
-            shutil.rmtree(partial, ignore_errors=True)
-    if not _has_checkpoint(tmp) and not _is_done(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, Exception):
-            raise err
-        stop(err, "; the unfinished run was removed")
-    # The checkpoints are worth keeping: publish what there is, so that the run can be resumed.
-    what = str(err) if isinstance(err, Exception) else interruption(err)
-    try:
-        _publish(tmp, out_path)
-    except OutputKeptError as failed:
-        raise OutputKeptError(
-            f"{what}; {failed.reason}, so its checkpoints are kept in {tmp}: resume with "
-            f"`gkd run --resume --out {tmp}`"
-        ) from None
-    resume = f"resume from its last checkpoint with `gkd run --resume --out {out_path}`"
-    if isinstance(err, Exception):
-        raise WorkerFailedError(f"{err}; {resume}") from None
-    stop(err, f"; {resume}")
-
-
-# Written by rank 0 into the run's folder: a node that finds it (with this run's id) shares that folder.
-RUN_ID_FILE = ".gkd-run-id"
-
-
-def _run_as_rank(env: ClusterEnv, job: dict[str, Any], *, timeout_s: float, echo: Any) -> Path | None:
-    """One rank of a launched job (gkd.runtime.cluster): rank 0 checks, plans for the job's world size and
-    publishes OUT as `_run_job` does for gkd's own workers; the other ranks wait for its plan and train."""
-    try:
-        return _rank(env, job, timeout_s=timeout_s, echo=echo)
-    except Exception as err:
-        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            # torchrun's summary of a failed job prints the error file of each failed worker.
-            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-            with contextlib.suppress(Exception):
-                ErrorHandler().record_exception(err)
-        raise
-
-
-def _rank(env: ClusterEnv, job: dict[str, Any], *, timeout_s: float, echo: Any) -> Path | None:
-    import torch
-
-    # What DeepSpeed reads (srun sets SLURM_* only).
-    os.environ.update(
-        {
-            "RANK": str(env.rank),
-            "WORLD_SIZE": str(env.world),
-            "LOCAL_RANK": str(env.local_rank),
-            "MASTER_ADDR": env.master_addr,
-            "MASTER_PORT": str(env.master_port),
-        }
-    )
-    use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        prepare_cpu()
-    setup_worker(env.local_rank, env.local_world, use_cuda)
-    rendezvous = Rendezvous(env, timeout_s)
-    rendezvous.join()
-    if env.rank == 0:
-
-        def start(plan: Plan, settings: RunSettings, world: int, tmp: Path, out_path: Path) -> None:
-            _train_joined(env, rendezvous, plan, settings, tmp=tmp, out_path=out_path, run_id="")
-
-        try:
-            # The plan spans the job's nodes: as many GPUs per node as this node has ranks.
-            per_node = env.local_world if env.world > env.local_world else None
-            return _run_job(**job, processes=env.world, start=start, echo=echo, per_node=per_node)
-        except BaseException as err:
-            rendezvous.abort(err)  # the others stop with this line (they no longer listen once training)
-            raise
-    published = rendezvous.wait_for_job()
-    settings = RunSettings(**{**published["settings"], "notes": tuple(published["settings"]["notes"])})
-    _train_joined(
-        env,
-        rendezvous,
-        Plan.from_json(published["plan"]),
-        settings,
-        tmp=Path(published["tmp"]),
-        out_path=Path(published["out"]),
-        run_id=published["run_id"],
-    )
-    return None
-
-
-def _train_joined(
-    env: ClusterEnv,
-    rendezvous: Rendezvous,
-    plan: Plan,
-    settings: RunSettings,
-    *,
-    tmp: Path,
-    out_path: Path,
-    run_id: str,
-) -> None:
-    """Train as rank `env.rank` of a launched job. Rank 0 (run_id "") hands its plan and settings to the
-    others first; local rank 0 of each other node builds that node's token cache and, on node-local disks,
-    the node's own run folder (published to its OUT at the end, as rank 0 publishes the shared one)."""
-    import torch
-
-    own = None  # this node's run folder, when the run's folder is not shared with rank 0
-    try:
-        if env.rank == 0:
-            run_id = secrets.token_hex(8)
-            (tmp / RUN_ID_FILE).write_text(run_id)
-            absolute = dataclasses.replace(settings, out=str(tmp.absolute()))
-            rendezvous.publish(
-                {
-                    "plan": plan.to_json(),
-                    "settings": dataclasses.asdict(absolute),
-                    "tmp": str(tmp.absolute()),
-                    "out": str(out_path.absolute()),
-                    "run_id": run_id,
-                }
-            )
-            _note_partial(tmp, out_path)
-            rendezvous.node_done()
-        elif env.local_rank == 0:
-            # The token cache is per machine (GKD_CACHE_DIR): built here once for the node's ranks.
-            check_data(plan, settings.data, env.world, settings.seed, lambda _: None)
-            if settings.eval_data is not None:
-                check_data(plan, settings.eval_data, env.world, settings.seed, lambda _: None)
-            own = _node_folder(tmp, out_path, run_id)
-            if own is not None:
-                _note_partial(own, out_path)
-            rendezvous.node_done()
-        else:
-            rendezvous.wait_node()
-        rendezvous.ready()
-        if env.rank == 0:
-            (tmp / RUN_ID_FILE).unlink()  # every node has looked for it
-        rendezvous.init_group("nccl" if torch.cuda.is_available() else "gloo")
-        init_deepspeed(torch.cuda.is_available())
-    except BaseException as err:
-        rendezvous.abort(err)
-        raise
-    if own is None:
-        _train_rank(env, plan, settings)
-    else:
-        _run_in(own, out_path, lambda: _train_rank(env, plan, settings))
-
-
-def _train_rank(env: ClusterEnv, plan: Plan, settings: RunSettings) -> None:
-    """`train_worker` in this process; a failure becomes WorkerFailedError, one line naming the rank and a
-    file with its traceback (also handed to torchrun's error file, which its summary prints)."""
-    import torch.distributed as dist
-
-    try:
-        train_worker(env.rank, env.world, plan.to_json(), settings)
-        dist.barrier()  # every rank is done (the student saved, run.json written) before OUT is published
-    except GkdError:
-        raise
-    except Exception as err:
-        trace = Path(tempfile.mkdtemp(prefix="gkd-run-errors-")) / f"rank{env.rank}.traceback.txt"
-        trace.write_text(traceback.format_exc())
-        # A peer that stopped (on another node: its own line is there) breaks this rank's collective.
-        lost = any(t in str(err) for t in ("Connection reset by peer", "Connection closed by peer"))
-        why = "lost the connection to another rank, which stopped (see its node's output)" if lost else ""
-        what = why or one_line(err)
-        raise WorkerFailedError(f"worker {env.rank} failed: {what} (traceback: {trace})") from None
-    dist.destroy_process_group()
-
-
-def _node_folder(tmp: Path, out_path: Path, run_id: str) -> Path | None:
-    """This node's folder of the run: None when rank 0's `tmp` is visible here (shared storage), else `tmp`
-    made on this node's disk, for its ranks' checkpoint parts (OUT must be new here too)."""
-
-    def shared() -> bool:
-        try:
-            return (tmp / RUN_ID_FILE).read_text() == run_id
-        except OSError:
-            return False
-
-    if shared():
-        return None
-    if tmp == out_path:
-        raise InputError(
-            f"{out_path} on this node is not the folder rank 0 resumes: a resumed run of several nodes needs "
-            "its folder on storage that every node sees (docs/run.md, Clusters)"
-        )
-    check_out(out_path)
-    try:
-        tmp.mkdir(parents=True)
-    except FileExistsError:
-        # A shared file system that showed the folder late (a stale cache of its parent): mkdir asks the
-        # server, so the folder is there; its id file follows.
-        for _ in range(50):
-            if shared():
-                return None
-            time.sleep(0.1)
-        raise InputError(
-            f"{tmp} exists on this node but is not this run's folder; remove it and start the run again"
-        ) from None
-    except OSError as err:
-        raise InputError(f"cannot create {tmp} on this node ({err.strerror or err})") from None
-    return tmp
-
-
-# Where `gkd run --nnodes` tells its workers to note the run folder they own, for the clean-up after a
-# worker that was killed (it cleans up after itself otherwise).
-_STATE_ENV = "GKD_NODE_STATE"
-
-
-def _note_partial(tmp: Path, out_path: Path) -> None:
-    state = os.environ.get(_STATE_ENV)
-    if state and tmp.absolute() != out_path.absolute():  # a resumed run's folder is OUT: it stays
-        note = {"tmp": str(tmp.absolute()), "out": str(out_path.absolute())}
-        (Path(state) / f"partial-{os.getpid()}.json").write_text(json.dumps(note))
-
-
-def _run_nodes(
-    job: dict[str, Any],
-    *,
-    processes: int | None,
-    nnodes: int | None,
-    node_rank: int | None,
-    master_addr: str | None,
-    master_port: int | None,
-    timeout_s: float,
-    echo: Any,
-) -> None:
-    """`gkd run --nnodes N --node-rank R --master-addr HOST`: this node's workers of a job of N nodes, each a
-    rank of it as under torchrun (`_run_as_rank`); one line and exit code like gkd's own workers."""
-    if nnodes is None:
-        raise InputError("--node-rank, --master-addr and --master-port go with --nnodes N; give --nnodes")
-    if nnodes < 1:
-        raise InputError(f"--nnodes must be at least 1, got {nnodes}")
-    if node_rank is None and nnodes > 1:
-        raise InputError(
-            f"--nnodes {nnodes} needs --node-rank R on each node (0 on the master, up to {nnodes - 1})"
-        )
-    node_rank = node_rank or 0
-    if not 0 <= node_rank < nnodes:
-        raise InputError(
-            f"--node-rank {node_rank} is out of range for --nnodes {nnodes}: give 0 to {nnodes - 1}"
-        )
-    if master_addr is None and nnodes > 1:
-        raise InputError(
-            f"--nnodes {nnodes} needs --master-addr HOST: node 0's address, reachable from every node"
-        )
-    port = DEFAULT_PORT if master_port is None else master_port
-    if not 0 < port < 65536:
-        raise InputError(f"--master-port {port} is not a TCP port (1 to 65535)")
-    per_node = processes if processes is not None else default_processes()
-    world = nnodes * per_node
-    first = node_rank * per_node
-    echo(
-        f"Node {node_rank} of {nnodes}: starting {per_node} worker process{'es' if per_node > 1 else ''}, "
-        f"ranks {first} to {first + per_node - 1} of {world} ({'CUDA' if _cuda() else 'CPU, gloo'}), "
-        f"meeting at {master_addr or '127.0.0.1'}:{port}"
-    )
-    state = Path(tempfile.mkdtemp(prefix="gkd-node-"))
-    node = NodeSpec(
-        nnodes=nnodes, node_rank=node_rank, master_addr=master_addr or "127.0.0.1", master_port=port
-    )
-    previous = os.environ.get(_STATE_ENV)
-    os.environ[_STATE_ENV] = str(state)
-    try:
-        launch(_node_worker, (job, timeout_s), processes=per_node, node=node)
-    except (WorkerFailedError, KeyboardInterrupt, Terminated) as err:
-        # A worker killed before it could clean up (the parent's SIGTERM, SIGKILL) left its run folder and,
-        # on rank 0, OUT's lock file: settle them as it would have.
-        notes = [json.loads(note.read_text()) for note in state.glob("partial-*.json")]
-        outs = {Path(n["out"]) for n in notes} | ({Path(job["out"])} if job["out"] else set())
-        for out in outs:
-            if out.parent.is_dir():
-                with contextlib.suppress(InputError), _out_lock(out):  # unless a run holds it
-                    pass
-        for left in notes:
-            if Path(left["tmp"]).is_dir():
-                _settle(Path(left["tmp"]), Path(left["out"]), err)
-        raise
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
-        if previous is None:
-            os.environ.pop(_STATE_ENV, None)
-        else:
-            os.environ[_STATE_ENV] = previous
-
-
-def _node_worker(rank: int, world: int, job: dict[str, Any], timeout_s: float) -> None:
-    """One worker of `gkd run --nnodes` (gkd.runtime.launch set its rank in the environment)."""
-    env = from_environment()
-    assert env is not None and env.rank == rank and env.world == world
-    _run_as_rank(env, job, timeout_s=timeout_s, echo=click.echo if rank == 0 else lambda _: None)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _publish(tmp: Path, out_path: Path) -> None:
-    """Rename the run's folder to OUT, which was checked empty (or absent) before the run: rename(2) replaces
-    an empty folder in one step. Raises OutputKeptError, `tmp` untouched, when OUT cannot take it: something
-    was written into OUT during the run, or OUT cannot be replaced."""
-    try:
-        tmp.rename(out_path)
-    except OSError as err:
-        if out_path.is_dir() and any(out_path.iterdir()):
-            reason = f"{out_path} was written to during the run and is not empty"
-        else:
-            reason = f"{out_path} cannot be replaced ({err.strerror or err})"
-        raise OutputKeptError(
-            f"the run finished, but {reason}; its output is kept in {tmp}: move it where you want it "
-            f"(e.g. `mv {tmp} {out_path}` once {out_path} is out of the way)",
-            reason=reason,
-        ) from None
+    run_in(tmp, out_path, run)
 
 
 def _resume_job(
@@ -857,8 +426,8 @@ def _resume_job(
     out_path = Path(out)
     if not (out_path.parent if str(out_path.parent) else Path(".")).is_dir():
         raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
-    with _out_lock(out_path):
-        if not _has_checkpoint(out_path) and not _is_done(out_path):
+    with out_lock(out_path):
+        if not has_checkpoint(out_path) and not is_done(out_path):
             _adopt_stray(out_path, echo)
         return _resume_locked(
             out_path,
@@ -877,7 +446,7 @@ def _resume_job(
 def _adopt_stray(out_path: Path, echo: Any) -> None:
     """OUT holds no checkpoint: the run may be in a temporary folder its parent left when it was killed
     (SIGKILL runs no clean-up). Move that folder to OUT, where the resume continues it."""
-    found = [p for p in _strays(out_path) if _worth_keeping(p)]
+    found = [p for p in strays(out_path) if worth_keeping(p)]
     if not found:
         return  # the caller says that there is nothing to resume
     if len(found) > 1:
@@ -900,22 +469,6 @@ def _adopt_stray(out_path: Path, echo: Any) -> None:
             f"with `gkd run --resume --out {stray}`"
         ) from None
     echo(f"Found the interrupted run of {out_path} in {stray}; moved it to {out_path}")
-
-
-def _completed(run: dict[str, Any]) -> bool:
-    """Whether run.json says that every step is done and the student saved (the last thing a run writes)."""
-    try:
-        return int(run.get("completed_steps", 0)) >= int(run["steps"])
-    except (KeyError, TypeError, ValueError):
-        return False
-
-
-def _is_done(out_path: Path) -> bool:
-    try:
-        run = json.loads((out_path / "run.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(run, dict) and _completed(run) and (out_path / "student").is_dir()
 
 
 def _kept_log_rows(log: Path, start: int) -> list[str]:
@@ -1025,7 +578,7 @@ def _resume_locked(
 ) -> Path:
     out = str(out_path)
     folder = out_path / CHECKPOINTS
-    if not (_has_checkpoint(out_path) or _is_done(out_path)):
+    if not (has_checkpoint(out_path) or is_done(out_path)):
         raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
     if not (out_path / "run.json").is_file():
         raise InputError(
@@ -1046,12 +599,12 @@ def _resume_locked(
     if seed is not None and seed != previous["seed"]:
         raise InputError(f"a resumed run keeps its seed ({previous['seed']}); drop --seed")
     total = steps if steps is not None else int(previous["steps"])
-    if _is_done(out_path) and total <= int(previous["steps"]):
+    if is_done(out_path) and total <= int(previous["steps"]):
         raise InputError(
             f"the run in {out} is done ({previous['steps']} steps; the student is in "
             f"{out_path / 'student'}); give --steps larger than {previous['steps']} to train it further"
         )
-    if not _has_checkpoint(out_path):
+    if not has_checkpoint(out_path):
         raise InputError(f"{out} holds no checkpoint to resume from; runs write them with --save-every N")
     made_with = int(previous["processes"])  # the world size of the run's latest start: OUT/plan.json's
     processes = made_with if processes is None else processes

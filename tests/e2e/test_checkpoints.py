@@ -23,6 +23,7 @@ import torch
 from click.testing import CliRunner
 
 import gkd.runtime.executor as executor
+import gkd.runtime.publishing as publishing
 from gkd.cli import main
 from gkd.errors import InputError
 from gkd.runtime.checkpoints import CheckpointWriteError, incomplete_reason, resumable, write_errors
@@ -297,7 +298,7 @@ def test_a_killed_parents_folder_is_resumed_and_never_started_over(reference: Pa
 
 
 def test_temporary_folders_are_unique_and_names_fit(tmp_path: Path) -> None:
-    assert executor._partial_name(tmp_path / "o") != executor._partial_name(tmp_path / "o")
+    assert publishing.partial_name(tmp_path / "o") != publishing.partial_name(tmp_path / "o")
     name = "x" * 245  # a legal folder name, but not with a suffix
     args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / name)]
     _one_line(CliRunner().invoke(main, args), 2, "must fit the 255-byte limit of a file name")
@@ -422,6 +423,6 @@ def test_a_new_run_of_an_out_in_use_names_the_lock(reference: Path, tmp_path: Pa
     stray = _stray(reference, tmp_path, 2, ".run.partial-1-00000000")
     out = stray.parent / "run"
     args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--discard-partial"]
-    with executor._out_lock(out):  # as the live run holds it
+    with publishing.out_lock(out):  # as the live run holds it
         _one_line(CliRunner().invoke(main, args), 2, f"another gkd run is using {out}")
     assert (stray / "checkpoints" / "latest").is_file()

@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 
 import gkd.runtime.executor as executor
+import gkd.runtime.publishing as publishing
 import gkd.runtime.signals as signals
 from gkd.cli import main
 from gkd.config import Config
@@ -131,7 +132,7 @@ def test_an_empty_out_that_cannot_be_replaced_keeps_the_result(
 
     monkeypatch.setattr(executor, "launch", _fake_launch())
     monkeypatch.setattr(Path, "rename", busy)
-    with pytest.raises(executor.OutputKeptError, match="cannot be replaced") as caught:
+    with pytest.raises(publishing.OutputKeptError, match="cannot be replaced") as caught:
         _run(plan_file, out)
     [kept] = _partials(tmp_path)
     assert str(kept) in str(caught.value) and (kept / "student" / "model.safetensors").is_file()
@@ -144,11 +145,11 @@ def test_publish_replaces_an_empty_out_and_refuses_a_full_one(tmp_path: Path) ->
     (tmp / "log.jsonl").write_text("row\n")
     out.mkdir()
     (out / "late.txt").write_text("x")
-    with pytest.raises(executor.OutputKeptError, match=f"kept in {tmp}"):
-        executor._publish(tmp, out)
+    with pytest.raises(publishing.OutputKeptError, match=f"kept in {tmp}"):
+        publishing.publish(tmp, out)
     assert (tmp / "log.jsonl").is_file() and (out / "late.txt").is_file()
     (out / "late.txt").unlink()
-    executor._publish(tmp, out)  # an empty OUT is replaced
+    publishing.publish(tmp, out)  # an empty OUT is replaced
     assert (out / "log.jsonl").read_text() == "row\n" and not tmp.exists()
 
 
@@ -163,7 +164,9 @@ def test_a_failure_after_a_checkpoint_keeps_the_checkpoints_when_out_is_taken(
 
     failure = WorkerFailedError("worker 1 failed: RuntimeError: oom")
     monkeypatch.setattr(executor, "launch", _fake_launch(during=meanwhile, error=failure, checkpoint=True))
-    with pytest.raises(executor.OutputKeptError, match="oom; .* resume with `gkd run --resume --out ") as err:
+    with pytest.raises(
+        publishing.OutputKeptError, match="oom; .* resume with `gkd run --resume --out "
+    ) as err:
         _run(plan_file, out)
     [kept] = _partials(tmp_path)
     assert f"--out {kept}`" in str(err.value) and (kept / "checkpoints" / "latest").is_file()

@@ -9,7 +9,7 @@ import pytest
 
 from gkd.errors import InputError
 from gkd.runtime.cluster import DEFAULT_PORT, first_host, from_environment
-from gkd.runtime.executor import RUN_ID_FILE, _node_folder
+from gkd.runtime.nodes import RUN_ID_FILE, node_folder
 
 
 def test_no_launcher_no_cluster() -> None:
@@ -84,8 +84,8 @@ def test_a_node_shares_rank_0s_folder_or_makes_its_own(tmp_path: Path) -> None:
     tmp = tmp_path / ".out.partial-1-ab"
     tmp.mkdir()
     (tmp / RUN_ID_FILE).write_text("run-a")
-    assert _node_folder(tmp, tmp_path / "out", "run-a") is None  # shared storage: rank 0's folder
+    assert node_folder(tmp, tmp_path / "out", "run-a") is None  # shared storage: rank 0's folder
     elsewhere = tmp_path / "node1" / ".out.partial-1-ab"  # a node-local disk: this node's own
-    assert _node_folder(elsewhere, tmp_path / "node1" / "out", "run-a") == elsewhere and elsewhere.is_dir()
+    assert node_folder(elsewhere, tmp_path / "node1" / "out", "run-a") == elsewhere and elsewhere.is_dir()
     with pytest.raises(InputError, match="is not this run's folder"):
-        _node_folder(tmp, tmp_path / "out", "run-b")  # another run's folder
+        node_folder(tmp, tmp_path / "out", "run-b")  # another run's folder
