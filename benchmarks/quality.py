@@ -74,7 +74,13 @@ def with_temperature(method: dict[str, Any], temperature: float | None) -> dict[
     return {**method, "options": {**method.get("options", {}), "temperature": temperature}}
 
 
-def causal_rows(temperature: float | None) -> list[Row]:
+def ends(teacher_layers: int, student_layers: int) -> list[int]:
+    """The teacher's first ceil(n/2) and last floor(n/2) block indices, n = `student_layers`."""
+    first = (student_layers + 1) // 2
+    return [*range(first), *range(teacher_layers - (student_layers - first), teacher_layers)]
+
+
+def causal_rows(temperature: float | None, teacher_layers: int, wide_layers: int) -> list[Row]:
     t = temperature
     return [
         Row("twin", [HARD]),
@@ -98,6 +104,16 @@ def causal_rows(temperature: float | None) -> list[Row]:
             [HARD],
             student="wide",
             init={"from": "teacher", "every": 2},
+            twin="twin_wide",
+            steps=1,
+        ),
+        # The teacher's first and last blocks (real pair: 0-7 and 23-29): dropping every other block of a deep
+        # decoder breaks its residual stream more than dropping a run of middle blocks (docs/methods.md).
+        Row(
+            "student_init_ends",
+            [HARD],
+            student="wide",
+            init={"from": "teacher", "layers": ends(teacher_layers, wide_layers)},
             twin="twin_wide",
             steps=1,
         ),
@@ -179,7 +195,7 @@ def real_pairs(temperature: float | None) -> list[Pair]:
                 # --student-size large: the teacher's width, 6 of its 30 blocks.
                 "large": llama(576, 9, 3, 64, 1536, 6, 49152),
             },
-            causal_rows(temperature),
+            causal_rows(temperature, teacher_layers=30, wide_layers=15),
         ),
         Pair(
             "encoder: all-MiniLM-L6-v2 teacher",
@@ -203,7 +219,7 @@ def smoke_pairs(temperature: float | None, work: Path) -> list[Pair]:
                 "wide": llama(64, 4, 2, 16, 128, 2, 256),
                 "large": llama(64, 4, 2, 16, 128, 3, 256),
             },
-            causal_rows(temperature),
+            causal_rows(temperature, teacher_layers=4, wide_layers=2),
         ),
         Pair(
             "encoder (smoke)",
