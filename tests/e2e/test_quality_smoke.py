@@ -14,7 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 def test_quality_smoke_table(tmp_path: Path) -> None:
     out = tmp_path / "quality.md"
     command = [sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--pairs", "causal"]
-    command += ["--methods", "kd,minilmv2,student_init_ends", "--work", str(tmp_path / "runs"), "--out", str(out)]
+    command += ["--methods", "kd,minilmv2,student_init_ends"]
+    command += ["--work", str(tmp_path / "runs"), "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = out.read_text().splitlines()
