@@ -5,10 +5,11 @@ Usage:
 
 The teacher is `DIR/smollm2-135m` and the text `DIR/text/{train,heldout}.jsonl`, as
 `benchmarks/prepare_quality.py` writes them (DIR defaults to its `benchmarks/.cache/quality`). The student is
-the teacher's architecture with 6 of its 30 blocks, started from teacher blocks 0, 5, ..., 25
-(`student_init: {from: teacher, every: 5}`). The text is cut into prompt/completion records (`--records`
-of the training documents; 64 of the held-out ones): a prompt of about PROMPT_CHARS characters, the next
-COMPLETION_CHARS characters its completion.
+the teacher's architecture with `--student-blocks` of its 30 blocks (default 6), started from teacher blocks
+0, 5, ..., 25 (`--init every`: `student_init: {from: teacher, every: 30 / blocks}`) or from its first and last
+blocks (`--init ends`: 0-5 and 24-29 for 12 blocks). The text is cut into prompt/completion records
+(`--records` of the training documents; 64 of the held-out ones): a prompt of about PROMPT_CHARS
+characters, the next COMPLETION_CHARS characters its completion.
 
 Three runs of `gkd run` on one CPU process (the machine is shared), each given the same wall-time budget
 `--seconds` (default 600; with the default 128 records, the teacher's generation pass alone took 189 s on
@@ -87,12 +88,14 @@ def records(path: Path, limit: int, per_document: int) -> list[dict[str, str]]:
     return out
 
 
-def write_inputs(prepared: Path, folder: Path, n: int) -> tuple[Path, Path, Path, list[dict[str, str]]]:
+def write_inputs(
+    prepared: Path, folder: Path, n: int, blocks: int
+) -> tuple[Path, Path, Path, list[dict[str, str]]]:
     """The student's config.json, the training and held-out records; returns their paths and the held-out
     records."""
     teacher = prepared / "smollm2-135m"
     config = json.loads((teacher / "config.json").read_text())
-    config["num_hidden_layers"] = 6
+    config["num_hidden_layers"] = blocks
     student = folder / "student.json"
     student.write_text(json.dumps(config))
     train, heldout = folder / "train.jsonl", folder / "heldout.jsonl"
@@ -103,11 +106,20 @@ def write_inputs(prepared: Path, folder: Path, n: int) -> tuple[Path, Path, Path
     return student, train, heldout, held
 
 
-def job(prepared: Path, student: Path, name: str, folder: Path) -> Path:
+def layers(init: str, teacher_blocks: int, blocks: int) -> list[int]:
+    """The teacher blocks the student starts from: every (teacher / student)-th, or the first ceil(n/2) and
+    the last floor(n/2)."""
+    if init == "every":
+        return list(range(0, teacher_blocks, teacher_blocks // blocks))[:blocks]
+    first = (blocks + 1) // 2
+    return [*range(first), *range(teacher_blocks - (blocks - first), teacher_blocks)]
+
+
+def job(prepared: Path, student: Path, name: str, folder: Path, init: list[int]) -> Path:
     config = {
         "teacher": str(prepared / "smollm2-135m"),
         "student": str(student),
-        "student_init": {"from": "teacher", "every": 5},
+        "student_init": {"from": "teacher", "layers": init},
         **METHODS[name],
         "hardware": {"device": "cpu", "gpus": 1},
         "training": {"seq_len": SEQ_LEN, "global_batch": MICRO_BATCH, "micro_batch": [MICRO_BATCH]},
@@ -179,6 +191,13 @@ def main() -> int:
     parser.add_argument("--prepared", type=Path, default=DEFAULT_PREPARED)
     parser.add_argument("--seconds", type=float, default=600.0, help="wall-time budget per method")
     parser.add_argument("--records", type=int, default=128, help="training prompt/completion records")
+    parser.add_argument("--student-blocks", type=int, default=6, help="the student's blocks (default 6)")
+    parser.add_argument(
+        "--init",
+        choices=("every", "ends"),
+        default="every",
+        help="student_init from evenly spaced teacher blocks (default) or from its first and last blocks",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     teacher = args.prepared / "smollm2-135m"
@@ -186,7 +205,8 @@ def main() -> int:
         print(f"no prepared teacher in {teacher}; run benchmarks/prepare_quality.py first", file=sys.stderr)
         return 2
     lines = [
-        f"# python benchmarks/generation_quality.py --seconds {args.seconds:g} --records {args.records}",
+        f"# python benchmarks/generation_quality.py --seconds {args.seconds:g} --records {args.records}"
+        f" --student-blocks {args.student_blocks} --init {args.init}",
         "",
     ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,11 +214,16 @@ def main() -> int:
         # A fresh token store: sequence_kd's calibration run generates (and times) its pass, which the
         # measured run then reads. No CPU memory accounting: this measures time and quality.
         env = {**os.environ, "GKD_CACHE_DIR": str(folder / "cache"), "GKD_MEASURE": "0"}
-        student, train, heldout, held = write_inputs(args.prepared, folder, args.records)
+        student, train, heldout, held = write_inputs(args.prepared, folder, args.records, args.student_blocks)
+        init = layers(
+            args.init,
+            json.loads((teacher / "config.json").read_text())["num_hidden_layers"],
+            args.student_blocks,
+        )
         print(f"{sum(1 for _ in train.open())} training records, {len(held)} held-out", flush=True)
         plans: dict[str, tuple[int, float, float]] = {}
         for name in METHODS:
-            config = job(args.prepared, student, name, folder)
+            config = job(args.prepared, student, name, folder, init)
             # Calibration (its sequence_kd pass is stored: the run below reads it; the budget pays for it).
             _, output = run(config, train, folder / f"calibrate-{name}", CALIBRATION_STEPS, env)
             per_step = step_seconds(folder / f"calibrate-{name}")
@@ -212,14 +237,14 @@ def main() -> int:
         results = {}
         for name, (steps, per_step, generation) in plans.items():
             out = folder / name.replace(" ", "-")
-            seconds, _ = run(job(args.prepared, student, name, folder), train, out, steps, env)
+            seconds, _ = run(job(args.prepared, student, name, folder, init), train, out, steps, env)
             loss = evaluate(out / "student", heldout, env)
             results[name] = (steps, per_step, generation, seconds, loss, out)
             print(f"{name}: {steps} steps in {seconds:.0f} s, held-out loss {loss:.4f}", flush=True)
         teacher_loss = evaluate(teacher, heldout, env)
         lines += [
-            f"Teacher {teacher.name}; student: its config with 6 blocks, started from teacher blocks 0, 5, "
-            "..., 25; "
+            f"Teacher {teacher.name}; student: its config with {args.student_blocks} blocks, started from "
+            f"teacher blocks {init}; "
             f"{args.records} training prompt/completion records, {len(held)} held-out; seq_len {SEQ_LEN}, "
             f"micro-batch {MICRO_BATCH}, one CPU process; max_new_tokens {MAX_NEW}, top_p 0.9. Budget "
             f"{args.seconds:g} s per method (steps from a {CALIBRATION_STEPS}-step calibration run).",
