@@ -108,11 +108,12 @@ def write_inputs(
 
 def layers(init: str, teacher_blocks: int, blocks: int) -> list[int]:
     """The teacher blocks the student starts from: every (teacher / student)-th, or the first ceil(n/2) and
-    the last floor(n/2)."""
+    the last floor(n/2) (quality.py's `ends`)."""
     if init == "every":
         return list(range(0, teacher_blocks, teacher_blocks // blocks))[:blocks]
-    first = (blocks + 1) // 2
-    return [*range(first), *range(teacher_blocks - (blocks - first), teacher_blocks)]
+    from quality import ends  # this script's folder is on sys.path when it runs
+
+    return ends(teacher_blocks, blocks)
 
 
 def job(prepared: Path, student: Path, name: str, folder: Path, init: list[int]) -> Path:

@@ -419,7 +419,9 @@ def tokenizer_note(ref: str) -> str | None:
 
 
 # Windowed families whose mask builder ignores the position ids: a 4D block mask would replace their window
-# masks, so they keep the position ids, and their packed documents see each other.
+# masks, so they keep the position ids, and their packed documents see each other. Kept here, not in
+# gkd.runtime.packing: it only words a note and changes no input, and packing.py is a source of the planner's
+# shipped facts (a change there invalidates them).
 CROSS_DOCUMENT_WINDOWED = frozenset({"modernbert"})
 
 
